@@ -1,0 +1,1 @@
+//! Nebula Stream control plane.

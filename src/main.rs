@@ -1,0 +1,2 @@
+//! The `nebula` command.
+fn main() {}
