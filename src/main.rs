@@ -1,2 +1,77 @@
-//! The `nebula` command.
-fn main() {}
+//! The `nebula` command: parses flags and calls the libraries.
+//!
+//! # Layout
+//!
+//! - `output`: exit codes, `error:` lines, JSON and table printing.
+//! - `flags`: flag types shared by several commands (durations, rates, daemon location).
+//! - `hash`: `nebula hash`.
+//! - `control`: `nebula control` and `nebula admin …`.
+//! - `daemon`: `nebula daemon` and the client commands (`add`, `fetch`, `ls`, `rm`, `status`).
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod control;
+mod daemon;
+mod flags;
+mod hash;
+mod output;
+
+/// Nebula Stream: a peer-to-peer content delivery network.
+#[derive(Debug, Parser)]
+#[command(name = "nebula", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the control plane.
+    Control(control::ControlArgs),
+    /// Operate the control plane: peers, swarms, drain, ban, stats.
+    Admin(control::AdminArgs),
+    /// Run the peer daemon.
+    Daemon(daemon::DaemonArgs),
+    /// Print the blob id of a file (no daemon needed).
+    Hash(hash::HashArgs),
+    /// Store a file in the local daemon and print its blob id.
+    Add(daemon::AddArgs),
+    /// Fetch a blob from the swarm.
+    Fetch(daemon::FetchArgs),
+    /// List the local daemon's blobs.
+    Ls(daemon::LsArgs),
+    /// Remove a blob from the local daemon.
+    Rm(daemon::RmArgs),
+    /// Show the local daemon's state; exits 0 once it is up and registered.
+    Status(daemon::StatusArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            // Help and version go to stdout and exit 0; usage errors exit 2.
+            let _ = err.print();
+            return ExitCode::from(if err.use_stderr() { output::EXIT_USAGE } else { 0 });
+        }
+    };
+    let serving = matches!(cli.command, Command::Control(_) | Command::Daemon(_));
+    output::init_tracing(serving);
+    let result = match cli.command {
+        Command::Hash(args) => hash::run(args),
+        Command::Control(args) => output::block_on(control::run_control(args)),
+        Command::Admin(args) => output::block_on(control::run_admin(args)),
+        Command::Daemon(args) => output::block_on(daemon::run_daemon(args)),
+        Command::Add(args) => output::block_on(daemon::run_add(args)),
+        Command::Fetch(args) => output::block_on(daemon::run_fetch(args)),
+        Command::Ls(args) => output::block_on(daemon::run_ls(args)),
+        Command::Rm(args) => output::block_on(daemon::run_rm(args)),
+        Command::Status(args) => output::block_on(daemon::run_status(args)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => output::report(&err),
+    }
+}
