@@ -228,9 +228,15 @@ mod tests {
 
     #[test]
     fn parse_refuses_bad_input() {
-        assert!(matches!("abc".parse::<BlobId>(), Err(ParseIdError::Length { len: 3, .. })));
+        assert!(matches!(
+            "abc".parse::<BlobId>(),
+            Err(ParseIdError::Length { len: 3, .. })
+        ));
         let bad = format!("{}g", "0".repeat(63));
-        assert!(matches!(bad.parse::<BlobId>(), Err(ParseIdError::NotHex { ch: 'g', .. })));
+        assert!(matches!(
+            bad.parse::<BlobId>(),
+            Err(ParseIdError::NotHex { ch: 'g', .. })
+        ));
         assert!(matches!(
             format!("md5:{}", "0".repeat(64)).parse::<BlobRef>(),
             Err(ParseIdError::Prefix { .. })
@@ -238,7 +244,11 @@ mod tests {
         assert!("".parse::<BlobId>().is_err());
         assert!("0".repeat(65).parse::<BlobId>().is_err());
         // A sha256 digest is a blob reference, but not a BLAKE3 id.
-        assert!(format!("sha256:{}", "0".repeat(64)).parse::<BlobId>().is_err());
+        assert!(
+            format!("sha256:{}", "0".repeat(64))
+                .parse::<BlobId>()
+                .is_err()
+        );
         assert!(matches!(
             format!("sha256:{}", "a".repeat(64)).parse::<BlobRef>(),
             Ok(BlobRef::Sha256(_))

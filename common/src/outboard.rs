@@ -17,21 +17,21 @@
 
 use std::{fs::File, io, os::unix::fs::FileExt};
 
-use blake3::hazmat::{ChainingValue, HasherExt, Mode, merge_subtrees_non_root, merge_subtrees_root};
+use blake3::hazmat::{
+    ChainingValue, HasherExt, Mode, merge_subtrees_non_root, merge_subtrees_root,
+};
 use rayon::prelude::*;
 use sha2::Digest as _;
 
-use crate::{
-    BlobId,
-    chunks::Geometry,
-    id::Sha256Digest,
-};
+use crate::{BlobId, chunks::Geometry, id::Sha256Digest};
 
 /// Why data does not match the blob it claims to be part of.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum VerifyError {
     /// The outboard has the wrong number of chaining values for the size.
-    #[error("outboard of blob {id} has {got} chaining values, expected {expected} for {size} bytes")]
+    #[error(
+        "outboard of blob {id} has {got} chaining values, expected {expected} for {size} bytes"
+    )]
     OutboardLength {
         /// The blob.
         id: BlobId,
@@ -106,7 +106,11 @@ fn merge_non_root(cvs: &[ChainingValue]) -> ChainingValue {
         return cvs[0];
     }
     let left = left_len(cvs.len());
-    merge_subtrees_non_root(&merge_non_root(&cvs[..left]), &merge_non_root(&cvs[left..]), Mode::Hash)
+    merge_subtrees_non_root(
+        &merge_non_root(&cvs[..left]),
+        &merge_non_root(&cvs[left..]),
+        Mode::Hash,
+    )
 }
 
 /// The largest power of two below `n` (`n >= 2`): the left subtree's share.
@@ -118,7 +122,11 @@ fn left_len(n: usize) -> usize {
 /// The root hash of at least two chunks' chaining values.
 fn merge_root(cvs: &[ChainingValue]) -> blake3::Hash {
     let left = left_len(cvs.len());
-    merge_subtrees_root(&merge_non_root(&cvs[..left]), &merge_non_root(&cvs[left..]), Mode::Hash)
+    merge_subtrees_root(
+        &merge_non_root(&cvs[..left]),
+        &merge_non_root(&cvs[left..]),
+        Mode::Hash,
+    )
 }
 
 impl Outboard {
@@ -324,17 +332,36 @@ mod tests {
 
     fn check_all_chunks_verify(bytes: &[u8]) {
         let ob = Outboard::compute(bytes);
-        assert_eq!(ob.id().to_hash(), blake3::hash(bytes), "len {}", bytes.len());
+        assert_eq!(
+            ob.id().to_hash(),
+            blake3::hash(bytes),
+            "len {}",
+            bytes.len()
+        );
         let again = Outboard::verified(ob.id(), bytes.len() as u64, &ob.chaining_values()).unwrap();
         for i in 0..ob.geometry().chunk_count() {
             let r = ob.geometry().chunk_range(i);
-            again.verify_chunk(i, &bytes[r.start as usize..r.end as usize]).unwrap();
+            again
+                .verify_chunk(i, &bytes[r.start as usize..r.end as usize])
+                .unwrap();
         }
     }
 
     #[test]
     fn edge_sizes_hash_like_blake3_and_verify() {
-        for len in [0, 1, 1023, 1024, 1025, MIB - 1, MIB, MIB + 1, 2 * MIB, 3 * MIB + 7, 5 * MIB + 123] {
+        for len in [
+            0,
+            1,
+            1023,
+            1024,
+            1025,
+            MIB - 1,
+            MIB,
+            MIB + 1,
+            2 * MIB,
+            3 * MIB + 7,
+            5 * MIB + 123,
+        ] {
             check_all_chunks_verify(&data(len, 7));
         }
     }
@@ -350,18 +377,33 @@ mod tests {
             let mut flipped = chunk.to_vec();
             let bit = (i as usize * 7919) % (flipped.len() * 8);
             flipped[bit / 8] ^= 1 << (bit % 8);
-            assert!(matches!(ob.verify_chunk(i, &flipped), Err(VerifyError::ChunkHash { .. })));
-            assert!(matches!(ob.verify_chunk(i, &chunk[..chunk.len() - 1]), Err(VerifyError::ChunkLength { .. })));
+            assert!(matches!(
+                ob.verify_chunk(i, &flipped),
+                Err(VerifyError::ChunkHash { .. })
+            ));
+            assert!(matches!(
+                ob.verify_chunk(i, &chunk[..chunk.len() - 1]),
+                Err(VerifyError::ChunkLength { .. })
+            ));
             let mut longer = chunk.to_vec();
             longer.push(0);
-            assert!(matches!(ob.verify_chunk(i, &longer), Err(VerifyError::ChunkLength { .. })));
+            assert!(matches!(
+                ob.verify_chunk(i, &longer),
+                Err(VerifyError::ChunkLength { .. })
+            ));
             // A chunk that is right for another index is wrong here.
             if i + 1 < g.chunk_count() - 1 {
                 let next = g.chunk_range(i + 1);
-                assert!(ob.verify_chunk(i, &bytes[next.start as usize..next.end as usize]).is_err());
+                assert!(
+                    ob.verify_chunk(i, &bytes[next.start as usize..next.end as usize])
+                        .is_err()
+                );
             }
         }
-        assert!(matches!(ob.verify_chunk(g.chunk_count(), b""), Err(VerifyError::ChunkIndex { .. })));
+        assert!(matches!(
+            ob.verify_chunk(g.chunk_count(), b""),
+            Err(VerifyError::ChunkIndex { .. })
+        ));
         // Every wrong outboard entry is caught by the root check.
         let cvs = ob.chaining_values();
         for entry in 0..g.chunk_count() as usize {

@@ -2,7 +2,9 @@
 
 /// A rate that does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid rate {input:?}: expected a number of bytes per second such as 20MiB/s, 500KB/s or 1G")]
+#[error(
+    "invalid rate {input:?}: expected a number of bytes per second such as 20MiB/s, 500KB/s or 1G"
+)]
 pub struct ParseRateError {
     input: String,
 }
@@ -10,10 +12,14 @@ pub struct ParseRateError {
 /// Parses a rate in bytes per second; `0` means unlimited. Units: B, K/KB
 /// (1000), KiB (1024), M/MB, MiB, G/GB, GiB; a trailing `/s` is optional.
 pub fn parse_rate(s: &str) -> Result<u64, ParseRateError> {
-    let err = || ParseRateError { input: s.to_owned() };
+    let err = || ParseRateError {
+        input: s.to_owned(),
+    };
     let t = s.trim();
     let t = t.strip_suffix("/s").unwrap_or(t).trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = (&t[..split], t[split..].trim());
     let value: f64 = num.parse().map_err(|_| err())?;
     let mult: f64 = match unit.to_ascii_lowercase().as_str() {
@@ -42,7 +48,11 @@ pub fn format_bytes(bytes: u64) -> String {
         v /= 1024.0;
         unit += 1;
     }
-    if unit == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", UNITS[unit]) }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
 }
 
 #[cfg(test)]
