@@ -1,1 +1,29 @@
-//! Nebula Stream peer daemon.
+//! The Nebula Stream peer: serves verified chunks to other peers, downloads
+//! blobs from many peers at once, keeps its membership with the control
+//! plane, and answers its own CLI.
+//!
+//! # Layout
+//!
+//! - [`node`]: a running peer ([`Node`]) and what its parts share.
+//! - `server`: the serving side of `PeerExchange`.
+//! - `connection`: the dialing side of `PeerExchange` (one stream per peer).
+//! - [`fetch`]: the multi-source downloader and its scheduler.
+//! - `membership`: registration, heartbeats, announcements.
+//! - [`local`]: `LocalApi`, the CLI's Unix-socket API.
+//! - [`limit`]: the token bucket behind upload and download limits.
+//! - `fault`: test-only fault switches (feature `fault-injection`).
+
+mod config;
+mod connection;
+mod fault;
+pub mod fetch;
+pub mod limit;
+pub mod local;
+mod membership;
+pub mod node;
+mod server;
+
+pub use config::Config;
+pub use fetch::{FetchError, FetchOutcome, Progress, SourceBytes};
+pub use local::connect_local;
+pub use node::{Node, StartError};

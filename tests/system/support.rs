@@ -1,1 +1,356 @@
-//! Test support.
+//! Real clusters for whole-system tests: a control plane and daemons as
+//! separate `nebula` processes on loopback ports chosen at run time, each
+//! daemon with its own temporary store. Every process is killed by pid when
+//! its handle drops; every wait is bounded.
+
+#![allow(dead_code)]
+
+use std::{
+    fs::File,
+    io::{BufRead, BufReader, Write},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use nebula_common::BlobId;
+
+/// The `nebula` binary under test.
+pub fn nebula() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_nebula"))
+}
+
+/// Polls `f` until it returns true or `timeout` passes; returns whether it did.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Writes `size` pseudo-random bytes to `path` and returns their blob id.
+pub fn random_file(path: &Path, size: usize, seed: u64) -> BlobId {
+    use rand::{RngCore, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut f = std::io::BufWriter::new(File::create(path).unwrap());
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(buf.len());
+        rng.fill_bytes(&mut buf[..n]);
+        hasher.update(&buf[..n]);
+        f.write_all(&buf[..n]).unwrap();
+        left -= n;
+    }
+    f.flush().unwrap();
+    BlobId::from(hasher.finalize())
+}
+
+/// The BLAKE3 id of a file's bytes (the `b3sum` reference).
+pub fn file_id(path: &Path) -> BlobId {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_mmap(path).unwrap();
+    BlobId::from(hasher.finalize())
+}
+
+/// A child process, SIGKILLed and reaped when dropped.
+#[derive(Debug)]
+pub struct Proc {
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `cmd` with stderr to `log`, waits for its `listening on ADDR` line.
+    pub fn spawn(mut cmd: Command, log: PathBuf) -> (Self, SocketAddr) {
+        let err = File::create(&log).unwrap();
+        let mut child = cmd.stdout(Stdio::piped()).stderr(err).stdin(Stdio::null()).spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            // Keep draining so the child never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let proc = Self { child, log };
+        let line = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => line,
+            Err(_) => panic!("process did not report its address; log:\n{}", proc.log_text()),
+        };
+        let addr = line
+            .strip_prefix("listening on ")
+            .and_then(|a| a.trim().parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+        (proc, addr)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: sending a signal to our own child by pid.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait (bounded) for a clean exit; returns the exit status.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kill();
+        None
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // A stopped process must be continued to die promptly.
+        self.signal(libc::SIGCONT);
+        self.kill();
+    }
+}
+
+/// Timings short enough for tests: leases and probes in hundreds of ms.
+pub const FAST_CONTROL: &[&str] = &[
+    "--lease-ttl",
+    "3s",
+    "--heartbeat-interval",
+    "500ms",
+    "--probe-interval",
+    "500ms",
+];
+
+/// A control plane process.
+#[derive(Debug)]
+pub struct Control {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+    dir: PathBuf,
+}
+
+impl Control {
+    pub fn start(dir: &Path) -> Self {
+        Self::start_on(dir, "127.0.0.1:0".parse().unwrap())
+    }
+
+    pub fn start_on(dir: &Path, listen: SocketAddr) -> Self {
+        let mut cmd = nebula();
+        cmd.arg("control").arg("--listen").arg(listen.to_string()).args(FAST_CONTROL);
+        cmd.env("RUST_LOG", "info");
+        let log = dir.join(format!("control-{}.log", rand::random::<u32>()));
+        let (proc, addr) = Proc::spawn(cmd, log);
+        Self {
+            proc,
+            addr,
+            dir: dir.to_owned(),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Kills it and starts a new one on the same port.
+    pub fn restart(&mut self) {
+        self.proc.kill();
+        let again = Self::start_on(&self.dir, self.addr);
+        *self = again;
+    }
+}
+
+/// A daemon process with its own store.
+#[derive(Debug)]
+pub struct Daemon {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+    pub store: PathBuf,
+    pub socket: PathBuf,
+    control: String,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+}
+
+impl Daemon {
+    /// Starts a daemon in `dir/<name>` against `control`, with extra flags and environment.
+    pub fn start(dir: &Path, name: &str, control: &str, args: &[&str], envs: &[(&str, &str)]) -> Self {
+        let store = dir.join(name);
+        std::fs::create_dir_all(&store).unwrap();
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let envs: Vec<(String, String)> = envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let (proc, addr) = spawn_daemon(&store, control, &args, &envs, "127.0.0.1:0".parse().unwrap());
+        Self {
+            proc,
+            addr,
+            socket: store.join("nebula.sock"),
+            store,
+            control: control.to_owned(),
+            args,
+            envs,
+        }
+    }
+
+    /// Kills it (SIGKILL) and starts it again on the same store and port.
+    pub fn restart(&mut self) {
+        self.proc.kill();
+        let (proc, addr) = spawn_daemon(&self.store, &self.control, &self.args, &self.envs, self.addr);
+        self.proc = proc;
+        self.addr = addr;
+    }
+
+    /// Runs a client command against this daemon.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let mut cmd = nebula();
+        cmd.args(args).arg("--socket").arg(&self.socket);
+        run_bounded(cmd, Duration::from_secs(120))
+    }
+
+    /// Waits until `nebula status` says it is registered.
+    pub fn wait_registered(&self) {
+        let ok = wait_until(Duration::from_secs(20), || self.cli(&["status"]).status.success());
+        assert!(ok, "daemon did not register; log:\n{}", self.proc.log_text());
+    }
+
+    /// `nebula status --json`.
+    pub fn status(&self) -> serde_json::Value {
+        let out = self.cli(&["status", "--json"]);
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// `nebula add FILE`, returning the printed id.
+    pub fn add(&self, file: &Path) -> String {
+        let out = self.cli(&["add", file.to_str().unwrap()]);
+        assert!(out.status.success(), "add failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
+    /// Starts `nebula fetch ID -o OUT --json` in the background.
+    pub fn spawn_fetch(&self, id: &str, out: &Path) -> Child {
+        nebula()
+            .args(["fetch", id, "-o", out.to_str().unwrap(), "--json", "--socket"])
+            .arg(&self.socket)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+}
+
+fn spawn_daemon(
+    store: &Path,
+    control: &str,
+    args: &[String],
+    envs: &[(String, String)],
+    listen: SocketAddr,
+) -> (Proc, SocketAddr) {
+    let mut cmd = nebula();
+    cmd.arg("daemon")
+        .arg("--store")
+        .arg(store)
+        .arg("--control")
+        .arg(control)
+        .arg("--listen")
+        .arg(listen.to_string())
+        .args(args)
+        .env("RUST_LOG", "info,nebula_peer=debug");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let log = store.with_extension(format!("{}.log", rand::random::<u32>()));
+    Proc::spawn(cmd, log)
+}
+
+/// Runs a command to completion, killing it if it outlives `timeout`.
+pub fn run_bounded(mut cmd: Command, timeout: Duration) -> Output {
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null()).spawn().unwrap();
+    wait_output(child, timeout)
+}
+
+/// Waits for a child's output, killing it if it outlives `timeout`.
+pub fn wait_output(child: Child, timeout: Duration) -> Output {
+    let pid = child.id() as i32;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            // SAFETY: killing our own child by pid.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            rx.recv().unwrap().unwrap()
+        }
+    }
+}
+
+/// A control plane and `n` daemons in one temporary directory.
+#[derive(Debug)]
+pub struct Cluster {
+    pub daemons: Vec<Daemon>,
+    pub control: Control,
+    pub dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    pub fn start(n: usize) -> Self {
+        Self::start_with(n, |_| (Vec::new(), Vec::new()))
+    }
+
+    /// Like `start`, with per-daemon extra flags and environment.
+    pub fn start_with(n: usize, per: impl Fn(usize) -> (Vec<&'static str>, Vec<(&'static str, &'static str)>)) -> Self {
+        let dir = tempfile::Builder::new().prefix("nebula-test").tempdir().unwrap();
+        let control = Control::start(dir.path());
+        let daemons: Vec<Daemon> = (0..n)
+            .map(|i| {
+                let (args, envs) = per(i);
+                Daemon::start(dir.path(), &format!("d{i}"), &control.url(), &args, &envs)
+            })
+            .collect();
+        for d in &daemons {
+            d.wait_registered();
+        }
+        Self { daemons, control, dir }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Waits until the control plane lists `n` providers for `id` (via the admin CLI).
+    pub fn wait_providers(&self, id: &str, n: usize) -> bool {
+        wait_until(Duration::from_secs(20), || {
+            let mut cmd = nebula();
+            cmd.args(["admin", "swarm", id, "--json", "--control", &self.control.url()]);
+            let out = run_bounded(cmd, Duration::from_secs(10));
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            v["members"].as_array().map_or(0, |m| m.len()) >= n
+        })
+    }
+}

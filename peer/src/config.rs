@@ -1,0 +1,75 @@
+//! The daemon's typed, validated configuration.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+/// Everything a [`Node`](crate::Node) needs besides its listener.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The store directory.
+    pub store: PathBuf,
+    /// Control plane URL (`http://host:port`); `None` runs without one.
+    pub control: Option<String>,
+    /// Join token sent to the control plane.
+    pub join_token: Option<String>,
+    /// Address other peers dial; `None`: the listener's own address.
+    pub advertise: Option<SocketAddr>,
+    /// Locality label announced to the control plane.
+    pub zone: String,
+    /// Upload slots: chunk requests served or queued at once across all streams;
+    /// past it, requests are answered busy.
+    pub upload_slots: u32,
+    /// Upload byte rate, `None` for unlimited.
+    pub upload_limit: Option<u64>,
+    /// Download byte rate, `None` for unlimited.
+    pub download_limit: Option<u64>,
+    /// Providers a download uses at once (K).
+    pub max_providers: usize,
+    /// A fetch fails after this long with no usable provider.
+    pub no_provider_timeout: Duration,
+    /// How often a download asks the control plane again for providers.
+    pub rediscover_interval: Duration,
+    /// Partial progress is announced to the control plane at most this often.
+    pub announce_interval: Duration,
+    /// A serving stream whose receiver reads nothing for this long is dropped.
+    pub idle_stream_timeout: Duration,
+    /// Timeout of one control-plane call.
+    pub control_timeout: Duration,
+}
+
+impl Config {
+    /// Defaults for a store at `store` talking to `control`.
+    pub fn new(store: impl Into<PathBuf>, control: Option<String>) -> Self {
+        Self {
+            store: store.into(),
+            control,
+            join_token: None,
+            advertise: None,
+            zone: String::new(),
+            upload_slots: 64,
+            upload_limit: None,
+            download_limit: None,
+            max_providers: 8,
+            no_provider_timeout: Duration::from_secs(30),
+            rediscover_interval: Duration::from_secs(2),
+            announce_interval: Duration::from_millis(500),
+            idle_stream_timeout: Duration::from_secs(60),
+            control_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Checks the values make sense together.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.upload_slots == 0 {
+            return Err("upload slots must be at least 1".into());
+        }
+        if self.max_providers == 0 {
+            return Err("max providers must be at least 1".into());
+        }
+        if let Some(url) = &self.control {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(format!("control plane URL {url:?} must start with http://"));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,267 @@
+//! The dialing side of `PeerExchange`: one long-lived stream per remote peer,
+//! shared by every download, with answers routed back by request id.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use dashmap::DashMap;
+use nebula_common::BlobId;
+use nebula_proto::v1::{
+    self as pb, ExchangeRequest, ExchangeResponse, exchange_request::Kind as Req,
+    exchange_response::Kind as Resp, peer_exchange_client::PeerExchangeClient,
+};
+use tokio::sync::{Mutex, mpsc};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
+
+/// Largest gRPC message accepted: a 1 MiB piece plus framing, with room.
+pub(crate) const MAX_MESSAGE: usize = 4 << 20;
+/// HTTP/2 windows sized for bulk data: several 1 MiB pieces in flight per
+/// stream without waiting for WINDOW_UPDATEs.
+pub(crate) const STREAM_WINDOW: u32 = 16 << 20;
+pub(crate) const CONNECTION_WINDOW: u32 = 32 << 20;
+/// Bigger frames, fewer per-frame costs on the data path.
+pub(crate) const MAX_FRAME: u32 = 1 << 20;
+
+/// What a download's worker receives from a connection.
+#[derive(Debug)]
+pub(crate) enum Reply {
+    /// An answer to one of its requests.
+    Answer(u64, Resp),
+    /// The request was cancelled locally (another provider won the race).
+    Cancelled(u64),
+    /// The serving peer's chunk bitmap for a blob changed.
+    Have(pb::HaveUpdate),
+}
+
+/// Why a stream could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConnectError {
+    /// The address is not a valid URI.
+    #[error("invalid peer address {addr:?}: {source}")]
+    Address {
+        /// The address.
+        addr: String,
+        /// The cause.
+        source: tonic::transport::Error,
+    },
+    /// Dialing or opening the stream failed.
+    #[error("cannot reach peer {addr}: {status}")]
+    Unreachable {
+        /// The address.
+        addr: String,
+        /// The cause.
+        status: String,
+    },
+}
+
+/// An open exchange stream to one peer.
+#[derive(Debug)]
+pub(crate) struct Connection {
+    addr: String,
+    tx: mpsc::Sender<ExchangeRequest>,
+    /// Where each outstanding request's answers go.
+    routes: DashMap<u64, mpsc::UnboundedSender<Reply>>,
+    /// Who wants have-updates for which blob.
+    watchers: DashMap<BlobId, Vec<mpsc::UnboundedSender<Reply>>>,
+    next_id: AtomicU64,
+    closed: CancellationToken,
+}
+
+impl Connection {
+    /// Dials `addr` (`host:port`) and opens the exchange stream.
+    pub(crate) async fn open(
+        addr: &str,
+        hello: pb::Hello,
+        connect_timeout: Duration,
+    ) -> Result<Arc<Self>, ConnectError> {
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|source| ConnectError::Address {
+                addr: addr.into(),
+                source,
+            })?
+            .connect_timeout(connect_timeout)
+            .tcp_nodelay(true)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true)
+            .http2_max_local_error_reset_streams(1024);
+        let unreachable = |status: String| ConnectError::Unreachable {
+            addr: addr.into(),
+            status,
+        };
+        let channel = endpoint.connect().await.map_err(|e| unreachable(e.to_string()))?;
+        let mut client = PeerExchangeClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        // Requests are small; the bound only paces a flood of cancels.
+        let (tx, rx) = mpsc::channel(1024);
+        tx.send(ExchangeRequest {
+            request_id: 0,
+            kind: Some(Req::Hello(hello)),
+        })
+        .await
+        .map_err(|_| unreachable("stream closed".into()))?;
+        let response = tokio::time::timeout(
+            connect_timeout,
+            client.exchange(tokio_stream::wrappers::ReceiverStream::new(rx)),
+        )
+        .await
+        .map_err(|_| unreachable("timed out opening the stream".into()))?
+        .map_err(|s| unreachable(s.message().to_owned()))?;
+        let conn = Arc::new(Self {
+            addr: addr.into(),
+            tx,
+            routes: DashMap::new(),
+            watchers: DashMap::new(),
+            next_id: AtomicU64::new(1),
+            closed: CancellationToken::new(),
+        });
+        let reader = Arc::clone(&conn);
+        tokio::spawn(async move {
+            let mut inbound = response.into_inner();
+            loop {
+                let msg = tokio::select! {
+                    _ = reader.closed.cancelled() => break,
+                    msg = inbound.message() => msg,
+                };
+                match msg {
+                    Ok(Some(msg)) => reader.route(msg),
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!(peer = %reader.addr, %status, "exchange stream ended");
+                        break;
+                    }
+                }
+            }
+            reader.close();
+        });
+        Ok(conn)
+    }
+
+    fn route(&self, msg: ExchangeResponse) {
+        let Some(kind) = msg.kind else { return };
+        if let Resp::Have(have) = kind {
+            if let Ok(id) = have.blob.parse::<BlobId>() {
+                if let Some(mut list) = self.watchers.get_mut(&id) {
+                    list.retain(|w| w.send(Reply::Have(have.clone())).is_ok());
+                }
+            }
+            return;
+        }
+        // A chunk's last piece, an error or busy ends a single-chunk request;
+        // routes are removed by the worker through `finish`.
+        if let Some(route) = self.routes.get(&msg.request_id) {
+            let _ = route.send(Reply::Answer(msg.request_id, kind));
+        }
+    }
+
+    /// Marks the stream dead: every route and watcher sees its channel close.
+    pub(crate) fn close(&self) {
+        self.closed.cancel();
+        self.routes.clear();
+        self.watchers.clear();
+    }
+
+    /// Whether the stream has ended.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
+    /// Sends a request whose answers go to `route`; returns its id.
+    pub(crate) async fn request(&self, kind: Req, route: &mpsc::UnboundedSender<Reply>) -> Option<u64> {
+        if self.is_closed() {
+            return None;
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.routes.insert(id, route.clone());
+        let sent = self
+            .tx
+            .send(ExchangeRequest {
+                request_id: id,
+                kind: Some(kind),
+            })
+            .await;
+        if sent.is_err() {
+            self.routes.remove(&id);
+            self.close();
+            return None;
+        }
+        Some(id)
+    }
+
+    /// Forgets a finished request's route.
+    pub(crate) fn finish(&self, id: u64) {
+        self.routes.remove(&id);
+    }
+
+    /// Cancels a request: tells the serving peer, and tells the waiting
+    /// worker at once so it stops counting the request as in flight.
+    pub(crate) fn cancel(&self, id: u64) {
+        if let Some((_, route)) = self.routes.remove(&id) {
+            let _ = route.send(Reply::Cancelled(id));
+            let _ = self.tx.try_send(ExchangeRequest {
+                request_id: 0,
+                kind: Some(Req::Cancel(pb::Cancel { request_id: id })),
+            });
+        }
+    }
+
+    /// Routes have-updates for `blob` to `route`.
+    pub(crate) fn watch(&self, blob: BlobId, route: &mpsc::UnboundedSender<Reply>) {
+        self.watchers.entry(blob).or_default().push(route.clone());
+    }
+
+}
+
+/// Open streams by peer address, shared across downloads.
+#[derive(Debug, Default)]
+pub(crate) struct Pool {
+    conns: Mutex<HashMap<String, Arc<Connection>>>,
+}
+
+impl Pool {
+    /// The open stream to `addr`, dialing it if needed.
+    pub(crate) async fn get(
+        &self,
+        addr: &str,
+        hello: pb::Hello,
+        connect_timeout: Duration,
+    ) -> Result<Arc<Connection>, ConnectError> {
+        if let Some(c) = self.conns.lock().await.get(addr) {
+            if !c.is_closed() {
+                return Ok(Arc::clone(c));
+            }
+        }
+        // Dial without the lock: a dead peer must not hold up the others.
+        let conn = Connection::open(addr, hello, connect_timeout).await?;
+        let mut conns = self.conns.lock().await;
+        match conns.get(addr) {
+            // Another download dialed the same peer meanwhile: keep one stream.
+            Some(c) if !c.is_closed() => {
+                conn.close();
+                Ok(Arc::clone(c))
+            }
+            _ => {
+                conns.insert(addr.to_owned(), Arc::clone(&conn));
+                Ok(conn)
+            }
+        }
+    }
+
+    /// Closes every stream.
+    pub(crate) async fn close_all(&self) {
+        for (_, c) in self.conns.lock().await.drain() {
+            c.close();
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! `LocalApi`: what the CLI asks of its own daemon, over a Unix socket.
+
+use std::{path::PathBuf, pin::Pin, sync::Arc, sync::atomic::Ordering, time::Duration};
+
+use bytes::Bytes;
+use futures::Stream;
+use nebula_common::{BlobId, BlobRef, StoreError};
+use nebula_proto::v1::{
+    self as pb,
+    local_api_client::LocalApiClient,
+    local_api_server::{LocalApi, LocalApiServer},
+};
+use tokio::sync::{mpsc, watch};
+use tonic::{Request, Response, Status, transport::Channel};
+
+use crate::{FetchError, Progress, node::Shared, server::MAX_PIECE};
+
+/// The service behind the daemon's socket.
+#[derive(Debug, Clone)]
+pub(crate) struct LocalService {
+    shared: Arc<Shared>,
+}
+
+impl LocalService {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    pub(crate) fn into_server(self) -> LocalApiServer<Self> {
+        LocalApiServer::new(self)
+            .max_decoding_message_size(crate::connection::MAX_MESSAGE)
+            .max_encoding_message_size(crate::connection::MAX_MESSAGE)
+    }
+}
+
+/// The one place store errors become statuses for the CLI.
+fn store_status(e: StoreError) -> Status {
+    match e {
+        StoreError::NotFound { .. } | StoreError::ChunkMissing { .. } => Status::not_found(e.to_string()),
+        StoreError::Incomplete { .. } => Status::failed_precondition(e.to_string()),
+        StoreError::DiskFull { .. } => Status::resource_exhausted(e.to_string()),
+        StoreError::Verify(_) => Status::data_loss(e.to_string()),
+        StoreError::Locked { .. } | StoreError::Io { .. } => Status::internal(e.to_string()),
+    }
+}
+
+/// The one place fetch errors become statuses.
+fn fetch_status(e: FetchError) -> Status {
+    match e {
+        FetchError::NoProviders { .. } | FetchError::NoControlPlane(_) => Status::not_found(e.to_string()),
+        FetchError::Control(_) => Status::unavailable(e.to_string()),
+        FetchError::BadOutboard(_) => Status::data_loss(e.to_string()),
+        FetchError::Store(e) => store_status(e),
+        FetchError::Cancelled => Status::cancelled(e.to_string()),
+    }
+}
+
+fn parse_ref(s: &str) -> Result<BlobRef, Status> {
+    s.parse().map_err(|e: nebula_common::ParseIdError| Status::invalid_argument(e.to_string()))
+}
+
+fn parse_id(s: &str) -> Result<BlobId, Status> {
+    s.parse().map_err(|e: nebula_common::ParseIdError| Status::invalid_argument(e.to_string()))
+}
+
+fn to_progress(p: &Progress) -> pb::FetchProgress {
+    pb::FetchProgress {
+        id: p.id.map(|i| i.to_string()).unwrap_or_default(),
+        bytes_done: p.bytes_done,
+        total: p.total,
+        providers: p.providers,
+        rate: p.rate,
+        done: p.done,
+        sources: p
+            .sources
+            .iter()
+            .map(|s| pb::ProviderBytes {
+                peer_id: s.peer_id.clone(),
+                address: s.address.clone(),
+                bytes: s.bytes,
+            })
+            .collect(),
+        resumed_bytes: p.resumed_bytes,
+    }
+}
+
+type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl LocalApi for LocalService {
+    async fn add(&self, request: Request<pb::AddRequest>) -> Result<Response<pb::AddResponse>, Status> {
+        let path = PathBuf::from(request.into_inner().path);
+        if !path.is_absolute() {
+            return Err(Status::invalid_argument("the path to add must be absolute"));
+        }
+        let store = Arc::clone(&self.shared.store);
+        let blob = tokio::task::spawn_blocking(move || store.add_file(&path))
+            .await
+            .map_err(|_| Status::internal("add task failed"))?
+            .map_err(|e| match e {
+                StoreError::Io { ref source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                    Status::invalid_argument(e.to_string())
+                }
+                e => store_status(e),
+            })?;
+        crate::node::completed(&self.shared, &blob);
+        let g = blob.geometry();
+        Ok(Response::new(pb::AddResponse {
+            id: blob.id().to_string(),
+            size: g.size(),
+            sha256: blob.sha256().map(|d| d.to_string()).unwrap_or_default(),
+            chunk_size: g.chunk_size(),
+            chunks: u64::from(g.chunk_count()),
+        }))
+    }
+
+    type FetchStream = Streamed<pb::FetchProgress>;
+
+    async fn fetch(&self, request: Request<pb::FetchRequest>) -> Result<Response<Self::FetchStream>, Status> {
+        let req = request.into_inner();
+        let blob = parse_ref(&req.blob)?;
+        let output = (!req.output.is_empty()).then(|| PathBuf::from(&req.output));
+        if output.as_ref().is_some_and(|p| !p.is_absolute()) {
+            return Err(Status::invalid_argument("the output path must be absolute"));
+        }
+        let timeout = match req.no_provider_timeout_ms {
+            0 => self.shared.config.no_provider_timeout,
+            ms => Duration::from_millis(ms),
+        };
+        let (progress_tx, mut progress_rx) = watch::channel(Progress::default());
+        let (out_tx, out_rx) = mpsc::channel(16);
+        let shared = Arc::clone(&self.shared);
+        // The fetch runs on even if the CLI goes away: its chunks are kept and
+        // the blob is completed for the next asker.
+        let job = tokio::spawn(async move {
+            let outcome = crate::fetch::fetch(Arc::clone(&shared), blob, progress_tx, timeout)
+                .await
+                .map_err(fetch_status)?;
+            crate::node::completed(&shared, &outcome.blob);
+            if let Some(dest) = output {
+                let store = Arc::clone(&shared.store);
+                let id = outcome.blob.id();
+                tokio::task::spawn_blocking(move || store.export(&id, &dest))
+                    .await
+                    .map_err(|_| Status::internal("export task failed"))?
+                    .map_err(store_status)?;
+            }
+            Ok::<_, Status>(())
+        });
+        tokio::spawn(async move {
+            let mut job = job;
+            loop {
+                tokio::select! {
+                    changed = progress_rx.changed() => {
+                        if changed.is_err() {
+                            // The fetch ended; the job's result follows.
+                            continue;
+                        }
+                        let p = progress_rx.borrow_and_update().clone();
+                        if p.done {
+                            // Sent after the export, below.
+                            continue;
+                        }
+                        if out_tx.send(Ok(to_progress(&p))).await.is_err() {
+                            return;
+                        }
+                    }
+                    result = &mut job => {
+                        let last = progress_rx.borrow().clone();
+                        let msg = match result {
+                            Ok(Ok(())) => Ok(to_progress(&last)),
+                            Ok(Err(status)) => Err(status),
+                            Err(_) => Err(Status::internal("fetch task failed")),
+                        };
+                        let _ = out_tx.send(msg).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out_rx))))
+    }
+
+    type ReadStream = Streamed<pb::ReadResponse>;
+
+    async fn read(&self, request: Request<pb::ReadRequest>) -> Result<Response<Self::ReadStream>, Status> {
+        let req = request.into_inner();
+        let blob = match parse_ref(&req.blob)? {
+            BlobRef::Blake3(id) => self.shared.store.get(&id),
+            BlobRef::Sha256(d) => self.shared.store.find_sha256(&d),
+        }
+        .ok_or_else(|| Status::not_found(format!("blob {} is not in the store", req.blob)))?;
+        if !blob.is_complete() {
+            return Err(Status::failed_precondition(format!("blob {} is incomplete", blob.id())));
+        }
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            for i in 0..blob.geometry().chunk_count() {
+                let b = Arc::clone(&blob);
+                let data = match tokio::task::spawn_blocking(move || b.read_chunk(i)).await {
+                    Ok(Ok(d)) => d,
+                    Ok(Err(e)) => {
+                        let _ = tx.send(Err(store_status(e))).await;
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                let mut offset = 0;
+                while offset < data.len() {
+                    let end = (offset + MAX_PIECE).min(data.len());
+                    let piece: Bytes = data.slice(offset..end);
+                    if tx.send(Ok(pb::ReadResponse { data: piece })).await.is_err() {
+                        return;
+                    }
+                    offset = end;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn list(&self, _: Request<pb::ListRequest>) -> Result<Response<pb::ListResponse>, Status> {
+        let blobs = self
+            .shared
+            .store
+            .list()
+            .into_iter()
+            .map(|b| pb::BlobInfo {
+                id: b.id.to_string(),
+                size: b.size,
+                sha256: b.sha256.unwrap_or_default(),
+                complete: b.complete,
+                chunks: u64::from(b.chunks),
+                chunks_verified: u64::from(b.chunks_verified),
+            })
+            .collect();
+        Ok(Response::new(pb::ListResponse { blobs }))
+    }
+
+    async fn remove(&self, request: Request<pb::RemoveRequest>) -> Result<Response<pb::RemoveResponse>, Status> {
+        let id = parse_id(&request.into_inner().blob)?;
+        let store = Arc::clone(&self.shared.store);
+        tokio::task::spawn_blocking(move || store.remove(&id))
+            .await
+            .map_err(|_| Status::internal("remove task failed"))?
+            .map_err(store_status)?;
+        self.shared.inventory_changed.notify_one();
+        Ok(Response::new(pb::RemoveResponse {}))
+    }
+
+    async fn status(&self, _: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        let s = &self.shared;
+        Ok(Response::new(pb::StatusResponse {
+            peer_id: s.peer_id.clone(),
+            address: s.address.clone(),
+            control: s.config.control.clone().unwrap_or_default(),
+            registered: s.registered.load(Ordering::Acquire),
+            blobs: s.store.list().len() as u64,
+            active_uploads: s.active_uploads.load(Ordering::Relaxed),
+            uploaded_bytes: s.uploaded_bytes.load(Ordering::Relaxed),
+            downloaded_bytes: s.downloaded_bytes.load(Ordering::Relaxed),
+            uptime_ms: s.started.elapsed().as_millis() as u64,
+            store: s.store.root().display().to_string(),
+        }))
+    }
+}
+
+/// Connects to a daemon's local API on the Unix socket at `path`.
+pub async fn connect_local(path: PathBuf) -> Result<LocalApiClient<Channel>, std::io::Error> {
+    // The URI is required by the HTTP/2 layer but unused: the connector dials the socket.
+    let endpoint = tonic::transport::Endpoint::from_static("http://localhost");
+    let probe = tokio::net::UnixStream::connect(&path).await?;
+    drop(probe);
+    let channel = endpoint
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await
+        .map_err(std::io::Error::other)?;
+    Ok(LocalApiClient::new(channel)
+        .max_decoding_message_size(crate::connection::MAX_MESSAGE)
+        .max_encoding_message_size(crate::connection::MAX_MESSAGE))
+}

@@ -1,0 +1,185 @@
+//! Membership: register with the control plane, renew the lease, announce
+//! the inventory (whole at registration, changes as they happen, partial
+//! progress at a bounded rate), and start over when the control plane has
+//! forgotten this peer. Serving goes on whether or not the control plane is up.
+
+use std::{collections::HashMap, sync::Arc, sync::atomic::Ordering, time::Duration};
+
+use bytes::Bytes;
+use nebula_common::BlobId;
+use nebula_proto::v1 as pb;
+use tokio::time::Instant;
+
+use crate::node::Shared;
+
+/// What the control plane was last told of one blob.
+#[derive(Debug, PartialEq, Eq, Clone)]
+struct Announced {
+    complete: bool,
+    chunks: u32,
+    sha256: bool,
+}
+
+fn announcement(shared: &Shared, id: &BlobId) -> Option<(pb::BlobAnnouncement, Announced)> {
+    let blob = shared.store.get(id)?;
+    let have = blob.chunks();
+    let complete = blob.is_complete();
+    let sha = blob.sha256();
+    Some((
+        pb::BlobAnnouncement {
+            id: id.to_string(),
+            size: blob.outboard().size(),
+            sha256: sha.map(|d| d.to_string()).unwrap_or_default(),
+            complete,
+            chunks: if complete { Bytes::new() } else { Bytes::from(have.to_bitmap()) },
+        },
+        Announced {
+            complete,
+            chunks: have.count(),
+            sha256: sha.is_some(),
+        },
+    ))
+}
+
+/// Runs until the node shuts down, then deregisters.
+pub(crate) async fn run(shared: Arc<Shared>) {
+    let Some(mut control) = shared.control.clone() else { return };
+    let mut events = shared.chunk_events.subscribe();
+    let mut backoff = Duration::from_millis(200);
+    'register: loop {
+        shared.registered.store(false, Ordering::Release);
+        let request = pb::RegisterRequest {
+            peer_id: shared.peer_id.clone(),
+            address: shared.address.clone(),
+            zone: shared.config.zone.clone(),
+            labels: HashMap::new(),
+        };
+        let registered = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            r = control.register(request) => r,
+        };
+        let interval = match registered {
+            Ok(r) => Duration::from_millis(r.into_inner().heartbeat_interval_ms.clamp(100, 60_000)),
+            Err(status) => {
+                tracing::warn!(code = ?status.code(), message = status.message(), "cannot register with the control plane; retrying");
+                tokio::select! {
+                    _ = shared.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue 'register;
+            }
+        };
+        backoff = Duration::from_millis(200);
+        // The whole inventory, replacing whatever the control plane held.
+        let mut announced: HashMap<BlobId, Announced> = HashMap::new();
+        let mut blobs = Vec::new();
+        for info in shared.store.list() {
+            if let Some((a, state)) = announcement(&shared, &info.id) {
+                blobs.push(a);
+                announced.insert(info.id, state);
+            }
+        }
+        let full = pb::AnnounceRequest {
+            peer_id: shared.peer_id.clone(),
+            blobs,
+            removed: Vec::new(),
+            full_inventory: true,
+        };
+        match control.announce(full).await {
+            Ok(r) if r.get_ref().unknown_peer => continue 'register,
+            Ok(_) => {}
+            Err(status) => {
+                tracing::warn!(message = status.message(), "inventory announcement failed; registering again");
+                tokio::time::sleep(backoff).await;
+                continue 'register;
+            }
+        }
+        shared.registered.store(true, Ordering::Release);
+        tracing::info!(peer = %shared.peer_id, "registered with the control plane");
+        let mut heartbeat = tokio::time::interval(interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_ok = Instant::now();
+        let mut dirty = false;
+        let mut next_announce = Instant::now();
+        let mut last_uploaded = shared.uploaded_bytes.load(Ordering::Relaxed);
+        let mut last_beat = Instant::now();
+        loop {
+            let announce_at = if dirty { next_announce } else { Instant::now() + Duration::from_secs(3600) };
+            tokio::select! {
+                _ = shared.shutdown.cancelled() => {
+                    let bye = pb::DeregisterRequest { peer_id: shared.peer_id.clone() };
+                    let _ = tokio::time::timeout(Duration::from_secs(2), control.deregister(bye)).await;
+                    return;
+                }
+                _ = heartbeat.tick() => {
+                    let now = Instant::now();
+                    let uploaded = shared.uploaded_bytes.load(Ordering::Relaxed);
+                    let secs = now.duration_since(last_beat).as_secs_f64().max(0.001);
+                    let load = pb::Load {
+                        active_uploads: shared.active_uploads.load(Ordering::Relaxed),
+                        upload_bytes_per_sec: ((uploaded - last_uploaded) as f64 / secs) as u64,
+                        upload_slots: shared.config.upload_slots,
+                    };
+                    last_uploaded = uploaded;
+                    last_beat = now;
+                    let beat = pb::HeartbeatRequest { peer_id: shared.peer_id.clone(), load: Some(load) };
+                    match control.heartbeat(beat).await {
+                        Ok(r) if r.get_ref().unknown_peer => {
+                            tracing::info!("control plane does not know this peer; registering again");
+                            continue 'register;
+                        }
+                        Ok(_) => {
+                            last_ok = now;
+                            shared.registered.store(true, Ordering::Release);
+                        }
+                        Err(status) => {
+                            tracing::debug!(message = status.message(), "heartbeat failed");
+                            if now.duration_since(last_ok) > interval * 3 {
+                                shared.registered.store(false, Ordering::Release);
+                            }
+                        }
+                    }
+                }
+                _ = shared.inventory_changed.notified() => dirty = true,
+                event = events.recv() => {
+                    if !matches!(event, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
+                        dirty = true;
+                    }
+                }
+                _ = tokio::time::sleep_until(announce_at), if dirty => {
+                    dirty = false;
+                    next_announce = Instant::now() + shared.config.announce_interval;
+                    let mut changed = Vec::new();
+                    let mut current = HashMap::new();
+                    for info in shared.store.list() {
+                        if let Some((a, state)) = announcement(&shared, &info.id) {
+                            if announced.get(&info.id) != Some(&state) {
+                                changed.push(a);
+                            }
+                            current.insert(info.id, state);
+                        }
+                    }
+                    let removed: Vec<String> = announced.keys().filter(|id| !current.contains_key(id)).map(ToString::to_string).collect();
+                    if changed.is_empty() && removed.is_empty() {
+                        continue;
+                    }
+                    let request = pb::AnnounceRequest {
+                        peer_id: shared.peer_id.clone(),
+                        blobs: changed,
+                        removed,
+                        full_inventory: false,
+                    };
+                    match control.announce(request).await {
+                        Ok(r) if r.get_ref().unknown_peer => continue 'register,
+                        Ok(_) => announced = current,
+                        Err(status) => {
+                            tracing::debug!(message = status.message(), "announcement failed; will retry");
+                            dirty = true;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

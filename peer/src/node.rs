@@ -1,0 +1,323 @@
+//! A running peer: the store, the exchange server, membership and the local
+//! API, under one cancellation token with an ordered shutdown.
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use nebula_common::{BlobId, Store, StoreError};
+use nebula_proto::v1::{self as pb, control_plane_client::ControlPlaneClient, peer_exchange_server::PeerExchangeServer};
+use tokio::{
+    net::{TcpListener, UnixListener},
+    sync::{Notify, broadcast},
+    task::JoinSet,
+    time::Instant,
+};
+use tokio_util::sync::CancellationToken;
+use tonic::{
+    metadata::{Ascii, MetadataValue},
+    service::interceptor::InterceptedService,
+    transport::{Channel, Endpoint, Server},
+};
+
+use crate::{
+    Config,
+    connection::{CONNECTION_WINDOW, ConnectError, Connection, MAX_FRAME, MAX_MESSAGE, Pool, STREAM_WINDOW},
+    limit::RateLimiter,
+    local::LocalService,
+    membership,
+    server::ExchangeService,
+};
+
+/// Adds `authorization: Bearer <token>` to every control-plane call.
+#[derive(Debug, Clone)]
+pub(crate) struct BearerAuth(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for BearerAuth {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(token) = &self.0 {
+            req.metadata_mut().insert("authorization", token.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A control-plane client carrying the join token.
+pub(crate) type ControlClient = ControlPlaneClient<InterceptedService<Channel, BearerAuth>>;
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is inconsistent.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A listener or socket problem.
+    #[error("{0}")]
+    Io(String),
+}
+
+/// What every part of a node shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) store: Arc<Store>,
+    pub(crate) peer_id: String,
+    /// The address other peers dial.
+    pub(crate) address: String,
+    pub(crate) control: Option<ControlClient>,
+    pub(crate) upload_limiter: Option<RateLimiter>,
+    pub(crate) download_limiter: Option<RateLimiter>,
+    /// Upload slots in use (chunk requests admitted and not yet answered).
+    pub(crate) active_uploads: AtomicU32,
+    pub(crate) uploaded_bytes: AtomicU64,
+    pub(crate) downloaded_bytes: AtomicU64,
+    /// A blob gained chunks (feeds have-updates and partial announcements).
+    pub(crate) chunk_events: broadcast::Sender<BlobId>,
+    /// The inventory changed (add, remove, completion).
+    pub(crate) inventory_changed: Notify,
+    pub(crate) registered: AtomicBool,
+    pub(crate) pool: Pool,
+    pub(crate) started: Instant,
+    pub(crate) shutdown: CancellationToken,
+}
+
+impl Shared {
+    /// The exchange stream to a peer, dialed if needed.
+    pub(crate) async fn connect(&self, addr: &str) -> Result<Arc<Connection>, ConnectError> {
+        let hello = pb::Hello {
+            peer_id: self.peer_id.clone(),
+            address: self.address.clone(),
+        };
+        self.pool.get(addr, hello, Duration::from_secs(3)).await
+    }
+}
+
+/// A running peer node. Shut it down with [`Node::shutdown`].
+#[derive(Debug)]
+#[must_use = "a node stops when shut down; dropping the handle leaves it running until the runtime ends"]
+pub struct Node {
+    shared: Arc<Shared>,
+    tasks: JoinSet<()>,
+    local_addr: SocketAddr,
+}
+
+impl Node {
+    /// Opens the store and starts serving peers on `listener`, registering
+    /// with the control plane when one is configured.
+    pub async fn start(config: Config, listener: TcpListener) -> Result<Self, StartError> {
+        config.validate().map_err(StartError::Config)?;
+        let store_dir = config.store.clone();
+        let store = tokio::task::spawn_blocking(move || Store::open(store_dir))
+            .await
+            .map_err(|e| StartError::Io(e.to_string()))??;
+        let local_addr = listener.local_addr().map_err(|e| StartError::Io(e.to_string()))?;
+        let advertised = config.advertise.unwrap_or(local_addr);
+        let control = match &config.control {
+            Some(url) => {
+                let endpoint = Endpoint::from_shared(url.clone())
+                    .map_err(|e| StartError::Config(format!("control plane URL {url:?}: {e}")))?
+                    .connect_timeout(Duration::from_secs(2))
+                    .timeout(config.control_timeout)
+                    .tcp_nodelay(true);
+                let token = match &config.join_token {
+                    Some(t) => Some(
+                        format!("Bearer {t}")
+                            .parse()
+                            .map_err(|_| StartError::Config("join token has invalid characters".into()))?,
+                    ),
+                    None => None,
+                };
+                Some(ControlPlaneClient::with_interceptor(endpoint.connect_lazy(), BearerAuth(token)))
+            }
+            None => None,
+        };
+        let shared = Arc::new(Shared {
+            peer_id: store.peer_id().to_owned(),
+            store: Arc::new(store),
+            address: advertised.to_string(),
+            control,
+            upload_limiter: RateLimiter::optional(config.upload_limit),
+            download_limiter: RateLimiter::optional(config.download_limit),
+            active_uploads: AtomicU32::new(0),
+            uploaded_bytes: AtomicU64::new(0),
+            downloaded_bytes: AtomicU64::new(0),
+            chunk_events: broadcast::channel(1024).0,
+            inventory_changed: Notify::new(),
+            registered: AtomicBool::new(false),
+            pool: Pool::default(),
+            started: Instant::now(),
+            shutdown: CancellationToken::new(),
+            config,
+        });
+        let mut tasks = JoinSet::new();
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<PeerExchangeServer<ExchangeService>>().await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(nebula_proto::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| StartError::Io(e.to_string()))?;
+        let exchange = PeerExchangeServer::new(ExchangeService::new(Arc::clone(&shared)))
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        let router = Server::builder()
+            .tcp_nodelay(true)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .max_concurrent_streams(256)
+            .http2_max_local_error_reset_streams(Some(1024))
+            .http2_keepalive_interval(Some(Duration::from_secs(20)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(exchange);
+        // Accepted sockets need TCP_NODELAY set here: the builder's flag only
+        // reaches listeners tonic binds itself, and Nagle plus delayed ACKs
+        // would stall every pipelined piece by tens of milliseconds.
+        let incoming = tonic::transport::server::TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(Duration::from_secs(30)));
+        let stop = shared.shutdown.clone();
+        tasks.spawn(async move {
+            if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()).await {
+                tracing::error!(error = %e, "peer server failed");
+            }
+        });
+        if shared.control.is_some() {
+            tasks.spawn(membership::run(Arc::clone(&shared)));
+        }
+        tracing::info!(peer = %shared.peer_id, address = %shared.address, "peer serving");
+        Ok(Self {
+            shared,
+            tasks,
+            local_addr,
+        })
+    }
+
+    /// Serves the local API (the CLI's) on a Unix socket at `path`, mode
+    /// 0600. Refuses a path another live daemon listens on; replaces a stale one.
+    pub async fn serve_local(&mut self, path: &Path) -> Result<(), StartError> {
+        if path.exists() {
+            if tokio::net::UnixStream::connect(path).await.is_ok() {
+                return Err(StartError::Io(format!(
+                    "another daemon is listening on {}",
+                    path.display()
+                )));
+            }
+            let _ = std::fs::remove_file(path);
+        }
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let listener = UnixListener::bind(path).map_err(|e| StartError::Io(format!("binding {}: {e}", path.display())))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| StartError::Io(format!("securing {}: {e}", path.display())))?;
+        }
+        let service = LocalService::new(Arc::clone(&self.shared)).into_server();
+        let stop = self.shared.shutdown.clone();
+        let socket = path.to_owned();
+        self.tasks.spawn(async move {
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            if let Err(e) = Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                .await
+            {
+                tracing::error!(error = %e, "local API failed");
+            }
+            let _ = std::fs::remove_file(socket);
+        });
+        Ok(())
+    }
+
+    /// The address the peer server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The address announced to other peers.
+    pub fn advertised(&self) -> &str {
+        &self.shared.address
+    }
+
+    /// The stable peer id.
+    pub fn peer_id(&self) -> &str {
+        &self.shared.peer_id
+    }
+
+    /// The node's store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.shared.store
+    }
+
+    /// Whether the control plane has accepted the node's registration.
+    pub fn is_registered(&self) -> bool {
+        self.shared.registered.load(Ordering::Acquire)
+    }
+
+    /// Fetches a blob into the store (see [`crate::fetch`]).
+    pub async fn fetch(
+        &self,
+        blob: nebula_common::BlobRef,
+        progress: tokio::sync::watch::Sender<crate::Progress>,
+        no_provider_timeout: Option<Duration>,
+    ) -> Result<crate::FetchOutcome, crate::FetchError> {
+        let timeout = no_provider_timeout.unwrap_or(self.shared.config.no_provider_timeout);
+        let outcome = crate::fetch::fetch(Arc::clone(&self.shared), blob, progress, timeout).await?;
+        completed(&self.shared, &outcome.blob);
+        Ok(outcome)
+    }
+
+    /// A future that resolves when the node starts shutting down.
+    pub fn stopping(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.shared.shutdown.clone().cancelled_owned()
+    }
+
+    /// Stops in order: stop accepting and cancel fetches, deregister, let
+    /// streams end, close the store.
+    pub async fn shutdown(mut self) {
+        self.shared.shutdown.cancel();
+        self.shared.pool.close_all().await;
+        let deadline = tokio::time::sleep(Duration::from_secs(5));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                next = self.tasks.join_next() => if next.is_none() { break },
+                _ = &mut deadline => {
+                    tracing::warn!("tasks did not stop in time; aborting them");
+                    self.tasks.abort_all();
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// After a blob completes: compute its SHA-256 (for the `sha256:` alias) in
+/// the background, then tell membership.
+pub(crate) fn completed(shared: &Arc<Shared>, blob: &Arc<nebula_common::Blob>) {
+    shared.inventory_changed.notify_one();
+    if blob.sha256().is_some() {
+        return;
+    }
+    let blob = Arc::clone(blob);
+    let shared = Arc::clone(shared);
+    tokio::spawn(async move {
+        match tokio::task::spawn_blocking(move || blob.compute_sha256()).await {
+            Ok(Ok(_)) => shared.inventory_changed.notify_one(),
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot compute the SHA-256 of a fetched blob"),
+            Err(_) => {}
+        }
+    });
+}

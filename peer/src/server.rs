@@ -1,0 +1,316 @@
+//! The serving side of `PeerExchange`: verified chunks from the store, under
+//! an upload-slot cap and an optional rate limit, with have-updates volunteered
+//! for every blob the dialing peer asked about.
+
+use std::{
+    collections::HashSet,
+    pin::Pin,
+    sync::{Arc, Mutex, atomic::Ordering},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use futures::Stream;
+use nebula_common::{BlobId, StoreError};
+use nebula_proto::v1::{
+    self as pb, ExchangeRequest, ExchangeResponse, exchange_request::Kind as Req,
+    exchange_response::Kind as Resp, peer_exchange_server::PeerExchange,
+};
+use tokio::sync::{broadcast, mpsc};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument as _;
+
+use crate::node::Shared;
+
+/// Largest chunk payload in one message.
+pub(crate) const MAX_PIECE: usize = 1 << 20;
+
+/// How long a busy answer asks the requester to stay away.
+const BUSY_RETRY: Duration = Duration::from_millis(100);
+
+/// How often pending have-updates are flushed to a stream.
+const HAVE_FLUSH: Duration = Duration::from_millis(100);
+
+/// The `PeerExchange` service of a node.
+#[derive(Debug, Clone)]
+pub(crate) struct ExchangeService {
+    shared: Arc<Shared>,
+}
+
+impl ExchangeService {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+}
+
+#[derive(Debug)]
+enum Work {
+    Outboard(u64, BlobId),
+    Chunk(u64, BlobId, u32),
+    Answer(ExchangeResponse),
+}
+
+/// Gives an upload slot back when the chunk is served, dropped or the stream dies.
+#[derive(Debug)]
+struct Slot(Arc<Shared>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.active_uploads.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn answer(request_id: u64, kind: Resp) -> ExchangeResponse {
+    ExchangeResponse {
+        request_id,
+        kind: Some(kind),
+    }
+}
+
+fn error(request_id: u64, code: pb::error::Code, message: String) -> ExchangeResponse {
+    answer(
+        request_id,
+        Resp::Error(pb::Error {
+            code: code as i32,
+            message,
+        }),
+    )
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<ExchangeResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl PeerExchange for ExchangeService {
+    type ExchangeStream = ResponseStream;
+
+    async fn exchange(
+        &self,
+        request: Request<Streaming<ExchangeRequest>>,
+    ) -> Result<Response<Self::ExchangeStream>, Status> {
+        let remote = request.remote_addr();
+        let span = tracing::debug_span!("serve", peer = tracing::field::Empty, ?remote);
+        let inbound = request.into_inner();
+        // A few pieces of slack: a receiver that stops reading stalls only
+        // its own stream, and memory stays at a few MiB per stream.
+        let (out_tx, out_rx) = mpsc::channel::<Result<ExchangeResponse, Status>>(4);
+        // Bounded by the upload slots: chunk work is admitted only with a slot.
+        let (work_tx, work_rx) = mpsc::unbounded_channel::<(Work, Option<Slot>)>();
+        let cancelled = Arc::new(Mutex::new(HashSet::new()));
+        let watched = Arc::new(Mutex::new(HashSet::new()));
+        tokio::spawn(
+            read_requests(
+                Arc::clone(&self.shared),
+                inbound,
+                work_tx,
+                Arc::clone(&cancelled),
+                Arc::clone(&watched),
+            )
+            .instrument(span.clone()),
+        );
+        tokio::spawn(
+            serve_work(Arc::clone(&self.shared), work_rx, out_tx, cancelled, watched).instrument(span),
+        );
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out_rx))))
+    }
+}
+
+async fn read_requests(
+    shared: Arc<Shared>,
+    mut inbound: Streaming<ExchangeRequest>,
+    work: mpsc::UnboundedSender<(Work, Option<Slot>)>,
+    cancelled: Arc<Mutex<HashSet<u64>>>,
+    watched: Arc<Mutex<HashSet<BlobId>>>,
+) {
+    loop {
+        let msg = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            msg = inbound.message() => msg,
+        };
+        let msg = match msg {
+            Ok(Some(m)) => m,
+            Ok(None) => return,
+            Err(status) => {
+                tracing::debug!(%status, "exchange stream closed by the dialing peer");
+                return;
+            }
+        };
+        let id = msg.request_id;
+        let parse = |blob: &str| blob.parse::<BlobId>();
+        let items: Vec<(Work, Option<Slot>)> = match msg.kind {
+            Some(Req::Hello(hello)) => {
+                tracing::Span::current().record("peer", hello.peer_id.as_str());
+                continue;
+            }
+            Some(Req::GetOutboard(get)) => match parse(&get.blob) {
+                Ok(blob) => {
+                    watched.lock().unwrap_or_else(|e| e.into_inner()).insert(blob);
+                    vec![(Work::Outboard(id, blob), None)]
+                }
+                Err(e) => vec![(Work::Answer(error(id, pb::error::Code::Invalid, e.to_string())), None)],
+            },
+            Some(Req::GetChunks(get)) => match parse(&get.blob) {
+                Ok(blob) => {
+                    watched.lock().unwrap_or_else(|e| e.into_inner()).insert(blob);
+                    get.chunks
+                        .iter()
+                        .map(|&chunk| {
+                            let cap = shared.config.upload_slots;
+                            if shared.active_uploads.fetch_add(1, Ordering::AcqRel) >= cap {
+                                shared.active_uploads.fetch_sub(1, Ordering::AcqRel);
+                                let busy = Resp::Busy(pb::Busy {
+                                    retry_after_ms: BUSY_RETRY.as_millis() as u64,
+                                });
+                                (Work::Answer(answer(id, busy)), None)
+                            } else {
+                                (Work::Chunk(id, blob, chunk), Some(Slot(Arc::clone(&shared))))
+                            }
+                        })
+                        .collect()
+                }
+                Err(e) => vec![(Work::Answer(error(id, pb::error::Code::Invalid, e.to_string())), None)],
+            },
+            Some(Req::Cancel(c)) => {
+                cancelled.lock().unwrap_or_else(|e| e.into_inner()).insert(c.request_id);
+                continue;
+            }
+            // The dialing peer's own progress; discovery finds it through the control plane.
+            Some(Req::Have(_)) | None => continue,
+        };
+        for item in items {
+            if work.send(item).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+async fn serve_work(
+    shared: Arc<Shared>,
+    mut work: mpsc::UnboundedReceiver<(Work, Option<Slot>)>,
+    out: mpsc::Sender<Result<ExchangeResponse, Status>>,
+    cancelled: Arc<Mutex<HashSet<u64>>>,
+    watched: Arc<Mutex<HashSet<BlobId>>>,
+) {
+    let mut events = shared.chunk_events.subscribe();
+    let mut dirty: HashSet<BlobId> = HashSet::new();
+    let mut flush = tokio::time::interval(HAVE_FLUSH);
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let idle = shared.config.idle_stream_timeout;
+    let send = |msg: ExchangeResponse| {
+        let out = out.clone();
+        async move { matches!(tokio::time::timeout(idle, out.send(Ok(msg))).await, Ok(Ok(()))) }
+    };
+    loop {
+        tokio::select! {
+            biased;
+            _ = shared.shutdown.cancelled() => return,
+            item = work.recv() => {
+                let Some((item, slot)) = item else { return };
+                let ok = match item {
+                    Work::Answer(msg) => send(msg).await,
+                    Work::Outboard(id, blob) => send(outboard(&shared, id, blob)).await,
+                    Work::Chunk(id, blob, chunk) => {
+                        if cancelled.lock().unwrap_or_else(|e| e.into_inner()).remove(&id) {
+                            true
+                        } else {
+                            serve_chunk(&shared, id, blob, chunk, &send).await
+                        }
+                    }
+                };
+                drop(slot);
+                if !ok {
+                    tracing::debug!("receiver stopped reading; dropping the stream");
+                    return;
+                }
+            }
+            event = events.recv() => match event {
+                Ok(blob) => {
+                    if watched.lock().unwrap_or_else(|e| e.into_inner()).contains(&blob) {
+                        dirty.insert(blob);
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    dirty.extend(watched.lock().unwrap_or_else(|e| e.into_inner()).iter().copied());
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+            _ = flush.tick(), if !dirty.is_empty() => {
+                for blob in dirty.drain() {
+                    let Some(b) = shared.store.get(&blob) else { continue };
+                    let have = pb::HaveUpdate {
+                        blob: blob.to_string(),
+                        chunks: if b.is_complete() { Bytes::new() } else { Bytes::from(b.chunks().to_bitmap()) },
+                        complete: b.is_complete(),
+                    };
+                    if !send(answer(0, Resp::Have(have))).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn outboard(shared: &Shared, id: u64, blob: BlobId) -> ExchangeResponse {
+    let Some(b) = shared.store.get(&blob) else {
+        return error(id, pb::error::Code::NotFound, format!("blob {blob} is not here"));
+    };
+    let complete = b.is_complete();
+    answer(
+        id,
+        Resp::Outboard(pb::Outboard {
+            size: b.outboard().size(),
+            chaining_values: Bytes::from(b.outboard().chaining_values()),
+            chunks: if complete { Bytes::new() } else { Bytes::from(b.chunks().to_bitmap()) },
+            complete,
+        }),
+    )
+}
+
+async fn serve_chunk<F, Fut>(shared: &Arc<Shared>, id: u64, blob: BlobId, chunk: u32, send: &F) -> bool
+where
+    F: Fn(ExchangeResponse) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let Some(b) = shared.store.get(&blob) else {
+        return send(error(id, pb::error::Code::NotFound, format!("blob {blob} is not here"))).await;
+    };
+    let data = match tokio::task::spawn_blocking(move || b.read_chunk(chunk)).await {
+        Ok(Ok(data)) => data,
+        Ok(Err(StoreError::ChunkMissing { .. })) => {
+            return send(error(id, pb::error::Code::NotFound, format!("chunk {chunk} is not here"))).await;
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(%blob, chunk, error = %e, "cannot read a chunk to serve");
+            return send(error(id, pb::error::Code::Internal, e.to_string())).await;
+        }
+        Err(_) => return send(error(id, pb::error::Code::Internal, "read task failed".into())).await,
+    };
+    let data = crate::fault::corrupt_served_chunk(data);
+    let len = data.len();
+    let mut offset = 0;
+    loop {
+        let end = (offset + MAX_PIECE).min(len);
+        let piece = data.slice(offset..end);
+        if let Some(limiter) = &shared.upload_limiter {
+            limiter.acquire(piece.len() as u64).await;
+        }
+        let msg = answer(
+            id,
+            Resp::Piece(pb::ChunkPiece {
+                chunk,
+                offset: offset as u64,
+                data: piece,
+                last: end == len,
+            }),
+        );
+        if !send(msg).await {
+            return false;
+        }
+        shared.uploaded_bytes.fetch_add((end - offset) as u64, Ordering::Relaxed);
+        offset = end;
+        if offset >= len {
+            return true;
+        }
+    }
+}
