@@ -44,10 +44,14 @@ impl DaemonLocation {
     }
 
     fn socket(&self) -> PathBuf {
-        self.socket.clone().unwrap_or_else(|| self.store().join("nebula.sock"))
+        self.socket
+            .clone()
+            .unwrap_or_else(|| self.store().join("nebula.sock"))
     }
 
-    async fn connect(&self) -> anyhow::Result<pb::local_api_client::LocalApiClient<tonic::transport::Channel>> {
+    async fn connect(
+        &self,
+    ) -> anyhow::Result<pb::local_api_client::LocalApiClient<tonic::transport::Channel>> {
         let socket = self.socket();
         connect_local(socket.clone()).await.map_err(|e| {
             anyhow!(
@@ -110,12 +114,19 @@ pub(crate) struct DaemonArgs {
 }
 
 fn control_url(raw: &str) -> String {
-    if raw.contains("://") { raw.to_owned() } else { format!("http://{raw}") }
+    if raw.contains("://") {
+        raw.to_owned()
+    } else {
+        format!("http://{raw}")
+    }
 }
 
 pub(crate) async fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
     let store = args.store.clone().unwrap_or_else(default_store);
-    let socket = args.socket.clone().unwrap_or_else(|| store.join("nebula.sock"));
+    let socket = args
+        .socket
+        .clone()
+        .unwrap_or_else(|| store.join("nebula.sock"));
     let mut config = Config::new(&store, Some(control_url(&args.control)));
     config.advertise = args.advertise;
     config.zone = args.zone;
@@ -172,9 +183,13 @@ pub(crate) async fn run_add(args: AddArgs) -> anyhow::Result<()> {
     let path = std::fs::canonicalize(&args.path)
         .map_err(|e| bad_input(format!("cannot read {}: {e}", args.path.display())))?;
     if path.is_dir() {
-        return Err(bad_input(format!("cannot add {}: it is a directory", args.path.display())));
+        return Err(bad_input(format!(
+            "cannot add {}: it is a directory",
+            args.path.display()
+        )));
     }
-    std::fs::File::open(&path).map_err(|e| bad_input(format!("cannot read {}: {e}", args.path.display())))?;
+    std::fs::File::open(&path)
+        .map_err(|e| bad_input(format!("cannot read {}: {e}", args.path.display())))?;
     let mut client = args.daemon.connect().await?;
     let r = client
         .add(pb::AddRequest {
@@ -269,21 +284,30 @@ fn resolve_output(o: Option<&Path>) -> anyhow::Result<Output> {
     let abs = if o.is_absolute() {
         o.to_owned()
     } else {
-        std::env::current_dir().context("cannot read the current directory")?.join(o)
+        std::env::current_dir()
+            .context("cannot read the current directory")?
+            .join(o)
     };
     if abs.is_dir() {
         return Err(bad_input(format!("output {} is a directory", o.display())));
     }
     let parent = abs.parent().unwrap_or(Path::new("/"));
     if !parent.is_dir() {
-        return Err(anyhow!("cannot write {}: directory {} does not exist", o.display(), parent.display()));
+        return Err(anyhow!(
+            "cannot write {}: directory {} does not exist",
+            o.display(),
+            parent.display()
+        ));
     }
     Ok(Output::File(abs))
 }
 
 pub(crate) async fn run_fetch(args: FetchArgs) -> anyhow::Result<()> {
     // Refuse a malformed id before any network call.
-    let blob: BlobRef = args.id.parse().map_err(|e: nebula_common::ParseIdError| bad_input(e.to_string()))?;
+    let blob: BlobRef = args
+        .id
+        .parse()
+        .map_err(|e: nebula_common::ParseIdError| bad_input(e.to_string()))?;
     let output = resolve_output(args.output.as_deref())?;
     let show_bar = !args.json && std::io::stderr().is_terminal();
     let started = Instant::now();
@@ -315,7 +339,12 @@ pub(crate) async fn run_fetch(args: FetchArgs) -> anyhow::Result<()> {
 
 type Fetched = (BlobId, u64, u64, Vec<pb::ProviderBytes>);
 
-async fn fetch_via_daemon(args: &FetchArgs, blob: BlobRef, output: &Output, show_bar: bool) -> anyhow::Result<Fetched> {
+async fn fetch_via_daemon(
+    args: &FetchArgs,
+    blob: BlobRef,
+    output: &Output,
+    show_bar: bool,
+) -> anyhow::Result<Fetched> {
     let mut client = args.daemon.connect().await?;
     let request = pb::FetchRequest {
         blob: blob.to_string(),
@@ -325,7 +354,11 @@ async fn fetch_via_daemon(args: &FetchArgs, blob: BlobRef, output: &Output, show
         },
         no_provider_timeout_ms: args.timeout.as_millis() as u64,
     };
-    let mut stream = client.fetch(request).await.map_err(status_error)?.into_inner();
+    let mut stream = client
+        .fetch(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
     let bar = Bar::new(show_bar);
     let mut last = None;
     loop {
@@ -346,11 +379,18 @@ async fn fetch_via_daemon(args: &FetchArgs, blob: BlobRef, output: &Output, show
         }
     }
     bar.finish();
-    let last = last.filter(|p| p.done).ok_or_else(|| anyhow!("the daemon ended the fetch without finishing it"))?;
-    let id: BlobId = last.id.parse().map_err(|_| anyhow!("the daemon answered a malformed id"))?;
+    let last = last
+        .filter(|p| p.done)
+        .ok_or_else(|| anyhow!("the daemon ended the fetch without finishing it"))?;
+    let id: BlobId = last
+        .id
+        .parse()
+        .map_err(|_| anyhow!("the daemon answered a malformed id"))?;
     if let Output::Stdout = output {
         let mut read = client
-            .read(pb::ReadRequest { blob: id.to_string() })
+            .read(pb::ReadRequest {
+                blob: id.to_string(),
+            })
             .await
             .map_err(status_error)?
             .into_inner();
@@ -449,7 +489,11 @@ pub(crate) struct LsArgs {
 
 pub(crate) async fn run_ls(args: LsArgs) -> anyhow::Result<()> {
     let mut client = args.daemon.connect().await?;
-    let list = client.list(pb::ListRequest {}).await.map_err(status_error)?.into_inner();
+    let list = client
+        .list(pb::ListRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
     if args.json {
         let blobs: Vec<_> = list
             .blobs
@@ -491,10 +535,15 @@ pub(crate) struct RmArgs {
 }
 
 pub(crate) async fn run_rm(args: RmArgs) -> anyhow::Result<()> {
-    let id: BlobId = args.id.parse().map_err(|e: nebula_common::ParseIdError| bad_input(e.to_string()))?;
+    let id: BlobId = args
+        .id
+        .parse()
+        .map_err(|e: nebula_common::ParseIdError| bad_input(e.to_string()))?;
     let mut client = args.daemon.connect().await?;
     client
-        .remove(pb::RemoveRequest { blob: id.to_string() })
+        .remove(pb::RemoveRequest {
+            blob: id.to_string(),
+        })
         .await
         .map_err(status_error)?;
     Ok(())
@@ -512,7 +561,11 @@ pub(crate) struct StatusArgs {
 
 pub(crate) async fn run_status(args: StatusArgs) -> anyhow::Result<()> {
     let mut client = args.daemon.connect().await?;
-    let s = client.status(pb::StatusRequest {}).await.map_err(status_error)?.into_inner();
+    let s = client
+        .status(pb::StatusRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
     if args.json {
         print_json(&serde_json::json!({
             "peer_id": s.peer_id, "address": s.address, "control": s.control, "registered": s.registered,
@@ -536,6 +589,9 @@ pub(crate) async fn run_status(args: StatusArgs) -> anyhow::Result<()> {
     if s.registered {
         Ok(())
     } else {
-        Err(anyhow!("the daemon is up but not registered with the control plane at {}", s.control))
+        Err(anyhow!(
+            "the daemon is up but not registered with the control plane at {}",
+            s.control
+        ))
     }
 }

@@ -97,10 +97,10 @@ impl ChunkSet {
         let mut set = Self::new(len);
         let n = set.bits.len().min(bitmap.len());
         set.bits[..n].copy_from_slice(&bitmap[..n]);
-        if len % 8 != 0 {
-            if let Some(last) = set.bits.last_mut() {
-                *last &= (1u8 << (len % 8)) - 1;
-            }
+        if !len.is_multiple_of(8)
+            && let Some(last) = set.bits.last_mut()
+        {
+            *last &= (1u8 << (len % 8)) - 1;
         }
         set.count = set.bits.iter().map(|b| b.count_ones()).sum();
         set

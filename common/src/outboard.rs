@@ -135,7 +135,7 @@ impl Outboard {
     pub fn verified(id: BlobId, size: u64, chaining_values: &[u8]) -> Result<Self, VerifyError> {
         let geometry = Geometry::new(size);
         let expected = Self::expected_len(&geometry);
-        if chaining_values.len() % 32 != 0 || chaining_values.len() / 32 != expected {
+        if !chaining_values.len().is_multiple_of(32) || chaining_values.len() / 32 != expected {
             return Err(VerifyError::OutboardLength {
                 id,
                 size,

@@ -50,8 +50,8 @@ impl Config {
             download_limit: None,
             max_providers: 8,
             no_provider_timeout: Duration::from_secs(30),
-            rediscover_interval: Duration::from_secs(2),
-            announce_interval: Duration::from_millis(500),
+            rediscover_interval: Duration::from_secs(1),
+            announce_interval: Duration::from_millis(250),
             idle_stream_timeout: Duration::from_secs(60),
             control_timeout: Duration::from_secs(5),
         }
@@ -65,10 +65,10 @@ impl Config {
         if self.max_providers == 0 {
             return Err("max providers must be at least 1".into());
         }
-        if let Some(url) = &self.control {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(format!("control plane URL {url:?} must start with http://"));
-            }
+        if let Some(url) = &self.control
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(format!("control plane URL {url:?} must start with http://"));
         }
         Ok(())
     }

@@ -99,7 +99,10 @@ impl Connection {
             addr: addr.into(),
             status,
         };
-        let channel = endpoint.connect().await.map_err(|e| unreachable(e.to_string()))?;
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
         let mut client = PeerExchangeClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
@@ -151,10 +154,10 @@ impl Connection {
     fn route(&self, msg: ExchangeResponse) {
         let Some(kind) = msg.kind else { return };
         if let Resp::Have(have) = kind {
-            if let Ok(id) = have.blob.parse::<BlobId>() {
-                if let Some(mut list) = self.watchers.get_mut(&id) {
-                    list.retain(|w| w.send(Reply::Have(have.clone())).is_ok());
-                }
+            if let Ok(id) = have.blob.parse::<BlobId>()
+                && let Some(mut list) = self.watchers.get_mut(&id)
+            {
+                list.retain(|w| w.send(Reply::Have(have.clone())).is_ok());
             }
             return;
         }
@@ -178,7 +181,11 @@ impl Connection {
     }
 
     /// Sends a request whose answers go to `route`; returns its id.
-    pub(crate) async fn request(&self, kind: Req, route: &mpsc::UnboundedSender<Reply>) -> Option<u64> {
+    pub(crate) async fn request(
+        &self,
+        kind: Req,
+        route: &mpsc::UnboundedSender<Reply>,
+    ) -> Option<u64> {
         if self.is_closed() {
             return None;
         }
@@ -220,7 +227,6 @@ impl Connection {
     pub(crate) fn watch(&self, blob: BlobId, route: &mpsc::UnboundedSender<Reply>) {
         self.watchers.entry(blob).or_default().push(route.clone());
     }
-
 }
 
 /// Open streams by peer address, shared across downloads.
@@ -237,10 +243,10 @@ impl Pool {
         hello: pb::Hello,
         connect_timeout: Duration,
     ) -> Result<Arc<Connection>, ConnectError> {
-        if let Some(c) = self.conns.lock().await.get(addr) {
-            if !c.is_closed() {
-                return Ok(Arc::clone(c));
-            }
+        if let Some(c) = self.conns.lock().await.get(addr)
+            && !c.is_closed()
+        {
+            return Ok(Arc::clone(c));
         }
         // Dial without the lock: a dead peer must not hold up the others.
         let conn = Connection::open(addr, hello, connect_timeout).await?;

@@ -120,6 +120,9 @@ struct ProviderEntry {
     bytes: AtomicU64,
 }
 
+/// A request in flight: the stream it went on and its id there.
+type Outstanding = (Arc<Connection>, u64);
+
 /// State shared by the coordinator and the workers of one download.
 #[derive(Debug)]
 struct Download {
@@ -130,7 +133,7 @@ struct Download {
     /// Each provider's Peak-EWMA latency, to spot degraded ones.
     latencies: Mutex<Vec<f64>>,
     /// Outstanding requests by (provider, chunk), for cancelling endgame losers.
-    requests: Mutex<HashMap<(ProviderIx, u32), (Arc<Connection>, u64)>>,
+    requests: Mutex<HashMap<(ProviderIx, u32), Outstanding>>,
     /// Wakes idle workers: a chunk was given back, or a provider gained chunks.
     wake: Notify,
     /// Fires when the blob is complete or the download failed.
@@ -168,7 +171,10 @@ impl Download {
 }
 
 /// Asks the control plane who holds `blob`.
-async fn discover(shared: &Shared, blob: &BlobRef) -> Result<pb::FindProvidersResponse, FetchError> {
+async fn discover(
+    shared: &Shared,
+    blob: &BlobRef,
+) -> Result<pb::FindProvidersResponse, FetchError> {
     let Some(mut control) = shared.control.clone() else {
         return Err(FetchError::NoControlPlane(blob.to_string()));
     };
@@ -178,16 +184,27 @@ async fn discover(shared: &Shared, blob: &BlobRef) -> Result<pb::FindProvidersRe
         limit: 50,
         zone: shared.config.zone.clone(),
     };
-    match tokio::time::timeout(shared.config.control_timeout, control.find_providers(request)).await {
+    match tokio::time::timeout(
+        shared.config.control_timeout,
+        control.find_providers(request),
+    )
+    .await
+    {
         Ok(Ok(r)) => Ok(r.into_inner()),
-        Ok(Err(status)) if status.code() == tonic::Code::NotFound => Ok(pb::FindProvidersResponse::default()),
+        Ok(Err(status)) if status.code() == tonic::Code::NotFound => {
+            Ok(pb::FindProvidersResponse::default())
+        }
         Ok(Err(status)) => Err(FetchError::Control(status.message().to_owned())),
         Err(_) => Err(FetchError::Control("timed out".into())),
     }
 }
 
 fn provider_set(p: &pb::Provider, count: u32) -> ChunkSet {
-    if p.complete { ChunkSet::full(count) } else { ChunkSet::from_bitmap(&p.chunks, count) }
+    if p.complete {
+        ChunkSet::full(count)
+    } else {
+        ChunkSet::from_bitmap(&p.chunks, count)
+    }
 }
 
 /// Fetches `blob` into the store, reporting progress as it goes.
@@ -242,10 +259,12 @@ pub(crate) async fn fetch(
         }
         tokio::time::sleep(Duration::from_millis(500).min(deadline - Instant::now())).await;
     };
-    let id: BlobId = found
-        .id
-        .parse()
-        .map_err(|_| FetchError::Control(format!("control plane answered a malformed id {:?}", found.id)))?;
+    let id: BlobId = found.id.parse().map_err(|_| {
+        FetchError::Control(format!(
+            "control plane answered a malformed id {:?}",
+            found.id
+        ))
+    })?;
 
     // The outboard: ours if a partial download exists, else a provider's, verified.
     let blob = match shared.store.get(&id) {
@@ -359,7 +378,9 @@ pub(crate) async fn fetch(
                 break Err(FetchError::NoProviders {
                     blob: id.to_string(),
                     waited: now.duration_since(since),
-                    detail: format!(" ({missing} of {count} chunks missing; verified chunks kept for a resume)"),
+                    detail: format!(
+                        " ({missing} of {count} chunks missing; verified chunks kept for a resume)"
+                    ),
                 });
             }
         } else {
@@ -449,13 +470,24 @@ pub(crate) async fn fetch(
 }
 
 /// Gets the outboard from the first provider whose outboard verifies.
-async fn fetch_outboard(shared: &Arc<Shared>, id: BlobId, providers: &[pb::Provider]) -> Result<Outboard, FetchError> {
+async fn fetch_outboard(
+    shared: &Arc<Shared>,
+    id: BlobId,
+    providers: &[pb::Provider],
+) -> Result<Outboard, FetchError> {
     let mut any_reached = false;
     for p in providers.iter().filter(|p| p.peer_id != shared.peer_id) {
-        let Ok(conn) = shared.connect(&p.address).await else { continue };
+        let Ok(conn) = shared.connect(&p.address).await else {
+            continue;
+        };
         let (tx, mut rx) = mpsc::unbounded_channel();
         let Some(req) = conn
-            .request(Req::GetOutboard(pb::GetOutboard { blob: id.to_string() }), &tx)
+            .request(
+                Req::GetOutboard(pb::GetOutboard {
+                    blob: id.to_string(),
+                }),
+                &tx,
+            )
             .await
         else {
             continue;
@@ -493,7 +525,9 @@ async fn fetch_outboard(shared: &Arc<Shared>, id: BlobId, providers: &[pb::Provi
 }
 
 async fn report(shared: &Shared, peer_id: &str, blob: BlobId) {
-    let Some(mut control) = shared.control.clone() else { return };
+    let Some(mut control) = shared.control.clone() else {
+        return;
+    };
     let request = pb::ReportPeerRequest {
         reporter_id: shared.peer_id.clone(),
         peer_id: peer_id.to_owned(),
@@ -501,7 +535,9 @@ async fn report(shared: &Shared, peer_id: &str, blob: BlobId) {
         reason: "sent chunks that failed verification".into(),
     };
     match tokio::time::timeout(shared.config.control_timeout, control.report_peer(request)).await {
-        Ok(Ok(_)) => tracing::warn!(peer = peer_id, blob = %blob.short(), "reported a provider for corrupt chunks"),
+        Ok(Ok(_)) => {
+            tracing::warn!(peer = peer_id, blob = %blob.short(), "reported a provider for corrupt chunks")
+        }
         other => tracing::debug!(?other, "report failed"),
     }
 }
@@ -531,19 +567,26 @@ const MAX_FAILURES: u32 = 3;
 /// Floor for the stall timeout.
 const STALL_FLOOR: Duration = Duration::from_secs(2);
 
-async fn run_worker(dl: Arc<Download>, p: ProviderIx, entry: Arc<ProviderEntry>, trial: bool) -> (ProviderIx, WorkerEnd) {
+async fn run_worker(
+    dl: Arc<Download>,
+    p: ProviderIx,
+    entry: Arc<ProviderEntry>,
+    trial: bool,
+) -> (ProviderIx, WorkerEnd) {
     let end = match dl.shared.connect(&entry.address).await {
-        Ok(conn) => Worker {
-            dl: Arc::clone(&dl),
-            p,
-            entry,
-            conn,
-            inflight: HashMap::new(),
-            score: Score::new(Instant::now()),
-            trial,
+        Ok(conn) => {
+            Worker {
+                dl: Arc::clone(&dl),
+                p,
+                entry,
+                conn,
+                inflight: HashMap::new(),
+                score: Score::new(Instant::now()),
+                trial,
+            }
+            .run()
+            .await
         }
-        .run()
-        .await,
         Err(e) => WorkerEnd::Failed(e.to_string()),
     };
     (p, end)
@@ -570,7 +613,17 @@ impl Worker {
         let (tx, mut rx) = mpsc::unbounded_channel();
         self.conn.watch(id, &tx);
         // Fresh bitmap and have-update subscription.
-        if self.conn.request(Req::GetOutboard(pb::GetOutboard { blob: id.to_string() }), &tx).await.is_none() {
+        if self
+            .conn
+            .request(
+                Req::GetOutboard(pb::GetOutboard {
+                    blob: id.to_string(),
+                }),
+                &tx,
+            )
+            .await
+            .is_none()
+        {
             return WorkerEnd::Failed("stream closed".into());
         }
         let mut rng = rand::rngs::StdRng::from_os_rng();
@@ -586,7 +639,11 @@ impl Worker {
             let now = Instant::now();
             if paused_until.is_none_or(|t| now >= t) {
                 paused_until = None;
-                let window = if self.trial || dl.degraded(self.p) { 1 } else { self.score.window(dl.chunk_size()) };
+                let window = if self.trial || dl.degraded(self.p) {
+                    1
+                } else {
+                    self.score.window(dl.chunk_size())
+                };
                 while self.inflight.len() < window {
                     // Degraded providers get no endgame duplicates: they would lose the race.
                     let endgame_ok = !dl.degraded(self.p);
@@ -626,7 +683,8 @@ impl Worker {
             } else {
                 idle_rounds = 0;
             }
-            let stall_at = (!self.inflight.is_empty()).then(|| last_data + self.score.stall_timeout(STALL_FLOOR));
+            let stall_at = (!self.inflight.is_empty())
+                .then(|| last_data + self.score.stall_timeout(STALL_FLOOR));
             let wake_at = paused_until.unwrap_or_else(|| now + Duration::from_millis(250));
             tokio::select! {
                 _ = dl.finished.cancelled() => {}
@@ -700,10 +758,10 @@ impl Worker {
                                 dl.wake.notify_waiters();
                             }
                             Resp::Error(e) => {
-                                if let Some(f) = self.inflight.get(&rid) {
-                                    if e.code == pb::error::Code::NotFound as i32 {
-                                        lock(&dl.sched).forget_chunk(self.p, f.chunk);
-                                    }
+                                if let Some(f) = self.inflight.get(&rid)
+                                    && e.code == pb::error::Code::NotFound as i32
+                                {
+                                    lock(&dl.sched).forget_chunk(self.p, f.chunk);
                                 }
                                 self.give_back(rid);
                                 dl.wake.notify_waiters();
@@ -747,7 +805,12 @@ impl Worker {
         let chunk = f.chunk;
         let written = tokio::task::spawn_blocking(move || blob.write_chunk(chunk, &data))
             .await
-            .unwrap_or_else(|_| Err(StoreError::ChunkMissing { id: dl.id(), index: chunk }));
+            .unwrap_or_else(|_| {
+                Err(StoreError::ChunkMissing {
+                    id: dl.id(),
+                    index: chunk,
+                })
+            });
         match written {
             Ok(outcome) => {
                 let now = Instant::now();

@@ -48,7 +48,8 @@ impl RateLimiter {
     pub async fn acquire(&self, bytes: u64) {
         let mut b = self.state.lock().await;
         let now = Instant::now();
-        b.tokens = (b.tokens + now.duration_since(b.last).as_secs_f64() * self.rate).min(self.burst);
+        b.tokens =
+            (b.tokens + now.duration_since(b.last).as_secs_f64() * self.rate).min(self.burst);
         b.last = now;
         b.tokens -= bytes as f64;
         if b.tokens < 0.0 {

@@ -36,7 +36,9 @@ impl LocalService {
 /// The one place store errors become statuses for the CLI.
 fn store_status(e: StoreError) -> Status {
     match e {
-        StoreError::NotFound { .. } | StoreError::ChunkMissing { .. } => Status::not_found(e.to_string()),
+        StoreError::NotFound { .. } | StoreError::ChunkMissing { .. } => {
+            Status::not_found(e.to_string())
+        }
         StoreError::Incomplete { .. } => Status::failed_precondition(e.to_string()),
         StoreError::DiskFull { .. } => Status::resource_exhausted(e.to_string()),
         StoreError::Verify(_) => Status::data_loss(e.to_string()),
@@ -47,7 +49,9 @@ fn store_status(e: StoreError) -> Status {
 /// The one place fetch errors become statuses.
 fn fetch_status(e: FetchError) -> Status {
     match e {
-        FetchError::NoProviders { .. } | FetchError::NoControlPlane(_) => Status::not_found(e.to_string()),
+        FetchError::NoProviders { .. } | FetchError::NoControlPlane(_) => {
+            Status::not_found(e.to_string())
+        }
         FetchError::Control(_) => Status::unavailable(e.to_string()),
         FetchError::BadOutboard(_) => Status::data_loss(e.to_string()),
         FetchError::Store(e) => store_status(e),
@@ -56,11 +60,13 @@ fn fetch_status(e: FetchError) -> Status {
 }
 
 fn parse_ref(s: &str) -> Result<BlobRef, Status> {
-    s.parse().map_err(|e: nebula_common::ParseIdError| Status::invalid_argument(e.to_string()))
+    s.parse()
+        .map_err(|e: nebula_common::ParseIdError| Status::invalid_argument(e.to_string()))
 }
 
 fn parse_id(s: &str) -> Result<BlobId, Status> {
-    s.parse().map_err(|e: nebula_common::ParseIdError| Status::invalid_argument(e.to_string()))
+    s.parse()
+        .map_err(|e: nebula_common::ParseIdError| Status::invalid_argument(e.to_string()))
 }
 
 fn to_progress(p: &Progress) -> pb::FetchProgress {
@@ -88,7 +94,10 @@ type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl LocalApi for LocalService {
-    async fn add(&self, request: Request<pb::AddRequest>) -> Result<Response<pb::AddResponse>, Status> {
+    async fn add(
+        &self,
+        request: Request<pb::AddRequest>,
+    ) -> Result<Response<pb::AddResponse>, Status> {
         let path = PathBuf::from(request.into_inner().path);
         if !path.is_absolute() {
             return Err(Status::invalid_argument("the path to add must be absolute"));
@@ -98,7 +107,9 @@ impl LocalApi for LocalService {
             .await
             .map_err(|_| Status::internal("add task failed"))?
             .map_err(|e| match e {
-                StoreError::Io { ref source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                StoreError::Io { ref source, .. }
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
                     Status::invalid_argument(e.to_string())
                 }
                 e => store_status(e),
@@ -116,7 +127,10 @@ impl LocalApi for LocalService {
 
     type FetchStream = Streamed<pb::FetchProgress>;
 
-    async fn fetch(&self, request: Request<pb::FetchRequest>) -> Result<Response<Self::FetchStream>, Status> {
+    async fn fetch(
+        &self,
+        request: Request<pb::FetchRequest>,
+    ) -> Result<Response<Self::FetchStream>, Status> {
         let req = request.into_inner();
         let blob = parse_ref(&req.blob)?;
         let output = (!req.output.is_empty()).then(|| PathBuf::from(&req.output));
@@ -178,12 +192,17 @@ impl LocalApi for LocalService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out_rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(out_rx),
+        )))
     }
 
     type ReadStream = Streamed<pb::ReadResponse>;
 
-    async fn read(&self, request: Request<pb::ReadRequest>) -> Result<Response<Self::ReadStream>, Status> {
+    async fn read(
+        &self,
+        request: Request<pb::ReadRequest>,
+    ) -> Result<Response<Self::ReadStream>, Status> {
         let req = request.into_inner();
         let blob = match parse_ref(&req.blob)? {
             BlobRef::Blake3(id) => self.shared.store.get(&id),
@@ -191,7 +210,10 @@ impl LocalApi for LocalService {
         }
         .ok_or_else(|| Status::not_found(format!("blob {} is not in the store", req.blob)))?;
         if !blob.is_complete() {
-            return Err(Status::failed_precondition(format!("blob {} is incomplete", blob.id())));
+            return Err(Status::failed_precondition(format!(
+                "blob {} is incomplete",
+                blob.id()
+            )));
         }
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
@@ -216,10 +238,15 @@ impl LocalApi for LocalService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
-    async fn list(&self, _: Request<pb::ListRequest>) -> Result<Response<pb::ListResponse>, Status> {
+    async fn list(
+        &self,
+        _: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
         let blobs = self
             .shared
             .store
@@ -237,7 +264,10 @@ impl LocalApi for LocalService {
         Ok(Response::new(pb::ListResponse { blobs }))
     }
 
-    async fn remove(&self, request: Request<pb::RemoveRequest>) -> Result<Response<pb::RemoveResponse>, Status> {
+    async fn remove(
+        &self,
+        request: Request<pb::RemoveRequest>,
+    ) -> Result<Response<pb::RemoveResponse>, Status> {
         let id = parse_id(&request.into_inner().blob)?;
         let store = Arc::clone(&self.shared.store);
         tokio::task::spawn_blocking(move || store.remove(&id))
@@ -248,7 +278,10 @@ impl LocalApi for LocalService {
         Ok(Response::new(pb::RemoveResponse {}))
     }
 
-    async fn status(&self, _: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+    async fn status(
+        &self,
+        _: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
         let s = &self.shared;
         Ok(Response::new(pb::StatusResponse {
             peer_id: s.peer_id.clone(),
@@ -275,7 +308,9 @@ pub async fn connect_local(path: PathBuf) -> Result<LocalApiClient<Channel>, std
         .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
             let path = path.clone();
             async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
             }
         }))
         .await

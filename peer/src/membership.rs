@@ -31,7 +31,11 @@ fn announcement(shared: &Shared, id: &BlobId) -> Option<(pb::BlobAnnouncement, A
             size: blob.outboard().size(),
             sha256: sha.map(|d| d.to_string()).unwrap_or_default(),
             complete,
-            chunks: if complete { Bytes::new() } else { Bytes::from(have.to_bitmap()) },
+            chunks: if complete {
+                Bytes::new()
+            } else {
+                Bytes::from(have.to_bitmap())
+            },
         },
         Announced {
             complete,
@@ -43,7 +47,9 @@ fn announcement(shared: &Shared, id: &BlobId) -> Option<(pb::BlobAnnouncement, A
 
 /// Runs until the node shuts down, then deregisters.
 pub(crate) async fn run(shared: Arc<Shared>) {
-    let Some(mut control) = shared.control.clone() else { return };
+    let Some(mut control) = shared.control.clone() else {
+        return;
+    };
     let mut events = shared.chunk_events.subscribe();
     let mut backoff = Duration::from_millis(200);
     'register: loop {
@@ -90,7 +96,10 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             Ok(r) if r.get_ref().unknown_peer => continue 'register,
             Ok(_) => {}
             Err(status) => {
-                tracing::warn!(message = status.message(), "inventory announcement failed; registering again");
+                tracing::warn!(
+                    message = status.message(),
+                    "inventory announcement failed; registering again"
+                );
                 tokio::time::sleep(backoff).await;
                 continue 'register;
             }
@@ -105,7 +114,11 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         let mut last_uploaded = shared.uploaded_bytes.load(Ordering::Relaxed);
         let mut last_beat = Instant::now();
         loop {
-            let announce_at = if dirty { next_announce } else { Instant::now() + Duration::from_secs(3600) };
+            let announce_at = if dirty {
+                next_announce
+            } else {
+                Instant::now() + Duration::from_secs(3600)
+            };
             tokio::select! {
                 _ = shared.shutdown.cancelled() => {
                     let bye = pb::DeregisterRequest { peer_id: shared.peer_id.clone() };

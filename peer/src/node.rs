@@ -12,7 +12,9 @@ use std::{
 };
 
 use nebula_common::{BlobId, Store, StoreError};
-use nebula_proto::v1::{self as pb, control_plane_client::ControlPlaneClient, peer_exchange_server::PeerExchangeServer};
+use nebula_proto::v1::{
+    self as pb, control_plane_client::ControlPlaneClient, peer_exchange_server::PeerExchangeServer,
+};
 use tokio::{
     net::{TcpListener, UnixListener},
     sync::{Notify, broadcast},
@@ -28,7 +30,9 @@ use tonic::{
 
 use crate::{
     Config,
-    connection::{CONNECTION_WINDOW, ConnectError, Connection, MAX_FRAME, MAX_MESSAGE, Pool, STREAM_WINDOW},
+    connection::{
+        CONNECTION_WINDOW, ConnectError, Connection, MAX_FRAME, MAX_MESSAGE, Pool, STREAM_WINDOW,
+    },
     limit::RateLimiter,
     local::LocalService,
     membership,
@@ -119,7 +123,9 @@ impl Node {
         let store = tokio::task::spawn_blocking(move || Store::open(store_dir))
             .await
             .map_err(|e| StartError::Io(e.to_string()))??;
-        let local_addr = listener.local_addr().map_err(|e| StartError::Io(e.to_string()))?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|e| StartError::Io(e.to_string()))?;
         let advertised = config.advertise.unwrap_or(local_addr);
         let control = match &config.control {
             Some(url) => {
@@ -129,14 +135,15 @@ impl Node {
                     .timeout(config.control_timeout)
                     .tcp_nodelay(true);
                 let token = match &config.join_token {
-                    Some(t) => Some(
-                        format!("Bearer {t}")
-                            .parse()
-                            .map_err(|_| StartError::Config("join token has invalid characters".into()))?,
-                    ),
+                    Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| {
+                        StartError::Config("join token has invalid characters".into())
+                    })?),
                     None => None,
                 };
-                Some(ControlPlaneClient::with_interceptor(endpoint.connect_lazy(), BearerAuth(token)))
+                Some(ControlPlaneClient::with_interceptor(
+                    endpoint.connect_lazy(),
+                    BearerAuth(token),
+                ))
             }
             None => None,
         };
@@ -160,7 +167,9 @@ impl Node {
         });
         let mut tasks = JoinSet::new();
         let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_serving::<PeerExchangeServer<ExchangeService>>().await;
+        health
+            .set_serving::<PeerExchangeServer<ExchangeService>>()
+            .await;
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(nebula_proto::FILE_DESCRIPTOR_SET)
             .build_v1()
@@ -188,7 +197,10 @@ impl Node {
             .with_keepalive(Some(Duration::from_secs(30)));
         let stop = shared.shutdown.clone();
         tasks.spawn(async move {
-            if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()).await {
+            if let Err(e) = router
+                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                .await
+            {
                 tracing::error!(error = %e, "peer server failed");
             }
         });
@@ -218,7 +230,8 @@ impl Node {
         if let Some(dir) = path.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
-        let listener = UnixListener::bind(path).map_err(|e| StartError::Io(format!("binding {}: {e}", path.display())))?;
+        let listener = UnixListener::bind(path)
+            .map_err(|e| StartError::Io(format!("binding {}: {e}", path.display())))?;
         {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
@@ -274,7 +287,8 @@ impl Node {
         no_provider_timeout: Option<Duration>,
     ) -> Result<crate::FetchOutcome, crate::FetchError> {
         let timeout = no_provider_timeout.unwrap_or(self.shared.config.no_provider_timeout);
-        let outcome = crate::fetch::fetch(Arc::clone(&self.shared), blob, progress, timeout).await?;
+        let outcome =
+            crate::fetch::fetch(Arc::clone(&self.shared), blob, progress, timeout).await?;
         completed(&self.shared, &outcome.blob);
         Ok(outcome)
     }
@@ -316,7 +330,9 @@ pub(crate) fn completed(shared: &Arc<Shared>, blob: &Arc<nebula_common::Blob>) {
     tokio::spawn(async move {
         match tokio::task::spawn_blocking(move || blob.compute_sha256()).await {
             Ok(Ok(_)) => shared.inventory_changed.notify_one(),
-            Ok(Err(e)) => tracing::warn!(error = %e, "cannot compute the SHA-256 of a fetched blob"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot compute the SHA-256 of a fetched blob")
+            }
             Err(_) => {}
         }
     });

@@ -108,9 +108,18 @@ impl PeerExchange for ExchangeService {
             .instrument(span.clone()),
         );
         tokio::spawn(
-            serve_work(Arc::clone(&self.shared), work_rx, out_tx, cancelled, watched).instrument(span),
+            serve_work(
+                Arc::clone(&self.shared),
+                work_rx,
+                out_tx,
+                cancelled,
+                watched,
+            )
+            .instrument(span),
         );
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out_rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(out_rx),
+        )))
     }
 }
 
@@ -143,14 +152,23 @@ async fn read_requests(
             }
             Some(Req::GetOutboard(get)) => match parse(&get.blob) {
                 Ok(blob) => {
-                    watched.lock().unwrap_or_else(|e| e.into_inner()).insert(blob);
+                    watched
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(blob);
                     vec![(Work::Outboard(id, blob), None)]
                 }
-                Err(e) => vec![(Work::Answer(error(id, pb::error::Code::Invalid, e.to_string())), None)],
+                Err(e) => vec![(
+                    Work::Answer(error(id, pb::error::Code::Invalid, e.to_string())),
+                    None,
+                )],
             },
             Some(Req::GetChunks(get)) => match parse(&get.blob) {
                 Ok(blob) => {
-                    watched.lock().unwrap_or_else(|e| e.into_inner()).insert(blob);
+                    watched
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(blob);
                     get.chunks
                         .iter()
                         .map(|&chunk| {
@@ -162,15 +180,24 @@ async fn read_requests(
                                 });
                                 (Work::Answer(answer(id, busy)), None)
                             } else {
-                                (Work::Chunk(id, blob, chunk), Some(Slot(Arc::clone(&shared))))
+                                (
+                                    Work::Chunk(id, blob, chunk),
+                                    Some(Slot(Arc::clone(&shared))),
+                                )
                             }
                         })
                         .collect()
                 }
-                Err(e) => vec![(Work::Answer(error(id, pb::error::Code::Invalid, e.to_string())), None)],
+                Err(e) => vec![(
+                    Work::Answer(error(id, pb::error::Code::Invalid, e.to_string())),
+                    None,
+                )],
             },
             Some(Req::Cancel(c)) => {
-                cancelled.lock().unwrap_or_else(|e| e.into_inner()).insert(c.request_id);
+                cancelled
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(c.request_id);
                 continue;
             }
             // The dialing peer's own progress; discovery finds it through the control plane.
@@ -198,7 +225,12 @@ async fn serve_work(
     let idle = shared.config.idle_stream_timeout;
     let send = |msg: ExchangeResponse| {
         let out = out.clone();
-        async move { matches!(tokio::time::timeout(idle, out.send(Ok(msg))).await, Ok(Ok(()))) }
+        async move {
+            matches!(
+                tokio::time::timeout(idle, out.send(Ok(msg))).await,
+                Ok(Ok(()))
+            )
+        }
     };
     loop {
         tokio::select! {
@@ -253,7 +285,11 @@ async fn serve_work(
 
 fn outboard(shared: &Shared, id: u64, blob: BlobId) -> ExchangeResponse {
     let Some(b) = shared.store.get(&blob) else {
-        return error(id, pb::error::Code::NotFound, format!("blob {blob} is not here"));
+        return error(
+            id,
+            pb::error::Code::NotFound,
+            format!("blob {blob} is not here"),
+        );
     };
     let complete = b.is_complete();
     answer(
@@ -261,30 +297,57 @@ fn outboard(shared: &Shared, id: u64, blob: BlobId) -> ExchangeResponse {
         Resp::Outboard(pb::Outboard {
             size: b.outboard().size(),
             chaining_values: Bytes::from(b.outboard().chaining_values()),
-            chunks: if complete { Bytes::new() } else { Bytes::from(b.chunks().to_bitmap()) },
+            chunks: if complete {
+                Bytes::new()
+            } else {
+                Bytes::from(b.chunks().to_bitmap())
+            },
             complete,
         }),
     )
 }
 
-async fn serve_chunk<F, Fut>(shared: &Arc<Shared>, id: u64, blob: BlobId, chunk: u32, send: &F) -> bool
+async fn serve_chunk<F, Fut>(
+    shared: &Arc<Shared>,
+    id: u64,
+    blob: BlobId,
+    chunk: u32,
+    send: &F,
+) -> bool
 where
     F: Fn(ExchangeResponse) -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
     let Some(b) = shared.store.get(&blob) else {
-        return send(error(id, pb::error::Code::NotFound, format!("blob {blob} is not here"))).await;
+        return send(error(
+            id,
+            pb::error::Code::NotFound,
+            format!("blob {blob} is not here"),
+        ))
+        .await;
     };
     let data = match tokio::task::spawn_blocking(move || b.read_chunk(chunk)).await {
         Ok(Ok(data)) => data,
         Ok(Err(StoreError::ChunkMissing { .. })) => {
-            return send(error(id, pb::error::Code::NotFound, format!("chunk {chunk} is not here"))).await;
+            return send(error(
+                id,
+                pb::error::Code::NotFound,
+                format!("chunk {chunk} is not here"),
+            ))
+            .await;
         }
         Ok(Err(e)) => {
             tracing::warn!(%blob, chunk, error = %e, "cannot read a chunk to serve");
             return send(error(id, pb::error::Code::Internal, e.to_string())).await;
         }
-        Err(_) => return send(error(id, pb::error::Code::Internal, "read task failed".into())).await,
+        Err(_) => {
+            return send(error(
+                id,
+                pb::error::Code::Internal,
+                "read task failed".into(),
+            ))
+            .await;
+        }
     };
     let data = crate::fault::corrupt_served_chunk(data);
     let len = data.len();
@@ -307,7 +370,9 @@ where
         if !send(msg).await {
             return false;
         }
-        shared.uploaded_bytes.fetch_add((end - offset) as u64, Ordering::Relaxed);
+        shared
+            .uploaded_bytes
+            .fetch_add((end - offset) as u64, Ordering::Relaxed);
         offset = end;
         if offset >= len {
             return true;

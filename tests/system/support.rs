@@ -3,7 +3,7 @@
 //! daemon with its own temporary store. Every process is killed by pid when
 //! its handle drops; every wait is bounded.
 
-#![allow(dead_code)]
+#![allow(dead_code, missing_docs)]
 
 use std::{
     fs::File,
@@ -18,12 +18,12 @@ use std::{
 use nebula_common::BlobId;
 
 /// The `nebula` binary under test.
-pub fn nebula() -> Command {
+pub(crate) fn nebula() -> Command {
     Command::new(env!("CARGO_BIN_EXE_nebula"))
 }
 
 /// Polls `f` until it returns true or `timeout` passes; returns whether it did.
-pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+pub(crate) fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
         if f() {
@@ -37,7 +37,7 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 }
 
 /// Writes `size` pseudo-random bytes to `path` and returns their blob id.
-pub fn random_file(path: &Path, size: usize, seed: u64) -> BlobId {
+pub(crate) fn random_file(path: &Path, size: usize, seed: u64) -> BlobId {
     use rand::{RngCore, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut f = std::io::BufWriter::new(File::create(path).unwrap());
@@ -56,7 +56,7 @@ pub fn random_file(path: &Path, size: usize, seed: u64) -> BlobId {
 }
 
 /// The BLAKE3 id of a file's bytes (the `b3sum` reference).
-pub fn file_id(path: &Path) -> BlobId {
+pub(crate) fn file_id(path: &Path) -> BlobId {
     let mut hasher = blake3::Hasher::new();
     hasher.update_mmap(path).unwrap();
     BlobId::from(hasher.finalize())
@@ -64,16 +64,21 @@ pub fn file_id(path: &Path) -> BlobId {
 
 /// A child process, SIGKILLed and reaped when dropped.
 #[derive(Debug)]
-pub struct Proc {
+pub(crate) struct Proc {
     child: Child,
-    pub log: PathBuf,
+    pub(crate) log: PathBuf,
 }
 
 impl Proc {
     /// Starts `cmd` with stderr to `log`, waits for its `listening on ADDR` line.
-    pub fn spawn(mut cmd: Command, log: PathBuf) -> (Self, SocketAddr) {
+    pub(crate) fn spawn(mut cmd: Command, log: PathBuf) -> (Self, SocketAddr) {
         let err = File::create(&log).unwrap();
-        let mut child = cmd.stdout(Stdio::piped()).stderr(err).stdin(Stdio::null()).spawn().unwrap();
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(err)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -87,7 +92,10 @@ impl Proc {
         let proc = Self { child, log };
         let line = match rx.recv_timeout(Duration::from_secs(30)) {
             Ok(line) => line,
-            Err(_) => panic!("process did not report its address; log:\n{}", proc.log_text()),
+            Err(_) => panic!(
+                "process did not report its address; log:\n{}",
+                proc.log_text()
+            ),
         };
         let addr = line
             .strip_prefix("listening on ")
@@ -96,23 +104,23 @@ impl Proc {
         (proc, addr)
     }
 
-    pub fn pid(&self) -> i32 {
+    pub(crate) fn pid(&self) -> i32 {
         self.child.id() as i32
     }
 
-    pub fn signal(&self, sig: i32) {
+    pub(crate) fn signal(&self, sig: i32) {
         // SAFETY: sending a signal to our own child by pid.
         unsafe { libc::kill(self.pid(), sig) };
     }
 
     /// SIGKILL and reap.
-    pub fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 
     /// SIGTERM, then wait (bounded) for a clean exit; returns the exit status.
-    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+    pub(crate) fn terminate(&mut self) -> Option<std::process::ExitStatus> {
         self.signal(libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
@@ -125,7 +133,7 @@ impl Proc {
         None
     }
 
-    pub fn log_text(&self) -> String {
+    pub(crate) fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
@@ -139,7 +147,7 @@ impl Drop for Proc {
 }
 
 /// Timings short enough for tests: leases and probes in hundreds of ms.
-pub const FAST_CONTROL: &[&str] = &[
+pub(crate) const FAST_CONTROL: &[&str] = &[
     "--lease-ttl",
     "3s",
     "--heartbeat-interval",
@@ -150,20 +158,23 @@ pub const FAST_CONTROL: &[&str] = &[
 
 /// A control plane process.
 #[derive(Debug)]
-pub struct Control {
-    pub proc: Proc,
-    pub addr: SocketAddr,
+pub(crate) struct Control {
+    pub(crate) proc: Proc,
+    pub(crate) addr: SocketAddr,
     dir: PathBuf,
 }
 
 impl Control {
-    pub fn start(dir: &Path) -> Self {
+    pub(crate) fn start(dir: &Path) -> Self {
         Self::start_on(dir, "127.0.0.1:0".parse().unwrap())
     }
 
-    pub fn start_on(dir: &Path, listen: SocketAddr) -> Self {
+    pub(crate) fn start_on(dir: &Path, listen: SocketAddr) -> Self {
         let mut cmd = nebula();
-        cmd.arg("control").arg("--listen").arg(listen.to_string()).args(FAST_CONTROL);
+        cmd.arg("control")
+            .arg("--listen")
+            .arg(listen.to_string())
+            .args(FAST_CONTROL);
         cmd.env("RUST_LOG", "info");
         let log = dir.join(format!("control-{}.log", rand::random::<u32>()));
         let (proc, addr) = Proc::spawn(cmd, log);
@@ -174,12 +185,12 @@ impl Control {
         }
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
     /// Kills it and starts a new one on the same port.
-    pub fn restart(&mut self) {
+    pub(crate) fn restart(&mut self) {
         self.proc.kill();
         let again = Self::start_on(&self.dir, self.addr);
         *self = again;
@@ -188,11 +199,11 @@ impl Control {
 
 /// A daemon process with its own store.
 #[derive(Debug)]
-pub struct Daemon {
-    pub proc: Proc,
-    pub addr: SocketAddr,
-    pub store: PathBuf,
-    pub socket: PathBuf,
+pub(crate) struct Daemon {
+    pub(crate) proc: Proc,
+    pub(crate) addr: SocketAddr,
+    pub(crate) store: PathBuf,
+    pub(crate) socket: PathBuf,
     control: String,
     args: Vec<String>,
     envs: Vec<(String, String)>,
@@ -200,12 +211,27 @@ pub struct Daemon {
 
 impl Daemon {
     /// Starts a daemon in `dir/<name>` against `control`, with extra flags and environment.
-    pub fn start(dir: &Path, name: &str, control: &str, args: &[&str], envs: &[(&str, &str)]) -> Self {
+    pub(crate) fn start(
+        dir: &Path,
+        name: &str,
+        control: &str,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Self {
         let store = dir.join(name);
         std::fs::create_dir_all(&store).unwrap();
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let envs: Vec<(String, String)> = envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let (proc, addr) = spawn_daemon(&store, control, &args, &envs, "127.0.0.1:0".parse().unwrap());
+        let envs: Vec<(String, String)> = envs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let (proc, addr) = spawn_daemon(
+            &store,
+            control,
+            &args,
+            &envs,
+            "127.0.0.1:0".parse().unwrap(),
+        );
         Self {
             proc,
             addr,
@@ -218,43 +244,66 @@ impl Daemon {
     }
 
     /// Kills it (SIGKILL) and starts it again on the same store and port.
-    pub fn restart(&mut self) {
+    pub(crate) fn restart(&mut self) {
         self.proc.kill();
-        let (proc, addr) = spawn_daemon(&self.store, &self.control, &self.args, &self.envs, self.addr);
+        let (proc, addr) = spawn_daemon(
+            &self.store,
+            &self.control,
+            &self.args,
+            &self.envs,
+            self.addr,
+        );
         self.proc = proc;
         self.addr = addr;
     }
 
     /// Runs a client command against this daemon.
-    pub fn cli(&self, args: &[&str]) -> Output {
+    pub(crate) fn cli(&self, args: &[&str]) -> Output {
         let mut cmd = nebula();
         cmd.args(args).arg("--socket").arg(&self.socket);
         run_bounded(cmd, Duration::from_secs(120))
     }
 
     /// Waits until `nebula status` says it is registered.
-    pub fn wait_registered(&self) {
-        let ok = wait_until(Duration::from_secs(20), || self.cli(&["status"]).status.success());
-        assert!(ok, "daemon did not register; log:\n{}", self.proc.log_text());
+    pub(crate) fn wait_registered(&self) {
+        let ok = wait_until(Duration::from_secs(20), || {
+            self.cli(&["status"]).status.success()
+        });
+        assert!(
+            ok,
+            "daemon did not register; log:\n{}",
+            self.proc.log_text()
+        );
     }
 
     /// `nebula status --json`.
-    pub fn status(&self) -> serde_json::Value {
+    pub(crate) fn status(&self) -> serde_json::Value {
         let out = self.cli(&["status", "--json"]);
         serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
     }
 
     /// `nebula add FILE`, returning the printed id.
-    pub fn add(&self, file: &Path) -> String {
+    pub(crate) fn add(&self, file: &Path) -> String {
         let out = self.cli(&["add", file.to_str().unwrap()]);
-        assert!(out.status.success(), "add failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "add failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap().trim().to_owned()
     }
 
     /// Starts `nebula fetch ID -o OUT --json` in the background.
-    pub fn spawn_fetch(&self, id: &str, out: &Path) -> Child {
+    pub(crate) fn spawn_fetch(&self, id: &str, out: &Path) -> Child {
         nebula()
-            .args(["fetch", id, "-o", out.to_str().unwrap(), "--json", "--socket"])
+            .args([
+                "fetch",
+                id,
+                "-o",
+                out.to_str().unwrap(),
+                "--json",
+                "--socket",
+            ])
             .arg(&self.socket)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -288,13 +337,18 @@ fn spawn_daemon(
 }
 
 /// Runs a command to completion, killing it if it outlives `timeout`.
-pub fn run_bounded(mut cmd: Command, timeout: Duration) -> Output {
-    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null()).spawn().unwrap();
+pub(crate) fn run_bounded(mut cmd: Command, timeout: Duration) -> Output {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
     wait_output(child, timeout)
 }
 
 /// Waits for a child's output, killing it if it outlives `timeout`.
-pub fn wait_output(child: Child, timeout: Duration) -> Output {
+pub(crate) fn wait_output(child: Child, timeout: Duration) -> Output {
     let pid = child.id() as i32;
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -312,20 +366,26 @@ pub fn wait_output(child: Child, timeout: Duration) -> Output {
 
 /// A control plane and `n` daemons in one temporary directory.
 #[derive(Debug)]
-pub struct Cluster {
-    pub daemons: Vec<Daemon>,
-    pub control: Control,
-    pub dir: tempfile::TempDir,
+pub(crate) struct Cluster {
+    pub(crate) daemons: Vec<Daemon>,
+    pub(crate) control: Control,
+    pub(crate) dir: tempfile::TempDir,
 }
 
 impl Cluster {
-    pub fn start(n: usize) -> Self {
+    pub(crate) fn start(n: usize) -> Self {
         Self::start_with(n, |_| (Vec::new(), Vec::new()))
     }
 
     /// Like `start`, with per-daemon extra flags and environment.
-    pub fn start_with(n: usize, per: impl Fn(usize) -> (Vec<&'static str>, Vec<(&'static str, &'static str)>)) -> Self {
-        let dir = tempfile::Builder::new().prefix("nebula-test").tempdir().unwrap();
+    pub(crate) fn start_with(
+        n: usize,
+        per: impl Fn(usize) -> (Vec<&'static str>, Vec<(&'static str, &'static str)>),
+    ) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("nebula-test")
+            .tempdir()
+            .unwrap();
         let control = Control::start(dir.path());
         let daemons: Vec<Daemon> = (0..n)
             .map(|i| {
@@ -336,18 +396,29 @@ impl Cluster {
         for d in &daemons {
             d.wait_registered();
         }
-        Self { daemons, control, dir }
+        Self {
+            daemons,
+            control,
+            dir,
+        }
     }
 
-    pub fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 
     /// Waits until the control plane lists `n` providers for `id` (via the admin CLI).
-    pub fn wait_providers(&self, id: &str, n: usize) -> bool {
+    pub(crate) fn wait_providers(&self, id: &str, n: usize) -> bool {
         wait_until(Duration::from_secs(20), || {
             let mut cmd = nebula();
-            cmd.args(["admin", "swarm", id, "--json", "--control", &self.control.url()]);
+            cmd.args([
+                "admin",
+                "swarm",
+                id,
+                "--json",
+                "--control",
+                &self.control.url(),
+            ]);
             let out = run_bounded(cmd, Duration::from_secs(10));
             let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
             v["members"].as_array().map_or(0, |m| m.len()) >= n

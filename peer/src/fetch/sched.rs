@@ -56,7 +56,11 @@ impl Score {
         }
         self.min_latency = self.min_latency.min(s);
         let sample_rate = bytes as f64 / s;
-        self.rate = if self.rate == 0.0 { sample_rate } else { self.rate * 0.8 + sample_rate * 0.2 };
+        self.rate = if self.rate == 0.0 {
+            sample_rate
+        } else {
+            self.rate * 0.8 + sample_rate * 0.2
+        };
     }
 
     /// Records a failure as a latency peak, so the provider looks slow at once.
@@ -206,7 +210,12 @@ impl Scheduler {
     /// The next chunk to ask `p` for, or `None` if it has nothing useful.
     /// `endgame_ok` lets it duplicate a chunk already asked of another
     /// provider, once no unrequested chunk is left for it.
-    pub(crate) fn pick(&mut self, p: ProviderIx, endgame_ok: bool, rng: &mut impl Rng) -> Option<u32> {
+    pub(crate) fn pick(
+        &mut self,
+        p: ProviderIx,
+        endgame_ok: bool,
+        rng: &mut impl Rng,
+    ) -> Option<u32> {
         let prov = &self.providers[p];
         if !prov.active {
             return None;
@@ -337,11 +346,22 @@ mod tests {
         let x = s.pick(a, true, &mut rng).unwrap();
         let y = s.pick(a, true, &mut rng).unwrap();
         assert_ne!(x, y);
-        assert_eq!(s.pick(b, false, &mut rng), None, "no duplicates outside endgame");
+        assert_eq!(
+            s.pick(b, false, &mut rng),
+            None,
+            "no duplicates outside endgame"
+        );
         let dup = s.pick(b, true, &mut rng).unwrap();
         let dup2 = s.pick(c, true, &mut rng).unwrap();
-        assert_ne!(dup, dup2, "endgame spreads duplicates over the least-asked chunks");
-        assert_eq!(s.pick(c, true, &mut rng), None, "at most two copies of a chunk");
+        assert_ne!(
+            dup, dup2,
+            "endgame spreads duplicates over the least-asked chunks"
+        );
+        assert_eq!(
+            s.pick(c, true, &mut rng),
+            None,
+            "at most two copies of a chunk"
+        );
         assert_eq!(s.complete(b, dup), vec![a]);
         assert!(!s.is_done());
     }
@@ -367,11 +387,23 @@ mod tests {
         let t0 = Instant::now();
         let mut sc = Score::new(t0);
         sc.observe(t0, Duration::from_millis(10), 1 << 20);
-        sc.observe(t0 + Duration::from_millis(100), Duration::from_millis(500), 1 << 20);
+        sc.observe(
+            t0 + Duration::from_millis(100),
+            Duration::from_millis(500),
+            1 << 20,
+        );
         assert!((sc.latency() - 0.5).abs() < 1e-9, "a peak counts at once");
-        sc.observe(t0 + Duration::from_millis(200), Duration::from_millis(10), 1 << 20);
+        sc.observe(
+            t0 + Duration::from_millis(200),
+            Duration::from_millis(10),
+            1 << 20,
+        );
         assert!(sc.latency() > 0.45, "and fades slowly: {}", sc.latency());
-        sc.observe(t0 + Duration::from_secs(60), Duration::from_millis(10), 1 << 20);
+        sc.observe(
+            t0 + Duration::from_secs(60),
+            Duration::from_millis(10),
+            1 << 20,
+        );
         assert!(sc.latency() < 0.02, "but it fades: {}", sc.latency());
         assert!(sc.window(1 << 20) >= 2);
     }
