@@ -19,13 +19,23 @@ pub(crate) struct HashArgs {
 
 pub(crate) fn run(args: HashArgs) -> anyhow::Result<()> {
     let shown = args.path.display();
-    let file = File::open(&args.path).map_err(|e| bad_input(format!("cannot read {shown}: {e}")))?;
-    let meta = file.metadata().map_err(|e| bad_input(format!("cannot read {shown}: {e}")))?;
+    let file =
+        File::open(&args.path).map_err(|e| bad_input(format!("cannot read {shown}: {e}")))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| bad_input(format!("cannot read {shown}: {e}")))?;
     if meta.is_dir() {
         return Err(bad_input(format!("cannot hash {shown}: it is a directory")));
     }
+    if !meta.is_file() {
+        // A pipe or device has no length to cut into chunks up front.
+        return Err(bad_input(format!(
+            "cannot hash {shown}: not a regular file"
+        )));
+    }
     // SHA-256 runs only for --json: it is sequential and slower than BLAKE3.
-    let digest = digest_file(&file, meta.len(), args.json).with_context(|| format!("reading {shown}"))?;
+    let digest =
+        digest_file(&file, meta.len(), args.json).with_context(|| format!("reading {shown}"))?;
     let ob = &digest.outboard;
     if args.json {
         print_json(&serde_json::json!({

@@ -54,11 +54,18 @@ fn main() -> ExitCode {
         Err(err) => {
             // Help and version go to stdout and exit 0; usage errors exit 2.
             let _ = err.print();
-            return ExitCode::from(if err.use_stderr() { output::EXIT_USAGE } else { 0 });
+            return ExitCode::from(if err.use_stderr() {
+                output::EXIT_USAGE
+            } else {
+                0
+            });
         }
     };
     let serving = matches!(cli.command, Command::Control(_) | Command::Daemon(_));
     output::init_tracing(serving);
+    if serving || matches!(cli.command, Command::Fetch(_)) {
+        output::raise_fd_limit();
+    }
     let result = match cli.command {
         Command::Hash(args) => hash::run(args),
         Command::Control(args) => output::block_on(control::run_control(args)),

@@ -261,16 +261,24 @@ impl Blob {
         if !state.have.is_full() {
             return Ok(WriteOutcome::Stored);
         }
-        self.data
-            .sync_all()
-            .map_err(|e| StoreError::io("syncing", self.dir.join("data"), e))?;
-        write_meta(
-            &self.dir,
-            &Meta {
-                complete: true,
-                sha256: None,
-            },
-        )?;
+        let finish = || -> Result<()> {
+            self.data
+                .sync_all()
+                .map_err(|e| StoreError::io("syncing", self.dir.join("data"), e))?;
+            write_meta(
+                &self.dir,
+                &Meta {
+                    complete: true,
+                    sha256: None,
+                },
+            )
+        };
+        if let Err(e) = finish() {
+            // Not complete after all: a retry of this chunk must try again
+            // (its log entry is harmless; it is re-verified at open).
+            state.have.remove(index);
+            return Err(e);
+        }
         state.log = None;
         let _ = fs::remove_file(self.dir.join("verified"));
         self.complete.store(true, Ordering::Release);
@@ -304,6 +312,22 @@ impl Blob {
         )?;
         *self.sha256.lock().expect("sha256 lock") = Some(sha);
         Ok(sha)
+    }
+
+    /// Records a SHA-256 learned elsewhere (an add of the same bytes).
+    fn set_sha256(&self, sha: Sha256Digest) -> Result<()> {
+        if !self.is_complete() || self.sha256().is_some() {
+            return Ok(());
+        }
+        write_meta(
+            &self.dir,
+            &Meta {
+                complete: true,
+                sha256: Some(sha.to_string()),
+            },
+        )?;
+        *self.sha256.lock().expect("sha256 lock") = Some(sha);
+        Ok(())
     }
 
     /// Describes the blob.
@@ -368,14 +392,34 @@ fn write_meta(dir: &Path, meta: &Meta) -> Result<()> {
     write().map_err(|e| StoreError::io("writing", &path, e))
 }
 
-fn read_outboard(dir: &Path, id: BlobId) -> Result<Outboard, String> {
-    let raw = fs::read(dir.join("outboard")).map_err(|e| e.to_string())?;
+/// Why a blob directory could not be loaded.
+#[derive(Debug)]
+enum LoadError {
+    /// Its files are damaged or missing: it is dropped.
+    Corrupt(String),
+    /// The system refused (descriptors, permissions): the blob is kept.
+    Io(io::Error),
+}
+
+impl LoadError {
+    /// A missing file means a damaged blob; any other I/O error is the system's.
+    fn from_io(e: io::Error) -> Self {
+        if e.kind() == io::ErrorKind::NotFound {
+            Self::Corrupt(e.to_string())
+        } else {
+            Self::Io(e)
+        }
+    }
+}
+
+fn read_outboard(dir: &Path, id: BlobId) -> Result<Outboard, LoadError> {
+    let raw = fs::read(dir.join("outboard")).map_err(LoadError::from_io)?;
     if raw.len() < 8 {
-        return Err("outboard too short".into());
+        return Err(LoadError::Corrupt("outboard too short".into()));
     }
     // Cannot fail: the length was checked above.
     let size = u64::from_le_bytes(raw[..8].try_into().expect("8 bytes"));
-    Outboard::verified(id, size, &raw[8..]).map_err(|e| e.to_string())
+    Outboard::verified(id, size, &raw[8..]).map_err(|e| LoadError::Corrupt(e.to_string()))
 }
 
 /// A daemon's store. Cheap to share behind an `Arc`; methods block on disk I/O.
@@ -452,27 +496,32 @@ impl Store {
                 Ok(blob) => {
                     self.blobs.insert(id, Arc::new(blob));
                 }
-                Err(why) => {
-                    tracing::warn!(blob = %id, %why, "dropping unreadable blob from the store");
+                Err(LoadError::Corrupt(why)) => {
+                    tracing::warn!(blob = %id, %why, "dropping a corrupt blob from the store");
                     let _ = fs::remove_dir_all(&path);
+                }
+                Err(LoadError::Io(e)) => {
+                    // Out of descriptors, a permission problem: the blob may
+                    // be fine, so keep it on disk and fail loudly instead.
+                    return Err(StoreError::io("loading", &path, e));
                 }
             }
         }
         Ok(())
     }
 
-    fn load_blob(&self, id: BlobId, dir: &Path) -> Result<Blob, String> {
+    fn load_blob(&self, id: BlobId, dir: &Path) -> Result<Blob, LoadError> {
         let outboard = read_outboard(dir, id)?;
         let meta: Meta =
-            serde_json::from_slice(&fs::read(dir.join("meta.json")).map_err(|e| e.to_string())?)
-                .map_err(|e| e.to_string())?;
+            serde_json::from_slice(&fs::read(dir.join("meta.json")).map_err(LoadError::from_io)?)
+                .map_err(|e| LoadError::Corrupt(e.to_string()))?;
         let data = OpenOptions::new()
             .read(true)
             .write(true)
             .open(dir.join("data"))
-            .map_err(|e| e.to_string())?;
-        if data.metadata().map_err(|e| e.to_string())?.len() != outboard.size() {
-            return Err("data file has the wrong size".into());
+            .map_err(LoadError::from_io)?;
+        if data.metadata().map_err(LoadError::Io)?.len() != outboard.size() {
+            return Err(LoadError::Corrupt("data file has the wrong size".into()));
         }
         let count = outboard.geometry().chunk_count();
         let sha256 = meta.sha256.as_deref().and_then(|s| s.parse().ok());
@@ -492,7 +541,7 @@ impl Store {
         // Partial: trust nothing the log says without hashing it again.
         let mut logged = Vec::new();
         if let Ok(mut f) = File::open(dir.join("verified")) {
-            let _ = f.read_to_end(&mut logged);
+            f.read_to_end(&mut logged).map_err(LoadError::Io)?;
         }
         let mut have = ChunkSet::new(count);
         let mut buf = Vec::new();
@@ -510,16 +559,39 @@ impl Store {
                 have.insert(i);
             }
         }
-        // Rewrite the log from what verified, dropping torn or bad entries.
         let log_path = dir.join("verified");
-        let mut log = File::create(&log_path).map_err(|e| e.to_string())?;
+        if have.is_full() {
+            // Crashed between the last chunk and the meta rewrite: finish the job.
+            data.sync_all().map_err(LoadError::Io)?;
+            write_meta(
+                dir,
+                &Meta {
+                    complete: true,
+                    sha256: None,
+                },
+            )
+            .map_err(|e| LoadError::Corrupt(e.to_string()))?;
+            let _ = fs::remove_file(&log_path);
+            return Ok(Blob {
+                outboard,
+                dir: dir.to_owned(),
+                data,
+                state: Mutex::new(PartialState { have, log: None }),
+                complete: AtomicBool::new(true),
+                sha256: Mutex::new(None),
+            });
+        }
+        // Rewrite the log from what verified, dropping torn or bad entries.
         let body: Vec<u8> = have.iter().flat_map(u32::to_le_bytes).collect();
-        log.write_all(&body).map_err(|e| e.to_string())?;
+        let tmp = dir.join("verified.tmp");
+        fs::write(&tmp, &body)
+            .and_then(|()| fs::rename(&tmp, &log_path))
+            .map_err(LoadError::Io)?;
         let log = OpenOptions::new()
             .append(true)
             .open(&log_path)
-            .map_err(|e| e.to_string())?;
-        let blob = Blob {
+            .map_err(LoadError::Io)?;
+        Ok(Blob {
             outboard,
             dir: dir.to_owned(),
             data,
@@ -529,21 +601,7 @@ impl Store {
             }),
             complete: AtomicBool::new(false),
             sha256: Mutex::new(None),
-        };
-        if blob.lock_state().have.is_full() {
-            // Crashed between the last chunk and the meta rewrite.
-            write_meta(
-                dir,
-                &Meta {
-                    complete: true,
-                    sha256: None,
-                },
-            )
-            .map_err(|e| e.to_string())?;
-            blob.lock_state().log = None;
-            blob.complete.store(true, Ordering::Release);
-        }
-        Ok(blob)
+        })
     }
 
     /// The store's directory.
@@ -610,30 +668,58 @@ impl Store {
         }
     }
 
-    /// Adds a file: copies it into staging, hashes the copy (so the id names
-    /// exactly the bytes stored, even if the source changes meanwhile), syncs
-    /// it, then publishes it. Blocking; memory stays flat in file size.
+    /// Adds a regular file. Blocking; memory stays flat in file size.
+    ///
+    /// The kernel copies the file into staging (`copy_file_range`) and starts
+    /// writing it back to disk block by block, while the hashers read the
+    /// source from the page cache in parallel; so the final sync waits for
+    /// little. If the source's size or modification time changed meanwhile,
+    /// the add fails rather than store bytes under the wrong id. The blob is
+    /// synced before it is published.
     pub fn add_file(&self, path: &Path) -> Result<Arc<Blob>> {
-        let mut src = File::open(path).map_err(|e| StoreError::io("opening", path, e))?;
+        let src = File::open(path).map_err(|e| StoreError::io("opening", path, e))?;
+        let before = src
+            .metadata()
+            .map_err(|e| StoreError::io("reading", path, e))?;
+        if !before.is_file() {
+            return Err(StoreError::io(
+                "adding",
+                path,
+                io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"),
+            ));
+        }
+        let size = before.len();
         let staged = self.staging_dir()?;
         let result = (|| {
             let data_path = staged.join("data");
-            let mut data = OpenOptions::new()
+            let data = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create_new(true)
                 .mode(0o644)
                 .open(&data_path)
                 .map_err(|e| StoreError::io("creating", &data_path, e))?;
-            // std::io::copy between files uses copy_file_range: the kernel moves the bytes.
-            io::copy(&mut src, &mut data)
-                .map_err(|e| StoreError::io("copying into", &data_path, e))?;
-            let size = data
+            let (copied, digest) = std::thread::scope(|s| {
+                let hashing = s.spawn(|| digest_file(&src, size, true));
+                let copied = copy_with_writeback(&src, &data, size);
+                (copied, hashing.join())
+            });
+            copied.map_err(|e| StoreError::io("copying into", &data_path, e))?;
+            let digest = digest
+                .map_err(|_| {
+                    StoreError::io("hashing", path, io::Error::other("hashing thread failed"))
+                })?
+                .map_err(|e| StoreError::io("hashing", path, e))?;
+            let after = src
                 .metadata()
-                .map_err(|e| StoreError::io("reading", &data_path, e))?
-                .len();
-            let digest = digest_file(&data, size, true)
-                .map_err(|e| StoreError::io("hashing", &data_path, e))?;
+                .map_err(|e| StoreError::io("reading", path, e))?;
+            if after.len() != size || after.modified().ok() != before.modified().ok() {
+                return Err(StoreError::io(
+                    "adding",
+                    path,
+                    io::Error::other("the file changed while it was being added; try again"),
+                ));
+            }
             data.sync_all()
                 .map_err(|e| StoreError::io("syncing", &data_path, e))?;
             self.stage_files(&staged, &digest.outboard, true, digest.sha256)?;
@@ -646,6 +732,17 @@ impl Store {
                 return Err(e);
             }
         };
+        // Already here, perhaps partly (a download in progress): complete
+        // that blob from the staged bytes instead of replacing it.
+        if let Some(existing) = self.get(&digest.outboard.id()) {
+            let filled = fill_from(&existing, &data);
+            let _ = fs::remove_dir_all(&staged);
+            filled?;
+            if let Some(sha) = digest.sha256 {
+                let _ = existing.set_sha256(sha);
+            }
+            return Ok(existing);
+        }
         let count = digest.outboard.geometry().chunk_count();
         self.publish(
             &staged,
@@ -816,6 +913,79 @@ impl Store {
         }
         result
     }
+}
+
+/// Writes every chunk `blob` misses, read from `data` (a verified copy).
+fn fill_from(blob: &Blob, data: &File) -> Result<()> {
+    let mut buf = Vec::new();
+    for i in 0..blob.geometry().chunk_count() {
+        if blob.has_chunk(i) {
+            continue;
+        }
+        let r = blob.geometry().chunk_range(i);
+        buf.resize((r.end - r.start) as usize, 0);
+        data.read_exact_at(&mut buf, r.start)
+            .map_err(|e| StoreError::io("reading", "staged data", e))?;
+        blob.write_chunk(i, &buf)?;
+    }
+    Ok(())
+}
+
+/// Copies `size` bytes from `src` to `dst` in the kernel, asking it to start
+/// writing each block back to disk at once, so a later `fsync` is short.
+fn copy_with_writeback(src: &File, dst: &File, size: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    const BLOCK: u64 = 16 << 20;
+    let (s, d) = (src.as_raw_fd(), dst.as_raw_fd());
+    let mut done = 0u64;
+    let mut kernel_copy = true;
+    let mut buf = Vec::new();
+    while done < size {
+        let want = (size - done).min(BLOCK);
+        let n = if kernel_copy {
+            let mut off_in = done as libc::loff_t;
+            let mut off_out = done as libc::loff_t;
+            // SAFETY: both descriptors are open for the duration; the kernel
+            // reads and writes through them at the offsets given.
+            let rc =
+                unsafe { libc::copy_file_range(s, &mut off_in, d, &mut off_out, want as usize, 0) };
+            if rc < 0 {
+                let err = io::Error::last_os_error();
+                match err.raw_os_error() {
+                    // Not supported across these file systems: copy by hand.
+                    Some(libc::ENOSYS | libc::EXDEV | libc::EINVAL | libc::EOPNOTSUPP) => {
+                        kernel_copy = false;
+                        continue;
+                    }
+                    Some(libc::EINTR) => continue,
+                    _ => return Err(err),
+                }
+            }
+            rc as u64
+        } else {
+            buf.resize(want as usize, 0);
+            let n = src.read_at(&mut buf, done)?;
+            dst.write_all_at(&buf[..n], done)?;
+            n as u64
+        };
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the file shrank while it was being added",
+            ));
+        }
+        // SAFETY: a hint to the kernel about our own descriptor; no memory involved.
+        unsafe {
+            libc::sync_file_range(
+                d,
+                done as libc::off64_t,
+                n as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
+        done += n;
+    }
+    Ok(())
 }
 
 fn load_or_create_peer_id(root: &Path) -> Result<String> {
@@ -1016,6 +1186,36 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().contains("nebula-"))
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[test]
+    fn adding_a_partly_fetched_blob_completes_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path().join("s")).unwrap();
+        let bytes = sample(3 * MIB, 8);
+        let ob = Outboard::compute(&bytes);
+        let partial = store.begin(&ob).unwrap();
+        partial.write_chunk(0, &bytes[..MIB]).unwrap();
+        let added = add_bytes(&store, tmp.path(), &bytes);
+        assert!(added.is_complete() && partial.is_complete());
+        assert!(added.sha256().is_some());
+        let out = tmp.path().join("out");
+        store.export(&ob.id(), &out).unwrap();
+        assert_eq!(fs::read(&out).unwrap(), bytes);
+        assert!(
+            fs::read_dir(tmp.path().join("s/tmp"))
+                .unwrap()
+                .next()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn only_regular_files_are_added() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path().join("s")).unwrap();
+        assert!(store.add_file(tmp.path()).is_err());
+        assert!(store.list().is_empty());
     }
 
     #[test]

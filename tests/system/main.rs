@@ -1,3 +1,7 @@
 //! Whole-system tests: real clusters on loopback ports chosen at run time.
-mod support;
 mod control;
+mod daemon;
+mod download;
+mod hash;
+mod store;
+mod support;
