@@ -356,8 +356,11 @@ pub(crate) async fn fetch(
         // Start workers for waiting providers whose breaker allows it, up to K.
         let now = Instant::now();
         waiting.retain(|&ix| {
-            if running.len() >= max || running.contains_key(&ix) || banned.contains(&ix) {
-                return !banned.contains(&ix);
+            if banned.contains(&ix) || running.contains_key(&ix) {
+                return false;
+            }
+            if running.len() >= max {
+                return true;
             }
             let (failures, until) = breaker.get(&ix).copied().unwrap_or((0, now));
             if now < until {
@@ -405,12 +408,16 @@ pub(crate) async fn fetch(
                         let failures = breaker.get(&ix).map_or(0, |f| f.0) + 1;
                         let backoff = Duration::from_millis(500 * (1 << failures.min(6)));
                         breaker.insert(ix, (failures, Instant::now() + backoff.min(Duration::from_secs(30))));
-                        waiting.push(ix);
+                        if !waiting.contains(&ix) {
+                            waiting.push(ix);
+                        }
                     }
                     WorkerEnd::NothingToDo => {
                         // Nothing it holds is missing: try it again when it has more.
                         breaker.insert(ix, (0, Instant::now() + Duration::from_millis(500)));
-                        waiting.push(ix);
+                        if !waiting.contains(&ix) {
+                            waiting.push(ix);
+                        }
                     }
                 }
             }

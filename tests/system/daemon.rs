@@ -319,3 +319,32 @@ pub(crate) fn fetch_report(out: &std::process::Output) -> serde_json::Value {
     );
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// SIGTERM: the daemon deregisters, removes its socket and exits 0; the
+/// socket it served on was private to its user.
+#[test]
+fn sigterm_stops_the_daemon_cleanly() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut c = Cluster::start(2);
+    let mode = std::fs::metadata(&c.daemons[1].socket)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "socket mode {mode:o}");
+    let peers = |c: &Cluster| -> usize {
+        let mut cmd = nebula();
+        cmd.args(["admin", "peers", "--json", "--control", &c.control.url()]);
+        let out = run_bounded(cmd, Duration::from_secs(10));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v["peers"].as_array().map_or(0, Vec::len)
+    };
+    assert_eq!(peers(&c), 2);
+    let status = c.daemons[1]
+        .proc
+        .terminate()
+        .expect("daemon did not stop on SIGTERM");
+    assert!(status.success(), "exit status {status:?}");
+    assert!(!c.daemons[1].socket.exists(), "socket left behind");
+    assert_eq!(peers(&c), 1, "the stopped daemon is still registered");
+}
