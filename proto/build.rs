@@ -17,7 +17,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptors = protox::compile(files, ["."])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
     // Served by the reflection service, so grpcurl can list and call every RPC.
-    fs::write(out.join("nebula_descriptor.bin"), descriptors.encode_to_vec())?;
+    fs::write(
+        out.join("nebula_descriptor.bin"),
+        descriptors.encode_to_vec(),
+    )?;
     tonic_prost_build::configure()
         // Chunk payloads and bitmaps stay `bytes::Bytes`: slices of the receive
         // buffer, never copied into a fresh Vec.

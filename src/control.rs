@@ -1,17 +1,551 @@
-//! `nebula control` and `nebula admin …`.
+//! `nebula control` (run the control plane) and `nebula admin …` (operate it).
 
-/// Flags of `nebula control`.
+use std::{io::Write as _, str::FromStr, time::Duration};
+
+use anyhow::Context as _;
+use nebula_common::BlobRef;
+use nebula_control::{Config, ControlPlane, PeerId};
+use nebula_proto::v1::{
+    GetSwarmRequest, ListPeersRequest, PeerInfo, PeerRequest, PeerState, StatsRequest,
+    admin_client::AdminClient,
+};
+use serde_json::{Value, json};
+use tonic::{
+    Code, Request, Status,
+    metadata::AsciiMetadataValue,
+    service::interceptor::InterceptedService,
+    transport::{Channel, Endpoint},
+};
+
+use crate::{
+    flags::{parse_duration, parse_rate},
+    output::{bad_input, print_json, print_table},
+};
+
+/// Flags of `nebula control`. Every timing and limit flag defaults to the
+/// library's `Config::default()`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct ControlArgs {}
+pub(crate) struct ControlArgs {
+    /// Address to listen on; `127.0.0.1:0` picks a free port (printed on start).
+    #[arg(long, env = "NEBULA_LISTEN", default_value = "127.0.0.1:7700")]
+    listen: String,
+    /// Token every peer call must carry (`authorization: Bearer <token>`).
+    #[arg(long, env = "NEBULA_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// Token every admin call must carry; without it the admin API answers loopback only.
+    #[arg(long, env = "NEBULA_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// A peer's lease lapses this long after its last heartbeat [default: 6s].
+    #[arg(long, env = "NEBULA_LEASE_TTL", value_parser = parse_duration)]
+    lease_ttl: Option<Duration>,
+    /// How often peers are told to heartbeat [default: 2s].
+    #[arg(long, env = "NEBULA_HEARTBEAT_INTERVAL", value_parser = parse_duration)]
+    heartbeat_interval: Option<Duration>,
+    /// How often each peer is health-checked [default: 2s].
+    #[arg(long, env = "NEBULA_PROBE_INTERVAL", value_parser = parse_duration)]
+    probe_interval: Option<Duration>,
+    /// Deadline of one health check [default: 1s].
+    #[arg(long, env = "NEBULA_PROBE_TIMEOUT", value_parser = parse_duration)]
+    probe_timeout: Option<Duration>,
+    /// Consecutive failed checks that mark a peer unhealthy [default: 3].
+    #[arg(long, env = "NEBULA_UNHEALTHY_AFTER")]
+    unhealthy_after: Option<u32>,
+    /// Consecutive passed checks that bring it back [default: 2].
+    #[arg(long, env = "NEBULA_HEALTHY_AFTER")]
+    healthy_after: Option<u32>,
+    /// Health checks in flight at once [default: 64].
+    #[arg(long, env = "NEBULA_MAX_CONCURRENT_PROBES")]
+    max_concurrent_probes: Option<usize>,
+    /// Providers returned when a request does not say [default: 20].
+    #[arg(long, env = "NEBULA_DISCOVERY_LIMIT")]
+    discovery_limit: Option<u32>,
+    /// Most providers one request may get [default: 200].
+    #[arg(long, env = "NEBULA_MAX_DISCOVERY_LIMIT")]
+    max_discovery_limit: Option<u32>,
+    /// Distinct reporters that quarantine a provider [default: 2].
+    #[arg(long, env = "NEBULA_QUARANTINE_AFTER")]
+    quarantine_after: Option<u32>,
+    /// Server-side deadline of one call [default: 10s].
+    #[arg(long, env = "NEBULA_REQUEST_TIMEOUT", value_parser = parse_duration)]
+    request_timeout: Option<Duration>,
+    /// Largest message, e.g. 32MiB [default: 32MiB].
+    #[arg(long, env = "NEBULA_MAX_MESSAGE_SIZE", value_parser = parse_rate)]
+    max_message_size: Option<u64>,
+    /// Most blobs one announce may carry [default: 100000].
+    #[arg(long, env = "NEBULA_MAX_ANNOUNCE_BLOBS")]
+    max_announce_blobs: Option<usize>,
+    /// HTTP/2 streams per connection [default: 1024].
+    #[arg(long, env = "NEBULA_MAX_CONCURRENT_STREAMS")]
+    max_concurrent_streams: Option<u32>,
+    /// HTTP/2 and TCP keepalive interval [default: 30s].
+    #[arg(long, env = "NEBULA_KEEPALIVE_INTERVAL", value_parser = parse_duration)]
+    keepalive_interval: Option<Duration>,
+    /// An unanswered keepalive closes the connection after this long [default: 10s].
+    #[arg(long, env = "NEBULA_KEEPALIVE_TIMEOUT", value_parser = parse_duration)]
+    keepalive_timeout: Option<Duration>,
+}
+
+impl ControlArgs {
+    fn config(&self) -> anyhow::Result<Config> {
+        let d = Config::default();
+        let max_message_size = match self.max_message_size {
+            Some(n) => {
+                usize::try_from(n).map_err(|_| bad_input("--max-message-size is too large"))?
+            }
+            None => d.max_message_size,
+        };
+        let config = Config {
+            lease_ttl: self.lease_ttl.unwrap_or(d.lease_ttl),
+            heartbeat_interval: self.heartbeat_interval.unwrap_or(d.heartbeat_interval),
+            probe_interval: self.probe_interval.unwrap_or(d.probe_interval),
+            probe_timeout: self.probe_timeout.unwrap_or(d.probe_timeout),
+            unhealthy_after: self.unhealthy_after.unwrap_or(d.unhealthy_after),
+            healthy_after: self.healthy_after.unwrap_or(d.healthy_after),
+            max_concurrent_probes: self
+                .max_concurrent_probes
+                .unwrap_or(d.max_concurrent_probes),
+            default_discovery_limit: self.discovery_limit.unwrap_or(d.default_discovery_limit),
+            max_discovery_limit: self.max_discovery_limit.unwrap_or(d.max_discovery_limit),
+            quarantine_after: self.quarantine_after.unwrap_or(d.quarantine_after),
+            join_token: self.join_token.clone(),
+            admin_token: self.admin_token.clone(),
+            request_timeout: self.request_timeout.unwrap_or(d.request_timeout),
+            max_message_size,
+            max_announce_blobs: self.max_announce_blobs.unwrap_or(d.max_announce_blobs),
+            max_concurrent_streams: self
+                .max_concurrent_streams
+                .unwrap_or(d.max_concurrent_streams),
+            max_local_error_reset_streams: d.max_local_error_reset_streams,
+            keepalive_interval: self.keepalive_interval.unwrap_or(d.keepalive_interval),
+            keepalive_timeout: self.keepalive_timeout.unwrap_or(d.keepalive_timeout),
+        };
+        config.validate().map_err(|e| bad_input(e.to_string()))?;
+        Ok(config)
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot watch SIGTERM; only SIGINT stops the control plane");
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+pub(crate) async fn run_control(args: ControlArgs) -> anyhow::Result<()> {
+    let config = args.config()?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let control = ControlPlane::spawn(listener, config)
+        .await
+        .context("cannot start the control plane")?;
+    // Tests and scripts read the port from this line.
+    println!("listening on {}", control.local_addr());
+    let _ = std::io::stdout().flush();
+    tokio::select! {
+        () = shutdown_signal() => tracing::info!("signal received; shutting down"),
+        () = control.stopped() => {}
+    }
+    control.shutdown().await.context("control plane failed")
+}
 
 /// Flags of `nebula admin`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct AdminArgs {}
-
-pub(crate) async fn run_control(_args: ControlArgs) -> anyhow::Result<()> {
-    anyhow::bail!("not built yet")
+pub(crate) struct AdminArgs {
+    /// The control plane: `http://host:port` or `host:port`.
+    #[arg(
+        long,
+        global = true,
+        env = "NEBULA_CONTROL",
+        default_value = "http://127.0.0.1:7700"
+    )]
+    control: String,
+    /// The control plane's admin token.
+    #[arg(
+        long,
+        global = true,
+        env = "NEBULA_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    admin_token: Option<String>,
+    /// Print one JSON object instead of a table.
+    #[arg(long, global = true, env = "NEBULA_JSON")]
+    json: bool,
+    /// Deadline of the call.
+    #[arg(long, global = true, env = "NEBULA_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
+    timeout: Duration,
+    #[command(subcommand)]
+    command: AdminCommand,
 }
 
-pub(crate) async fn run_admin(_args: AdminArgs) -> anyhow::Result<()> {
-    anyhow::bail!("not built yet")
+#[derive(Debug, clap::Subcommand)]
+enum AdminCommand {
+    /// Every registered peer with its state, last heartbeat, load and blob count.
+    Peers,
+    /// The providers of one blob (by BLAKE3 id or sha256:<hex>), unfiltered.
+    Swarm {
+        /// `<hex>`, `blake3:<hex>` or `sha256:<hex>`.
+        id: String,
+    },
+    /// Take a peer out of discovery; it keeps its lease and open streams.
+    Drain {
+        /// The peer id.
+        peer: String,
+        /// Shown in the peer listing.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Take a peer out of discovery until unbanned.
+    Ban {
+        /// The peer id.
+        peer: String,
+        /// Shown in the peer listing.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Lift a ban, a quarantine or a drain.
+    Unban {
+        /// The peer id.
+        peer: String,
+    },
+    /// Cluster-wide figures.
+    Stats,
+}
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+struct Bearer(Option<AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+type Admin = AdminClient<InterceptedService<Channel, Bearer>>;
+
+/// `host:port` gets `http://` in front; anything with a scheme is kept.
+fn control_url(s: &str) -> String {
+    let s = s.trim();
+    if s.contains("://") {
+        s.to_owned()
+    } else {
+        format!("http://{s}")
+    }
+}
+
+fn parse_peer(s: &str) -> anyhow::Result<String> {
+    PeerId::from_str(s).map_err(|e| bad_input(format!("{e}")))?;
+    Ok(s.to_owned())
+}
+
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::InvalidArgument => "invalid argument",
+        Code::NotFound => "not found",
+        Code::Unauthenticated => "unauthenticated",
+        Code::PermissionDenied => "permission denied",
+        Code::Unavailable => "unavailable",
+        Code::DeadlineExceeded => "deadline exceeded",
+        Code::ResourceExhausted => "resource exhausted",
+        Code::Unimplemented => "unimplemented",
+        _ => "failed",
+    }
+}
+
+fn rpc_error(status: Status) -> anyhow::Error {
+    anyhow::anyhow!("{} ({})", status.message(), code_name(status.code()))
+}
+
+async fn connect(args: &AdminArgs) -> anyhow::Result<Admin> {
+    let url = control_url(&args.control);
+    let endpoint = Endpoint::from_shared(url.clone())
+        .map_err(|e| bad_input(format!("invalid --control {:?}: {e}", args.control)))?
+        .connect_timeout(Duration::from_secs(5).min(args.timeout))
+        .timeout(args.timeout);
+    let token = match &args.admin_token {
+        Some(t) => Some(
+            format!("Bearer {t}")
+                .parse::<AsciiMetadataValue>()
+                .map_err(|_| bad_input("--admin-token must be visible ASCII"))?,
+        ),
+        None => None,
+    };
+    let channel = endpoint
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the control plane at {url}"))?;
+    Ok(AdminClient::with_interceptor(channel, Bearer(token)))
+}
+
+fn state_name(info: &PeerInfo) -> &'static str {
+    match info.state() {
+        PeerState::Healthy => "HEALTHY",
+        PeerState::Unhealthy => "UNHEALTHY",
+        PeerState::Draining => "DRAINING",
+        PeerState::Banned => "BANNED",
+        PeerState::Quarantined => "QUARANTINED",
+        PeerState::Unspecified => "UNKNOWN",
+    }
+}
+
+fn peer_json(p: &PeerInfo) -> Value {
+    let load = p.load.unwrap_or_default();
+    json!({
+        "peer_id": p.peer_id,
+        "address": p.address,
+        "zone": p.zone,
+        "state": state_name(p),
+        "last_seen_ms_ago": p.last_seen_ms_ago,
+        "load": {
+            "active_uploads": load.active_uploads,
+            "upload_slots": load.upload_slots,
+            "upload_bytes_per_sec": load.upload_bytes_per_sec,
+        },
+        "blob_count": p.blob_count,
+        "reason": p.reason,
+        "reports": p.reports,
+        "labels": p.labels,
+    })
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+fn or_dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".to_owned()
+    } else {
+        s.to_owned()
+    }
+}
+
+fn peer_row(p: &PeerInfo) -> Vec<String> {
+    let load = p.load.unwrap_or_default();
+    vec![
+        p.peer_id.clone(),
+        p.address.clone(),
+        or_dash(&p.zone),
+        state_name(p).to_owned(),
+        format!("{:.1}s ago", p.last_seen_ms_ago as f64 / 1000.0),
+        format!("{}/{}", load.active_uploads, load.upload_slots),
+        format!("{}/s", human_bytes(load.upload_bytes_per_sec)),
+        p.blob_count.to_string(),
+        p.reports.to_string(),
+        or_dash(&p.reason),
+    ]
+}
+
+const PEER_HEADER: [&str; 10] = [
+    "PEER",
+    "ADDRESS",
+    "ZONE",
+    "STATE",
+    "LAST SEEN",
+    "UPLOADS",
+    "UPLOAD RATE",
+    "BLOBS",
+    "REPORTS",
+    "REASON",
+];
+
+pub(crate) async fn run_admin(args: AdminArgs) -> anyhow::Result<()> {
+    // Bad input is refused before any network call.
+    let blob = match &args.command {
+        AdminCommand::Swarm { id } => Some(
+            id.parse::<BlobRef>()
+                .map_err(|e| bad_input(e.to_string()))?,
+        ),
+        _ => None,
+    };
+    if let AdminCommand::Drain { peer, .. }
+    | AdminCommand::Ban { peer, .. }
+    | AdminCommand::Unban { peer } = &args.command
+    {
+        parse_peer(peer)?;
+    }
+    let mut admin = connect(&args).await?;
+    match &args.command {
+        AdminCommand::Peers => {
+            let peers = admin
+                .list_peers(ListPeersRequest {})
+                .await
+                .map_err(rpc_error)?
+                .into_inner()
+                .peers;
+            if args.json {
+                print_json(&json!({ "peers": peers.iter().map(peer_json).collect::<Vec<_>>() }));
+            } else if peers.is_empty() {
+                println!("no peers registered");
+            } else {
+                print_table(
+                    &PEER_HEADER,
+                    &peers.iter().map(peer_row).collect::<Vec<_>>(),
+                );
+            }
+        }
+        AdminCommand::Swarm { .. } => {
+            // Set above for this command.
+            let blob = blob.map(|b| b.to_string()).unwrap_or_default();
+            let swarm = admin
+                .get_swarm(GetSwarmRequest { blob })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            if args.json {
+                let members: Vec<Value> = swarm
+                    .members
+                    .iter()
+                    .map(|m| {
+                        json!({
+                            "peer": m.peer.as_ref().map(peer_json),
+                            "complete": m.complete,
+                            "chunks_held": m.chunks_held,
+                        })
+                    })
+                    .collect();
+                print_json(&json!({
+                    "id": swarm.id,
+                    "size": swarm.size,
+                    "sha256": (!swarm.sha256.is_empty()).then_some(&swarm.sha256),
+                    "members": members,
+                }));
+            } else {
+                println!("blob    {}", swarm.id);
+                println!("size    {} ({} bytes)", human_bytes(swarm.size), swarm.size);
+                println!("sha256  {}", or_dash(&swarm.sha256));
+                if swarm.members.is_empty() {
+                    println!("no providers");
+                } else {
+                    let rows: Vec<Vec<String>> = swarm
+                        .members
+                        .iter()
+                        .filter_map(|m| {
+                            let p = m.peer.as_ref()?;
+                            Some(vec![
+                                p.peer_id.clone(),
+                                p.address.clone(),
+                                state_name(p).to_owned(),
+                                if m.complete { "complete" } else { "partial" }.to_owned(),
+                                m.chunks_held.to_string(),
+                            ])
+                        })
+                        .collect();
+                    println!();
+                    print_table(&["PEER", "ADDRESS", "STATE", "HOLDS", "CHUNKS"], &rows);
+                }
+            }
+        }
+        AdminCommand::Drain { peer, reason } | AdminCommand::Ban { peer, reason } => {
+            let req = PeerRequest {
+                peer_id: peer.clone(),
+                reason: reason.clone(),
+            };
+            let info = if matches!(args.command, AdminCommand::Drain { .. }) {
+                admin.drain_peer(req).await
+            } else {
+                admin.ban_peer(req).await
+            };
+            print_peer_change(&info.map_err(rpc_error)?.into_inner(), args.json);
+        }
+        AdminCommand::Unban { peer } => {
+            let req = PeerRequest {
+                peer_id: peer.clone(),
+                reason: String::new(),
+            };
+            print_peer_change(
+                &admin.unban_peer(req).await.map_err(rpc_error)?.into_inner(),
+                args.json,
+            );
+        }
+        AdminCommand::Stats => {
+            let s = admin
+                .stats(StatsRequest {})
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            if args.json {
+                print_json(&json!({
+                    "peers": s.peers,
+                    "healthy_peers": s.healthy_peers,
+                    "blobs": s.blobs,
+                    "provider_entries": s.provider_entries,
+                    "find_providers_served": s.find_providers_served,
+                    "uptime_ms": s.uptime_ms,
+                }));
+            } else {
+                let rows = [
+                    ("peers", s.peers.to_string()),
+                    ("healthy peers", s.healthy_peers.to_string()),
+                    ("blobs", s.blobs.to_string()),
+                    ("provider entries", s.provider_entries.to_string()),
+                    ("find-providers served", s.find_providers_served.to_string()),
+                    ("uptime", format!("{:.1}s", s.uptime_ms as f64 / 1000.0)),
+                ];
+                let rows: Vec<Vec<String>> = rows
+                    .into_iter()
+                    .map(|(k, v)| vec![k.to_owned(), v])
+                    .collect();
+                print_table(&["FIGURE", "VALUE"], &rows);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_peer_change(info: &PeerInfo, json: bool) {
+    if json {
+        print_json(&peer_json(info));
+    } else {
+        print_table(&PEER_HEADER, &[peer_row(info)]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_urls() {
+        assert_eq!(control_url("127.0.0.1:7700"), "http://127.0.0.1:7700");
+        assert_eq!(control_url("http://h:1"), "http://h:1");
+        assert_eq!(control_url(" https://h:1 "), "https://h:1");
+    }
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(3 << 20), "3.0 MiB");
+    }
 }

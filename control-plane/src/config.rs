@@ -1,0 +1,318 @@
+//! [`Config`]: every limit and timer of the control plane, validated once.
+//!
+//! The listen address is not here: [`crate::serve`] takes an already-bound
+//! listener, so tests bind `127.0.0.1:0` and the CLI binds what the operator asked.
+
+use std::time::Duration;
+
+/// The largest `limit` a `FindProviders` call may ask for, whatever the config says.
+pub const HARD_MAX_DISCOVERY_LIMIT: u32 = 10_000;
+
+/// Everything the control plane needs besides its listener.
+///
+/// Build it with struct update syntax over [`Config::default`]; [`crate::serve`]
+/// and [`crate::ControlPlane::spawn`] call [`Config::validate`] before binding
+/// anything to it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Config {
+    /// A peer's lease lapses this long after its last heartbeat (or registration).
+    /// Must be longer than `heartbeat_interval`. Default 6 s.
+    pub lease_ttl: Duration,
+    /// How often peers are told to heartbeat. Default 2 s.
+    pub heartbeat_interval: Duration,
+    /// How often every registered peer is probed with `grpc.health.v1.Health/Check`.
+    /// Default 2 s.
+    pub probe_interval: Duration,
+    /// Connect and answer deadline of one probe. Default 1 s.
+    pub probe_timeout: Duration,
+    /// Consecutive failed probes that mark a peer unhealthy. Default 3.
+    pub unhealthy_after: u32,
+    /// Consecutive passed probes that bring an unhealthy peer back. Default 2.
+    pub healthy_after: u32,
+    /// Probes in flight at once. Default 64.
+    pub max_concurrent_probes: usize,
+    /// Providers returned when a request asks for 0. Default 20.
+    pub default_discovery_limit: u32,
+    /// Cap on the providers one request may ask for. Default 200.
+    pub max_discovery_limit: u32,
+    /// Distinct reporters that quarantine a provider. Default 2.
+    pub quarantine_after: u32,
+    /// Bearer token every `ControlPlane` call must carry; `None`: open.
+    pub join_token: Option<String>,
+    /// Bearer token every `Admin` call must carry; `None`: loopback callers only.
+    pub admin_token: Option<String>,
+    /// Deadline of one RPC on the server side. Default 10 s.
+    pub request_timeout: Duration,
+    /// Largest request or response message, in bytes. Default 32 MiB (an announce
+    /// of 100,000 blobs with their SHA-256 aliases is about 14 MiB).
+    pub max_message_size: usize,
+    /// Blobs (added plus removed) one announce may carry. Default 100,000.
+    pub max_announce_blobs: usize,
+    /// HTTP/2 streams one connection may open at once. Default 1,024.
+    pub max_concurrent_streams: u32,
+    /// Streams a connection may make the server reset before it is closed
+    /// (the "MadeYouReset" guard; tonic leaves it unlimited). Default 1,024.
+    pub max_local_error_reset_streams: usize,
+    /// HTTP/2 keepalive ping interval (and TCP keepalive). Default 30 s.
+    pub keepalive_interval: Duration,
+    /// An unanswered keepalive ping closes the connection after this long. Default 10 s.
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            lease_ttl: Duration::from_secs(6),
+            heartbeat_interval: Duration::from_secs(2),
+            probe_interval: Duration::from_secs(2),
+            probe_timeout: Duration::from_secs(1),
+            unhealthy_after: 3,
+            healthy_after: 2,
+            max_concurrent_probes: 64,
+            default_discovery_limit: 20,
+            max_discovery_limit: 200,
+            quarantine_after: 2,
+            join_token: None,
+            admin_token: None,
+            request_timeout: Duration::from_secs(10),
+            max_message_size: 32 << 20,
+            max_announce_blobs: 100_000,
+            max_concurrent_streams: 1024,
+            max_local_error_reset_streams: 1024,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+// Tokens stay out of logs and panics.
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redact = |t: &Option<String>| t.as_ref().map(|_| "<redacted>");
+        f.debug_struct("Config")
+            .field("lease_ttl", &self.lease_ttl)
+            .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("probe_interval", &self.probe_interval)
+            .field("probe_timeout", &self.probe_timeout)
+            .field("unhealthy_after", &self.unhealthy_after)
+            .field("healthy_after", &self.healthy_after)
+            .field("max_concurrent_probes", &self.max_concurrent_probes)
+            .field("default_discovery_limit", &self.default_discovery_limit)
+            .field("max_discovery_limit", &self.max_discovery_limit)
+            .field("quarantine_after", &self.quarantine_after)
+            .field("join_token", &redact(&self.join_token))
+            .field("admin_token", &redact(&self.admin_token))
+            .field("request_timeout", &self.request_timeout)
+            .field("max_message_size", &self.max_message_size)
+            .field("max_announce_blobs", &self.max_announce_blobs)
+            .field("max_concurrent_streams", &self.max_concurrent_streams)
+            .field(
+                "max_local_error_reset_streams",
+                &self.max_local_error_reset_streams,
+            )
+            .field("keepalive_interval", &self.keepalive_interval)
+            .field("keepalive_timeout", &self.keepalive_timeout)
+            .finish()
+    }
+}
+
+/// Why a [`Config`] cannot run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A duration that must be positive is zero.
+    #[error("{field} must be longer than zero")]
+    ZeroDuration {
+        /// The offending field.
+        field: &'static str,
+    },
+    /// A count that must be positive is zero.
+    #[error("{field} must be at least 1")]
+    ZeroCount {
+        /// The offending field.
+        field: &'static str,
+    },
+    /// Peers would lose their lease between two heartbeats.
+    #[error(
+        "lease TTL ({lease_ttl:?}) must be longer than the heartbeat interval ({heartbeat_interval:?})"
+    )]
+    LeaseShorterThanHeartbeat {
+        /// The configured lease TTL.
+        lease_ttl: Duration,
+        /// The configured heartbeat interval.
+        heartbeat_interval: Duration,
+    },
+    /// The default discovery limit exceeds the cap.
+    #[error("default discovery limit {default} exceeds the maximum {max}")]
+    DiscoveryLimits {
+        /// The default limit.
+        default: u32,
+        /// The cap.
+        max: u32,
+    },
+    /// The cap on discovery answers is beyond [`HARD_MAX_DISCOVERY_LIMIT`].
+    #[error("maximum discovery limit {max} exceeds {HARD_MAX_DISCOVERY_LIMIT}")]
+    DiscoveryCap {
+        /// The configured cap.
+        max: u32,
+    },
+    /// A token is empty or cannot travel in an HTTP header.
+    #[error("{field} must be non-empty visible ASCII without spaces")]
+    BadToken {
+        /// `join_token` or `admin_token`.
+        field: &'static str,
+    },
+    /// The message size cannot hold even a small request.
+    #[error("max message size {size} is below the minimum of {min} bytes")]
+    MessageTooSmall {
+        /// The configured size.
+        size: usize,
+        /// The smallest size accepted.
+        min: usize,
+    },
+}
+
+impl Config {
+    /// Checks every field; [`crate::serve`] refuses a config that fails this.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (field, d) in [
+            ("lease_ttl", self.lease_ttl),
+            ("heartbeat_interval", self.heartbeat_interval),
+            ("probe_interval", self.probe_interval),
+            ("probe_timeout", self.probe_timeout),
+            ("request_timeout", self.request_timeout),
+            ("keepalive_interval", self.keepalive_interval),
+            ("keepalive_timeout", self.keepalive_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::ZeroDuration { field });
+            }
+        }
+        for (field, n) in [
+            ("unhealthy_after", u64::from(self.unhealthy_after)),
+            ("healthy_after", u64::from(self.healthy_after)),
+            ("max_concurrent_probes", self.max_concurrent_probes as u64),
+            (
+                "default_discovery_limit",
+                u64::from(self.default_discovery_limit),
+            ),
+            ("max_discovery_limit", u64::from(self.max_discovery_limit)),
+            ("quarantine_after", u64::from(self.quarantine_after)),
+            ("max_announce_blobs", self.max_announce_blobs as u64),
+            (
+                "max_concurrent_streams",
+                u64::from(self.max_concurrent_streams),
+            ),
+            (
+                "max_local_error_reset_streams",
+                self.max_local_error_reset_streams as u64,
+            ),
+        ] {
+            if n == 0 {
+                return Err(ConfigError::ZeroCount { field });
+            }
+        }
+        if self.lease_ttl <= self.heartbeat_interval {
+            return Err(ConfigError::LeaseShorterThanHeartbeat {
+                lease_ttl: self.lease_ttl,
+                heartbeat_interval: self.heartbeat_interval,
+            });
+        }
+        if self.default_discovery_limit > self.max_discovery_limit {
+            return Err(ConfigError::DiscoveryLimits {
+                default: self.default_discovery_limit,
+                max: self.max_discovery_limit,
+            });
+        }
+        if self.max_discovery_limit > HARD_MAX_DISCOVERY_LIMIT {
+            return Err(ConfigError::DiscoveryCap {
+                max: self.max_discovery_limit,
+            });
+        }
+        for (field, token) in [
+            ("join_token", &self.join_token),
+            ("admin_token", &self.admin_token),
+        ] {
+            if let Some(t) = token
+                && (t.is_empty() || !t.bytes().all(|b| b.is_ascii_graphic()))
+            {
+                return Err(ConfigError::BadToken { field });
+            }
+        }
+        const MIN_MESSAGE: usize = 64 << 10;
+        if self.max_message_size < MIN_MESSAGE {
+            return Err(ConfigError::MessageTooSmall {
+                size: self.max_message_size,
+                min: MIN_MESSAGE,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_match_the_contract() {
+        let c = Config::default();
+        c.validate().unwrap();
+        assert_eq!(c.lease_ttl, Duration::from_secs(6));
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(2));
+        assert_eq!((c.unhealthy_after, c.healthy_after), (3, 2));
+        assert_eq!(
+            (c.default_discovery_limit, c.max_discovery_limit),
+            (20, 200)
+        );
+    }
+
+    #[test]
+    fn refuses_inconsistent_configs() {
+        let bad = |f: fn(&mut Config)| {
+            let mut c = Config::default();
+            f(&mut c);
+            c.validate().unwrap_err()
+        };
+        assert!(matches!(
+            bad(|c| c.lease_ttl = Duration::from_secs(1)),
+            ConfigError::LeaseShorterThanHeartbeat { .. }
+        ));
+        assert!(matches!(
+            bad(|c| c.probe_timeout = Duration::ZERO),
+            ConfigError::ZeroDuration {
+                field: "probe_timeout"
+            }
+        ));
+        assert!(matches!(
+            bad(|c| c.unhealthy_after = 0),
+            ConfigError::ZeroCount { .. }
+        ));
+        assert!(matches!(
+            bad(|c| c.default_discovery_limit = 500),
+            ConfigError::DiscoveryLimits { .. }
+        ));
+        assert!(matches!(
+            bad(|c| c.join_token = Some(String::new())),
+            ConfigError::BadToken { .. }
+        ));
+        assert!(matches!(
+            bad(|c| c.admin_token = Some("two words".into())),
+            ConfigError::BadToken {
+                field: "admin_token"
+            }
+        ));
+        assert!(matches!(
+            bad(|c| c.max_message_size = 10),
+            ConfigError::MessageTooSmall { .. }
+        ));
+    }
+
+    #[test]
+    fn debug_redacts_tokens() {
+        let c = Config {
+            join_token: Some("s3cret".into()),
+            ..Config::default()
+        };
+        assert!(!format!("{c:?}").contains("s3cret"));
+    }
+}

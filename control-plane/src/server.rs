@@ -1,0 +1,408 @@
+//! Serving: [`ControlPlane::spawn`] starts the gRPC server, the lease sweeper
+//! and the health prober under one [`CancellationToken`]; [`serve`] runs one
+//! until a shutdown future resolves.
+
+use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
+
+use nebula_proto::v1::{admin_server::AdminServer, control_plane_server::ControlPlaneServer};
+use tokio::{net::TcpListener, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+use tonic::{
+    service::interceptor::InterceptedService,
+    transport::{Server, server::TcpIncoming},
+};
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+use crate::{
+    admin::AdminService,
+    auth::{AdminAuth, JoinAuth},
+    config::{Config, ConfigError},
+    health::{GrpcHealthCheck, Prober},
+    registry::Registry,
+    service::ControlPlaneService,
+    store::{MemoryStore, StateStore},
+};
+
+/// Why the control plane could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The configuration is inconsistent.
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
+    /// The listener's address cannot be read.
+    #[error("listener: {0}")]
+    Listener(#[source] io::Error),
+    /// The reflection service could not be built from the descriptors.
+    #[error("reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// A background task panicked.
+    #[error("control-plane task panicked: {0}")]
+    Panicked(String),
+}
+
+/// The gRPC service names this server reports in `grpc.health.v1`.
+const SERVICES: [&str; 2] = ["nebula.v1.ControlPlane", "nebula.v1.Admin"];
+
+/// A running control plane. Dropping it aborts every task at once; call
+/// [`ControlPlane::shutdown`] to stop in order.
+#[must_use = "dropping the handle aborts the control plane; call shutdown()"]
+#[derive(Debug)]
+pub struct ControlPlane<S = MemoryStore> {
+    local_addr: SocketAddr,
+    registry: Arc<Registry<S>>,
+    health: HealthReporter,
+    cancel: CancellationToken,
+    tasks: JoinSet<Result<(), ServeError>>,
+    grace: Duration,
+}
+
+impl ControlPlane<MemoryStore> {
+    /// Starts a control plane with the in-memory store on an already-bound
+    /// listener. Must be called inside a Tokio runtime.
+    pub async fn spawn(listener: TcpListener, config: Config) -> Result<Self, ServeError> {
+        Self::spawn_with_store(listener, config, MemoryStore::new()).await
+    }
+}
+
+impl<S: StateStore> ControlPlane<S> {
+    /// Starts a control plane over `store` on an already-bound listener.
+    pub async fn spawn_with_store(
+        listener: TcpListener,
+        config: Config,
+        store: S,
+    ) -> Result<Self, ServeError> {
+        config.validate()?;
+        let local_addr = listener.local_addr().map_err(ServeError::Listener)?;
+        let registry = Arc::new(Registry::new(store, &config));
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        for name in SERVICES {
+            health
+                .set_service_status(name, ServingStatus::Serving)
+                .await;
+        }
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(nebula_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // The descriptor set also holds the peers' services; list only ours.
+            .with_service_name("grpc.health.v1.Health")
+            .with_service_name("grpc.reflection.v1.ServerReflection");
+        let reflection = SERVICES
+            .into_iter()
+            .fold(reflection, |b, name| b.with_service_name(name))
+            .build_v1()?;
+        let max = config.max_message_size;
+        let control = InterceptedService::new(
+            ControlPlaneServer::new(ControlPlaneService::new(registry.clone()))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+            JoinAuth::new(config.join_token.as_deref()),
+        );
+        let admin = InterceptedService::new(
+            AdminServer::new(AdminService::new(registry.clone()))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+            AdminAuth::new(config.admin_token.as_deref()),
+        );
+        let router = Server::builder()
+            .timeout(config.request_timeout)
+            .max_concurrent_streams(config.max_concurrent_streams)
+            .http2_max_local_error_reset_streams(Some(config.max_local_error_reset_streams))
+            .http2_keepalive_interval(Some(config.keepalive_interval))
+            .http2_keepalive_timeout(Some(config.keepalive_timeout))
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(control)
+            .add_service(admin);
+
+        let cancel = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        let stop = cancel.clone();
+        // The builder's `tcp_nodelay`/`tcp_keepalive` apply only to listeners
+        // tonic binds itself; accepted sockets of a given listener get them
+        // here. Without NODELAY, Nagle and delayed ACKs hold small answers
+        // back for milliseconds.
+        let incoming = TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(config.keepalive_interval));
+        tasks.spawn(async move {
+            // However the server ends, the sweeper and prober end with it.
+            let _stop_siblings = stop.clone().drop_guard();
+            router
+                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                .await?;
+            Ok(())
+        });
+        tasks.spawn(sweep(
+            registry.clone(),
+            config.lease_ttl / 4,
+            cancel.clone(),
+        ));
+        let prober = Prober::new(
+            registry.clone(),
+            GrpcHealthCheck::new(config.probe_timeout),
+            &config,
+        );
+        let stop = cancel.clone();
+        tasks.spawn(async move {
+            prober.run(stop).await;
+            Ok(())
+        });
+        tracing::info!(%local_addr, ?config, "control plane serving");
+        Ok(Self {
+            local_addr,
+            registry,
+            health,
+            cancel,
+            tasks,
+            grace: config.request_timeout + Duration::from_secs(1),
+        })
+    }
+
+    /// The address it listens on (the port chosen when bound to port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The registry, for in-process callers (tests, the demo, stats).
+    pub fn registry(&self) -> &Arc<Registry<S>> {
+        &self.registry
+    }
+
+    /// Resolves when the control plane stopped by itself (its server failed)
+    /// or was told to stop.
+    pub async fn stopped(&self) {
+        self.cancel.cancelled().await;
+    }
+
+    /// Stops in order: reports NOT_SERVING, stops accepting, lets calls in
+    /// flight finish (at most the request timeout), then stops the sweeper
+    /// and prober. Returns the server's error, if it failed.
+    pub async fn shutdown(mut self) -> Result<(), ServeError> {
+        for name in SERVICES.into_iter().chain([""]) {
+            self.health
+                .set_service_status(name, ServingStatus::NotServing)
+                .await;
+        }
+        self.cancel.cancel();
+        let mut result = Ok(());
+        let joined = tokio::time::timeout(self.grace, async {
+            while let Some(joined) = self.tasks.join_next().await {
+                let outcome = joined.unwrap_or_else(|e| Err(ServeError::Panicked(e.to_string())));
+                if let Err(err) = outcome
+                    && result.is_ok()
+                {
+                    result = Err(err);
+                }
+            }
+        })
+        .await;
+        if joined.is_err() {
+            tracing::warn!("calls still in flight after the grace period; aborting them");
+            self.tasks.shutdown().await;
+        }
+        tracing::info!(local_addr = %self.local_addr, "control plane stopped");
+        result
+    }
+}
+
+/// Removes lapsed peers and their announcements. Answers never depend on it
+/// (a lapsed lease is filtered out at once); it reclaims the memory.
+async fn sweep<S: StateStore>(
+    registry: Arc<Registry<S>>,
+    every: Duration,
+    cancel: CancellationToken,
+) -> Result<(), ServeError> {
+    let every = every.max(Duration::from_millis(50));
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return Ok(()),
+            _ = ticker.tick() => {}
+        }
+        if let Err(err) = registry.expire().await {
+            tracing::warn!(error = %err, "lease sweep failed");
+        }
+    }
+}
+
+/// Runs a control plane with the in-memory store on `listener` until
+/// `shutdown` resolves (or the server fails), then stops it in order.
+pub async fn serve(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let control = ControlPlane::spawn(listener, config).await?;
+    tokio::select! {
+        () = shutdown => tracing::info!("shutdown requested"),
+        () = control.stopped() => {}
+    }
+    control.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use nebula_proto::v1::{
+        FindProvidersRequest, ListPeersRequest, RegisterRequest, admin_client::AdminClient,
+        control_plane_client::ControlPlaneClient,
+    };
+    use tonic::{Code, Request, transport::Channel};
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    use super::*;
+
+    async fn start(config: Config) -> (ControlPlane, Channel) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let cp = ControlPlane::spawn(listener, config).await.unwrap();
+        let channel = Channel::from_shared(format!("http://{}", cp.local_addr()))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        (cp, channel)
+    }
+
+    #[tokio::test]
+    async fn serves_health_auth_and_shuts_down() {
+        let config = Config {
+            join_token: Some("join".into()),
+            admin_token: Some("adm".into()),
+            ..Config::default()
+        };
+        let (cp, channel) = start(config).await;
+        let mut health = HealthClient::new(channel.clone());
+        for service in ["", "nebula.v1.ControlPlane", "nebula.v1.Admin"] {
+            let resp = health
+                .check(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .unwrap();
+            assert_eq!(
+                resp.get_ref().status(),
+                tonic_health::pb::health_check_response::ServingStatus::Serving
+            );
+        }
+        let mut client = ControlPlaneClient::new(channel.clone());
+        let reg = || RegisterRequest {
+            peer_id: "p".into(),
+            address: "127.0.0.1:9".into(),
+            ..Default::default()
+        };
+        let err = client.register(reg()).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+        assert!(err.message().contains("join token"), "{}", err.message());
+        let mut req = Request::new(reg());
+        req.metadata_mut()
+            .insert("authorization", "Bearer join".parse().unwrap());
+        client.register(req).await.unwrap();
+        let mut find = Request::new(FindProvidersRequest {
+            blob: "0".repeat(64),
+            ..Default::default()
+        });
+        find.metadata_mut()
+            .insert("authorization", "Bearer join".parse().unwrap());
+        client.find_providers(find).await.unwrap();
+
+        let mut admin = AdminClient::new(channel);
+        let mut wrong = Request::new(ListPeersRequest {});
+        wrong
+            .metadata_mut()
+            .insert("authorization", "Bearer join".parse().unwrap());
+        assert_eq!(
+            admin.list_peers(wrong).await.unwrap_err().code(),
+            Code::Unauthenticated
+        );
+        let mut right = Request::new(ListPeersRequest {});
+        right
+            .metadata_mut()
+            .insert("authorization", "Bearer adm".parse().unwrap());
+        assert_eq!(
+            admin
+                .list_peers(right)
+                .await
+                .unwrap()
+                .into_inner()
+                .peers
+                .len(),
+            1
+        );
+
+        let addr = cp.local_addr();
+        cp.shutdown().await.unwrap();
+        assert!(
+            tokio::net::TcpStream::connect(addr).await.is_err(),
+            "listener closed"
+        );
+    }
+
+    #[tokio::test]
+    async fn reflection_lists_every_service() {
+        use tonic_reflection::pb::v1::{
+            ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        };
+        let (cp, channel) = start(Config::default()).await;
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut answers = ServerReflectionClient::new(channel)
+            .server_reflection_info(futures::stream::iter([request]))
+            .await
+            .unwrap()
+            .into_inner();
+        let answer = answers.message().await.unwrap().unwrap();
+        let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+            panic!("unexpected answer {answer:?}");
+        };
+        let mut names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+        names.sort();
+        for want in [
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "nebula.v1.Admin",
+            "nebula.v1.ControlPlane",
+        ] {
+            assert!(
+                names.iter().any(|n| n == want),
+                "{want} missing from {names:?}"
+            );
+        }
+        assert_eq!(names.len(), 4, "only the services served here: {names:?}");
+        cp.shutdown().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn refuses_a_bad_config() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let config = Config {
+            unhealthy_after: 0,
+            ..Config::default()
+        };
+        assert!(matches!(
+            ControlPlane::spawn(listener, config).await,
+            Err(ServeError::Config(ConfigError::ZeroCount { .. }))
+        ));
+    }
+
+    #[tokio::test]
+    async fn serve_returns_when_shutdown_resolves() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(serve(listener, Config::default(), async {
+            let _ = rx.await;
+        }));
+        tx.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+}

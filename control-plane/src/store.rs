@@ -1,0 +1,409 @@
+//! The control plane's state behind [`StateStore`], and the records it holds.
+//!
+//! The trait is shaped for a key-value engine with expiring keys (Redis, as
+//! Kraken's tracker uses): a peer is one key whose TTL is its lease, renewed by
+//! [`StateStore::renew`]; a blob's providers and a peer's inventory are sets;
+//! the `sha256` aliases are plain keys. Every method is async so a networked
+//! backend can await its round trips. [`MemoryStore`] is the embedded default.
+
+use std::{collections::BTreeMap, fmt, future::Future, str::FromStr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use nebula_common::{BlobId, Sha256Digest};
+use tokio::time::Instant;
+
+mod memory;
+
+pub use memory::MemoryStore;
+
+/// Longest peer id accepted.
+pub const MAX_PEER_ID_LEN: usize = 128;
+
+/// A peer's stable id, as it registered (the daemon keeps it in its store).
+///
+/// 1 to [`MAX_PEER_ID_LEN`] characters from `A-Z a-z 0-9 . _ : -`. Cloning is cheap.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerId(Arc<str>);
+
+/// Why a string is not a [`PeerId`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerIdError {
+    /// The id is empty.
+    #[error("peer id is empty")]
+    Empty,
+    /// The id is longer than [`MAX_PEER_ID_LEN`].
+    #[error("peer id is {len} bytes long (at most {MAX_PEER_ID_LEN})")]
+    TooLong {
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// The id holds a character outside the allowed set.
+    #[error("peer id {input:?} holds {ch:?} (allowed: letters, digits, '.', '_', ':', '-')")]
+    BadChar {
+        /// What was given.
+        input: String,
+        /// The first offending character.
+        ch: char,
+    },
+}
+
+impl PeerId {
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for PeerId {
+    type Err = PeerIdError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.is_empty() {
+            return Err(PeerIdError::Empty);
+        }
+        if s.len() > MAX_PEER_ID_LEN {
+            return Err(PeerIdError::TooLong { len: s.len() });
+        }
+        if let Some(ch) = s
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')))
+        {
+            return Err(PeerIdError::BadChar {
+                input: s.to_owned(),
+                ch,
+            });
+        }
+        Ok(Self(s.into()))
+    }
+}
+
+impl fmt::Display for PeerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for PeerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PeerId({})", self.0)
+    }
+}
+
+/// Load figures a peer reports with every heartbeat.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Load {
+    /// Chunk uploads in progress.
+    pub active_uploads: u32,
+    /// Payload bytes per second uploaded over the last heartbeat interval.
+    pub upload_bytes_per_sec: u64,
+    /// Upload slots the peer offers in total (0: not reported).
+    pub upload_slots: u32,
+}
+
+impl Load {
+    /// Busy upload slots in tenths, 0 (idle) to 10 (every slot busy or more).
+    ///
+    /// Discovery ranks by this bucket rather than the exact ratio, so peers of
+    /// nearly equal load fall through to the zone rule and then to chance.
+    /// A peer that reports no slots counts as idle when it uploads nothing and
+    /// as full otherwise.
+    pub fn bucket(&self) -> u32 {
+        let slots = u64::from(self.upload_slots.max(1));
+        (u64::from(self.active_uploads) * 10 / slots).min(10) as u32
+    }
+}
+
+/// The outcome of active health probes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// Answering probes (a newly registered peer starts here: it just spoke to us).
+    Healthy,
+    /// Failed enough consecutive probes; out of discovery until it passes again.
+    Unhealthy,
+}
+
+/// What operators or reports decided about a peer. It outlives the peer's
+/// lease: a banned peer that registers again is still banned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Standing {
+    /// In discovery when healthy.
+    #[default]
+    Active,
+    /// Out of discovery; it keeps its lease and its open streams.
+    Draining,
+    /// Out of discovery until unbanned.
+    Banned,
+    /// Reported by distinct peers; out of discovery until unbanned.
+    Quarantined,
+}
+
+/// A peer joining (or re-joining) the swarm.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerRegistration {
+    /// Its stable id.
+    pub id: PeerId,
+    /// `host:port` other peers dial and the health prober checks.
+    pub address: String,
+    /// Locality label.
+    pub zone: String,
+    /// Free-form labels shown to operators.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// What [`StateStore::register`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registered {
+    /// The peer was not known (first start, lapsed lease or restarted control plane).
+    New,
+    /// The peer was known and alive: its record was refreshed.
+    Renewed,
+}
+
+/// A registered peer as the store sees it at one instant.
+#[derive(Debug, Clone)]
+pub struct PeerSnapshot {
+    /// Its stable id.
+    pub id: PeerId,
+    /// `host:port` to dial.
+    pub address: Arc<str>,
+    /// Locality label.
+    pub zone: Arc<str>,
+    /// Free-form labels.
+    pub labels: Arc<BTreeMap<String, String>>,
+    /// Outcome of active probes.
+    pub health: Health,
+    /// Operators' and reporters' verdict.
+    pub standing: Standing,
+    /// Why it is banned, draining or quarantined (empty otherwise).
+    pub reason: Arc<str>,
+    /// Distinct peers that reported it.
+    pub reports: u32,
+    /// Its last reported load.
+    pub load: Load,
+    /// When it last registered or heartbeated.
+    pub last_seen: Instant,
+    /// Blobs it announced, complete or partial.
+    pub blob_count: u64,
+}
+
+impl PeerSnapshot {
+    /// Whether discovery may hand this peer out (the asker rule aside).
+    pub fn discoverable(&self) -> bool {
+        self.health == Health::Healthy && self.standing == Standing::Active
+    }
+}
+
+/// One blob a peer holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobAnnouncement {
+    /// Its BLAKE3 id.
+    pub id: BlobId,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its SHA-256, when the peer knows it: `sha256:<hex>` then finds it.
+    pub sha256: Option<Sha256Digest>,
+    /// `None` when complete; otherwise the bitmap of verified chunks
+    /// (already checked against the blob's geometry, not all set).
+    pub chunks: Option<Bytes>,
+}
+
+/// Changes to a peer's inventory.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Announcement {
+    /// Blobs added or updated.
+    pub blobs: Vec<BlobAnnouncement>,
+    /// Blobs the peer no longer holds.
+    pub removed: Vec<BlobId>,
+    /// `blobs` is the whole inventory: forget anything else.
+    pub full_inventory: bool,
+}
+
+/// What the store knows about a blob itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlobMeta {
+    /// Its BLAKE3 id.
+    pub id: BlobId,
+    /// Its size as first announced.
+    pub size: u64,
+    /// Its SHA-256 alias, when announced.
+    pub sha256: Option<Sha256Digest>,
+}
+
+/// One live provider of a blob, unfiltered.
+#[derive(Debug, Clone)]
+pub struct Holding {
+    /// The provider.
+    pub peer: PeerSnapshot,
+    /// `None` when complete; the verified-chunk bitmap otherwise.
+    pub chunks: Option<Bytes>,
+}
+
+/// A blob and every provider whose lease is alive, in no particular order.
+#[derive(Debug, Clone)]
+pub struct Swarm {
+    /// The blob.
+    pub meta: BlobMeta,
+    /// Its providers.
+    pub holders: Vec<Holding>,
+}
+
+/// What a report did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReportOutcome {
+    /// Distinct reporters so far.
+    pub reports: u32,
+    /// The provider is now quarantined.
+    pub quarantined: bool,
+}
+
+/// Cluster-wide figures.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Peers holding a live lease.
+    pub peers: u64,
+    /// Of which healthy.
+    pub healthy_peers: u64,
+    /// Blobs with at least one provider.
+    pub blobs: u64,
+    /// (blob, provider) pairs.
+    pub provider_entries: u64,
+}
+
+/// A failure of the storage engine itself (the embedded store never fails).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backend cannot be reached or answered with an error.
+    #[error("state store unavailable: {0}")]
+    Unavailable(String),
+    /// The store cannot take more peers.
+    #[error("state store is full: {0}")]
+    Full(&'static str),
+}
+
+/// The control plane's state. Leases are TTLs: a peer whose lease lapsed is
+/// absent from every answer even before [`StateStore::expire`] sweeps it.
+///
+/// Peers are addressed by [`PeerId`]; `None`/`false` answers mean "no such
+/// live peer", which callers turn into `NOT_FOUND` or `unknown_peer`.
+pub trait StateStore: Send + Sync + 'static {
+    /// Creates or refreshes a peer and starts its lease. Its standing (ban,
+    /// drain, quarantine) is kept from before; its health restarts as healthy
+    /// when it was not alive or its address changed.
+    fn register(
+        &self,
+        peer: PeerRegistration,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Registered, StoreError>> + Send;
+
+    /// Renews a live peer's lease and records its load; `false` if unknown or lapsed.
+    fn renew(
+        &self,
+        peer: &PeerId,
+        load: Load,
+        lease: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Forgets a peer and everything it announced; `false` if it was not known.
+    fn deregister(&self, peer: &PeerId) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Applies inventory changes; `false` if the peer is unknown or lapsed.
+    fn announce(
+        &self,
+        peer: &PeerId,
+        announcement: Announcement,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// The blob and its live providers; `None` when no live peer holds it.
+    fn swarm(
+        &self,
+        blob: &BlobId,
+    ) -> impl Future<Output = Result<Option<Swarm>, StoreError>> + Send;
+
+    /// The BLAKE3 id a SHA-256 digest was announced for.
+    fn resolve_sha256(
+        &self,
+        digest: &Sha256Digest,
+    ) -> impl Future<Output = Result<Option<BlobId>, StoreError>> + Send;
+
+    /// One live peer.
+    fn peer(
+        &self,
+        peer: &PeerId,
+    ) -> impl Future<Output = Result<Option<PeerSnapshot>, StoreError>> + Send;
+
+    /// Every live peer, in no particular order.
+    fn peers(&self) -> impl Future<Output = Result<Vec<PeerSnapshot>, StoreError>> + Send;
+
+    /// Records the outcome of health probes; `false` if the peer is not live.
+    fn set_health(
+        &self,
+        peer: &PeerId,
+        health: Health,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Sets a live peer's standing; [`Standing::Active`] also clears its reports.
+    fn set_standing(
+        &self,
+        peer: &PeerId,
+        standing: Standing,
+        reason: &str,
+    ) -> impl Future<Output = Result<Option<PeerSnapshot>, StoreError>> + Send;
+
+    /// Records that `reporter` caught `provider` serving bad data; once
+    /// `quarantine_after` distinct reporters did, an active or draining provider
+    /// becomes quarantined. `None` if the provider is not live.
+    fn report(
+        &self,
+        provider: &PeerId,
+        reporter: &PeerId,
+        reason: &str,
+        quarantine_after: u32,
+    ) -> impl Future<Output = Result<Option<ReportOutcome>, StoreError>> + Send;
+
+    /// Removes peers whose lease lapsed, with their announcements, and returns
+    /// their ids. A backend whose keys expire by themselves may do nothing here.
+    fn expire(&self) -> impl Future<Output = Result<Vec<PeerId>, StoreError>> + Send;
+
+    /// Cluster-wide figures.
+    fn stats(&self) -> impl Future<Output = Result<StoreStats, StoreError>> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_ids_are_validated() {
+        assert_eq!(
+            "abc-1.z_:9".parse::<PeerId>().unwrap().as_str(),
+            "abc-1.z_:9"
+        );
+        assert_eq!("".parse::<PeerId>(), Err(PeerIdError::Empty));
+        assert!(matches!(
+            "a b".parse::<PeerId>(),
+            Err(PeerIdError::BadChar { ch: ' ', .. })
+        ));
+        assert!(matches!(
+            "é".parse::<PeerId>(),
+            Err(PeerIdError::BadChar { .. })
+        ));
+        assert!(matches!(
+            "x".repeat(MAX_PEER_ID_LEN + 1).parse::<PeerId>(),
+            Err(PeerIdError::TooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn load_buckets() {
+        let load = |active_uploads, upload_slots| Load {
+            active_uploads,
+            upload_slots,
+            upload_bytes_per_sec: 0,
+        };
+        assert_eq!(load(0, 0).bucket(), 0);
+        assert_eq!(load(3, 0).bucket(), 10);
+        assert_eq!(load(1, 10).bucket(), 1);
+        assert_eq!(load(5, 10).bucket(), 5);
+        assert_eq!(load(99, 10).bucket(), 10);
+    }
+}
