@@ -439,9 +439,13 @@ pub(crate) async fn fetch(
                     done: false,
                     sources: sources(&dl),
                 });
-                let short = running.len() < max.min(2) || lock(&dl.sched).unavailable() > 0;
+                // Early on and when short of providers, ask often: peers that
+                // started together find each other within a few hundred ms.
+                let short = running.len() < max.min(2)
+                    || lock(&dl.sched).unavailable() > 0
+                    || now.duration_since(started) < Duration::from_secs(2);
                 let every = shared.config.rediscover_interval;
-                let due = now.duration_since(last_discovery) >= if short { every / 2 } else { every };
+                let due = now.duration_since(last_discovery) >= if short { every / 4 } else { every };
                 if due && shared.control.is_some() {
                     last_discovery = now;
                     if let Ok(r) = discover(&shared, &BlobRef::Blake3(id)).await {
@@ -762,6 +766,15 @@ impl Worker {
                                 self.give_back(rid);
                                 let wait = Duration::from_millis(b.retry_after_ms.clamp(10, 5_000));
                                 paused_until = Some(Instant::now() + wait);
+                                dl.wake.notify_waiters();
+                            }
+                            Resp::Error(e) if e.code == pb::error::Code::TryElsewhere as i32 => {
+                                // Not a failure: the provider's next answer
+                                // (a have-update or discovery) restores the chunk.
+                                if let Some(f) = self.inflight.get(&rid) {
+                                    lock(&dl.sched).forget_chunk(self.p, f.chunk);
+                                }
+                                self.give_back(rid);
                                 dl.wake.notify_waiters();
                             }
                             Resp::Error(e) => {

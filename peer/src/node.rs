@@ -89,6 +89,12 @@ pub(crate) struct Shared {
     /// The inventory changed (add, remove, completion).
     pub(crate) inventory_changed: Notify,
     pub(crate) registered: AtomicBool,
+    /// When each chunk was last sent, and on which stream: a rate-limited
+    /// peer does not spend its upload on a second copy while the first is
+    /// fresh (the receiver will pass it on).
+    pub(crate) recent_sends: dashmap::DashMap<(BlobId, u32), (Instant, u64)>,
+    /// Numbers serving streams, for `recent_sends`.
+    pub(crate) next_stream: AtomicU64,
     pub(crate) pool: Pool,
     pub(crate) started: Instant,
     pub(crate) shutdown: CancellationToken,
@@ -160,6 +166,8 @@ impl Node {
             chunk_events: broadcast::channel(1024).0,
             inventory_changed: Notify::new(),
             registered: AtomicBool::new(false),
+            recent_sends: dashmap::DashMap::new(),
+            next_stream: AtomicU64::new(1),
             pool: Pool::default(),
             started: Instant::now(),
             shutdown: CancellationToken::new(),

@@ -96,6 +96,7 @@ impl PeerExchange for ExchangeService {
         // Bounded by the upload slots: chunk work is admitted only with a slot.
         let (work_tx, work_rx) = mpsc::unbounded_channel::<(Work, Option<Slot>)>();
         let cancelled = Arc::new(Mutex::new(HashSet::new()));
+        let stream = self.shared.next_stream.fetch_add(1, Ordering::Relaxed);
         let watched = Arc::new(Mutex::new(HashSet::new()));
         tokio::spawn(
             read_requests(
@@ -110,6 +111,7 @@ impl PeerExchange for ExchangeService {
         tokio::spawn(
             serve_work(
                 Arc::clone(&self.shared),
+                stream,
                 work_rx,
                 out_tx,
                 cancelled,
@@ -213,6 +215,7 @@ async fn read_requests(
 
 async fn serve_work(
     shared: Arc<Shared>,
+    stream: u64,
     mut work: mpsc::UnboundedReceiver<(Work, Option<Slot>)>,
     out: mpsc::Sender<Result<ExchangeResponse, Status>>,
     cancelled: Arc<Mutex<HashSet<u64>>>,
@@ -245,7 +248,7 @@ async fn serve_work(
                         if cancelled.lock().unwrap_or_else(|e| e.into_inner()).remove(&id) {
                             true
                         } else {
-                            serve_chunk(&shared, id, blob, chunk, &send).await
+                            serve_chunk(&shared, stream, id, blob, chunk, &send).await
                         }
                     }
                 };
@@ -307,8 +310,35 @@ fn outboard(shared: &Shared, id: u64, blob: BlobId) -> ExchangeResponse {
     )
 }
 
+/// Whether a rate-limited peer should decline to send `chunk` again: it went
+/// to another stream lately, so that receiver can pass it on while this
+/// upload carries chunks nobody else has yet (BitTorrent's super-seeding,
+/// bounded in time). "Lately" is half the time this peer needs to send the
+/// whole blob once, at least four chunk-times and at most ten seconds, so a
+/// chunk whose first receiver vanished is sent again soon enough.
+fn sent_elsewhere_lately(shared: &Shared, stream: u64, blob: BlobId, chunk: u32, len: u64) -> bool {
+    let Some(rate) = shared.config.upload_limit.filter(|&r| r > 0) else {
+        return false;
+    };
+    let size = shared.store.get(&blob).map_or(len, |b| b.outboard().size());
+    let chunk_time = len as f64 / rate as f64;
+    let whole_time = size as f64 / rate as f64;
+    let window = Duration::from_secs_f64((4.0 * chunk_time).max(whole_time / 2.0).min(10.0));
+    let now = tokio::time::Instant::now();
+    if shared.recent_sends.len() > 65_536 {
+        shared
+            .recent_sends
+            .retain(|_, (at, _)| now.duration_since(*at) < Duration::from_secs(2));
+    }
+    match shared.recent_sends.get(&(blob, chunk)) {
+        Some(entry) => entry.1 != stream && now.duration_since(entry.0) < window,
+        None => false,
+    }
+}
+
 async fn serve_chunk<F, Fut>(
     shared: &Arc<Shared>,
+    stream: u64,
     id: u64,
     blob: BlobId,
     chunk: u32,
@@ -318,6 +348,21 @@ where
     F: Fn(ExchangeResponse) -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
+    let len = shared.store.get(&blob).map_or(0, |b| {
+        if chunk < b.geometry().chunk_count() {
+            b.geometry().chunk_len(chunk)
+        } else {
+            0
+        }
+    });
+    if len > 0 && sent_elsewhere_lately(shared, stream, blob, chunk, len) {
+        let msg = format!("chunk {chunk} was just sent to another peer");
+        return send(error(id, pb::error::Code::TryElsewhere, msg)).await;
+    }
+    shared
+        .recent_sends
+        .insert((blob, chunk), (tokio::time::Instant::now(), stream));
+
     let Some(b) = shared.store.get(&blob) else {
         return send(error(
             id,

@@ -78,10 +78,13 @@ impl Score {
     /// bandwidth-delay product in chunks plus slack, at least 2.
     pub(crate) fn window(&self, chunk_size: u64) -> usize {
         if self.rate == 0.0 || !self.min_latency.is_finite() {
-            return 4;
+            return 2;
         }
+        // One spare request beyond the product: enough to keep a fast link
+        // busy, few enough that a slow provider does not sit on chunks that
+        // faster ones could deliver first.
         let bdp = self.rate * self.min_latency / chunk_size as f64;
-        (bdp.ceil() as usize + 2).clamp(2, 16)
+        (bdp.ceil() as usize + 1).clamp(2, 16)
     }
 
     /// How long with no data before the provider counts as stalled: a
