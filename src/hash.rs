@@ -3,7 +3,7 @@
 use std::{fs::File, path::PathBuf};
 
 use anyhow::Context as _;
-use nebula_common::outboard::digest_file;
+use nebula_common::outboard::digest_path_mmap;
 
 use crate::output::{bad_input, print_json};
 
@@ -35,7 +35,7 @@ pub(crate) fn run(args: HashArgs) -> anyhow::Result<()> {
     }
     // SHA-256 runs only for --json: it is sequential and slower than BLAKE3.
     let digest =
-        digest_file(&file, meta.len(), args.json).with_context(|| format!("reading {shown}"))?;
+        digest_path_mmap(&args.path, args.json).with_context(|| format!("reading {shown}"))?;
     let ob = &digest.outboard;
     if args.json {
         print_json(&serde_json::json!({

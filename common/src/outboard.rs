@@ -260,6 +260,33 @@ pub struct FileDigest {
     pub sha256: Option<Sha256Digest>,
 }
 
+/// Hashes a file through a read-only memory map: no copy out of the page
+/// cache, chunks in parallel. For the CLI's `nebula hash`, where a file
+/// truncated while being hashed may kill the process (as it would `b3sum`);
+/// the daemon uses [`digest_file`], which cannot be hurt that way.
+pub fn digest_path_mmap(path: &std::path::Path, with_sha256: bool) -> io::Result<FileDigest> {
+    let file = File::open(path)?;
+    let size = file.metadata()?.len();
+    if size == 0 {
+        return digest_file(&file, 0, with_sha256);
+    }
+    // SAFETY: the map is read-only and private to this call; a concurrent
+    // truncation raises SIGBUS rather than undefined reads, as with b3sum.
+    let map = unsafe { memmap2::Mmap::map(&file)? };
+    let data: &[u8] = &map;
+    let (outboard, sha256) = rayon::join(
+        || Outboard::compute(data),
+        || {
+            with_sha256.then(|| {
+                let mut hasher = sha2::Sha256::new();
+                hasher.update(data);
+                Sha256Digest(hasher.finalize().into())
+            })
+        },
+    );
+    Ok(FileDigest { outboard, sha256 })
+}
+
 /// Hashes an open file of `size` bytes: chunks in parallel on the rayon pool,
 /// SHA-256 (when `with_sha256`) in one sequential pass beside them. Reads with
 /// `pread`, so memory stays at one buffer per thread whatever the file size.

@@ -896,24 +896,15 @@ impl Store {
             .unwrap_or_default();
         let tmp = dir.join(format!(".{name}.nebula-{:08x}.tmp", rand::random::<u32>()));
         let result = (|| {
-            let mut out = OpenOptions::new()
+            let out = OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .mode(0o644)
                 .open(&tmp)
                 .map_err(|e| StoreError::io("creating", &tmp, e))?;
-            // A fresh handle: its own file offset, starting at zero.
-            let mut src = File::open(blob.dir.join("data"))
-                .map_err(|e| StoreError::io("reading", blob.dir.join("data"), e))?;
-            let copied = io::copy(&mut (&mut src).take(blob.outboard.size()), &mut out)
+            // Kernel copy with early writeback: the sync below has little left to do.
+            copy_with_writeback(&blob.data, &out, blob.outboard.size())
                 .map_err(|e| StoreError::io("writing", &tmp, e))?;
-            if copied != blob.outboard.size() {
-                return Err(StoreError::io(
-                    "reading",
-                    blob.dir.join("data"),
-                    io::Error::new(io::ErrorKind::UnexpectedEof, "store data is short"),
-                ));
-            }
             out.sync_all()
                 .map_err(|e| StoreError::io("syncing", &tmp, e))?;
             fs::rename(&tmp, dest).map_err(|e| StoreError::io("renaming to", dest, e))
