@@ -462,11 +462,7 @@ async fn fetch_one_shot(
                 let sources = outcome
                     .sources
                     .iter()
-                    .map(|s| pb::ProviderBytes {
-                        peer_id: s.peer_id.clone(),
-                        address: s.address.clone(),
-                        bytes: s.bytes,
-                    })
+                    .map(pb::ProviderBytes::from)
                     .collect();
                 (b.id(), b.outboard().size(), outcome.resumed_bytes, sources)
             })

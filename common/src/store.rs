@@ -701,14 +701,7 @@ impl Store {
         let size = before.len();
         let staged = self.staging_dir()?;
         let result = (|| {
-            let data_path = staged.join("data");
-            let data = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .mode(0o644)
-                .open(&data_path)
-                .map_err(|e| StoreError::io("creating", &data_path, e))?;
+            let (data_path, data) = create_data_file(&staged)?;
             let (copied, digest) = std::thread::scope(|s| {
                 let hashing = s.spawn(|| digest_file(&src, size, true));
                 let copied = copy_with_writeback(&src, &data, size);
@@ -805,14 +798,7 @@ impl Store {
         }
         let staged = self.staging_dir()?;
         let result = (|| {
-            let data_path = staged.join("data");
-            let data = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .mode(0o644)
-                .open(&data_path)
-                .map_err(|e| StoreError::io("creating", &data_path, e))?;
+            let (data_path, data) = create_data_file(&staged)?;
             let size = outboard.size();
             if size > 0 {
                 // SAFETY: plain syscall on a descriptor we own.
@@ -914,6 +900,19 @@ impl Store {
         }
         result
     }
+}
+
+/// Creates the data file of a staged blob, readable and writable.
+fn create_data_file(staged: &Path) -> Result<(PathBuf, File)> {
+    let path = staged.join("data");
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(&path)
+        .map_err(|e| StoreError::io("creating", &path, e))?;
+    Ok((path, file))
 }
 
 /// Writes every chunk `blob` misses, read from `data` (a verified copy).

@@ -13,7 +13,7 @@ use nebula_proto::v1::{
 use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status, transport::Channel};
 
-use crate::{FetchError, Progress, node::Shared, server::MAX_PIECE};
+use crate::{FetchError, Progress, SourceBytes, node::Shared, server::MAX_PIECE};
 
 /// The service behind the daemon's socket.
 #[derive(Debug, Clone)]
@@ -69,6 +69,16 @@ fn parse_id(s: &str) -> Result<BlobId, Status> {
         .map_err(|e: nebula_common::ParseIdError| Status::invalid_argument(e.to_string()))
 }
 
+impl From<&SourceBytes> for pb::ProviderBytes {
+    fn from(s: &SourceBytes) -> Self {
+        Self {
+            peer_id: s.peer_id.clone(),
+            address: s.address.clone(),
+            bytes: s.bytes,
+        }
+    }
+}
+
 fn to_progress(p: &Progress) -> pb::FetchProgress {
     pb::FetchProgress {
         id: p.id.map(|i| i.to_string()).unwrap_or_default(),
@@ -77,15 +87,7 @@ fn to_progress(p: &Progress) -> pb::FetchProgress {
         providers: p.providers,
         rate: p.rate,
         done: p.done,
-        sources: p
-            .sources
-            .iter()
-            .map(|s| pb::ProviderBytes {
-                peer_id: s.peer_id.clone(),
-                address: s.address.clone(),
-                bytes: s.bytes,
-            })
-            .collect(),
+        sources: p.sources.iter().map(pb::ProviderBytes::from).collect(),
         resumed_bytes: p.resumed_bytes,
     }
 }
