@@ -69,7 +69,7 @@ fn main() -> ExitCode {
         // removes the temporary directory.
         tokio::select! {
             result = run(&args) => result,
-            () = interrupted() => bail!("interrupted; stopped the cluster and removed its files"),
+            () = cluster::interrupted() => bail!("interrupted; stopped the cluster and removed its files"),
         }
     });
     match result {
@@ -79,16 +79,6 @@ fn main() -> ExitCode {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-async fn interrupted() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        Some(()) = async { term.as_mut()?.recv().await } => {}
     }
 }
 

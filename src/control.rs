@@ -3,7 +3,7 @@
 use std::{io::Write as _, str::FromStr, time::Duration};
 
 use anyhow::Context as _;
-use nebula_common::BlobRef;
+use nebula_common::{BlobRef, rate::format_bytes};
 use nebula_control::{Config, ControlPlane, PeerId};
 use nebula_proto::v1::{
     GetSwarmRequest, ListPeersRequest, PeerInfo, PeerRequest, PeerState, StatsRequest,
@@ -328,21 +328,6 @@ fn peer_json(p: &PeerInfo) -> Value {
     })
 }
 
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit + 1 < UNITS.len() {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
-}
-
 fn or_dash(s: &str) -> String {
     if s.is_empty() {
         "-".to_owned()
@@ -360,7 +345,7 @@ fn peer_row(p: &PeerInfo) -> Vec<String> {
         state_name(p).to_owned(),
         format!("{:.1}s ago", p.last_seen_ms_ago as f64 / 1000.0),
         format!("{}/{}", load.active_uploads, load.upload_slots),
-        format!("{}/s", human_bytes(load.upload_bytes_per_sec)),
+        format!("{}/s", format_bytes(load.upload_bytes_per_sec)),
         p.blob_count.to_string(),
         p.reports.to_string(),
         or_dash(&p.reason),
@@ -443,7 +428,11 @@ pub(crate) async fn run_admin(args: AdminArgs) -> anyhow::Result<()> {
                 }));
             } else {
                 println!("blob    {}", swarm.id);
-                println!("size    {} ({} bytes)", human_bytes(swarm.size), swarm.size);
+                println!(
+                    "size    {} ({} bytes)",
+                    format_bytes(swarm.size),
+                    swarm.size
+                );
                 println!("sha256  {}", or_dash(&swarm.sha256));
                 if swarm.members.is_empty() {
                     println!("no providers");
@@ -545,7 +534,7 @@ mod tests {
 
     #[test]
     fn human_sizes() {
-        assert_eq!(human_bytes(512), "512 B");
-        assert_eq!(human_bytes(3 << 20), "3.0 MiB");
+        assert_eq!(format_bytes(512), "512 B");
+        assert_eq!(format_bytes(3 << 20), "3.0 MiB");
     }
 }

@@ -260,6 +260,21 @@ pub struct FileDigest {
     pub sha256: Option<Sha256Digest>,
 }
 
+/// The SHA-256 of the first `size` bytes of `file`, in one sequential pass
+/// of 4 MiB reads.
+pub fn sha256_file(file: &File, size: u64) -> io::Result<Sha256Digest> {
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 4 << 20];
+    let mut offset = 0;
+    while offset < size {
+        let n = buf.len().min((size - offset) as usize);
+        file.read_exact_at(&mut buf[..n], offset)?;
+        hasher.update(&buf[..n]);
+        offset += n as u64;
+    }
+    Ok(Sha256Digest(hasher.finalize().into()))
+}
+
 /// Hashes a file through a read-only memory map: no copy out of the page
 /// cache, chunks in parallel. For the CLI's `nebula hash`, where a file
 /// truncated while being hashed may kill the process (as it would `b3sum`);
@@ -318,21 +333,7 @@ pub fn digest_file(file: &File, size: u64, with_sha256: bool) -> io::Result<File
             cvs,
         })
     };
-    let sha = || -> io::Result<Option<Sha256Digest>> {
-        if !with_sha256 {
-            return Ok(None);
-        }
-        let mut hasher = sha2::Sha256::new();
-        let mut buf = vec![0u8; 4 << 20];
-        let mut offset = 0;
-        while offset < size {
-            let n = buf.len().min((size - offset) as usize);
-            file.read_exact_at(&mut buf[..n], offset)?;
-            hasher.update(&buf[..n]);
-            offset += n as u64;
-        }
-        Ok(Some(Sha256Digest(hasher.finalize().into())))
-    };
+    let sha = || with_sha256.then(|| sha256_file(file, size)).transpose();
     let (outboard, sha256) = rayon::join(chunks, sha);
     Ok(FileDigest {
         outboard: outboard?,

@@ -21,7 +21,6 @@
 //! syncing its data, then atomically rewriting `meta.json`.
 
 use std::{
-    collections::HashMap,
     fs::{self, File, OpenOptions},
     io::{self, Read, Write},
     os::unix::fs::{FileExt, OpenOptionsExt},
@@ -36,7 +35,8 @@ use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
 
 use crate::{
-    BlobId, ChunkSet, Geometry, Outboard, Sha256Digest, VerifyError, outboard::digest_file,
+    BlobId, ChunkSet, Geometry, Outboard, Sha256Digest, VerifyError,
+    outboard::{digest_file, sha256_file},
 };
 
 /// What can go wrong in the store.
@@ -174,6 +174,42 @@ struct PartialState {
 }
 
 impl Blob {
+    /// A blob holding every chunk.
+    fn complete(
+        outboard: Outboard,
+        dir: PathBuf,
+        data: File,
+        sha256: Option<Sha256Digest>,
+    ) -> Self {
+        let count = outboard.geometry().chunk_count();
+        Self {
+            outboard,
+            dir,
+            data,
+            state: Mutex::new(PartialState {
+                have: ChunkSet::full(count),
+                log: None,
+            }),
+            complete: AtomicBool::new(true),
+            sha256: Mutex::new(sha256),
+        }
+    }
+
+    /// A partial blob holding `have`, logging new chunks to `log`.
+    fn partial(outboard: Outboard, dir: PathBuf, data: File, have: ChunkSet, log: File) -> Self {
+        Self {
+            outboard,
+            dir,
+            data,
+            state: Mutex::new(PartialState {
+                have,
+                log: Some(log),
+            }),
+            complete: AtomicBool::new(false),
+            sha256: Mutex::new(None),
+        }
+    }
+
     /// The blob's id.
     pub fn id(&self) -> BlobId {
         self.outboard.id()
@@ -301,26 +337,11 @@ impl Blob {
         if let Some(d) = self.sha256() {
             return Ok(d);
         }
-        if !self.is_complete() {
-            let have = self.chunks();
-            return Err(StoreError::Incomplete {
-                id: self.id(),
-                have: have.count(),
-                total: have.len(),
-            });
-        }
-        let digest = digest_file(&self.data, self.outboard.size(), true)
+        self.ensure_complete()?;
+        // SHA-256 only: the BLAKE3 outboard is already known.
+        let sha = sha256_file(&self.data, self.outboard.size())
             .map_err(|e| StoreError::io("reading", self.dir.join("data"), e))?;
-        // Cannot fail: digest_file was asked for the SHA-256.
-        let sha = digest.sha256.expect("sha256 requested");
-        write_meta(
-            &self.dir,
-            &Meta {
-                complete: true,
-                sha256: Some(sha.to_string()),
-            },
-        )?;
-        *self.sha256.lock().expect("sha256 lock") = Some(sha);
+        self.set_sha256(sha)?;
         Ok(sha)
     }
 
@@ -536,17 +557,7 @@ impl Store {
         let count = outboard.geometry().chunk_count();
         let sha256 = meta.sha256.as_deref().and_then(|s| s.parse().ok());
         if meta.complete {
-            return Ok(Blob {
-                outboard,
-                dir: dir.to_owned(),
-                data,
-                state: Mutex::new(PartialState {
-                    have: ChunkSet::full(count),
-                    log: None,
-                }),
-                complete: AtomicBool::new(true),
-                sha256: Mutex::new(sha256),
-            });
+            return Ok(Blob::complete(outboard, dir.to_owned(), data, sha256));
         }
         // Partial: trust nothing the log says without hashing it again.
         let mut logged = Vec::new();
@@ -582,14 +593,7 @@ impl Store {
             )
             .map_err(|e| LoadError::Corrupt(e.to_string()))?;
             let _ = fs::remove_file(&log_path);
-            return Ok(Blob {
-                outboard,
-                dir: dir.to_owned(),
-                data,
-                state: Mutex::new(PartialState { have, log: None }),
-                complete: AtomicBool::new(true),
-                sha256: Mutex::new(None),
-            });
+            return Ok(Blob::complete(outboard, dir.to_owned(), data, None));
         }
         // Rewrite the log from what verified, dropping torn or bad entries.
         let body: Vec<u8> = have.iter().flat_map(u32::to_le_bytes).collect();
@@ -601,17 +605,7 @@ impl Store {
             .append(true)
             .open(&log_path)
             .map_err(LoadError::Io)?;
-        Ok(Blob {
-            outboard,
-            dir: dir.to_owned(),
-            data,
-            state: Mutex::new(PartialState {
-                have,
-                log: Some(log),
-            }),
-            complete: AtomicBool::new(false),
-            sha256: Mutex::new(None),
-        })
+        Ok(Blob::partial(outboard, dir.to_owned(), data, have, log))
     }
 
     /// The store's directory.
@@ -746,20 +740,9 @@ impl Store {
             }
             return Ok(existing);
         }
-        let count = digest.outboard.geometry().chunk_count();
         self.publish(
             &staged,
-            Blob {
-                outboard: digest.outboard,
-                dir: staged.clone(),
-                data,
-                state: Mutex::new(PartialState {
-                    have: ChunkSet::full(count),
-                    log: None,
-                }),
-                complete: AtomicBool::new(true),
-                sha256: Mutex::new(digest.sha256),
-            },
+            Blob::complete(digest.outboard, staged.clone(), data, digest.sha256),
         )
     }
 
@@ -835,20 +818,10 @@ impl Store {
                 return Err(e);
             }
         };
-        let count = outboard.geometry().chunk_count();
+        let have = ChunkSet::new(outboard.geometry().chunk_count());
         self.publish(
             &staged,
-            Blob {
-                outboard: outboard.clone(),
-                dir: staged.clone(),
-                data,
-                state: Mutex::new(PartialState {
-                    have: ChunkSet::new(count),
-                    log: Some(log),
-                }),
-                complete: AtomicBool::new(false),
-                sha256: Mutex::new(None),
-            },
+            Blob::partial(outboard.clone(), staged.clone(), data, have, log),
         )
     }
 
@@ -1005,11 +978,6 @@ fn load_or_create_peer_id(root: &Path) -> Result<String> {
     };
     write().map_err(|e| StoreError::io("writing", &path, e))?;
     Ok(id)
-}
-
-/// Blobs by id, as the daemon's inventory for announcements.
-pub fn inventory(store: &Store) -> HashMap<BlobId, BlobInfo> {
-    store.list().into_iter().map(|b| (b.id, b)).collect()
 }
 
 #[cfg(test)]

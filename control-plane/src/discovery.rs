@@ -28,14 +28,14 @@ pub fn rank<R: Rng>(
     limit: usize,
     rng: &mut R,
 ) -> Vec<Holding> {
+    if limit == 0 {
+        return Vec::new();
+    }
     let mut keyed: Vec<(RankKey, Holding)> = holders
         .into_iter()
         .filter(|h| h.peer.discoverable() && asker != Some(&h.peer.id))
         .map(|h| (key(&h, zone, rng), h))
         .collect();
-    if limit == 0 {
-        return Vec::new();
-    }
     if keyed.len() > limit {
         keyed.select_nth_unstable_by_key(limit - 1, |(k, _)| *k);
         keyed.truncate(limit);

@@ -310,7 +310,7 @@ impl<S: StateStore> Registry<S> {
     /// Ranked providers of a blob. An unknown `sha256:` alias is
     /// [`RegistryError::UnknownAlias`]; an unknown BLAKE3 id has no providers.
     pub async fn find_providers(&self, q: &ProviderQuery) -> Result<Providers, RegistryError> {
-        let id = self.resolve(q.blob).await?;
+        let Swarm { meta, holders } = self.swarm(q.blob).await?;
         let limit = match q.limit {
             0 => self.default_limit,
             n => n.min(self.max_limit),
@@ -323,17 +323,6 @@ impl<S: StateStore> Registry<S> {
                 .map(|p| p.zone.to_string())
                 .unwrap_or_default(),
             _ => q.zone.clone(),
-        };
-        let (meta, holders) = match self.store.swarm(&id).await? {
-            Some(swarm) => (swarm.meta, swarm.holders),
-            None => (
-                BlobMeta {
-                    id,
-                    size: 0,
-                    sha256: None,
-                },
-                Vec::new(),
-            ),
         };
         let providers = discovery::rank(
             holders,

@@ -91,7 +91,7 @@ fn main() -> ExitCode {
     let outcome = runtime.block_on(async {
         tokio::select! {
             failures = run(&cases, args.quick) => Ok(failures),
-            () = interrupted() => Err(()),
+            () = cluster::interrupted() => Err(()),
         }
     });
     match outcome {
@@ -108,16 +108,6 @@ fn main() -> ExitCode {
             eprintln!("error: interrupted; stopped every process and removed the files");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-async fn interrupted() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        Some(()) = async { term.as_mut()?.recv().await } => {}
     }
 }
 

@@ -909,3 +909,13 @@ pub(crate) fn parse_rate(s: &str) -> Result<u64, String> {
 pub(crate) fn mib_per_s(bytes: u64, elapsed: Duration) -> f64 {
     bytes as f64 / (1u64 << 20) as f64 / elapsed.as_secs_f64().max(1e-9)
 }
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub(crate) async fn interrupted() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        Some(()) = async { term.as_mut()?.recv().await } => {}
+    }
+}

@@ -199,11 +199,12 @@ async fn discover(
     }
 }
 
-fn provider_set(p: &pb::Provider, count: u32) -> ChunkSet {
-    if p.complete {
+/// The chunks a peer holds, from the wire's (complete, bitmap) pair.
+fn held(count: u32, complete: bool, bitmap: &[u8]) -> ChunkSet {
+    if complete {
         ChunkSet::full(count)
     } else {
-        ChunkSet::from_bitmap(&p.chunks, count)
+        ChunkSet::from_bitmap(bitmap, count)
     }
 }
 
@@ -313,7 +314,7 @@ pub(crate) async fn fetch(
             if p.peer_id == dl.shared.peer_id || p.address.is_empty() {
                 continue;
             }
-            let set = provider_set(p, count);
+            let set = held(count, p.complete, &p.chunks);
             if let Some(&ix) = known.get(&p.peer_id) {
                 if lock(&dl.sched).update_provider(ix, set) {
                     dl.wake.notify_waiters();
@@ -711,7 +712,7 @@ impl Worker {
                     match msg {
                         Reply::Have(h) => {
                             let count = dl.blob.geometry().chunk_count();
-                            let set = if h.complete { ChunkSet::full(count) } else { ChunkSet::from_bitmap(&h.chunks, count) };
+                            let set = held(count, h.complete, &h.chunks);
                             if lock(&dl.sched).update_provider(self.p, set) {
                                 dl.wake.notify_waiters();
                             }
@@ -723,7 +724,7 @@ impl Worker {
                             Resp::Outboard(o) => {
                                 self.conn.finish(rid);
                                 let count = dl.blob.geometry().chunk_count();
-                                let set = if o.complete { ChunkSet::full(count) } else { ChunkSet::from_bitmap(&o.chunks, count) };
+                                let set = held(count, o.complete, &o.chunks);
                                 if lock(&dl.sched).update_provider(self.p, set) {
                                     dl.wake.notify_waiters();
                                 }

@@ -304,8 +304,6 @@ impl LocalApi for LocalService {
 pub async fn connect_local(path: PathBuf) -> Result<LocalApiClient<Channel>, std::io::Error> {
     // The URI is required by the HTTP/2 layer but unused: the connector dials the socket.
     let endpoint = tonic::transport::Endpoint::from_static("http://localhost");
-    let probe = tokio::net::UnixStream::connect(&path).await?;
-    drop(probe);
     let channel = endpoint
         .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
             let path = path.clone();

@@ -6,13 +6,14 @@
 use std::{collections::HashMap, sync::Arc, sync::atomic::Ordering, time::Duration};
 
 use bytes::Bytes;
-use nebula_common::BlobId;
+use nebula_common::{BlobId, store::BlobInfo};
 use nebula_proto::v1 as pb;
 use tokio::time::Instant;
 
 use crate::node::Shared;
 
-/// What the control plane was last told of one blob.
+/// What the control plane was last told of one blob: enough to see that
+/// it changed, read off the store's listing.
 #[derive(Debug, PartialEq, Eq, Clone)]
 struct Announced {
     complete: bool,
@@ -20,29 +21,30 @@ struct Announced {
     sha256: bool,
 }
 
-fn announcement(shared: &Shared, id: &BlobId) -> Option<(pb::BlobAnnouncement, Announced)> {
-    let blob = shared.store.get(id)?;
-    let have = blob.chunks();
-    let complete = blob.is_complete();
-    let sha = blob.sha256();
-    Some((
-        pb::BlobAnnouncement {
-            id: id.to_string(),
-            size: blob.outboard().size(),
-            sha256: sha.map(|d| d.to_string()).unwrap_or_default(),
-            complete,
-            chunks: if complete {
-                Bytes::new()
-            } else {
-                Bytes::from(have.to_bitmap())
-            },
-        },
-        Announced {
-            complete,
-            chunks: have.count(),
-            sha256: sha.is_some(),
-        },
-    ))
+impl From<&BlobInfo> for Announced {
+    fn from(info: &BlobInfo) -> Self {
+        Self {
+            complete: info.complete,
+            chunks: info.chunks_verified,
+            sha256: info.sha256.is_some(),
+        }
+    }
+}
+
+/// The announcement of one blob; only the bitmap of a partial blob is read
+/// from the store again.
+fn announcement(shared: &Shared, info: &BlobInfo) -> pb::BlobAnnouncement {
+    let chunks = match shared.store.get(&info.id) {
+        Some(blob) if !info.complete => Bytes::from(blob.chunks().to_bitmap()),
+        _ => Bytes::new(),
+    };
+    pb::BlobAnnouncement {
+        id: info.id.to_string(),
+        size: info.size,
+        sha256: info.sha256.clone().unwrap_or_default(),
+        complete: info.complete,
+        chunks,
+    }
 }
 
 /// Runs until the node shuts down, then deregisters.
@@ -81,10 +83,8 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         let mut announced: HashMap<BlobId, Announced> = HashMap::new();
         let mut blobs = Vec::new();
         for info in shared.store.list() {
-            if let Some((a, state)) = announcement(&shared, &info.id) {
-                blobs.push(a);
-                announced.insert(info.id, state);
-            }
+            blobs.push(announcement(&shared, &info));
+            announced.insert(info.id, Announced::from(&info));
         }
         let full = pb::AnnounceRequest {
             peer_id: shared.peer_id.clone(),
@@ -166,12 +166,11 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                     let mut changed = Vec::new();
                     let mut current = HashMap::new();
                     for info in shared.store.list() {
-                        if let Some((a, state)) = announcement(&shared, &info.id) {
-                            if announced.get(&info.id) != Some(&state) {
-                                changed.push(a);
-                            }
-                            current.insert(info.id, state);
+                        let state = Announced::from(&info);
+                        if announced.get(&info.id) != Some(&state) {
+                            changed.push(announcement(&shared, &info));
                         }
+                        current.insert(info.id, state);
                     }
                     let removed: Vec<String> = announced.keys().filter(|id| !current.contains_key(id)).map(ToString::to_string).collect();
                     if changed.is_empty() && removed.is_empty() {

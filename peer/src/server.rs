@@ -310,30 +310,44 @@ fn outboard(shared: &Shared, id: u64, blob: BlobId) -> ExchangeResponse {
     )
 }
 
-/// Whether a rate-limited peer should decline to send `chunk` again: it went
-/// to another stream lately, so that receiver can pass it on while this
-/// upload carries chunks nobody else has yet (BitTorrent's super-seeding,
-/// bounded in time). "Lately" is half the time this peer needs to send the
-/// whole blob once, at least four chunk-times and at most ten seconds, so a
-/// chunk whose first receiver vanished is sent again soon enough.
-fn sent_elsewhere_lately(shared: &Shared, stream: u64, blob: BlobId, chunk: u32, len: u64) -> bool {
+/// The longest a rate-limited peer withholds a second copy of a chunk.
+const MAX_WITHHOLD: Duration = Duration::from_secs(10);
+
+/// Whether a rate-limited peer may send `chunk` on `stream` now; records the
+/// send when it may. It declines when the chunk went to another stream
+/// lately, so that receiver can pass it on while this upload carries chunks
+/// nobody else has yet (BitTorrent's super-seeding, bounded in time).
+/// "Lately" is half the time this peer needs to send the whole blob once, at
+/// least four chunk-times and at most [`MAX_WITHHOLD`], so a chunk whose first
+/// receiver vanished is sent again soon enough. Unlimited peers always send.
+fn claim_send(shared: &Shared, stream: u64, blob: &nebula_common::Blob, chunk: u32) -> bool {
     let Some(rate) = shared.config.upload_limit.filter(|&r| r > 0) else {
-        return false;
+        return true;
     };
-    let size = shared.store.get(&blob).map_or(len, |b| b.outboard().size());
-    let chunk_time = len as f64 / rate as f64;
-    let whole_time = size as f64 / rate as f64;
-    let window = Duration::from_secs_f64((4.0 * chunk_time).max(whole_time / 2.0).min(10.0));
+    if !blob.has_chunk(chunk) {
+        // The read below answers not-found.
+        return true;
+    }
+    let rate = rate as f64;
+    let chunk_time = blob.geometry().chunk_len(chunk) as f64 / rate;
+    let whole_time = blob.outboard().size() as f64 / rate;
+    let window =
+        Duration::from_secs_f64((4.0 * chunk_time).max(whole_time / 2.0)).min(MAX_WITHHOLD);
     let now = tokio::time::Instant::now();
     if shared.recent_sends.len() > 65_536 {
         shared
             .recent_sends
-            .retain(|_, (at, _)| now.duration_since(*at) < Duration::from_secs(2));
+            .retain(|_, (at, _)| now.duration_since(*at) < MAX_WITHHOLD);
     }
-    match shared.recent_sends.get(&(blob, chunk)) {
-        Some(entry) => entry.1 != stream && now.duration_since(entry.0) < window,
-        None => false,
+    let key = (blob.id(), chunk);
+    if let Some(last) = shared.recent_sends.get(&key)
+        && last.1 != stream
+        && now.duration_since(last.0) < window
+    {
+        return false;
     }
+    shared.recent_sends.insert(key, (now, stream));
+    true
 }
 
 async fn serve_chunk<F, Fut>(
@@ -348,21 +362,6 @@ where
     F: Fn(ExchangeResponse) -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let len = shared.store.get(&blob).map_or(0, |b| {
-        if chunk < b.geometry().chunk_count() {
-            b.geometry().chunk_len(chunk)
-        } else {
-            0
-        }
-    });
-    if len > 0 && sent_elsewhere_lately(shared, stream, blob, chunk, len) {
-        let msg = format!("chunk {chunk} was just sent to another peer");
-        return send(error(id, pb::error::Code::TryElsewhere, msg)).await;
-    }
-    shared
-        .recent_sends
-        .insert((blob, chunk), (tokio::time::Instant::now(), stream));
-
     let Some(b) = shared.store.get(&blob) else {
         return send(error(
             id,
@@ -371,6 +370,10 @@ where
         ))
         .await;
     };
+    if !claim_send(shared, stream, &b, chunk) {
+        let msg = format!("chunk {chunk} was just sent to another peer");
+        return send(error(id, pb::error::Code::TryElsewhere, msg)).await;
+    }
     let data = match tokio::task::spawn_blocking(move || b.read_chunk(chunk)).await {
         Ok(Ok(data)) => data,
         Ok(Err(StoreError::ChunkMissing { .. })) => {

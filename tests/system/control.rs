@@ -7,16 +7,12 @@
 //! when its guard drops.
 
 use std::{
-    fs::File,
     future::Future,
-    io::{BufRead as _, BufReader},
     net::SocketAddr,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::Stdio,
     sync::{
         Arc,
         atomic::{AtomicU32, Ordering},
-        mpsc,
     },
     time::{Duration, Instant},
 };
@@ -31,6 +27,8 @@ use nebula_proto::v1::{
     admin_client::AdminClient, control_plane_client::ControlPlaneClient,
 };
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+
+use crate::support::{Proc, nebula};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{
     Code, Request, Status,
@@ -59,9 +57,8 @@ const CONTRACT: Duration = Duration::from_secs(10);
 
 /// `nebula control` as a child process, SIGKILLed by pid when dropped.
 struct ControlProc {
-    child: Child,
+    proc: Proc,
     addr: SocketAddr,
-    log: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -74,42 +71,19 @@ impl ControlProc {
     /// the first stdout line.
     fn start_on(listen: &str, args: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("control.log");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_nebula"))
-            .args(["control", "--listen", listen])
+        let mut cmd = nebula();
+        cmd.args(["control", "--listen", listen])
             .args(args)
             .env("RUST_LOG", "nebula_control=debug,info")
             .env_remove("NEBULA_JOIN_TOKEN")
-            .env_remove("NEBULA_ADMIN_TOKEN")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(line)) = lines.next() {
-                let _ = tx.send(line);
-            }
-            // Drain to EOF so the child never blocks on a full pipe.
-            for _ in lines {}
-        });
-        let line = rx.recv_timeout(Duration::from_secs(30));
-        let mut proc = Self {
-            child,
-            addr: "127.0.0.1:0".parse().unwrap(),
-            log,
+            .env_remove("NEBULA_ADMIN_TOKEN");
+        let (proc, addr) = Proc::spawn(cmd, dir.path().join("control.log"));
+        assert!(addr.ip().is_loopback());
+        Self {
+            proc,
+            addr,
             _dir: dir,
-        };
-        let line = line.unwrap_or_else(|_| panic!("no `listening on` line; log:\n{}", proc.logs()));
-        proc.addr = line
-            .strip_prefix("listening on ")
-            .and_then(|a| a.trim().parse().ok())
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
-        assert!(proc.addr.ip().is_loopback());
-        proc
+        }
     }
 
     fn url(&self) -> String {
@@ -117,24 +91,12 @@ impl ControlProc {
     }
 
     fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.proc.log_text()
     }
 
     /// SIGKILL by pid, then reap.
     fn kill(&mut self) {
-        // Once reaped, the pid may belong to someone else: never signal it again.
-        if matches!(self.child.try_wait(), Ok(Some(_))) {
-            return;
-        }
-        // SAFETY: signalling our own child by the pid we spawned it with.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for ControlProc {
-    fn drop(&mut self) {
-        self.kill();
+        self.proc.kill();
     }
 }
 
@@ -1005,16 +967,8 @@ async fn control_bad_input_is_refused_without_harm() {
 async fn control_sigterm_stops_cleanly() {
     let mut control = ControlProc::start(FAST);
     let _peer = FakePeer::start(&control.url(), None, "p", "z1", vec![complete(1)]).await;
-    // SAFETY: signalling our own child by the pid we spawned it with.
-    unsafe { libc::kill(control.child.id() as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(status) = control.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "no exit 15 s after SIGTERM");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = tokio::task::block_in_place(|| control.proc.terminate())
+        .expect("no exit 15 s after SIGTERM");
     assert!(status.success(), "{status:?}; logs:\n{}", control.logs());
     assert!(control.logs().contains("control plane stopped"));
 }

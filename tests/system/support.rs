@@ -108,9 +108,12 @@ impl Proc {
         self.child.id() as i32
     }
 
-    pub(crate) fn signal(&self, sig: i32) {
-        // SAFETY: sending a signal to our own child by pid.
-        unsafe { libc::kill(self.pid(), sig) };
+    /// Signals the child, unless it was already reaped (its pid may be reused).
+    pub(crate) fn signal(&mut self, sig: i32) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            // SAFETY: sending a signal to our own, still unreaped child by pid.
+            unsafe { libc::kill(self.pid(), sig) };
+        }
     }
 
     /// SIGKILL and reap.
