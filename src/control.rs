@@ -18,8 +18,8 @@ use tonic::{
 };
 
 use crate::{
-    flags::{parse_duration, parse_rate},
-    output::{bad_input, print_json, print_table},
+    flags::{ServeFlags, parse_duration, parse_rate},
+    output::{bad_input, print_json, print_table, shutdown_signal},
 };
 
 /// Flags of `nebula control`. Every timing and limit flag defaults to the
@@ -83,6 +83,8 @@ pub(crate) struct ControlArgs {
     /// An unanswered keepalive closes the connection after this long [default: 10s].
     #[arg(long, env = "NEBULA_KEEPALIVE_TIMEOUT", value_parser = parse_duration)]
     keepalive_timeout: Option<Duration>,
+    #[command(flatten)]
+    pub(crate) serve: ServeFlags,
 }
 
 impl ControlArgs {
@@ -124,42 +126,27 @@ impl ControlArgs {
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot watch SIGTERM; only SIGINT stops the control plane");
-                let _ = ctrl_c.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-}
-
 pub(crate) async fn run_control(args: ControlArgs) -> anyhow::Result<()> {
     let config = args.config()?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let control = ControlPlane::spawn(listener, config)
+    let http = args.serve.bind_http().await?;
+    // Watched before the address is printed: whoever reads it may signal at once.
+    let signal = shutdown_signal()?;
+    let mut control = ControlPlane::spawn(listener, config)
         .await
         .context("cannot start the control plane")?;
-    // Tests and scripts read the port from this line.
+    // Tests and scripts read the ports from these lines.
     println!("listening on {}", control.local_addr());
+    if let Some(http) = http {
+        let addr = http.local_addr().context("--http-listen")?;
+        control.serve_http(http);
+        println!("http on {addr}");
+    }
     let _ = std::io::stdout().flush();
     tokio::select! {
-        () = shutdown_signal() => tracing::info!("signal received; shutting down"),
+        () = signal => tracing::info!("signal received; shutting down"),
         () = control.stopped() => {}
     }
     control.shutdown().await.context("control plane failed")

@@ -14,8 +14,8 @@ use nebula_proto::v1 as pb;
 use tonic::Code;
 
 use crate::{
-    flags::{parse_duration, parse_rate},
-    output::{bad_input, print_json, print_table},
+    flags::{ServeFlags, parse_duration, parse_rate},
+    output::{bad_input, print_json, print_table, shutdown_signal},
 };
 
 /// The default store: `$XDG_DATA_HOME/nebula`, else `~/.local/share/nebula`.
@@ -100,7 +100,7 @@ pub(crate) struct DaemonArgs {
     #[arg(long, env = "NEBULA_ZONE", default_value = "")]
     zone: String,
     /// Join token the control plane requires.
-    #[arg(long, env = "NEBULA_JOIN_TOKEN")]
+    #[arg(long, env = "NEBULA_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
     /// Chunk requests served at once before answering busy.
     #[arg(long, env = "NEBULA_UPLOAD_SLOTS", default_value_t = 64)]
@@ -111,6 +111,8 @@ pub(crate) struct DaemonArgs {
     /// A fetch fails after this long without any provider.
     #[arg(long, env = "NEBULA_NO_PROVIDER_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     no_provider_timeout: Duration,
+    #[command(flatten)]
+    pub(crate) serve: ServeFlags,
 }
 
 fn control_url(raw: &str) -> String {
@@ -140,31 +142,27 @@ pub(crate) async fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let http = args.serve.bind_http().await?;
+    // Watched before the address is printed: whoever reads it may signal at once.
+    let signal = shutdown_signal()?;
     let mut node = Node::start(config, listener).await?;
     node.serve_local(&socket).await?;
     println!("listening on {}", node.local_addr());
+    if let Some(http) = http {
+        let addr = http.local_addr().context("--http-listen")?;
+        node.serve_http(http);
+        // Tests and scripts read the HTTP port from this line.
+        println!("http on {addr}");
+    }
     let _ = std::io::stdout().flush();
     tracing::info!(socket = %socket.display(), store = %store.display(), "daemon ready");
     let stopping = node.stopping();
     tokio::select! {
-        _ = shutdown_signal() => tracing::info!("shutting down"),
+        () = signal => tracing::info!("shutting down"),
         _ = stopping => {}
     }
     node.shutdown().await;
     Ok(())
-}
-
-/// SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }
 
 /// Flags of `nebula add`.
@@ -225,7 +223,7 @@ pub(crate) struct FetchArgs {
     #[arg(long, env = "NEBULA_LISTEN", default_value = "127.0.0.1:0")]
     listen: SocketAddr,
     /// One-shot mode: join token for the control plane.
-    #[arg(long, env = "NEBULA_JOIN_TOKEN")]
+    #[arg(long, env = "NEBULA_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
     /// Give up after this long without any provider.
     #[arg(long, env = "NEBULA_TIMEOUT", default_value = "30s", value_parser = parse_duration)]

@@ -2,6 +2,43 @@
 
 use std::time::Duration;
 
+use anyhow::Context as _;
+
+/// How servers write their logs on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub(crate) enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, with the fields of the enclosing spans.
+    Json,
+}
+
+/// Flags every server (`control`, `daemon`) takes.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ServeFlags {
+    /// Serve /metrics, /healthz and /readyz over HTTP on this address (off by
+    /// default; the control plane also serves its live page at /).
+    #[arg(long, env = "NEBULA_HTTP_LISTEN")]
+    pub(crate) http_listen: Option<String>,
+    /// Log format on stderr: text, or json (one object per line).
+    #[arg(long, env = "NEBULA_LOG_FORMAT", value_enum, default_value = "text")]
+    pub(crate) log_format: LogFormat,
+}
+
+impl ServeFlags {
+    /// Binds `--http-listen`, when given.
+    pub(crate) async fn bind_http(&self) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+        let Some(addr) = &self.http_listen else {
+            return Ok(None);
+        };
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (--http-listen)"))?;
+        Ok(Some(listener))
+    }
+}
+
 /// Parses a duration such as `500ms`, `10s`, `2m` or a bare number of seconds.
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();

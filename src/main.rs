@@ -61,8 +61,12 @@ fn main() -> ExitCode {
             });
         }
     };
-    let serving = matches!(cli.command, Command::Control(_) | Command::Daemon(_));
-    output::init_tracing(serving);
+    let (serving, log_format) = match &cli.command {
+        Command::Control(args) => (true, args.serve.log_format),
+        Command::Daemon(args) => (true, args.serve.log_format),
+        _ => (false, flags::LogFormat::Text),
+    };
+    output::init_tracing(serving, log_format);
     if serving || matches!(cli.command, Command::Fetch(_)) {
         output::raise_fd_limit();
     }

@@ -2,6 +2,8 @@
 
 use std::{future::Future, process::ExitCode};
 
+use crate::flags::LogFormat;
+
 /// Bad usage or bad input (a malformed id, a missing file to read).
 pub(crate) const EXIT_USAGE: u8 = 2;
 /// The operation failed (no providers, timeout, integrity, I/O).
@@ -35,15 +37,41 @@ pub(crate) fn report(err: &anyhow::Error) -> ExitCode {
 
 /// Logs go to stderr, filtered by `RUST_LOG`; servers default to `info`,
 /// client commands to `warn` so their stdout and stderr stay clean.
-pub(crate) fn init_tracing(serving: bool) {
+pub(crate) fn init_tracing(serving: bool, format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let default = if serving { "info" } else { "warn" };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+    };
+}
+
+/// Watches SIGINT and SIGTERM from the moment it is called (so a signal that
+/// arrives before the returned future is first polled still counts); the
+/// future resolves on the first of them.
+pub(crate) fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let watch = |kind: SignalKind, name: &str| {
+        signal(kind).map_err(|e| anyhow::anyhow!("cannot watch {name}: {e}"))
+    };
+    let mut int = watch(SignalKind::interrupt(), "SIGINT")?;
+    let mut term = watch(SignalKind::terminate(), "SIGTERM")?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
 }
 
 /// Runs an async command on a multi-threaded runtime.

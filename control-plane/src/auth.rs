@@ -47,9 +47,18 @@ fn check_bearer<T>(req: &Request<T>, expected: &str, which: &'static str) -> Res
     let value = req
         .metadata()
         .get("authorization")
-        .ok_or(AuthError::Missing { which })?
-        .to_str()
-        .map_err(|_| AuthError::Malformed)?;
+        .map(|v| v.to_str().map_err(|_| AuthError::Malformed))
+        .transpose()?;
+    check_bearer_value(value, expected, which)
+}
+
+/// Checks an `authorization` value (gRPC metadata or an HTTP header).
+fn check_bearer_value(
+    value: Option<&str>,
+    expected: &str,
+    which: &'static str,
+) -> Result<(), AuthError> {
+    let value = value.ok_or(AuthError::Missing { which })?;
     let (scheme, token) = value.trim().split_once(' ').ok_or(AuthError::Malformed)?;
     if !scheme.eq_ignore_ascii_case("bearer") {
         return Err(AuthError::Malformed);
@@ -124,12 +133,30 @@ impl AdminAuth {
     pub fn check<T>(&self, req: &Request<T>) -> Result<(), AuthError> {
         match &self.token {
             Some(token) => check_bearer(req, token, "admin"),
-            None if is_loopback(req.remote_addr()) => Ok(()),
-            None => Err(AuthError::NotLoopback {
-                caller: req
-                    .remote_addr()
-                    .map_or_else(|| "unknown".to_owned(), |a| a.to_string()),
-            }),
+            None => Self::loopback_only(req.remote_addr()),
+        }
+    }
+
+    /// Admits or refuses one HTTP request (the live page's data) by its
+    /// `authorization` header and its caller, with the same rule as calls.
+    pub fn check_http(
+        &self,
+        authorization: Option<&str>,
+        caller: Option<SocketAddr>,
+    ) -> Result<(), AuthError> {
+        match &self.token {
+            Some(token) => check_bearer_value(authorization, token, "admin"),
+            None => Self::loopback_only(caller),
+        }
+    }
+
+    fn loopback_only(caller: Option<SocketAddr>) -> Result<(), AuthError> {
+        if is_loopback(caller) {
+            Ok(())
+        } else {
+            Err(AuthError::NotLoopback {
+                caller: caller.map_or_else(|| "unknown".to_owned(), |a| a.to_string()),
+            })
         }
     }
 }

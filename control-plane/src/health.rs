@@ -229,6 +229,9 @@ impl<S: StateStore, C: HealthCheck> Prober<S, C> {
             .await;
 
         for (peer, passed) in outcomes {
+            if !passed {
+                self.registry.metrics().probe_failed();
+            }
             let (address, tracker) = self
                 .trackers
                 .entry(peer.id.clone())

@@ -24,6 +24,9 @@
 //! - [`auth`]: bearer-token interceptors.
 //! - [`service`] and [`admin`]: the `ControlPlane` and `Admin` gRPC services.
 //! - [`error`]: [`RegistryError`] and its one mapping to gRPC status codes.
+//! - [`metrics`]: Prometheus metrics and the gRPC call-counting layer.
+//! - [`http`]: `--http-listen`: `/metrics`, `/healthz`, `/readyz`, the live
+//!   page at `/` and the JSON it reads.
 //! - [`server`]: [`ControlPlane`] (spawn, shutdown) and [`serve`].
 
 pub mod admin;
@@ -32,6 +35,8 @@ pub mod config;
 pub mod discovery;
 pub mod error;
 pub mod health;
+pub mod http;
+pub mod metrics;
 pub mod registry;
 pub mod server;
 pub mod service;

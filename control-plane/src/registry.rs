@@ -2,7 +2,10 @@
 //! the checks that keep bad input out of the store.
 
 use std::{
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -13,6 +16,7 @@ use crate::{
     config::Config,
     discovery,
     error::RegistryError,
+    metrics::Metrics,
     store::{
         Announcement, BlobMeta, Health, Holding, Load, PeerId, PeerRegistration, PeerSnapshot,
         Registered, ReportOutcome, Standing, StateStore, StoreStats, Swarm,
@@ -86,6 +90,7 @@ pub struct Registry<S> {
     max_announce_blobs: usize,
     served: AtomicU64,
     started: Instant,
+    metrics: Arc<Metrics>,
 }
 
 /// Parses a peer id from a request field.
@@ -178,7 +183,13 @@ impl<S: StateStore> Registry<S> {
             max_announce_blobs: config.max_announce_blobs,
             served: AtomicU64::new(0),
             started: Instant::now(),
+            metrics: Arc::new(Metrics::default()),
         }
+    }
+
+    /// The metrics its operations feed.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The underlying store.
@@ -374,6 +385,7 @@ impl<S: StateStore> Registry<S> {
             .ok_or_else(|| RegistryError::UnknownPeer {
                 id: provider.clone(),
             })?;
+        self.metrics.reported(outcome.quarantined);
         let blob = blob.map(|b| b.short()).unwrap_or_default();
         if outcome.quarantined {
             tracing::warn!(peer = %provider, %reporter, %blob, reports = outcome.reports, %reason, "peer quarantined");
@@ -429,6 +441,7 @@ impl<S: StateStore> Registry<S> {
     /// Sweeps lapsed leases; returns the peers removed.
     pub async fn expire(&self) -> Result<Vec<PeerId>, RegistryError> {
         let gone = self.store.expire().await?;
+        self.metrics.leases_expired(gone.len());
         for id in &gone {
             tracing::info!(peer = %id, "lease lapsed; peer removed");
         }

@@ -18,6 +18,7 @@ use crate::{
     auth::{AdminAuth, JoinAuth},
     config::{Config, ConfigError},
     health::{GrpcHealthCheck, Prober},
+    metrics::RpcMetricsLayer,
     registry::Registry,
     service::ControlPlaneService,
     store::{MemoryStore, StateStore},
@@ -38,6 +39,9 @@ pub enum ServeError {
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The HTTP endpoint (`--http-listen`) failed.
+    #[error("HTTP endpoint: {0}")]
+    Http(#[source] io::Error),
     /// A background task panicked.
     #[error("control-plane task panicked: {0}")]
     Panicked(String),
@@ -57,6 +61,8 @@ pub struct ControlPlane<S = MemoryStore> {
     cancel: CancellationToken,
     tasks: JoinSet<Result<(), ServeError>>,
     grace: Duration,
+    /// Guards the HTTP endpoint's JSON as the admin API is guarded.
+    admin_auth: AdminAuth,
 }
 
 impl ControlPlane<MemoryStore> {
@@ -108,6 +114,7 @@ impl<S: StateStore> ControlPlane<S> {
             AdminAuth::new(config.admin_token.as_deref()),
         );
         let router = Server::builder()
+            .layer(RpcMetricsLayer(Arc::clone(registry.metrics())))
             .timeout(config.request_timeout)
             .max_concurrent_streams(config.max_concurrent_streams)
             .http2_max_local_error_reset_streams(Some(config.max_local_error_reset_streams))
@@ -159,7 +166,23 @@ impl<S: StateStore> ControlPlane<S> {
             cancel,
             tasks,
             grace: config.request_timeout + Duration::from_secs(1),
+            admin_auth: AdminAuth::new(config.admin_token.as_deref()),
         })
+    }
+
+    /// Serves `/metrics`, `/healthz`, `/readyz` and the live page over HTTP
+    /// on `listener` (the control plane's `--http-listen`), guarded by the
+    /// admin token as the admin API is.
+    pub fn serve_http(&mut self, listener: TcpListener) {
+        let router = crate::http::router(Arc::clone(&self.registry), self.admin_auth.clone());
+        let stop = self.cancel.clone();
+        self.tasks.spawn(async move {
+            // However the endpoint ends, the control plane ends with it.
+            let _stop_siblings = stop.clone().drop_guard();
+            crate::http::serve(listener, router, stop)
+                .await
+                .map_err(ServeError::Http)
+        });
     }
 
     /// The address it listens on (the port chosen when bound to port 0).

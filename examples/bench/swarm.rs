@@ -7,6 +7,8 @@
 //!   copy of the same file on the same machine.
 //! - `churn`: the `swarm` run with 30% of the fetchers SIGKILLed halfway, against the same run
 //!   without faults; the surviving fetchers must complete.
+//! - `swarm_observed`: the `swarm` run with `--http-listen` on the control plane and every
+//!   daemon, each `/metrics` scraped every second, against the same run without, back to back.
 
 use std::time::Duration;
 
@@ -35,6 +37,8 @@ struct Spec {
     kill_after: Duration,
     /// Also time a raw TCP copy of the blob file.
     raw_reference: bool,
+    /// Serve `/metrics` everywhere and scrape it every second meanwhile.
+    scraped: bool,
 }
 
 /// What a swarm run measured.
@@ -50,6 +54,8 @@ struct Run {
     seed_uploaded: u64,
     /// The raw TCP copy's times, when asked for.
     raw: Option<RawCopy>,
+    /// Scrapes that returned a metrics page (when scraped).
+    scrapes: u64,
 }
 
 impl Spec {
@@ -61,6 +67,7 @@ impl Spec {
             kill: 0,
             kill_after: Duration::ZERO,
             raw_reference: false,
+            scraped: false,
         }
     }
 
@@ -73,7 +80,7 @@ impl Spec {
 }
 
 async fn run(bench: &Bench, spec: Spec) -> anyhow::Result<Run> {
-    let mut cluster = Cluster::start(&bench.bin, "bench", false).await?;
+    let mut cluster = Cluster::start_with_http(&bench.bin, "bench", false, spec.scraped).await?;
     let options = vec![
         PeerOptions {
             upload_limit: spec.upload_limit,
@@ -108,7 +115,15 @@ async fn run(bench: &Bench, spec: Spec) -> anyhow::Result<Run> {
             }
         }
     };
-    let (fetches, ()) = tokio::join!(cluster.fetch_all(&fetchers, &id, limit), killer);
+    let endpoints = cluster.http_endpoints();
+    let scraping = tokio_util::sync::CancellationToken::new();
+    let scraper = scrape_every_second(&endpoints, &scraping);
+    let fetching = async {
+        let (fetches, ()) = tokio::join!(cluster.fetch_all(&fetchers, &id, limit), killer);
+        scraping.cancel();
+        fetches
+    };
+    let (fetches, scrapes) = tokio::join!(fetching, scraper);
     let fetches = fetches?;
 
     let mut walls = Vec::new();
@@ -136,7 +151,44 @@ async fn run(bench: &Bench, spec: Spec) -> anyhow::Result<Run> {
         failures,
         seed_uploaded,
         raw,
+        scrapes,
     })
+}
+
+/// Scrapes every endpoint's `/metrics` once a second, as Prometheus would,
+/// until `stop`; returns how many scrapes got a page.
+async fn scrape_every_second(
+    endpoints: &[String],
+    stop: &tokio_util::sync::CancellationToken,
+) -> u64 {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    if endpoints.is_empty() {
+        return 0;
+    }
+    let mut ok = 0;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // Bounded: a swarm run ends within its own limits; this is the backstop.
+    for _ in 0..3_600 {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        for addr in endpoints {
+            let scrape = async {
+                let mut conn = tokio::net::TcpStream::connect(addr).await?;
+                conn.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await?;
+                let mut page = Vec::new();
+                conn.read_to_end(&mut page).await?;
+                Ok::<bool, std::io::Error>(
+                    page.starts_with(b"HTTP/1.0 200") || page.starts_with(b"HTTP/1.1 200"),
+                )
+            };
+            if let Ok(Ok(true)) = tokio::time::timeout(Duration::from_secs(2), scrape).await {
+                ok += 1;
+            }
+        }
+    }
+    ok
 }
 
 /// The `swarm` and `churn` parameters: N = 8, F = 64 MiB, U = 8 MiB/s (quick: N = 4, 16 MiB).
@@ -165,6 +217,29 @@ pub(crate) async fn swarm(bench: &Bench) -> anyhow::Result<Value> {
         "seed_upload_copies": round(run.seed_uploaded as f64 / spec.size as f64, 2),
     });
     note_failures(&mut line, &run.failures);
+    Ok(line)
+}
+
+pub(crate) async fn swarm_observed(bench: &Bench) -> anyhow::Result<Value> {
+    let plain = limited_spec(bench);
+    let mut observed = plain;
+    observed.scraped = true;
+    let without = run(bench, plain).await?;
+    let with = run(bench, observed).await?;
+    ensure!(with.scrapes > 0, "no scrape of /metrics succeeded");
+    let mut line = json!({
+        "case": "swarm_observed",
+        "fetchers": plain.fetchers,
+        "bytes": plain.size,
+        "upload_limit_mib_s": plain.upload_limit.map(|u| u as f64 / MIB as f64),
+        "time_s": round(with.time.as_secs_f64(), 3),
+        "scrapes": with.scrapes,
+        "reference": "the same swarm without --http-listen, run just before",
+        "reference_s": round(without.time.as_secs_f64(), 3),
+        "ratio": ratio(with.time.as_secs_f64(), Some(without.time.as_secs_f64())),
+    });
+    let failures: Vec<String> = without.failures.into_iter().chain(with.failures).collect();
+    note_failures(&mut line, &failures);
     Ok(line)
 }
 

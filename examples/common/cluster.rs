@@ -253,6 +253,8 @@ pub(crate) struct Peer {
     pub(crate) address: String,
     /// Its peer id, from `nebula status --json`.
     pub(crate) peer_id: String,
+    /// Its `--http-listen` address, when the cluster serves HTTP.
+    pub(crate) http: Option<String>,
     proc: Proc,
 }
 
@@ -325,30 +327,50 @@ pub(crate) struct Cluster {
     dir: Option<tempfile::TempDir>,
     /// Whether children survive this process (`--keep`): no death signal.
     survive_us: bool,
+    /// Whether every process serves `/metrics` (`--http-listen`).
+    http: bool,
+    /// The control plane's `--http-listen` address, when it serves HTTP.
+    control_http: Option<String>,
 }
 
 impl Cluster {
     /// Starts a control plane; add daemons with [`Cluster::add_peers`]. With `survive_us`,
     /// the children are started so that [`Cluster::keep`] can leave them running.
     pub(crate) async fn start(bin: &Path, label: &str, survive_us: bool) -> anyhow::Result<Self> {
+        Self::start_with_http(bin, label, survive_us, false).await
+    }
+
+    /// Like [`Cluster::start`]; with `http`, the control plane and every daemon
+    /// serve `/metrics` on a loopback port of their own.
+    pub(crate) async fn start_with_http(
+        bin: &Path,
+        label: &str,
+        survive_us: bool,
+        http: bool,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix(&format!("nebula-{label}-"))
             .tempdir()
             .context("cannot create a temporary directory")?;
         let root = dir.path().to_path_buf();
-        let (control, address) = spawn_listening(
-            bin,
-            &root,
-            "control",
-            &[
-                OsStr::new("control"),
-                "--listen".as_ref(),
-                "127.0.0.1:0".as_ref(),
-            ],
-            survive_us,
-        )
-        .await?;
+        let mut control_args: Vec<&OsStr> = vec![
+            OsStr::new("control"),
+            "--listen".as_ref(),
+            "127.0.0.1:0".as_ref(),
+        ];
+        if http {
+            control_args.extend([OsStr::new("--http-listen"), "127.0.0.1:0".as_ref()]);
+        }
+        let (control, address) =
+            spawn_listening(bin, &root, "control", &control_args, survive_us).await?;
+        let control_http = if http {
+            Some(http_address(&root, "control")?)
+        } else {
+            None
+        };
         Ok(Self {
+            http,
+            control_http,
             bin: bin.to_path_buf(),
             peers: Vec::new(),
             control,
@@ -395,6 +417,9 @@ impl Cluster {
             "--socket".into(),
             socket.clone().into(),
         ];
+        if self.http {
+            args.extend(["--http-listen".into(), "127.0.0.1:0".into()]);
+        }
         if let Some(rate) = opts.upload_limit {
             args.extend(["--upload-limit".into(), rate.to_string().into()]);
         }
@@ -450,13 +475,29 @@ impl Cluster {
             .as_str()
             .with_context(|| format!("{name}: no peer_id in `nebula status --json`: {status}"))?
             .to_owned();
+        let http = if self.http {
+            Some(http_address(&dir, &name)?)
+        } else {
+            None
+        };
         Ok(Peer {
             dir,
             socket,
             address,
             peer_id,
+            http,
             proc,
         })
+    }
+
+    /// Every `/metrics` endpoint: the control plane's, then each daemon's
+    /// (empty unless started with HTTP).
+    pub(crate) fn http_endpoints(&self) -> Vec<String> {
+        self.control_http
+            .iter()
+            .chain(self.peers.iter().filter_map(|p| p.http.as_ref()))
+            .cloned()
+            .collect()
     }
 
     /// The control plane's URL (`http://127.0.0.1:PORT`).
@@ -759,6 +800,26 @@ impl Drop for Cluster {
 
 /// Spawns a server (`nebula control` or `nebula daemon`) with stdout and stderr in files under
 /// `dir`, and waits for its `listening on ADDR` line.
+/// The `http on ADDR` line a process started with `--http-listen` printed
+/// after its `listening on` line (stdout goes to `<name>.out`).
+fn http_address(dir: &Path, name: &str) -> anyhow::Result<String> {
+    let out = dir.join(format!("{name}.out"));
+    let deadline = Instant::now() + START_TIMEOUT;
+    for _ in 0..10_000 {
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        if let Some(addr) = text.lines().find_map(|l| l.strip_prefix("http on ")) {
+            return Ok(addr.trim().to_owned());
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(anyhow!(
+        "{name} printed no `http on ADDR` within {START_TIMEOUT:?}"
+    ))
+}
+
 async fn spawn_listening(
     bin: &Path,
     dir: &Path,

@@ -64,7 +64,6 @@ pub(crate) enum ConnectError {
 /// An open exchange stream to one peer.
 #[derive(Debug)]
 pub(crate) struct Connection {
-    addr: String,
     tx: mpsc::Sender<ExchangeRequest>,
     /// Where each outstanding request's answers go.
     routes: DashMap<u64, mpsc::UnboundedSender<Reply>>,
@@ -122,7 +121,6 @@ impl Connection {
         .map_err(|_| unreachable("timed out opening the stream".into()))?
         .map_err(|s| unreachable(s.message().to_owned()))?;
         let conn = Arc::new(Self {
-            addr: addr.into(),
             tx,
             routes: DashMap::new(),
             watchers: DashMap::new(),
@@ -130,24 +128,28 @@ impl Connection {
             closed: CancellationToken::new(),
         });
         let reader = Arc::clone(&conn);
-        tokio::spawn(async move {
-            let mut inbound = response.into_inner();
-            loop {
-                let msg = tokio::select! {
-                    _ = reader.closed.cancelled() => break,
-                    msg = inbound.message() => msg,
-                };
-                match msg {
-                    Ok(Some(msg)) => reader.route(msg),
-                    Ok(None) => break,
-                    Err(status) => {
-                        tracing::debug!(peer = %reader.addr, %status, "exchange stream ended");
-                        break;
+        let span = tracing::info_span!("exchange", peer = %addr, dialed = true);
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let mut inbound = response.into_inner();
+                loop {
+                    let msg = tokio::select! {
+                        _ = reader.closed.cancelled() => break,
+                        msg = inbound.message() => msg,
+                    };
+                    match msg {
+                        Ok(Some(msg)) => reader.route(msg),
+                        Ok(None) => break,
+                        Err(status) => {
+                            tracing::debug!(%status, "exchange stream ended");
+                            break;
+                        }
                     }
                 }
-            }
-            reader.close();
-        });
+                reader.close();
+            },
+            span,
+        ));
         Ok(conn)
     }
 
@@ -262,6 +264,16 @@ impl Pool {
                 Ok(conn)
             }
         }
+    }
+
+    /// Streams open now.
+    pub(crate) async fn open_count(&self) -> usize {
+        self.conns
+            .lock()
+            .await
+            .values()
+            .filter(|c| !c.is_closed())
+            .count()
     }
 
     /// Closes every stream.

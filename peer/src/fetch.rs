@@ -33,9 +33,11 @@ use tokio::{
     time::Instant,
 };
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::{
     connection::{Connection, Reply},
+    metrics::{FetchResult, Source},
     node::Shared,
 };
 use sched::{ProviderIx, Scheduler, Score};
@@ -208,8 +210,38 @@ fn held(count: u32, complete: bool, bitmap: &[u8]) -> ChunkSet {
     }
 }
 
-/// Fetches `blob` into the store, reporting progress as it goes.
+/// Fetches `blob` into the store, reporting progress as it goes, in a
+/// `fetch` span naming the blob; counted in the daemon's metrics.
 pub(crate) async fn fetch(
+    shared: Arc<Shared>,
+    blob_ref: BlobRef,
+    progress: watch::Sender<Progress>,
+    no_provider_timeout: Duration,
+) -> Result<FetchOutcome, FetchError> {
+    let started = Instant::now();
+    let span = tracing::info_span!("fetch", blob = %blob_ref);
+    let metrics = Arc::clone(&shared.metrics);
+    let result = download(shared, blob_ref, progress, no_provider_timeout)
+        .instrument(span.clone())
+        .await;
+    let kind = match &result {
+        Ok(_) => FetchResult::Ok,
+        Err(FetchError::NoProviders { .. } | FetchError::NoControlPlane(_)) => {
+            FetchResult::NoProviders
+        }
+        Err(FetchError::BadOutboard(_)) => FetchResult::Integrity,
+        Err(FetchError::Control(_)) => FetchResult::Control,
+        Err(FetchError::Store(_)) => FetchResult::Store,
+        Err(FetchError::Cancelled) => FetchResult::Cancelled,
+    };
+    metrics.fetch_ended(kind, started.elapsed());
+    if let Err(e) = &result {
+        span.in_scope(|| tracing::warn!(error = %e, "fetch failed"));
+    }
+    result
+}
+
+async fn download(
     shared: Arc<Shared>,
     blob_ref: BlobRef,
     progress: watch::Sender<Progress>,
@@ -400,6 +432,7 @@ pub(crate) async fn fetch(
                     WorkerEnd::Done => {}
                     WorkerEnd::Banned => {
                         banned.push(ix);
+                        shared.metrics.provider_banned();
                         let entry = Arc::clone(&lock(&dl.providers)[ix]);
                         report(&shared, &entry.peer_id, id).await;
                     }
@@ -844,6 +877,9 @@ impl Worker {
                     }
                 }
                 if outcome != WriteOutcome::AlreadyHad {
+                    dl.shared
+                        .metrics
+                        .chunk_received(Source::Peer, len, now.duration_since(f.sent));
                     dl.bytes_done.fetch_add(len, Ordering::Relaxed);
                     dl.shared.downloaded_bytes.fetch_add(len, Ordering::Relaxed);
                     self.entry.bytes.fetch_add(len, Ordering::Relaxed);
@@ -855,6 +891,7 @@ impl Worker {
                 Ok(())
             }
             Err(StoreError::Verify(e)) => {
+                dl.shared.metrics.chunk_rejected();
                 tracing::warn!(peer = %self.entry.address, error = %e, "discarding a chunk that failed verification");
                 lock(&dl.sched).unask(self.p, chunk);
                 dl.wake.notify_waiters();

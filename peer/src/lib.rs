@@ -9,6 +9,7 @@
 //! - `connection`: the dialing side of `PeerExchange` (one stream per peer).
 //! - [`fetch`]: the multi-source downloader and its scheduler.
 //! - `membership`: registration, heartbeats, announcements.
+//! - `metrics`: Prometheus metrics and the daemon's HTTP endpoint.
 //! - [`local`]: `LocalApi`, the CLI's Unix-socket API.
 //! - [`limit`]: the token bucket behind upload and download limits.
 //! - `fault`: test-only fault switches (feature `fault-injection`).
@@ -20,6 +21,7 @@ pub mod fetch;
 pub mod limit;
 pub mod local;
 mod membership;
+mod metrics;
 pub mod node;
 mod server;
 

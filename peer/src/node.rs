@@ -36,6 +36,7 @@ use crate::{
     limit::RateLimiter,
     local::LocalService,
     membership,
+    metrics::{self, Metrics},
     server::ExchangeService,
 };
 
@@ -96,6 +97,7 @@ pub(crate) struct Shared {
     /// Numbers serving streams, for `recent_sends`.
     pub(crate) next_stream: AtomicU64,
     pub(crate) pool: Pool,
+    pub(crate) metrics: Arc<Metrics>,
     pub(crate) started: Instant,
     pub(crate) shutdown: CancellationToken,
 }
@@ -169,6 +171,7 @@ impl Node {
             recent_sends: dashmap::DashMap::new(),
             next_stream: AtomicU64::new(1),
             pool: Pool::default(),
+            metrics: Arc::new(Metrics::default()),
             started: Instant::now(),
             shutdown: CancellationToken::new(),
             config,
@@ -260,6 +263,19 @@ impl Node {
             let _ = std::fs::remove_file(socket);
         });
         Ok(())
+    }
+
+    /// Serves `/metrics`, `/healthz` and `/readyz` over HTTP on `listener`
+    /// (the daemon's `--http-listen`).
+    pub fn serve_http(&mut self, listener: TcpListener) {
+        let shared = Arc::clone(&self.shared);
+        let stop = self.shared.shutdown.clone();
+        self.tasks.spawn(async move {
+            if let Err(e) = metrics::serve(listener, shared, stop.clone()).await {
+                tracing::error!(error = %e, "metrics endpoint failed");
+                stop.cancel();
+            }
+        });
     }
 
     /// The address the peer server listens on.

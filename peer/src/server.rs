@@ -20,7 +20,7 @@ use tokio::sync::{broadcast, mpsc};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
-use crate::node::Shared;
+use crate::{metrics::Refusal, node::Shared};
 
 /// Largest chunk payload in one message.
 pub(crate) const MAX_PIECE: usize = 1 << 20;
@@ -88,7 +88,7 @@ impl PeerExchange for ExchangeService {
         request: Request<Streaming<ExchangeRequest>>,
     ) -> Result<Response<Self::ExchangeStream>, Status> {
         let remote = request.remote_addr();
-        let span = tracing::debug_span!("serve", peer = tracing::field::Empty, ?remote);
+        let span = tracing::info_span!("exchange", peer = tracing::field::Empty, ?remote);
         let inbound = request.into_inner();
         // A few pieces of slack: a receiver that stops reading stalls only
         // its own stream, and memory stays at a few MiB per stream.
@@ -150,6 +150,7 @@ async fn read_requests(
         let items: Vec<(Work, Option<Slot>)> = match msg.kind {
             Some(Req::Hello(hello)) => {
                 tracing::Span::current().record("peer", hello.peer_id.as_str());
+                tracing::debug!(address = %hello.address, "exchange stream opened");
                 continue;
             }
             Some(Req::GetOutboard(get)) => match parse(&get.blob) {
@@ -177,6 +178,7 @@ async fn read_requests(
                             let cap = shared.config.upload_slots;
                             if shared.active_uploads.fetch_add(1, Ordering::AcqRel) >= cap {
                                 shared.active_uploads.fetch_sub(1, Ordering::AcqRel);
+                                shared.metrics.refused(Refusal::Busy);
                                 let busy = Resp::Busy(pb::Busy {
                                     retry_after_ms: BUSY_RETRY.as_millis() as u64,
                                 });
@@ -221,6 +223,7 @@ async fn serve_work(
     cancelled: Arc<Mutex<HashSet<u64>>>,
     watched: Arc<Mutex<HashSet<BlobId>>>,
 ) {
+    let _open = shared.metrics.serving_stream();
     let mut events = shared.chunk_events.subscribe();
     let mut dirty: HashSet<BlobId> = HashSet::new();
     let mut flush = tokio::time::interval(HAVE_FLUSH);
@@ -371,6 +374,7 @@ where
         .await;
     };
     if !claim_send(shared, stream, &b, chunk) {
+        shared.metrics.refused(Refusal::TryElsewhere);
         let msg = format!("chunk {chunk} was just sent to another peer");
         return send(error(id, pb::error::Code::TryElsewhere, msg)).await;
     }
@@ -421,6 +425,7 @@ where
         shared
             .uploaded_bytes
             .fetch_add((end - offset) as u64, Ordering::Relaxed);
+        shared.metrics.served((end - offset) as u64);
         offset = end;
         if offset >= len {
             return true;

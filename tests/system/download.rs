@@ -181,7 +181,22 @@ fn lying_provider_is_banned_reported_and_quarantined() {
             .sum();
         assert_eq!(from_liar, 0, "a chunk from the liar was stored");
         assert!(log.contains("reported a provider"), "liar not reported");
+        // The metrics say the same: every bad chunk rejected, none stored.
+        let m = fetcher.proc.metrics();
+        assert_eq!(m.get("nebula_chunks_rejected_total"), discarded as f64);
+        assert_eq!(
+            m.get("nebula_providers_banned_total"),
+            if discarded >= 2 { 1.0 } else { 0.0 }
+        );
+        assert_eq!(
+            m.get(r#"nebula_received_bytes_total{source="peer"}"#),
+            size as f64
+        );
     }
+    let m = c.control.proc.metrics();
+    assert_eq!(m.get("nebula_control_reports_total"), 2.0);
+    assert_eq!(m.get("nebula_control_quarantines_total"), 1.0);
+    assert_eq!(m.get(r#"nebula_control_peers{state="quarantined"}"#), 1.0);
     // Two distinct reporters: quarantined. Honest peers untouched.
     let peers = crate::support::run_bounded(
         {

@@ -3,5 +3,6 @@ mod control;
 mod daemon;
 mod download;
 mod hash;
+mod observe;
 mod store;
 mod support;

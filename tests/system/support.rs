@@ -67,11 +67,15 @@ pub(crate) fn file_id(path: &Path) -> BlobId {
 pub(crate) struct Proc {
     child: Child,
     pub(crate) log: PathBuf,
+    /// Its `--http-listen` endpoint, when it was started with one.
+    pub(crate) http: Option<SocketAddr>,
 }
 
 impl Proc {
-    /// Starts `cmd` with stderr to `log`, waits for its `listening on ADDR` line.
+    /// Starts `cmd` with stderr to `log`, waits for its `listening on ADDR`
+    /// line (and its `http on ADDR` line when given `--http-listen`).
     pub(crate) fn spawn(mut cmd: Command, log: PathBuf) -> (Self, SocketAddr) {
+        let with_http = cmd.get_args().any(|a| a == "--http-listen");
         let err = File::create(&log).unwrap();
         let mut child = cmd
             .stdout(Stdio::piped())
@@ -83,25 +87,47 @@ impl Proc {
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(line)) = lines.next() {
-                let _ = tx.send(line);
+            for _ in 0..2 {
+                if let Some(Ok(line)) = lines.next() {
+                    let _ = tx.send(line);
+                }
             }
             // Keep draining so the child never blocks on a full pipe.
             for _ in lines {}
         });
-        let proc = Self { child, log };
-        let line = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(line) => line,
-            Err(_) => panic!(
-                "process did not report its address; log:\n{}",
-                proc.log_text()
-            ),
+        let mut proc = Self {
+            child,
+            log,
+            http: None,
         };
-        let addr = line
-            .strip_prefix("listening on ")
-            .and_then(|a| a.trim().parse().ok())
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+        let next = |prefix: &str| {
+            let line = match rx.recv_timeout(Duration::from_secs(30)) {
+                Ok(line) => line,
+                Err(_) => panic!(
+                    "process did not report its address; log:\n{}",
+                    proc.log_text()
+                ),
+            };
+            line.strip_prefix(prefix)
+                .and_then(|a| a.trim().parse::<SocketAddr>().ok())
+                .unwrap_or_else(|| panic!("unexpected line {line:?}, expected {prefix:?}"))
+        };
+        let addr = next("listening on ");
+        let http = with_http.then(|| next("http on "));
+        proc.http = http;
         (proc, addr)
+    }
+
+    /// Its HTTP endpoint; panics if it was started without `--http-listen`.
+    pub(crate) fn http(&self) -> SocketAddr {
+        self.http.expect("started without --http-listen")
+    }
+
+    /// Scrapes its `/metrics`.
+    pub(crate) fn metrics(&self) -> Metrics {
+        let (status, body) = http_request(self.http(), "GET", "/metrics", None, &[]);
+        assert_eq!(status, 200, "GET /metrics: {body}");
+        Metrics::parse(&body)
     }
 
     pub(crate) fn pid(&self) -> i32 {
@@ -177,6 +203,7 @@ impl Control {
         cmd.arg("control")
             .arg("--listen")
             .arg(listen.to_string())
+            .args(["--http-listen", "127.0.0.1:0"])
             .args(FAST_CONTROL);
         cmd.env("RUST_LOG", "info");
         let log = dir.join(format!("control-{}.log", rand::random::<u32>()));
@@ -330,6 +357,7 @@ fn spawn_daemon(
         .arg(control)
         .arg("--listen")
         .arg(listen.to_string())
+        .args(["--http-listen", "127.0.0.1:0"])
         .args(args)
         .env("RUST_LOG", "info,nebula_peer=debug");
     for (k, v) in envs {
@@ -425,6 +453,142 @@ impl Cluster {
             let out = run_bounded(cmd, Duration::from_secs(10));
             let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
             v["members"].as_array().map_or(0, |m| m.len()) >= n
+        })
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection (`Connection: close`), bounded
+/// in time; returns the status and the body. Enough for `/metrics`, the live
+/// page's JSON and a WebDriver session, without an HTTP client crate.
+pub(crate) fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    use std::io::Read;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let body = body.unwrap_or("");
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if !body.is_empty() {
+        request.push_str("Content-Type: application/json\r\n");
+    }
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    stream.write_all(request.as_bytes()).unwrap();
+    // Read the head, then exactly the body: some servers (chromedriver)
+    // keep the connection open despite `Connection: close`.
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 64 * 1024];
+    let head_end = loop {
+        if let Some(at) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at;
+        }
+        let n = stream
+            .read(&mut buf)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        assert!(n > 0, "{method} {path}: connection closed before the head");
+        raw.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&raw[..head_end]).into_owned();
+    let mut rest = raw[head_end + 4..].to_vec();
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{method} {path}: bad status line in {head:?}"));
+    let header = |name: &str| {
+        head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_owned())
+        })
+    };
+    let length: Option<usize> = header("content-length").and_then(|v| v.parse().ok());
+    let chunked = header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
+    loop {
+        let done = match length {
+            Some(len) => rest.len() >= len,
+            None if chunked => rest.ends_with(b"0\r\n\r\n"),
+            None => false,
+        };
+        if done {
+            break;
+        }
+        let n = stream
+            .read(&mut buf)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        if n == 0 {
+            break;
+        }
+        rest.extend_from_slice(&buf[..n]);
+    }
+    let rest = String::from_utf8_lossy(&rest).into_owned();
+    let body = if chunked { dechunk(&rest) } else { rest };
+    (status, body)
+}
+
+fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || after.len() < n {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// A parsed scrape: each series (name with its labels, exactly as printed)
+/// and its value.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Metrics(pub(crate) std::collections::BTreeMap<String, f64>);
+
+impl Metrics {
+    pub(crate) fn parse(text: &str) -> Self {
+        let series = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(|l| {
+                let (name, value) = l.rsplit_once(' ')?;
+                Some((name.to_owned(), value.parse().ok()?))
+            })
+            .collect();
+        Self(series)
+    }
+
+    /// The value of one series; panics when it is absent.
+    pub(crate) fn get(&self, series: &str) -> f64 {
+        *self
+            .0
+            .get(series)
+            .unwrap_or_else(|| panic!("{series} not in the scrape: {:?}", self.0.keys()))
+    }
+
+    /// Whether any series of metric family `name` is present.
+    pub(crate) fn has_family(&self, name: &str) -> bool {
+        self.0.keys().any(|k| {
+            let base = k.split('{').next().unwrap_or(k);
+            base == name
+                || base
+                    .strip_prefix(name)
+                    .is_some_and(|s| ["_bucket", "_count", "_sum", "_total"].contains(&s))
         })
     }
 }
