@@ -64,6 +64,25 @@ pub enum FetchError {
     /// Every provider's outboard failed verification.
     #[error("no provider sent a valid outboard for blob {0}")]
     BadOutboard(BlobId),
+    /// The control plane answered about another blob than the one asked for.
+    #[error("the control plane answered about blob {answered:?} when asked for {asked}")]
+    WrongBlob {
+        /// What was asked for.
+        asked: BlobId,
+        /// The id the answer named.
+        answered: String,
+    },
+    /// The blob a `sha256:` digest resolved to has another SHA-256: the
+    /// alias was false. The blob stays in the store under its own id only.
+    #[error("sha256:{digest} resolved to blob {id}, whose SHA-256 is {actual}: the alias is false")]
+    DigestMismatch {
+        /// The digest asked for.
+        digest: nebula_common::Sha256Digest,
+        /// The blob it resolved to.
+        id: BlobId,
+        /// That blob's real SHA-256.
+        actual: nebula_common::Sha256Digest,
+    },
     /// The store failed (a full disk, an I/O error).
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -192,7 +211,21 @@ async fn discover(
     )
     .await
     {
-        Ok(Ok(r)) => Ok(r.into_inner()),
+        Ok(Ok(r)) => {
+            let r = r.into_inner();
+            // The downloader works only on the id it was asked for: an answer
+            // about another blob (a confused or tampered-with relay) is refused.
+            if let BlobRef::Blake3(asked) = blob
+                && !(r.providers.is_empty() && r.id.is_empty())
+                && r.id.parse::<BlobId>().ok() != Some(*asked)
+            {
+                return Err(FetchError::WrongBlob {
+                    asked: *asked,
+                    answered: r.id,
+                });
+            }
+            Ok(r)
+        }
         Ok(Err(status)) if status.code() == tonic::Code::NotFound => {
             Ok(pb::FindProvidersResponse::default())
         }
@@ -229,7 +262,11 @@ pub(crate) async fn fetch(
         Err(FetchError::NoProviders { .. } | FetchError::NoControlPlane(_)) => {
             FetchResult::NoProviders
         }
-        Err(FetchError::BadOutboard(_)) => FetchResult::Integrity,
+        Err(
+            FetchError::BadOutboard(_)
+            | FetchError::WrongBlob { .. }
+            | FetchError::DigestMismatch { .. },
+        ) => FetchResult::Integrity,
         Err(FetchError::Control(_)) => FetchResult::Control,
         Err(FetchError::Store(_)) => FetchResult::Store,
         Err(FetchError::Cancelled) => FetchResult::Cancelled,
@@ -279,7 +316,9 @@ async fn download(
         match discover(&shared, &blob_ref).await {
             Ok(r) if !r.providers.is_empty() => break r,
             Ok(_) => {}
-            Err(e @ FetchError::NoControlPlane(_)) => return Err(e),
+            Err(e @ (FetchError::NoControlPlane(_) | FetchError::WrongBlob { .. })) => {
+                return Err(e);
+            }
             Err(e) if Instant::now() >= deadline => return Err(e),
             Err(e) => tracing::debug!(error = %e, "discovery failed; retrying"),
         }
@@ -496,6 +535,9 @@ async fn download(
         return Err(FetchError::Store(err));
     }
     result?;
+    if let BlobRef::Sha256(digest) = blob_ref {
+        check_sha256(&blob, digest).await?;
+    }
     let sources = sources(&dl);
     progress.send_replace(Progress {
         id: Some(id),
@@ -512,6 +554,27 @@ async fn download(
         resumed_bytes,
         sources,
     })
+}
+
+/// Checks that a blob fetched by `sha256:` digest has that SHA-256 (its
+/// BLAKE3 chunks were verified; the alias that led to it was only a claim).
+async fn check_sha256(
+    blob: &Arc<Blob>,
+    digest: nebula_common::Sha256Digest,
+) -> Result<(), FetchError> {
+    let hashing = Arc::clone(blob);
+    let actual = tokio::task::spawn_blocking(move || hashing.compute_sha256())
+        .await
+        .map_err(|_| FetchError::Cancelled)??;
+    if actual == digest {
+        Ok(())
+    } else {
+        Err(FetchError::DigestMismatch {
+            digest,
+            id: blob.id(),
+            actual,
+        })
+    }
 }
 
 /// Gets the outboard from the first provider whose outboard verifies.

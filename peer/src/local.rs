@@ -53,7 +53,9 @@ fn fetch_status(e: FetchError) -> Status {
             Status::not_found(e.to_string())
         }
         FetchError::Control(_) => Status::unavailable(e.to_string()),
-        FetchError::BadOutboard(_) => Status::data_loss(e.to_string()),
+        FetchError::BadOutboard(_)
+        | FetchError::WrongBlob { .. }
+        | FetchError::DigestMismatch { .. } => Status::data_loss(e.to_string()),
         FetchError::Store(e) => store_status(e),
         FetchError::Cancelled => Status::cancelled(e.to_string()),
     }

@@ -48,6 +48,8 @@ enum Work {
     Outboard(u64, BlobId),
     Chunk(u64, BlobId, u32),
     Answer(ExchangeResponse),
+    /// The dialing side sent what cannot be read: end the stream with this.
+    Fail(Status),
 }
 
 /// Gives an upload slot back when the chunk is served, dropped or the stream dies.
@@ -125,6 +127,22 @@ impl PeerExchange for ExchangeService {
     }
 }
 
+/// The status that ends a stream whose input could not be read: a message
+/// over the size limit is `RESOURCE_EXHAUSTED`, one that does not decode
+/// `INVALID_ARGUMENT`; a reset or cancel by the peer gets no answer.
+fn refusal(status: &Status) -> Option<Status> {
+    match status.code() {
+        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => {
+            Some(Status::resource_exhausted(status.message().to_owned()))
+        }
+        tonic::Code::Internal => Some(Status::invalid_argument(format!(
+            "undecodable request: {}",
+            status.message()
+        ))),
+        _ => None,
+    }
+}
+
 async fn read_requests(
     shared: Arc<Shared>,
     mut inbound: Streaming<ExchangeRequest>,
@@ -141,7 +159,12 @@ async fn read_requests(
             Ok(Some(m)) => m,
             Ok(None) => return,
             Err(status) => {
-                tracing::debug!(%status, "exchange stream closed by the dialing peer");
+                if let Some(answer) = refusal(&status) {
+                    tracing::debug!(%status, "undecodable request; ending the stream");
+                    let _ = work.send((Work::Fail(answer), None));
+                } else {
+                    tracing::debug!(%status, "exchange stream closed by the dialing peer");
+                }
                 return;
             }
         };
@@ -246,6 +269,10 @@ async fn serve_work(
                 let Some((item, slot)) = item else { return };
                 let ok = match item {
                     Work::Answer(msg) => send(msg).await,
+                    Work::Fail(status) => {
+                        let _ = tokio::time::timeout(idle, out.send(Err(status))).await;
+                        return;
+                    }
                     Work::Outboard(id, blob) => send(outboard(&shared, id, blob)).await,
                     Work::Chunk(id, blob, chunk) => {
                         if cancelled.lock().unwrap_or_else(|e| e.into_inner()).remove(&id) {

@@ -6,3 +6,4 @@ mod hash;
 mod observe;
 mod store;
 mod support;
+mod trust;

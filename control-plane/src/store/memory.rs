@@ -137,6 +137,17 @@ impl Default for MemoryStore {
     }
 }
 
+/// Records a refused `sha256` claim: `claimed` announced under `sha`, which
+/// names `holder` (or belongs to no blob while `claimed` has another digest).
+fn refused_alias(sha: Key, claimed: Key, holder: Option<Key>) {
+    tracing::warn!(
+        sha256 = %Sha256Digest(sha),
+        claimed = %BlobId::from_bytes(claimed),
+        holder = ?holder.map(BlobId::from_bytes),
+        "conflicting sha256 alias refused"
+    );
+}
+
 impl MemoryStore {
     /// An empty store.
     pub fn new() -> Self {
@@ -248,26 +259,36 @@ impl MemoryStore {
                     entry.holders.push(Holder { peer: idx, chunks });
                     self.entries.fetch_add(1, Ordering::Relaxed);
                 }
-                if entry.sha256.is_none()
-                    && let Some(sha) = sha
-                {
-                    entry.sha256 = Some(sha);
-                    self.aliases.insert(sha, key);
+                match (entry.sha256, sha) {
+                    (None, Some(sha)) if self.claim_alias(sha, key) => entry.sha256 = Some(sha),
+                    // The blob's digest is known: another one is a false claim.
+                    (Some(known), Some(sha)) if known != sha => {
+                        refused_alias(sha, key, self.aliases.get(&sha).map(|k| *k));
+                    }
+                    _ => {}
                 }
             }
             Entry::Vacant(slot) => {
                 slot.insert(BlobEntry {
                     size: blob.size,
-                    sha256: sha,
+                    sha256: sha.filter(|&sha| self.claim_alias(sha, key)),
                     // Exactly one slot: most blobs have few providers.
                     holders: vec![Holder { peer: idx, chunks }],
                 });
                 self.entries.fetch_add(1, Ordering::Relaxed);
-                if let Some(sha) = sha {
-                    self.aliases.insert(sha, key);
-                }
             }
         }
+    }
+
+    /// Points `sha` at `key` unless it already names another blob: the first
+    /// claim stands while that blob has providers, and a conflicting one is
+    /// refused (and logged), so an alias is never overwritten.
+    fn claim_alias(&self, sha: Key, key: Key) -> bool {
+        let holder = *self.aliases.entry(sha).or_insert(key);
+        if holder != key {
+            refused_alias(sha, key, Some(holder));
+        }
+        holder == key
     }
 
     /// Copies a sanction into the peer's entry (called under the sanction's guard).
@@ -656,6 +677,47 @@ mod tests {
         let st = s.stats().await.unwrap();
         assert_eq!((st.peers, st.blobs, st.provider_entries), (0, 0, 0));
         assert!(!s.announce(&a, Announcement::default()).await.unwrap());
+    }
+
+    /// Issue 10, row 1: a second blob claiming a live alias never takes it.
+    #[tokio::test(start_paused = true)]
+    async fn an_alias_is_never_overwritten_by_another_blob() {
+        let s = MemoryStore::new();
+        let (a, m): (PeerId, PeerId) = ("a".parse().unwrap(), "m".parse().unwrap());
+        s.register(reg("a"), LEASE).await.unwrap();
+        s.register(reg("m"), LEASE).await.unwrap();
+        let honest = blob(1, None);
+        let digest = honest.sha256.unwrap();
+        let ann = |b: BlobAnnouncement| Announcement {
+            blobs: vec![b],
+            ..Announcement::default()
+        };
+        assert!(s.announce(&a, ann(honest)).await.unwrap());
+        // The liar announces another blob under the same digest, new and known.
+        let mut lie = blob(2, None);
+        lie.sha256 = Some(digest);
+        assert!(s.announce(&m, ann(lie.clone())).await.unwrap());
+        assert!(s.announce(&m, ann(lie)).await.unwrap());
+        let mut lie_too = blob(1, None);
+        lie_too.id = BlobId::from_bytes([3; 32]);
+        lie_too.sha256 = Some(digest);
+        assert!(s.announce(&m, ann(lie_too)).await.unwrap());
+        assert_eq!(
+            s.resolve_sha256(&digest).await.unwrap(),
+            Some(BlobId::from_bytes([1; 32]))
+        );
+        let liar_blob = s
+            .swarm(&BlobId::from_bytes([2; 32]))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            liar_blob.meta.sha256, None,
+            "the refused claim is not shown"
+        );
+        // Once the honest blob has no provider, the alias is free again.
+        assert!(s.deregister(&a).await.unwrap());
+        assert_eq!(s.resolve_sha256(&digest).await.unwrap(), None);
     }
 
     #[tokio::test(start_paused = true)]

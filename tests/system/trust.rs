@@ -1,0 +1,377 @@
+//! Attacks on what a fetch returns (issue 10): each test plays the attacker
+//! with a raw gRPC client or relay in this process against real daemons, and
+//! checks that the attack fails while honest traffic is unaffected.
+
+use std::{net::SocketAddr, time::Duration};
+
+use nebula_proto::v1::{
+    self as pb,
+    control_plane_client::ControlPlaneClient,
+    control_plane_server::{ControlPlane, ControlPlaneServer},
+};
+use sha2::Digest as _;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status, transport::Channel};
+
+use crate::{
+    daemon::fetch_report,
+    support::{Cluster, Daemon, file_id, random_file, wait_output},
+};
+
+const MIB: usize = 1 << 20;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn client(url: &str) -> ControlPlaneClient<Channel> {
+    let channel = Channel::from_shared(url.to_owned())
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(10))
+        .connect_lazy();
+    ControlPlaneClient::new(channel)
+}
+
+fn sha256_hex(path: &std::path::Path) -> String {
+    hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+/// A made-up peer registers and claims `id` under `sha256` (it holds nothing).
+async fn claim_alias(url: &str, id: &str, size: u64, sha256: &str) {
+    let mut c = client(url);
+    c.register(pb::RegisterRequest {
+        peer_id: "mallory".into(),
+        address: "127.0.0.1:9".into(),
+        zone: String::new(),
+        labels: Default::default(),
+    })
+    .await
+    .unwrap();
+    c.announce(pb::AnnounceRequest {
+        peer_id: "mallory".into(),
+        blobs: vec![pb::BlobAnnouncement {
+            id: id.into(),
+            size,
+            sha256: sha256.into(),
+            complete: true,
+            chunks: Default::default(),
+        }],
+        removed: Vec::new(),
+        full_inventory: true,
+    })
+    .await
+    .unwrap();
+}
+
+/// Row 1: a join-token holder claims another blob under a real blob's
+/// SHA-256. The alias is not overwritten, and where a false alias is all
+/// there is, the fetch checks the SHA-256 and fails instead of returning
+/// other bytes.
+#[test]
+fn trust_a_false_sha256_alias_never_yields_other_bytes() {
+    let rt = runtime();
+    let c = Cluster::start(3);
+    let (real, other) = (c.path("real.bin"), c.path("other.bin"));
+    let real_id = random_file(&real, 3 * MIB, 41).to_string();
+    let other_id = random_file(&other, 2 * MIB, 42).to_string();
+    let (real_sha, other_sha) = (sha256_hex(&real), sha256_hex(&other));
+
+    // The honest blob is announced first; the claim comes after it.
+    c.daemons[0].add(&real);
+    c.daemons[1].add(&other);
+    assert!(c.wait_providers(&real_id, 1) && c.wait_providers(&other_id, 1));
+    rt.block_on(claim_alias(
+        &c.control.url(),
+        &other_id,
+        2 * MIB as u64,
+        &real_sha,
+    ));
+    let out = c.path("by-digest.bin");
+    let report = fetch_report(&wait_output(
+        c.daemons[2].spawn_fetch(&format!("sha256:{real_sha}"), &out),
+        Duration::from_secs(60),
+    ));
+    assert_eq!(report["id"], real_id.as_str());
+    assert_eq!(
+        file_id(&out).to_string(),
+        real_id,
+        "other bytes under the digest"
+    );
+    assert!(
+        c.control
+            .proc
+            .log_text()
+            .contains("conflicting sha256 alias refused"),
+        "the refused claim was not recorded"
+    );
+
+    // A digest nobody honest claimed yet: the liar's claim comes first, then
+    // a real holder of that blob announces it. The fetch gets the bytes,
+    // checks their SHA-256 and fails: exit 1, nothing at the output.
+    let third = c.path("third.bin");
+    let third_id = random_file(&third, MIB, 43).to_string();
+    let unheld_sha = hex::encode(sha2::Sha256::digest(b"a blob nobody has"));
+    rt.block_on(claim_alias(
+        &c.control.url(),
+        &third_id,
+        MIB as u64,
+        &unheld_sha,
+    ));
+    c.daemons[1].add(&third);
+    assert!(c.wait_providers(&third_id, 2));
+    let out = c.path("false-digest.bin");
+    let done = wait_output(
+        c.daemons[2].spawn_fetch(&format!("sha256:{unheld_sha}"), &out),
+        Duration::from_secs(60),
+    );
+    assert_eq!(done.status.code(), Some(1), "a false alias was accepted");
+    let err = String::from_utf8_lossy(&done.stderr);
+    assert!(
+        err.starts_with("error:") && err.contains("alias is false"),
+        "{err}"
+    );
+    assert!(!out.exists(), "something was left at the output");
+    // Honest digests still work from the same daemon.
+    let ok = c.path("other-by-digest.bin");
+    fetch_report(&wait_output(
+        c.daemons[2].spawn_fetch(&format!("sha256:{other_sha}"), &ok),
+        Duration::from_secs(60),
+    ));
+    assert_eq!(file_id(&ok).to_string(), other_id);
+}
+
+/// A relay between a daemon and its control plane that forwards every call
+/// but asks FindProviders about `swap_to` instead (a tampering middlebox).
+struct SwappingRelay {
+    upstream: ControlPlaneClient<Channel>,
+    swap_to: String,
+}
+
+#[tonic::async_trait]
+impl ControlPlane for SwappingRelay {
+    async fn register(
+        &self,
+        r: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        self.upstream.clone().register(r.into_inner()).await
+    }
+    async fn heartbeat(
+        &self,
+        r: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        self.upstream.clone().heartbeat(r.into_inner()).await
+    }
+    async fn announce(
+        &self,
+        r: Request<pb::AnnounceRequest>,
+    ) -> Result<Response<pb::AnnounceResponse>, Status> {
+        self.upstream.clone().announce(r.into_inner()).await
+    }
+    async fn find_providers(
+        &self,
+        r: Request<pb::FindProvidersRequest>,
+    ) -> Result<Response<pb::FindProvidersResponse>, Status> {
+        let mut req = r.into_inner();
+        req.blob = self.swap_to.clone();
+        self.upstream.clone().find_providers(req).await
+    }
+    async fn report_peer(
+        &self,
+        r: Request<pb::ReportPeerRequest>,
+    ) -> Result<Response<pb::ReportPeerResponse>, Status> {
+        self.upstream.clone().report_peer(r.into_inner()).await
+    }
+    async fn deregister(
+        &self,
+        r: Request<pb::DeregisterRequest>,
+    ) -> Result<Response<pb::DeregisterResponse>, Status> {
+        self.upstream.clone().deregister(r.into_inner()).await
+    }
+}
+
+/// Row 2: a relay rewrites discovery to name another blob. The downloader
+/// works only on the id it was asked for: the fetch fails, no other bytes
+/// reach the output, and the same fetch through the real control plane works.
+#[test]
+fn trust_a_discovery_answer_about_another_blob_is_refused() {
+    let rt = runtime();
+    let c = Cluster::start(2);
+    let (wanted, decoy) = (c.path("wanted.bin"), c.path("decoy.bin"));
+    let wanted_id = random_file(&wanted, 2 * MIB, 44).to_string();
+    let decoy_id = random_file(&decoy, 2 * MIB, 45).to_string();
+    c.daemons[0].add(&wanted);
+    c.daemons[1].add(&decoy);
+    assert!(c.wait_providers(&wanted_id, 1) && c.wait_providers(&decoy_id, 1));
+
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let relay_addr: SocketAddr = listener.local_addr().unwrap();
+    let relay = SwappingRelay {
+        upstream: rt.block_on(async { client(&c.control.url()) }),
+        swap_to: decoy_id.clone(),
+    };
+    rt.spawn(
+        tonic::transport::Server::builder()
+            .add_service(ControlPlaneServer::new(relay))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    let victim = Daemon::start(
+        c.dir.path(),
+        "victim",
+        &format!("http://{relay_addr}"),
+        &[],
+        &[],
+    );
+    victim.wait_registered();
+    let out = c.path("out.bin");
+    let done = wait_output(
+        victim.spawn_fetch(&wanted_id, &out),
+        Duration::from_secs(60),
+    );
+    assert_eq!(done.status.code(), Some(1), "the swapped answer was used");
+    let err = String::from_utf8_lossy(&done.stderr);
+    assert!(err.contains("answered about blob"), "{err}");
+    assert!(!out.exists(), "bytes reached the output");
+    let held = victim.cli(&["ls", "--json"]);
+    assert!(
+        !String::from_utf8_lossy(&held.stdout).contains(&decoy_id),
+        "the decoy was downloaded"
+    );
+    // Honest traffic: the same fetch on a daemon of the real control plane.
+    let ok = c.path("ok.bin");
+    fetch_report(&wait_output(
+        c.daemons[1].spawn_fetch(&wanted_id, &ok),
+        Duration::from_secs(60),
+    ));
+    assert_eq!(file_id(&ok).to_string(), wanted_id);
+}
+
+/// Sends and receives raw message bytes: an attacker's codec.
+#[derive(Debug, Clone, Copy, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = bytes::Bytes;
+    type Decode = bytes::Bytes;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = bytes::Bytes;
+    type Error = Status;
+
+    fn encode(
+        &mut self,
+        item: bytes::Bytes,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = bytes::Bytes;
+    type Error = Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<bytes::Bytes>, Status> {
+        let len = bytes::Buf::remaining(src);
+        Ok(Some(bytes::Buf::copy_to_bytes(src, len)))
+    }
+}
+
+/// Opens an exchange stream to `addr`, sends `messages` as they are, and
+/// returns how the stream ended.
+async fn raw_exchange(addr: SocketAddr, messages: Vec<bytes::Bytes>) -> Result<(), Status> {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path =
+        tonic::codegen::http::uri::PathAndQuery::from_static("/nebula.v1.PeerExchange/Exchange");
+    // Keep the request stream open: the answer must come from the server.
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
+    for m in messages {
+        tx.send(m).await.unwrap();
+    }
+    let request = Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let mut answers = grpc.streaming(request, path, RawCodec).await?.into_inner();
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        // Bounded: the server answers nothing to these but the final status.
+        for _ in 0..100 {
+            match answers.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return Ok(()),
+                Err(status) => return Err(status),
+            }
+        }
+        Ok(())
+    })
+    .await
+    .expect("the stream neither answered nor ended");
+    drop(tx);
+    ended
+}
+
+/// Row 14: input the exchange cannot read ends the stream with an error
+/// status (INVALID_ARGUMENT, RESOURCE_EXHAUSTED), never a clean end, and the
+/// daemon goes on serving.
+#[test]
+fn trust_unreadable_exchange_input_gets_an_error_status() {
+    use prost::Message as _;
+    let rt = runtime();
+    let c = Cluster::start(2);
+    let src = c.path("src.bin");
+    let id = random_file(&src, 2 * MIB, 46).to_string();
+    c.daemons[0].add(&src);
+    assert!(c.wait_providers(&id, 1));
+    let target = c.daemons[0].addr;
+
+    // A truncated varint: not a protobuf message.
+    let garbage = bytes::Bytes::from_static(&[0x0a, 0xff, 0xff, 0xff]);
+    let ended = rt.block_on(raw_exchange(target, vec![garbage]));
+    let status = ended.expect_err("undecodable input ended the stream with OK");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+
+    // Over the message size limit: 2 million chunk indexes (~6 MB).
+    let huge = pb::ExchangeRequest {
+        request_id: 1,
+        kind: Some(pb::exchange_request::Kind::GetChunks(pb::GetChunks {
+            blob: id.clone(),
+            chunks: (0..2_000_000).collect(),
+        })),
+    };
+    let ended = rt.block_on(raw_exchange(target, vec![huge.encode_to_vec().into()]));
+    let status = ended.expect_err("oversized input ended the stream with OK");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+
+    // Honest traffic is unaffected.
+    let out = c.path("out.bin");
+    fetch_report(&wait_output(
+        c.daemons[1].spawn_fetch(&id, &out),
+        Duration::from_secs(60),
+    ));
+    assert_eq!(file_id(&out).to_string(), id);
+}
