@@ -30,8 +30,17 @@ pub struct Config {
     pub rediscover_interval: Duration,
     /// Partial progress is announced to the control plane at most this often.
     pub announce_interval: Duration,
-    /// A serving stream whose receiver reads nothing for this long is dropped.
+    /// A serving stream whose receiver takes this long to accept one message
+    /// is dropped, giving back its upload slots at once.
     pub idle_stream_timeout: Duration,
+    /// Upload slots one serving stream may hold at once; past it that stream
+    /// is answered busy while others are still served.
+    pub stream_upload_slots: u32,
+    /// Chunk indexes one `GetChunks` request may name.
+    pub max_chunks_per_request: usize,
+    /// Requests one serving stream queues before it stops reading (the
+    /// dialing side then waits on HTTP/2 flow control).
+    pub stream_queue: usize,
     /// Timeout of one control-plane call.
     pub control_timeout: Duration,
 }
@@ -52,7 +61,10 @@ impl Config {
             no_provider_timeout: Duration::from_secs(30),
             rediscover_interval: Duration::from_secs(1),
             announce_interval: Duration::from_millis(250),
-            idle_stream_timeout: Duration::from_secs(60),
+            idle_stream_timeout: Duration::from_secs(5),
+            stream_upload_slots: 32,
+            max_chunks_per_request: 64,
+            stream_queue: 256,
             control_timeout: Duration::from_secs(5),
         }
     }
@@ -61,6 +73,15 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         if self.upload_slots == 0 {
             return Err("upload slots must be at least 1".into());
+        }
+        if self.stream_upload_slots == 0
+            || self.max_chunks_per_request == 0
+            || self.stream_queue == 0
+        {
+            return Err(
+                "stream upload slots, chunks per request and stream queue must be at least 1"
+                    .into(),
+            );
         }
         if self.max_providers == 0 {
             return Err("max providers must be at least 1".into());

@@ -5,7 +5,10 @@
 use std::{
     collections::HashSet,
     pin::Pin,
-    sync::{Arc, Mutex, atomic::Ordering},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
     time::Duration,
 };
 
@@ -27,6 +30,9 @@ pub(crate) const MAX_PIECE: usize = 1 << 20;
 
 /// How long a busy answer asks the requester to stay away.
 const BUSY_RETRY: Duration = Duration::from_millis(100);
+
+/// Blobs one stream gets have-updates for at most.
+const MAX_WATCHED: usize = 1024;
 
 /// How often pending have-updates are flushed to a stream.
 const HAVE_FLUSH: Duration = Duration::from_millis(100);
@@ -52,13 +58,41 @@ enum Work {
     Fail(Status),
 }
 
-/// Gives an upload slot back when the chunk is served, dropped or the stream dies.
+/// Gives an upload slot back, to the node and to its stream, when the chunk
+/// is served, dropped or the stream dies.
 #[derive(Debug)]
-struct Slot(Arc<Shared>);
+struct Slot {
+    shared: Arc<Shared>,
+    stream: Arc<AtomicU32>,
+}
+
+impl Slot {
+    /// Takes a slot unless the node's or the stream's are all in use: one
+    /// stream never holds more than its share, so a receiver that stops
+    /// reading cannot starve the others.
+    fn take(shared: &Arc<Shared>, stream: &Arc<AtomicU32>) -> Option<Self> {
+        let cap = shared.config.upload_slots;
+        let stream_cap = shared.config.stream_upload_slots.min(cap);
+        if stream.fetch_add(1, Ordering::AcqRel) >= stream_cap {
+            stream.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        if shared.active_uploads.fetch_add(1, Ordering::AcqRel) >= cap {
+            shared.active_uploads.fetch_sub(1, Ordering::AcqRel);
+            stream.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Self {
+            shared: Arc::clone(shared),
+            stream: Arc::clone(stream),
+        })
+    }
+}
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.active_uploads.fetch_sub(1, Ordering::AcqRel);
+        self.shared.active_uploads.fetch_sub(1, Ordering::AcqRel);
+        self.stream.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -95,8 +129,9 @@ impl PeerExchange for ExchangeService {
         // A few pieces of slack: a receiver that stops reading stalls only
         // its own stream, and memory stays at a few MiB per stream.
         let (out_tx, out_rx) = mpsc::channel::<Result<ExchangeResponse, Status>>(4);
-        // Bounded by the upload slots: chunk work is admitted only with a slot.
-        let (work_tx, work_rx) = mpsc::unbounded_channel::<(Work, Option<Slot>)>();
+        // Bounded: past it, reading waits on serving.
+        let (work_tx, work_rx) =
+            mpsc::channel::<(Work, Option<Slot>)>(self.shared.config.stream_queue);
         let cancelled = Arc::new(Mutex::new(HashSet::new()));
         let stream = self.shared.next_stream.fetch_add(1, Ordering::Relaxed);
         let watched = Arc::new(Mutex::new(HashSet::new()));
@@ -146,10 +181,18 @@ fn refusal(status: &Status) -> Option<Status> {
 async fn read_requests(
     shared: Arc<Shared>,
     mut inbound: Streaming<ExchangeRequest>,
-    work: mpsc::UnboundedSender<(Work, Option<Slot>)>,
+    work: mpsc::Sender<(Work, Option<Slot>)>,
     cancelled: Arc<Mutex<HashSet<u64>>>,
     watched: Arc<Mutex<HashSet<BlobId>>>,
 ) {
+    // Upload slots this stream holds.
+    let stream_slots = Arc::new(AtomicU32::new(0));
+    let watch = |blob: BlobId| {
+        let mut watched = watched.lock().unwrap_or_else(|e| e.into_inner());
+        if watched.len() < MAX_WATCHED {
+            watched.insert(blob);
+        }
+    };
     loop {
         let msg = tokio::select! {
             _ = shared.shutdown.cancelled() => return,
@@ -161,7 +204,7 @@ async fn read_requests(
             Err(status) => {
                 if let Some(answer) = refusal(&status) {
                     tracing::debug!(%status, "undecodable request; ending the stream");
-                    let _ = work.send((Work::Fail(answer), None));
+                    let _ = work.send((Work::Fail(answer), None)).await;
                 } else {
                     tracing::debug!(%status, "exchange stream closed by the dialing peer");
                 }
@@ -178,10 +221,7 @@ async fn read_requests(
             }
             Some(Req::GetOutboard(get)) => match parse(&get.blob) {
                 Ok(blob) => {
-                    watched
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(blob);
+                    watch(blob);
                     vec![(Work::Outboard(id, blob), None)]
                 }
                 Err(e) => vec![(
@@ -189,28 +229,29 @@ async fn read_requests(
                     None,
                 )],
             },
+            Some(Req::GetChunks(get))
+                if get.chunks.len() > shared.config.max_chunks_per_request =>
+            {
+                let msg = format!(
+                    "{} chunks in one request; at most {}",
+                    get.chunks.len(),
+                    shared.config.max_chunks_per_request
+                );
+                vec![(Work::Answer(error(id, pb::error::Code::Invalid, msg)), None)]
+            }
             Some(Req::GetChunks(get)) => match parse(&get.blob) {
                 Ok(blob) => {
-                    watched
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(blob);
+                    watch(blob);
                     get.chunks
                         .iter()
-                        .map(|&chunk| {
-                            let cap = shared.config.upload_slots;
-                            if shared.active_uploads.fetch_add(1, Ordering::AcqRel) >= cap {
-                                shared.active_uploads.fetch_sub(1, Ordering::AcqRel);
+                        .map(|&chunk| match Slot::take(&shared, &stream_slots) {
+                            Some(slot) => (Work::Chunk(id, blob, chunk), Some(slot)),
+                            None => {
                                 shared.metrics.refused(Refusal::Busy);
                                 let busy = Resp::Busy(pb::Busy {
                                     retry_after_ms: BUSY_RETRY.as_millis() as u64,
                                 });
                                 (Work::Answer(answer(id, busy)), None)
-                            } else {
-                                (
-                                    Work::Chunk(id, blob, chunk),
-                                    Some(Slot(Arc::clone(&shared))),
-                                )
                             }
                         })
                         .collect()
@@ -221,17 +262,19 @@ async fn read_requests(
                 )],
             },
             Some(Req::Cancel(c)) => {
-                cancelled
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(c.request_id);
+                let mut cancelled = cancelled.lock().unwrap_or_else(|e| e.into_inner());
+                // At most one per queued request is useful; a flood of cancels
+                // for requests never made is not remembered.
+                if cancelled.len() < shared.config.stream_queue {
+                    cancelled.insert(c.request_id);
+                }
                 continue;
             }
             // The dialing peer's own progress; discovery finds it through the control plane.
             Some(Req::Have(_)) | None => continue,
         };
         for item in items {
-            if work.send(item).is_err() {
+            if work.send(item).await.is_err() {
                 return;
             }
         }
@@ -241,7 +284,7 @@ async fn read_requests(
 async fn serve_work(
     shared: Arc<Shared>,
     stream: u64,
-    mut work: mpsc::UnboundedReceiver<(Work, Option<Slot>)>,
+    mut work: mpsc::Receiver<(Work, Option<Slot>)>,
     out: mpsc::Sender<Result<ExchangeResponse, Status>>,
     cancelled: Arc<Mutex<HashSet<u64>>>,
     watched: Arc<Mutex<HashSet<BlobId>>>,

@@ -375,3 +375,99 @@ fn trust_unreadable_exchange_input_gets_an_error_status() {
     ));
     assert_eq!(file_id(&out).to_string(), id);
 }
+
+/// Opens a typed exchange stream to `addr`; returns the sender for requests
+/// and the stream of answers.
+async fn exchange_stream(
+    addr: SocketAddr,
+) -> (
+    tokio::sync::mpsc::Sender<pb::ExchangeRequest>,
+    tonic::Streaming<pb::ExchangeResponse>,
+) {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .unwrap();
+    let mut client = pb::peer_exchange_client::PeerExchangeClient::new(channel)
+        .max_decoding_message_size(8 << 20);
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    let answers = client
+        .exchange(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, answers)
+}
+
+fn get_chunks(request_id: u64, blob: &str, chunks: Vec<u32>) -> pb::ExchangeRequest {
+    pb::ExchangeRequest {
+        request_id,
+        kind: Some(pb::exchange_request::Kind::GetChunks(pb::GetChunks {
+            blob: blob.into(),
+            chunks,
+        })),
+    }
+}
+
+/// Rows 6 and 7: a client that asks for 64 chunks and never reads holds at
+/// most its stream's share of the upload slots, and only until its stream is
+/// found stalled; an honest fetch from the same daemon meanwhile completes.
+/// A request naming 100,000 chunks is refused, not queued.
+#[test]
+fn trust_a_receiver_that_never_reads_cannot_hold_every_upload_slot() {
+    let rt = runtime();
+    let c = Cluster::start(2);
+    let src = c.path("src.bin");
+    let id = random_file(&src, 8 * MIB, 47).to_string();
+    c.daemons[0].add(&src);
+    assert!(c.wait_providers(&id, 1));
+    let target = c.daemons[0].addr;
+
+    // The hog: 64 one-chunk requests on one stream, and it never reads.
+    let (hog, _unread) = rt.block_on(exchange_stream(target));
+    for n in 0..64u64 {
+        rt.block_on(hog.send(get_chunks(n + 1, &id, vec![(n % 8) as u32])))
+            .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let m = c.daemons[0].proc.metrics();
+    assert!(
+        m.get("nebula_uploads_active") <= 32.0,
+        "one stream holds {} upload slots",
+        m.get("nebula_uploads_active")
+    );
+    assert!(m.get(r#"nebula_exchange_refusals_total{answer="busy"}"#) >= 32.0);
+
+    // Honest traffic gets through while the hog sits there (bounded wait).
+    let out = c.path("out.bin");
+    let done = wait_output(c.daemons[1].spawn_fetch(&id, &out), Duration::from_secs(30));
+    fetch_report(&done);
+    assert_eq!(file_id(&out).to_string(), id);
+
+    // A flood of indexes in one request is answered with an error at once.
+    let (tx, mut answers) = rt.block_on(exchange_stream(target));
+    rt.block_on(tx.send(get_chunks(7, &id, (0..100_000).collect())))
+        .unwrap();
+    let first = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(10), answers.message()).await })
+        .expect("no answer to the flood")
+        .expect("the stream failed")
+        .expect("the stream ended");
+    match first.kind {
+        Some(pb::exchange_response::Kind::Error(e)) => {
+            assert_eq!(e.code, pb::error::Code::Invalid as i32, "{e:?}");
+            assert!(e.message.contains("at most"), "{e:?}");
+        }
+        other => panic!("the flood was served: {other:?}"),
+    }
+    // The stalled hog is dropped within the stall timeout: its slots come back.
+    let mut active = f64::MAX;
+    let freed = crate::support::wait_until(Duration::from_secs(15), || {
+        active = c.daemons[0].proc.metrics().get("nebula_uploads_active");
+        active == 0.0
+    });
+    assert!(freed, "a stalled stream still holds {active} slots");
+    drop(hog);
+}
