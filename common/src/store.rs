@@ -81,6 +81,24 @@ pub enum StoreError {
         /// The store root.
         path: PathBuf,
     },
+    /// The store directory could be changed by other users, or holds a
+    /// symbolic link where the store keeps its own files.
+    #[error("store {path} is unsafe: {reason}")]
+    Insecure {
+        /// The directory or file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// What an export copied does not hash to the blob's id (the data file
+    /// was changed behind the store's back); nothing was left at `path`.
+    #[error("the stored data of blob {id} does not hash to its id; nothing was written to {path}")]
+    ExportMismatch {
+        /// The blob.
+        id: BlobId,
+        /// The destination.
+        path: PathBuf,
+    },
     /// Any other I/O failure.
     #[error("{action} {path}: {source}")]
     Io {
@@ -468,15 +486,17 @@ impl Store {
     /// staging, loads every blob and re-verifies the chunks of partial ones.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
         let root = root.into();
+        private_dir(&root, true)?;
         for sub in ["blobs", "tmp"] {
-            fs::create_dir_all(root.join(sub))
-                .map_err(|e| StoreError::io("creating", root.join(sub), e))?;
+            private_dir(&root.join(sub), false)?;
         }
         let lock_path = root.join("lock");
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&lock_path)
             .map_err(|e| StoreError::io("opening", &lock_path, e))?;
         // SAFETY: flock on a file descriptor we own; no memory is involved.
@@ -866,6 +886,19 @@ impl Store {
                 .map_err(|e| StoreError::io("writing", &tmp, e))?;
             out.sync_all()
                 .map_err(|e| StoreError::io("syncing", &tmp, e))?;
+            // What lands at the destination is what its id names: the copy is
+            // hashed before the rename, so a data file changed behind the
+            // store's back is caught here (the page cache makes this cheap).
+            let mut hasher = blake3::Hasher::new();
+            hasher
+                .update_mmap_rayon(&tmp)
+                .map_err(|e| StoreError::io("verifying", &tmp, e))?;
+            if hasher.finalize() != blob.id().to_hash() {
+                return Err(StoreError::ExportMismatch {
+                    id: blob.id(),
+                    path: dest.to_owned(),
+                });
+            }
             fs::rename(&tmp, dest).map_err(|e| StoreError::io("renaming to", dest, e))
         })();
         if result.is_err() {
@@ -961,19 +994,80 @@ fn copy_with_writeback(src: &File, dst: &File, size: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Creates `dir` (mode 0700) if missing and checks that no other user can
+/// change it: not writable by group or others and, below the root (`root`
+/// false), a real directory rather than a symbolic link. The root itself may
+/// be a link to where the operator keeps the store.
+fn private_dir(dir: &Path, root: bool) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let insecure = |reason: String| StoreError::Insecure {
+        path: dir.to_owned(),
+        reason,
+    };
+    match fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| StoreError::io("creating", dir, e))?,
+        Err(e) => return Err(StoreError::io("reading", dir, e)),
+        Ok(meta) if meta.file_type().is_symlink() && !root => {
+            return Err(insecure("a symbolic link where a directory belongs".into()));
+        }
+        Ok(_) => {}
+    }
+    let meta = fs::metadata(dir).map_err(|e| StoreError::io("reading", dir, e))?;
+    if !meta.is_dir() {
+        return Err(insecure("not a directory".into()));
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(insecure(format!(
+            "writable by other users (mode {mode:o}); run `chmod go-w {}`",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
 fn load_or_create_peer_id(root: &Path) -> Result<String> {
     let path = root.join("peer-id");
-    if let Ok(s) = fs::read_to_string(&path) {
-        let s = s.trim();
-        if s.len() == 32 && s.chars().all(|c| c.is_ascii_hexdigit()) {
-            return Ok(s.to_owned());
+    let read = || -> io::Result<String> {
+        let mut text = String::new();
+        File::options()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)?
+            .read_to_string(&mut text)?;
+        Ok(text)
+    };
+    match read() {
+        Ok(s) => {
+            let s = s.trim();
+            if s.len() == 32 && s.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Ok(s.to_owned());
+            }
         }
+        // A planted link is refused, not followed nor replaced silently.
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(StoreError::Insecure {
+                path,
+                reason: "a symbolic link where the peer id belongs".into(),
+            });
+        }
+        Err(_) => {}
     }
     let id = hex::encode(rand::random::<[u8; 16]>());
     let tmp = root.join("peer-id.tmp");
     let write = || -> io::Result<()> {
-        fs::write(&tmp, &id)?;
-        File::open(&tmp)?.sync_all()?;
+        let _ = fs::remove_file(&tmp);
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(id.as_bytes())?;
+        file.sync_all()?;
         fs::rename(&tmp, &path)
     };
     write().map_err(|e| StoreError::io("writing", &path, e))?;

@@ -41,8 +41,12 @@ fn store_status(e: StoreError) -> Status {
         }
         StoreError::Incomplete { .. } => Status::failed_precondition(e.to_string()),
         StoreError::DiskFull { .. } => Status::resource_exhausted(e.to_string()),
-        StoreError::Verify(_) => Status::data_loss(e.to_string()),
-        StoreError::Locked { .. } | StoreError::Io { .. } => Status::internal(e.to_string()),
+        StoreError::Verify(_) | StoreError::ExportMismatch { .. } => {
+            Status::data_loss(e.to_string())
+        }
+        StoreError::Locked { .. } | StoreError::Insecure { .. } | StoreError::Io { .. } => {
+            Status::internal(e.to_string())
+        }
     }
 }
 

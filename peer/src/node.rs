@@ -241,13 +241,8 @@ impl Node {
         if let Some(dir) = path.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
-        let listener = UnixListener::bind(path)
+        let listener = bind_private(path)
             .map_err(|e| StartError::Io(format!("binding {}: {e}", path.display())))?;
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-                .map_err(|e| StartError::Io(format!("securing {}: {e}", path.display())))?;
-        }
         let service = LocalService::new(Arc::clone(&self.shared)).into_server();
         let stop = self.shared.shutdown.clone();
         let socket = path.to_owned();
@@ -340,6 +335,28 @@ impl Node {
             }
         }
     }
+}
+
+/// Binds a Unix socket at `path` that only this user can connect to, with
+/// no moment when it is open to others: bound inside a fresh private
+/// directory, made 0600, then renamed into place.
+fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let staging = parent.join(format!(".nebula-socket-{:016x}", rand::random::<u64>()));
+    std::fs::DirBuilder::new().mode(0o700).create(&staging)?;
+    let bound = (|| {
+        let inner = staging.join("socket");
+        let listener = UnixListener::bind(&inner)?;
+        std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&inner, path)?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&staging);
+    bound
 }
 
 /// After a blob completes: compute its SHA-256 (for the `sha256:` alias) in

@@ -471,3 +471,93 @@ fn trust_a_receiver_that_never_reads_cannot_hold_every_upload_slot() {
     assert!(freed, "a stalled stream still holds {active} slots");
     drop(hog);
 }
+
+/// Starts `nebula daemon` on `store` expecting it to refuse; returns stderr.
+fn daemon_refuses(store: &std::path::Path) -> String {
+    let mut cmd = crate::support::nebula();
+    cmd.args([
+        "daemon",
+        "--control",
+        "http://127.0.0.1:1",
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .arg("--store")
+    .arg(store);
+    let out = crate::support::run_bounded(cmd, Duration::from_secs(20));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "the daemon started: {err}");
+    err
+}
+
+/// Row 13: a store other users can write to is refused; a link planted where
+/// the store keeps its own files is refused, never followed; a data file
+/// changed behind the store's back is caught by the export, which leaves
+/// nothing at the output; the socket is private from the moment it exists.
+#[test]
+fn trust_store_plants_and_swaps_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let err = daemon_refuses(&open);
+    assert!(
+        err.starts_with("error:") && err.contains("writable by other users"),
+        "{err}"
+    );
+
+    let planted = dir.path().join("planted");
+    std::fs::create_dir(&planted).unwrap();
+    let victim = dir.path().join("victim.txt");
+    std::fs::write(&victim, "precious").unwrap();
+    std::os::unix::fs::symlink(&victim, planted.join("peer-id")).unwrap();
+    let err = daemon_refuses(&planted);
+    assert!(err.contains("symbolic link"), "{err}");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    std::fs::remove_file(planted.join("peer-id")).unwrap();
+    std::fs::remove_dir(planted.join("blobs")).unwrap();
+    std::os::unix::fs::symlink(dir.path(), planted.join("blobs")).unwrap();
+    let err = daemon_refuses(&planted);
+    assert!(err.contains("symbolic link"), "{err}");
+
+    // A healthy daemon: its store is private, its socket 0600.
+    let c = Cluster::start(1);
+    let d = &c.daemons[0];
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&d.socket), 0o600);
+    assert_eq!(mode(&d.store.join("blobs")), 0o700);
+    let src = c.path("src.bin");
+    let id = random_file(&src, 3 * MIB, 48).to_string();
+    d.add(&src);
+    let out = c.path("good.bin");
+    let ok = d.cli(&["fetch", &id, "-o", out.to_str().unwrap()]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert_eq!(file_id(&out).to_string(), id);
+    // Flip a byte of the stored data in place.
+    let data = d.store.join("blobs").join(&id).join("data");
+    let file = std::fs::OpenOptions::new().write(true).open(&data).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, b"\x00\x01\x02\x03", MIB as u64 + 7).unwrap();
+    drop(file);
+    let out = c.path("swapped.bin");
+    let bad = d.cli(&["fetch", &id, "-o", out.to_str().unwrap()]);
+    assert_eq!(
+        bad.status.code(),
+        Some(1),
+        "a changed data file was exported"
+    );
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("does not hash to its id"), "{err}");
+    assert!(!out.exists(), "something was left at the output");
+    let leftovers: Vec<_> = std::fs::read_dir(c.dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".nebula-"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+}
