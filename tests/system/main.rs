@@ -4,4 +4,5 @@ mod daemon;
 mod download;
 mod hash;
 mod store;
+mod store_checks;
 mod support;
