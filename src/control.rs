@@ -4,7 +4,7 @@ use std::{io::Write as _, str::FromStr, time::Duration};
 
 use anyhow::Context as _;
 use nebula_common::{BlobRef, rate::format_bytes};
-use nebula_control::{Config, ControlPlane, PeerId};
+use nebula_control::{Config, ControlPlane, PeerId, RedisConfig, StateStore};
 use nebula_proto::v1::{
     GetSwarmRequest, ListPeersRequest, PeerInfo, PeerRequest, PeerState, StatsRequest,
     admin_client::AdminClient,
@@ -83,6 +83,26 @@ pub(crate) struct ControlArgs {
     /// An unanswered keepalive closes the connection after this long [default: 10s].
     #[arg(long, env = "NEBULA_KEEPALIVE_TIMEOUT", value_parser = parse_duration)]
     keepalive_timeout: Option<Duration>,
+    /// Where the state lives: `memory` (this process only) or
+    /// `redis://HOST:PORT[/DB]`, shared by every replica given the same URL.
+    /// (`rediss://` and `redis+sentinel://` are not supported by this build.)
+    #[arg(
+        long,
+        env = "NEBULA_STATE",
+        default_value = "memory",
+        hide_env_values = true
+    )]
+    state: String,
+    /// Deadline of one call to Redis; past it the call answers UNAVAILABLE [default: 1s].
+    #[arg(long, env = "NEBULA_STATE_TIMEOUT", value_parser = parse_duration)]
+    state_timeout: Option<Duration>,
+}
+
+/// Where `nebula control` keeps its state.
+#[derive(Debug)]
+enum State {
+    Memory,
+    Redis(RedisConfig),
 }
 
 impl ControlArgs {
@@ -118,9 +138,25 @@ impl ControlArgs {
             max_local_error_reset_streams: d.max_local_error_reset_streams,
             keepalive_interval: self.keepalive_interval.unwrap_or(d.keepalive_interval),
             keepalive_timeout: self.keepalive_timeout.unwrap_or(d.keepalive_timeout),
+            store_check_interval: d.store_check_interval,
         };
         config.validate().map_err(|e| bad_input(e.to_string()))?;
         Ok(config)
+    }
+
+    fn state(&self) -> anyhow::Result<State> {
+        if self.state == "memory" {
+            return Ok(State::Memory);
+        }
+        let mut redis =
+            RedisConfig::new(&self.state).map_err(|e| bad_input(format!("--state: {e}")))?;
+        if let Some(t) = self.state_timeout {
+            if t.is_zero() {
+                return Err(bad_input("--state-timeout must be longer than zero"));
+            }
+            redis.op_timeout = t;
+        }
+        Ok(State::Redis(redis))
     }
 }
 
@@ -149,12 +185,27 @@ async fn shutdown_signal() {
 
 pub(crate) async fn run_control(args: ControlArgs) -> anyhow::Result<()> {
     let config = args.config()?;
+    let state = args.state()?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let control = ControlPlane::spawn(listener, config)
-        .await
-        .context("cannot start the control plane")?;
+    match state {
+        State::Memory => {
+            let control = ControlPlane::spawn(listener, config)
+                .await
+                .context("cannot start the control plane")?;
+            serve_until_signal(control).await
+        }
+        State::Redis(redis) => {
+            let control = ControlPlane::spawn_redis(listener, config, redis)
+                .await
+                .context("cannot start the control plane")?;
+            serve_until_signal(control).await
+        }
+    }
+}
+
+async fn serve_until_signal<S: StateStore>(control: ControlPlane<S>) -> anyhow::Result<()> {
     // Tests and scripts read the port from this line.
     println!("listening on {}", control.local_addr());
     let _ = std::io::stdout().flush();

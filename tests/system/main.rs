@@ -3,6 +3,7 @@ mod control;
 mod daemon;
 mod download;
 mod hash;
+mod replicas;
 mod store;
 mod store_checks;
 mod support;
