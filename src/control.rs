@@ -160,32 +160,42 @@ impl ControlArgs {
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is
+/// called, not when the future is first polled, so a signal arriving right
+/// after the "listening on" line is not lost to the default action.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
+        let streams = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        );
+        async move {
+            match streams {
+                (Ok(mut int), Ok(mut term)) => {
+                    tokio::select! {
+                        _ = int.recv() => {}
+                        _ = term.recv() => {}
+                    }
                 }
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot watch SIGTERM; only SIGINT stops the control plane");
-                let _ = ctrl_c.await;
+                (_, Err(err)) | (Err(err), _) => {
+                    tracing::warn!(error = %err, "cannot watch SIGINT and SIGTERM; falling back to Ctrl-C");
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         }
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 pub(crate) async fn run_control(args: ControlArgs) -> anyhow::Result<()> {
     let config = args.config()?;
     let state = args.state()?;
+    let shutdown = shutdown_signal();
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -194,23 +204,26 @@ pub(crate) async fn run_control(args: ControlArgs) -> anyhow::Result<()> {
             let control = ControlPlane::spawn(listener, config)
                 .await
                 .context("cannot start the control plane")?;
-            serve_until_signal(control).await
+            serve_until_signal(control, shutdown).await
         }
         State::Redis(redis) => {
             let control = ControlPlane::spawn_redis(listener, config, redis)
                 .await
                 .context("cannot start the control plane")?;
-            serve_until_signal(control).await
+            serve_until_signal(control, shutdown).await
         }
     }
 }
 
-async fn serve_until_signal<S: StateStore>(control: ControlPlane<S>) -> anyhow::Result<()> {
+async fn serve_until_signal<S: StateStore>(
+    control: ControlPlane<S>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     // Tests and scripts read the port from this line.
     println!("listening on {}", control.local_addr());
     let _ = std::io::stdout().flush();
     tokio::select! {
-        () = shutdown_signal() => tracing::info!("signal received; shutting down"),
+        () = shutdown => tracing::info!("signal received; shutting down"),
         () = control.stopped() => {}
     }
     control.shutdown().await.context("control plane failed")
@@ -219,7 +232,8 @@ async fn serve_until_signal<S: StateStore>(control: ControlPlane<S>) -> anyhow::
 /// Flags of `nebula admin`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct AdminArgs {
-    /// The control plane: `http://host:port` or `host:port`.
+    /// The control plane: `http://host:port` or `host:port`; several replicas
+    /// as `URL,URL,…` (the first that answers is used).
     #[arg(
         long,
         global = true,
@@ -327,12 +341,25 @@ fn rpc_error(status: Status) -> anyhow::Error {
     anyhow::anyhow!("{} ({})", status.message(), code_name(status.code()))
 }
 
+/// Connects to the first replica of `--control` that accepts a connection.
 async fn connect(args: &AdminArgs) -> anyhow::Result<Admin> {
-    let url = control_url(&args.control);
-    let endpoint = Endpoint::from_shared(url.clone())
-        .map_err(|e| bad_input(format!("invalid --control {:?}: {e}", args.control)))?
-        .connect_timeout(Duration::from_secs(5).min(args.timeout))
-        .timeout(args.timeout);
+    let urls: Vec<String> = args
+        .control
+        .split(',')
+        .filter(|u| !u.trim().is_empty())
+        .map(control_url)
+        .collect();
+    if urls.is_empty() {
+        return Err(bad_input("--control is empty"));
+    }
+    let mut endpoints = Vec::with_capacity(urls.len());
+    for url in &urls {
+        let endpoint = Endpoint::from_shared(url.clone())
+            .map_err(|e| bad_input(format!("invalid --control {url:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(5).min(args.timeout))
+            .timeout(args.timeout);
+        endpoints.push(endpoint);
+    }
     let token = match &args.admin_token {
         Some(t) => Some(
             format!("Bearer {t}")
@@ -341,11 +368,21 @@ async fn connect(args: &AdminArgs) -> anyhow::Result<Admin> {
         ),
         None => None,
     };
-    let channel = endpoint
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach the control plane at {url}"))?;
-    Ok(AdminClient::with_interceptor(channel, Bearer(token)))
+    let mut last = None;
+    for (url, endpoint) in urls.iter().zip(endpoints) {
+        match endpoint.connect().await {
+            Ok(channel) => return Ok(AdminClient::with_interceptor(channel, Bearer(token))),
+            Err(e) => {
+                tracing::debug!(%url, error = %e, "control-plane replica unreachable; trying the next");
+                last = Some(
+                    anyhow::Error::new(e)
+                        .context(format!("cannot reach the control plane at {url}")),
+                );
+            }
+        }
+    }
+    // `urls` is not empty, so the loop stored at least one error.
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("cannot reach the control plane")))
 }
 
 fn state_name(info: &PeerInfo) -> &'static str {

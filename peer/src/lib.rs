@@ -9,12 +9,14 @@
 //! - `connection`: the dialing side of `PeerExchange` (one stream per peer).
 //! - [`fetch`]: the multi-source downloader and its scheduler.
 //! - `membership`: registration, heartbeats, announcements.
+//! - `control`: the control-plane client, failing over between replicas.
 //! - [`local`]: `LocalApi`, the CLI's Unix-socket API.
 //! - [`limit`]: the token bucket behind upload and download limits.
 //! - `fault`: test-only fault switches (feature `fault-injection`).
 
 mod config;
 mod connection;
+mod control;
 mod fault;
 pub mod fetch;
 pub mod limit;

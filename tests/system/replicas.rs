@@ -24,7 +24,10 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Code, transport::Channel};
 
-use crate::support::{RedisServer, nebula, run_bounded};
+use crate::support::{
+    Control, Daemon, RedisServer, file_id, nebula, random_file, run_bounded, wait_output,
+    wait_until,
+};
 
 fn fast() -> Config {
     Config {
@@ -294,4 +297,163 @@ async fn redis_replicas_are_one_service_and_take_over_probing() {
         b.abort();
     }
     r3.shutdown().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// Whole system: replica processes on one Redis, daemons given every URL.
+
+/// Members of a blob's swarm, as `nebula admin swarm` through `control` lists them.
+fn swarm_members(control: &str, id: &str) -> usize {
+    let mut cmd = nebula();
+    cmd.args(["admin", "swarm", id, "--json", "--control", control]);
+    let out = run_bounded(cmd, Duration::from_secs(10));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["members"].as_array().map_or(0, Vec::len)
+}
+
+fn all_urls(replicas: &[Control]) -> String {
+    replicas
+        .iter()
+        .map(Control::url)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Waits for a fetch and checks it succeeded with the right bytes.
+fn fetched(child: std::process::Child, out: &std::path::Path, id: &str, who: &Daemon) {
+    let output = wait_output(child, Duration::from_secs(180));
+    assert!(
+        output.status.success(),
+        "fetch failed: {}\ndaemon log:\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        who.proc.log_text()
+    );
+    assert_eq!(file_id(out).to_string(), id);
+}
+
+#[test]
+fn redis_replica_killed_mid_swarm_fetch_every_fetch_completes() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut replicas: Vec<Control> = (0..3)
+        .map(|_| Control::start_redis(dir.path(), &redis.url()))
+        .collect();
+    let urls = all_urls(&replicas);
+    // Every daemon lists replica 0 first: that is the one they all talk to.
+    let limit = ["--upload-limit", "16MiB/s"];
+    let daemons: Vec<Daemon> = (0..4)
+        .map(|i| Daemon::start(dir.path(), &format!("d{i}"), &urls, &limit, &[]))
+        .collect();
+    for d in &daemons {
+        d.wait_registered();
+    }
+    let file = dir.path().join("blob.bin");
+    let id = random_file(&file, 48 << 20, 14).to_string();
+    assert_eq!(daemons[0].add(&file), id);
+    assert!(
+        wait_until(Duration::from_secs(10), || swarm_members(
+            &replicas[1].url(),
+            &id
+        ) == 1),
+        "the seed's announcement is visible through another replica"
+    );
+    let mut fetches: Vec<_> = (1..4)
+        .map(|i| {
+            let out = dir.path().join(format!("out{i}.bin"));
+            (daemons[i].spawn_fetch(&id, &out), out)
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(800));
+    for (child, _) in &mut fetches {
+        assert!(child.try_wait().unwrap().is_none(), "fetch still running");
+    }
+    replicas[0].proc.kill();
+    for (i, (child, out)) in fetches.into_iter().enumerate() {
+        fetched(child, &out, &id, &daemons[i + 1]);
+    }
+    // Every daemon moved on (its heartbeats go to the next replica).
+    for d in &daemons {
+        assert!(
+            wait_until(Duration::from_secs(5), || d
+                .proc
+                .log_text()
+                .contains("moved to another replica")),
+            "daemon did not fail over; log:\n{}",
+            d.proc.log_text()
+        );
+    }
+    // Discovery through the survivors knows every copy.
+    for r in &replicas[1..] {
+        assert!(
+            wait_until(Duration::from_secs(10), || swarm_members(&r.url(), &id)
+                == 4),
+            "every holder listed by {}",
+            r.url()
+        );
+    }
+    // A replica started afresh answers from Redis at once.
+    replicas[0] = Control::start_redis(dir.path(), &redis.url());
+    assert_eq!(swarm_members(&replicas[0].url(), &id), 4);
+    for d in &daemons {
+        assert!(d.status()["registered"].as_bool().unwrap_or(false));
+    }
+}
+
+#[test]
+fn redis_restarted_empty_mid_fetch_the_fetch_completes_and_discovery_is_repopulated() {
+    let mut redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let replicas: Vec<Control> = (0..3)
+        .map(|_| Control::start_redis(dir.path(), &redis.url()))
+        .collect();
+    let urls = all_urls(&replicas);
+    let limit = ["--upload-limit", "16MiB/s"];
+    let daemons: Vec<Daemon> = (0..3)
+        .map(|i| Daemon::start(dir.path(), &format!("d{i}"), &urls, &limit, &[]))
+        .collect();
+    for d in &daemons {
+        d.wait_registered();
+    }
+    let file = dir.path().join("blob.bin");
+    let id = random_file(&file, 48 << 20, 15).to_string();
+    assert_eq!(daemons[0].add(&file), id);
+    assert!(wait_until(Duration::from_secs(10), || {
+        swarm_members(&replicas[0].url(), &id) == 1
+    }));
+    let mut fetches: Vec<_> = (1..3)
+        .map(|i| {
+            let out = dir.path().join(format!("out{i}.bin"));
+            (daemons[i].spawn_fetch(&id, &out), out)
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(600));
+    redis.kill();
+    for (child, _) in &mut fetches {
+        assert!(child.try_wait().unwrap().is_none(), "fetch still running");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    redis.restart_empty();
+    let restarted = Instant::now();
+    // Heartbeats (every 500 ms) meet an empty Redis: the daemons register
+    // again and re-announce their whole inventory.
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            swarm_members(&replicas[1].url(), &id) >= 1
+        }),
+        "discovery not repopulated"
+    );
+    let took = restarted.elapsed();
+    eprintln!("discovery repopulated {took:?} after Redis came back empty");
+    // One heartbeat interval (500 ms) plus the poll and the admin call.
+    assert!(took < Duration::from_millis(2500), "{took:?}");
+    for (i, (child, out)) in fetches.into_iter().enumerate() {
+        fetched(child, &out, &id, &daemons[i + 1]);
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || swarm_members(
+            &replicas[2].url(),
+            &id
+        ) == 3),
+        "every holder listed after the fetches"
+    );
 }

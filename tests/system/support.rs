@@ -173,11 +173,26 @@ impl Control {
     }
 
     pub(crate) fn start_on(dir: &Path, listen: SocketAddr) -> Self {
+        Self::start_with(dir, listen, &[])
+    }
+
+    /// A replica keeping its state in the Redis at `url`.
+    pub(crate) fn start_redis(dir: &Path, url: &str) -> Self {
+        Self::start_with(
+            dir,
+            "127.0.0.1:0".parse().unwrap(),
+            &["--state", url, "--state-timeout", "500ms"],
+        )
+    }
+
+    /// Starts `nebula control` with the fast timings and extra flags.
+    pub(crate) fn start_with(dir: &Path, listen: SocketAddr, extra: &[&str]) -> Self {
         let mut cmd = nebula();
         cmd.arg("control")
             .arg("--listen")
             .arg(listen.to_string())
-            .args(FAST_CONTROL);
+            .args(FAST_CONTROL)
+            .args(extra);
         cmd.env("RUST_LOG", "info");
         let log = dir.join(format!("control-{}.log", rand::random::<u32>()));
         let (proc, addr) = Proc::spawn(cmd, log);
