@@ -437,3 +437,40 @@ async fn check_partial_bitmaps_and_full_inventory<S: StateStore>(r: &Registry<S>
         (1, 1, 1, 1)
     );
 }
+
+/// Two replicas on one Redis: what one writes, the other answers within its
+/// swarm cache period (500 ms), and at once for its own writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_swarm_cache_shows_other_replicas_writes_within_its_period() {
+    let server = RedisServer::start();
+    let (one, two) = (redis(&server), redis(&server));
+    one.register(reg("a", 1001, "")).await.unwrap();
+    assert!(
+        one.announce(&id("a"), adds(vec![complete(1)]))
+            .await
+            .unwrap()
+    );
+    assert_eq!(ranked(&two, None, 1).await, ["a"]);
+    // Written through `one`: `two` may answer from its cache for a while.
+    one.register(reg("b", 1002, "")).await.unwrap();
+    assert!(
+        one.announce(&id("b"), adds(vec![complete(1)]))
+            .await
+            .unwrap()
+    );
+    assert_eq!(sorted_providers(&one, 1).await, ["a", "b"]);
+    let start = std::time::Instant::now();
+    while sorted_providers(&two, 1).await != ["a", "b"] {
+        assert!(
+            start.elapsed() < Duration::from_millis(900),
+            "other replica's write not visible after {:?}",
+            start.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Its own writes show at once.
+    two.set_standing(&id("b"), Standing::Banned, "")
+        .await
+        .unwrap();
+    assert_eq!(ranked(&two, None, 1).await, ["a"]);
+}

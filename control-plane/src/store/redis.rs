@@ -42,11 +42,11 @@
 //! [`RedisConfig::parse_url`] refuses them with a clear error.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     error::Error as StdError,
     future::Future,
     sync::{
-        Arc,
+        Arc, Mutex, MutexGuard,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
@@ -71,6 +71,8 @@ const MAX_REPORTERS: u32 = 1024;
 const PIPELINE: usize = 512;
 /// Lapsed peers one sweep handles at most.
 const SWEEP_BATCH: isize = 256;
+/// Swarms one replica caches at most; past it the cache starts over.
+const MAX_CACHED_SWARMS: usize = 65_536;
 
 /// Where the Redis store lives and how long it may take.
 #[derive(Clone, PartialEq, Eq)]
@@ -88,6 +90,11 @@ pub struct RedisConfig {
     /// pushing it forward (a safety net for entries nobody else removes).
     /// Default 10 min.
     pub entry_horizon: Duration,
+    /// How long this replica reuses a blob's swarm as read from Redis (hot
+    /// blobs stay cheap). This replica's own writes take effect at once;
+    /// other replicas' writes, heartbeats' load figures and lapsed leases show
+    /// after at most this long. Zero: no cache. Default 500 ms.
+    pub swarm_cache: Duration,
 }
 
 // The URL may carry a password.
@@ -99,6 +106,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("op_timeout", &self.op_timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("entry_horizon", &self.entry_horizon)
+            .field("swarm_cache", &self.swarm_cache)
             .finish()
     }
 }
@@ -142,6 +150,7 @@ impl RedisConfig {
             op_timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_millis(500),
             entry_horizon: Duration::from_secs(600),
+            swarm_cache: Duration::from_millis(500),
         })
     }
 
@@ -458,6 +467,73 @@ pub struct RedisStore {
     /// Redis failed last time: the next failure is not logged again, the next
     /// success is ("once per episode").
     down: Arc<AtomicBool>,
+    /// Swarms read lately (see [`RedisConfig::swarm_cache`]).
+    cache: Arc<Recent<BlobId, Option<Swarm>>>,
+    /// Providers' snapshots (with their epoch) read lately for swarms, under
+    /// the same rule: a hot provider is read from Redis once per period.
+    peer_cache: Arc<Recent<String, Option<(PeerSnapshot, String)>>>,
+}
+
+/// Values read from Redis lately, each usable for `ttl` after it was read;
+/// bounded by [`MAX_CACHED_SWARMS`] (past it, it starts over).
+#[derive(Debug)]
+struct Recent<K, V> {
+    ttl: Duration,
+    map: Mutex<HashMap<K, (Instant, V)>>,
+}
+
+impl<K: std::hash::Hash + Eq, V: Clone> Recent<K, V> {
+    fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            map: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<K, (Instant, V)>> {
+        // The map holds only copies of answers; a panic mid-insert leaves it usable.
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn enabled(&self) -> bool {
+        !self.ttl.is_zero()
+    }
+
+    fn get<Q>(&self, key: &Q) -> Option<V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        if !self.enabled() {
+            return None;
+        }
+        let map = self.lock();
+        let (read, value) = map.get(key)?;
+        (read.elapsed() < self.ttl).then(|| value.clone())
+    }
+
+    fn insert(&self, key: K, value: V) {
+        if !self.enabled() {
+            return;
+        }
+        let mut map = self.lock();
+        if map.len() >= MAX_CACHED_SWARMS {
+            map.clear();
+        }
+        map.insert(key, (Instant::now(), value));
+    }
+
+    fn remove(&self, key: &K) {
+        if self.enabled() {
+            self.lock().remove(key);
+        }
+    }
+
+    fn clear(&self) {
+        if self.enabled() {
+            self.lock().clear();
+        }
+    }
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -583,10 +659,43 @@ impl RedisStore {
             .map_err(RedisStoreError::from)?;
         Ok(Self {
             conn,
+            cache: Arc::new(Recent::new(config.swarm_cache)),
+            peer_cache: Arc::new(Recent::new(config.swarm_cache)),
             config: Arc::new(config),
             scripts: Arc::new(Scripts::new()),
             down: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// Forgets every cached swarm and provider (a peer's record changed).
+    fn forget_swarms(&self) {
+        self.cache.clear();
+        self.peer_cache.clear();
+    }
+
+    /// Like [`RedisStore::snapshots`], reusing snapshots read less than
+    /// [`RedisConfig::swarm_cache`] ago.
+    async fn snapshots_cached(&self, ids: &[&str]) -> R<Vec<Option<(PeerSnapshot, String)>>> {
+        if !self.peer_cache.enabled() {
+            return self.snapshots(ids).await;
+        }
+        let mut out: Vec<Option<Option<(PeerSnapshot, String)>>> =
+            ids.iter().map(|id| self.peer_cache.get(*id)).collect();
+        let missing: Vec<&str> = ids
+            .iter()
+            .zip(&out)
+            .filter(|(_, hit)| hit.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        if !missing.is_empty() {
+            let mut fresh = self.snapshots(&missing).await?.into_iter();
+            for (slot, id) in out.iter_mut().zip(ids).filter(|(s, _)| s.is_none()) {
+                let snap = fresh.next().ok_or_else(|| reply("snapshot"))?;
+                self.peer_cache.insert((*id).to_owned(), snap.clone());
+                *slot = Some(snap);
+            }
+        }
+        Ok(out.into_iter().map(Option::flatten).collect())
     }
 
     /// The configuration it runs with.
@@ -876,12 +985,95 @@ impl RedisStore {
         .await
     }
 
+    /// Bytes Redis uses for its data set and overhead (`used_memory` of `INFO memory`).
+    pub async fn used_memory(&self) -> Result<u64, StoreError> {
+        self.run("info", async {
+            let mut conn = self.conn.clone();
+            let info: String = redis::cmd("INFO")
+                .arg("memory")
+                .query_async(&mut conn)
+                .await?;
+            info.lines()
+                .find_map(|l| l.strip_prefix("used_memory:"))
+                .and_then(|v| v.trim().parse().ok())
+                .ok_or_else(|| reply("INFO memory"))
+        })
+        .await
+    }
+
     /// Whether Redis answers (a `PING`).
     pub async fn ping(&self) -> Result<(), StoreError> {
         self.run("ping", async {
             let mut conn = self.conn.clone();
             redis::cmd("PING").query_async::<()>(&mut conn).await?;
             Ok(())
+        })
+        .await
+    }
+}
+
+impl RedisStore {
+    /// A blob's swarm as Redis holds it now (entries of lapsed or earlier
+    /// registrations left out; expired entries trimmed).
+    async fn read_swarm(&self, blob: &BlobId) -> Result<Option<Swarm>, StoreError> {
+        self.run("swarm", async {
+            let hex = blob.to_string();
+            let v = self
+                .eval(&self.scripts.read, &blob_keys(self.prefix(), &hex), &[])
+                .await?;
+            let a = as_array(&v).ok_or_else(|| reply("swarm"))?;
+            let trimmed = a.first().and_then(as_int).unwrap_or(0);
+            let gone = a.get(1).and_then(as_int).unwrap_or(0);
+            let sha = a
+                .get(2)
+                .and_then(as_str)
+                .and_then(|s| s.parse::<Sha256Digest>().ok());
+            if trimmed > 0 || gone > 0 {
+                self.count(-gone, -trimmed).await?;
+                if gone > 0
+                    && let Some(sha) = sha
+                {
+                    let key = self.alias_key(&sha.to_string());
+                    self.eval(&self.scripts.alias_forget, &[key], &[hex.as_bytes()])
+                        .await?;
+                }
+            }
+            let Some(size) = a.get(3).and_then(as_int) else {
+                return Ok(None);
+            };
+            let data = a.get(4).and_then(as_array).ok_or_else(|| reply("swarm"))?;
+            let mut entries = Vec::with_capacity(data.len() / 2);
+            for pair in data.chunks_exact(2) {
+                let (Some(peer), Some(value)) = (as_str(&pair[0]), as_bytes(&pair[1])) else {
+                    continue;
+                };
+                let Some(bar) = value.iter().position(|&c| c == b'|') else {
+                    continue;
+                };
+                entries.push((peer, &value[..bar], &value[bar + 1..]));
+            }
+            let ids: Vec<&str> = entries.iter().map(|e| e.0).collect();
+            let snaps = self.snapshots_cached(&ids).await?;
+            let holders = entries
+                .iter()
+                .zip(snaps)
+                .filter_map(|((_, epoch, bits), snap)| {
+                    let (peer, current) = snap?;
+                    // An entry of an earlier registration is stale.
+                    (current.as_bytes() == *epoch).then(|| Holding {
+                        peer,
+                        chunks: (!bits.is_empty()).then(|| Bytes::copy_from_slice(bits)),
+                    })
+                })
+                .collect();
+            Ok(Some(Swarm {
+                meta: BlobMeta {
+                    id: *blob,
+                    size: size as u64,
+                    sha256: sha,
+                },
+                holders,
+            }))
         })
         .await
     }
@@ -995,6 +1187,7 @@ impl StateStore for RedisStore {
     }
 
     async fn deregister(&self, peer: &PeerId) -> Result<bool, StoreError> {
+        self.forget_swarms();
         self.run("deregister", async {
             let keys = self.peer_keys(peer.as_str(), &["peer", "gen", "inv"]);
             let v = self.eval(&self.scripts.deregister, &keys, &[]).await?;
@@ -1020,6 +1213,14 @@ impl StateStore for RedisStore {
     }
 
     async fn announce(&self, peer: &PeerId, ann: Announcement) -> Result<bool, StoreError> {
+        // A full inventory may drop blobs not named here: forget everything.
+        if ann.full_inventory {
+            self.forget_swarms();
+        } else {
+            for id in ann.blobs.iter().map(|b| &b.id).chain(&ann.removed) {
+                self.cache.remove(id);
+            }
+        }
         self.run("announce", async {
             let id = peer.as_str();
             let keys = self.peer_keys(id, &["peer", "inv"]);
@@ -1095,66 +1296,12 @@ impl StateStore for RedisStore {
     }
 
     async fn swarm(&self, blob: &BlobId) -> Result<Option<Swarm>, StoreError> {
-        self.run("swarm", async {
-            let hex = blob.to_string();
-            let v = self
-                .eval(&self.scripts.read, &blob_keys(self.prefix(), &hex), &[])
-                .await?;
-            let a = as_array(&v).ok_or_else(|| reply("swarm"))?;
-            let trimmed = a.first().and_then(as_int).unwrap_or(0);
-            let gone = a.get(1).and_then(as_int).unwrap_or(0);
-            let sha = a
-                .get(2)
-                .and_then(as_str)
-                .and_then(|s| s.parse::<Sha256Digest>().ok());
-            if trimmed > 0 || gone > 0 {
-                self.count(-gone, -trimmed).await?;
-                if gone > 0
-                    && let Some(sha) = sha
-                {
-                    let key = self.alias_key(&sha.to_string());
-                    self.eval(&self.scripts.alias_forget, &[key], &[hex.as_bytes()])
-                        .await?;
-                }
-            }
-            let Some(size) = a.get(3).and_then(as_int) else {
-                return Ok(None);
-            };
-            let data = a.get(4).and_then(as_array).ok_or_else(|| reply("swarm"))?;
-            let mut entries = Vec::with_capacity(data.len() / 2);
-            for pair in data.chunks_exact(2) {
-                let (Some(peer), Some(value)) = (as_str(&pair[0]), as_bytes(&pair[1])) else {
-                    continue;
-                };
-                let Some(bar) = value.iter().position(|&c| c == b'|') else {
-                    continue;
-                };
-                entries.push((peer, &value[..bar], &value[bar + 1..]));
-            }
-            let ids: Vec<&str> = entries.iter().map(|e| e.0).collect();
-            let snaps = self.snapshots(&ids).await?;
-            let holders = entries
-                .iter()
-                .zip(snaps)
-                .filter_map(|((_, epoch, bits), snap)| {
-                    let (peer, current) = snap?;
-                    // An entry of an earlier registration is stale.
-                    (current.as_bytes() == *epoch).then(|| Holding {
-                        peer,
-                        chunks: (!bits.is_empty()).then(|| Bytes::copy_from_slice(bits)),
-                    })
-                })
-                .collect();
-            Ok(Some(Swarm {
-                meta: BlobMeta {
-                    id: *blob,
-                    size: size as u64,
-                    sha256: sha,
-                },
-                holders,
-            }))
-        })
-        .await
+        if let Some(swarm) = self.cache.get(blob) {
+            return Ok(swarm);
+        }
+        let swarm = self.read_swarm(blob).await?;
+        self.cache.insert(*blob, swarm.clone());
+        Ok(swarm)
     }
 
     async fn resolve_sha256(&self, digest: &Sha256Digest) -> Result<Option<BlobId>, StoreError> {
@@ -1199,6 +1346,7 @@ impl StateStore for RedisStore {
     }
 
     async fn set_health(&self, peer: &PeerId, health: Health) -> Result<bool, StoreError> {
+        self.forget_swarms();
         self.run("set_health", async {
             let h: &[u8] = if health == Health::Healthy {
                 b"1"
@@ -1218,6 +1366,7 @@ impl StateStore for RedisStore {
         standing: Standing,
         reason: &str,
     ) -> Result<Option<PeerSnapshot>, StoreError> {
+        self.forget_swarms();
         self.run("set_standing", async {
             let keys = self.peer_keys(peer.as_str(), &["peer", "sanction", "reporters"]);
             let v = self
@@ -1243,6 +1392,7 @@ impl StateStore for RedisStore {
         reason: &str,
         quarantine_after: u32,
     ) -> Result<Option<ReportOutcome>, StoreError> {
+        self.forget_swarms();
         self.run("report", async {
             let keys = self.peer_keys(provider.as_str(), &["peer", "sanction", "reporters"]);
             let (q, m) = (quarantine_after.to_string(), MAX_REPORTERS.to_string());
@@ -1324,6 +1474,9 @@ impl StateStore for RedisStore {
                 {
                     removed.push(id);
                 }
+            }
+            if !removed.is_empty() {
+                self.forget_swarms();
             }
             Ok(removed)
         })
