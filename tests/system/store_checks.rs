@@ -60,6 +60,7 @@ on_every_store!(
     check_aliases,
     check_bans_and_drains,
     check_partial_bitmaps_and_full_inventory,
+    check_large_inventories,
 );
 
 fn id(s: &str) -> PeerId {
@@ -436,6 +437,39 @@ async fn check_partial_bitmaps_and_full_inventory<S: StateStore>(r: &Registry<S>
         (st.peers, st.healthy_peers, st.blobs, st.provider_entries),
         (1, 1, 1, 1)
     );
+}
+
+async fn check_large_inventories<S: StateStore>(r: &Registry<S>) {
+    let a = id("a");
+    r.register(reg("a", 1001, "")).await.unwrap();
+    let many = |n: u32| -> Vec<BlobAnnouncement> {
+        (0..n)
+            .map(|i| BlobAnnouncement {
+                id: BlobId::from(blake3::hash(&i.to_le_bytes())),
+                size: 1 << 20,
+                sha256: None,
+                chunks: None,
+            })
+            .collect()
+    };
+    assert!(r.announce(&a, adds(many(20_000))).await.unwrap());
+    let st = r.stats().await.unwrap().store;
+    assert_eq!((st.blobs, st.provider_entries), (20_000, 20_000));
+    let half = Announcement {
+        blobs: many(10_000),
+        full_inventory: true,
+        ..Announcement::default()
+    };
+    assert!(r.announce(&a, half).await.unwrap());
+    let st = r.stats().await.unwrap().store;
+    assert_eq!((st.blobs, st.provider_entries), (10_000, 10_000));
+    assert_eq!(
+        r.store().peer(&a).await.unwrap().unwrap().blob_count,
+        10_000
+    );
+    assert!(r.deregister(&a).await.unwrap());
+    let st = r.stats().await.unwrap().store;
+    assert_eq!((st.blobs, st.provider_entries), (0, 0));
 }
 
 /// Two replicas on one Redis: what one writes, the other answers within its

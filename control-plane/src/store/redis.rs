@@ -71,6 +71,8 @@ const MAX_REPORTERS: u32 = 1024;
 const PIPELINE: usize = 512;
 /// Lapsed peers one sweep handles at most.
 const SWEEP_BATCH: isize = 256;
+/// Items of a bulk operation allowed per [`RedisConfig::op_timeout`] of deadline.
+const BULK_ITEMS_PER_OP_TIMEOUT: usize = 5_000;
 /// Swarms one replica caches at most; past it the cache starts over.
 const MAX_CACHED_SWARMS: usize = 65_536;
 
@@ -731,7 +733,30 @@ impl RedisStore {
         op: &'static str,
         fut: impl Future<Output = R<T>>,
     ) -> Result<T, StoreError> {
-        let timeout = self.config.op_timeout;
+        self.run_within(op, self.config.op_timeout, fut).await
+    }
+
+    /// [`RedisStore::run`] for an operation of many round trips (an announce
+    /// of `items` blobs, a sweep, a purge): a longer deadline for the whole,
+    /// while each round trip keeps [`RedisConfig::op_timeout`], so a Redis
+    /// that is down still fails the call at once.
+    async fn run_bulk<T>(
+        &self,
+        op: &'static str,
+        items: usize,
+        fut: impl Future<Output = R<T>>,
+    ) -> Result<T, StoreError> {
+        let rounds = 10 + (items / BULK_ITEMS_PER_OP_TIMEOUT) as u32;
+        self.run_within(op, self.config.op_timeout * rounds, fut)
+            .await
+    }
+
+    async fn run_within<T>(
+        &self,
+        op: &'static str,
+        timeout: Duration,
+        fut: impl Future<Output = R<T>>,
+    ) -> Result<T, StoreError> {
         let outcome = match tokio::time::timeout(timeout, fut).await {
             Ok(r) => r,
             Err(_) => Err(RedisStoreError::Timeout { timeout }),
@@ -1154,7 +1179,7 @@ impl StateStore for RedisStore {
     }
 
     async fn renew(&self, peer: &PeerId, load: Load, lease: Duration) -> Result<bool, StoreError> {
-        self.run("renew", async {
+        self.run_bulk("renew", 0, async {
             let keys = self.peer_keys(peer.as_str(), &["peer"]);
             let args = [
                 load.active_uploads.to_string(),
@@ -1188,7 +1213,7 @@ impl StateStore for RedisStore {
 
     async fn deregister(&self, peer: &PeerId) -> Result<bool, StoreError> {
         self.forget_swarms();
-        self.run("deregister", async {
+        self.run_bulk("deregister", 0, async {
             let keys = self.peer_keys(peer.as_str(), &["peer", "gen", "inv"]);
             let v = self.eval(&self.scripts.deregister, &keys, &[]).await?;
             let a = as_array(&v).ok_or_else(|| reply("deregister"))?;
@@ -1221,7 +1246,8 @@ impl StateStore for RedisStore {
                 self.cache.remove(id);
             }
         }
-        self.run("announce", async {
+        let items = ann.blobs.len() + ann.removed.len();
+        self.run_bulk("announce", items, async {
             let id = peer.as_str();
             let keys = self.peer_keys(id, &["peer", "inv"]);
             let added: Vec<String> = ann.blobs.iter().map(|b| b.id.to_string()).collect();
@@ -1325,7 +1351,7 @@ impl StateStore for RedisStore {
     }
 
     async fn peers(&self) -> Result<Vec<PeerSnapshot>, StoreError> {
-        self.run("peers", async {
+        self.run_bulk("peers", 0, async {
             let mut conn = self.conn.clone();
             let ids: Vec<String> = redis::cmd("ZRANGE")
                 .arg(self.index_key())
@@ -1421,7 +1447,7 @@ impl StateStore for RedisStore {
     }
 
     async fn expire(&self) -> Result<Vec<PeerId>, StoreError> {
-        self.run("expire", async {
+        self.run_bulk("expire", 0, async {
             let mut conn = self.conn.clone();
             let t: (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await?;
             let now = t.0 * 1000 + t.1 / 1000;
@@ -1535,6 +1561,28 @@ mod tests {
             Err(RedisUrlError::NotRedis { .. })
         ));
         RedisConfig::parse_url("redis://127.0.0.1:6379/2").unwrap();
+    }
+
+    /// The hash tag of a key: what Redis Cluster hashes to pick its slot.
+    fn tag(key: &str) -> &str {
+        let open = key.find('{').unwrap();
+        let close = open + key[open..].find('}').unwrap();
+        &key[open + 1..close]
+    }
+
+    #[test]
+    fn keys_of_one_record_share_one_hash_tag() {
+        let blob = blob_keys("nebula", &"ab".repeat(32));
+        assert!(blob.iter().all(|k| tag(k) == tag(&blob[0])), "{blob:?}");
+        assert!(tag(&blob[0]).starts_with("b:"));
+        let peer = peer_tag("nebula", "peer-1");
+        let keys: Vec<String> = ["peer", "gen", "inv", "sanction", "reporters"]
+            .iter()
+            .map(|p| format!("{peer}:{p}"))
+            .collect();
+        assert!(keys.iter().all(|k| tag(k) == "p:peer-1"), "{keys:?}");
+        // Peer ids cannot hold braces, so a tag never ends early.
+        assert!("a{b".parse::<PeerId>().is_err());
     }
 
     #[test]
