@@ -508,3 +508,36 @@ async fn redis_swarm_cache_shows_other_replicas_writes_within_its_period() {
         .unwrap();
     assert_eq!(ranked(&two, None, 1).await, ["a"]);
 }
+
+/// Provider entries expire a horizon after they were written unless their
+/// peer's heartbeats push them forward (the safety net for entries nobody
+/// else removes); a lease alone does not keep them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_entries_expire_past_their_horizon_unless_heartbeats_push_them() {
+    let server = RedisServer::start();
+    let mut state = RedisConfig::new(&server.url()).unwrap();
+    state.entry_horizon = Duration::from_millis(1000);
+    state.swarm_cache = Duration::ZERO;
+    let config = Config {
+        lease_ttl: Duration::from_secs(10),
+        ..config()
+    };
+    let r = Registry::new(RedisStore::new(state).unwrap(), &config);
+    for name in ["beating", "silent"] {
+        r.register(reg(name, 1001, "")).await.unwrap();
+        assert!(
+            r.announce(&id(name), adds(vec![complete(1)]))
+                .await
+                .unwrap()
+        );
+    }
+    // 2.5 horizons, with heartbeats from one of them only.
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(r.heartbeat(&id("beating"), Load::default()).await.unwrap());
+    }
+    assert_eq!(ranked(&r, None, 1).await, ["beating"]);
+    assert_eq!(r.stats().await.unwrap().store.provider_entries, 1);
+    // Both still hold their leases.
+    assert_eq!(r.peers().await.unwrap().len(), 2);
+}

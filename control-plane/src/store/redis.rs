@@ -231,7 +231,7 @@ fn script(body: &str) -> Script {
 impl Scripts {
     fn new() -> Self {
         Self {
-            // KEYS: peer, gen. ARGV: address, zone, labels, lease ms.
+            // KEYS: peer, gen. ARGV: address, zone, labels, lease ms, horizon ms.
             // Returns {1 if it was alive, deadline ms}.
             register: script(
                 r#"
@@ -243,7 +243,9 @@ if alive then
 else
   local epoch = tostring(tonumber(t[1]) * 1000000 + tonumber(t[2]))
   redis.call('SET', KEYS[2], epoch)
-  redis.call('HSET', KEYS[1], 'health', '1', 'au', 0, 'ubps', 0, 'us', 0, 'epoch', epoch, 'hz', 0)
+  -- Entries announced from now on expire a horizon from their announce.
+  redis.call('HSET', KEYS[1], 'health', '1', 'au', 0, 'ubps', 0, 'us', 0, 'epoch', epoch,
+             'hz', now + tonumber(ARGV[5]))
 end
 redis.call('HSET', KEYS[1], 'addr', ARGV[1], 'zone', ARGV[2], 'labels', ARGV[3], 'seen', now)
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
@@ -1146,6 +1148,7 @@ impl StateStore for RedisStore {
             let id = reg.id.as_str();
             let keys = self.peer_keys(id, &["peer", "gen"]);
             let lease = millis(lease).to_string();
+            let horizon = millis(self.config.entry_horizon).to_string();
             let labels = encode_labels(&reg.labels);
             let v = self
                 .eval(
@@ -1156,6 +1159,7 @@ impl StateStore for RedisStore {
                         reg.zone.as_bytes(),
                         &labels,
                         lease.as_bytes(),
+                        horizon.as_bytes(),
                     ],
                 )
                 .await?;
