@@ -166,6 +166,7 @@ fn redis_state_refuses_tls_and_sentinel_with_exit_2() {
         ("rediss://127.0.0.1:6380", "rediss://"),
         ("redis+sentinel://127.0.0.1:26379/main", "sentinel"),
         ("postgres://x", "not a Redis URL"),
+        ("redis://127.0.0.1:notaport", "not a valid Redis URL"),
     ] {
         let mut cmd = nebula();
         cmd.args(["control", "--listen", "127.0.0.1:0", "--state", url]);

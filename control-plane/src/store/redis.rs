@@ -140,6 +140,14 @@ pub enum RedisUrlError {
         /// What was given (password redacted).
         url: String,
     },
+    /// A `redis://` URL the client cannot use (bad port, bad database number…).
+    #[error("{url:?} is not a valid Redis URL: {reason}")]
+    Invalid {
+        /// What was given (password redacted).
+        url: String,
+        /// What the client said.
+        reason: String,
+    },
 }
 
 impl RedisConfig {
@@ -160,7 +168,14 @@ impl RedisConfig {
     pub fn parse_url(url: &str) -> Result<(), RedisUrlError> {
         let scheme = url.split("://").next().unwrap_or_default();
         match scheme {
-            "redis" if url.len() > "redis://".len() => Ok(()),
+            "redis" if url.len() > "redis://".len() => match Client::open(url) {
+                Ok(_) => Ok(()),
+                Err(e) => Err(RedisUrlError::Invalid {
+                    url: redact_url(url),
+                    // The client's message does not repeat the password.
+                    reason: e.to_string(),
+                }),
+            },
             "rediss" => Err(RedisUrlError::TlsUnsupported),
             "redis+sentinel" | "rediss+sentinel" => Err(RedisUrlError::SentinelUnsupported),
             _ => Err(RedisUrlError::NotRedis {
@@ -1565,6 +1580,10 @@ mod tests {
             Err(RedisUrlError::NotRedis { .. })
         ));
         RedisConfig::parse_url("redis://127.0.0.1:6379/2").unwrap();
+        assert!(matches!(
+            RedisConfig::parse_url("redis://127.0.0.1:notaport"),
+            Err(RedisUrlError::Invalid { .. })
+        ));
     }
 
     /// The hash tag of a key: what Redis Cluster hashes to pick its slot.
