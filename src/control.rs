@@ -4,7 +4,7 @@ use std::{io::Write as _, str::FromStr, time::Duration};
 
 use anyhow::Context as _;
 use nebula_common::{BlobRef, rate::format_bytes};
-use nebula_control::{Config, ControlPlane, PeerId};
+use nebula_control::{Config, ControlPlane, PeerId, RedisConfig, StateStore};
 use nebula_proto::v1::{
     GetSwarmRequest, ListPeersRequest, PeerInfo, PeerRequest, PeerState, StatsRequest,
     admin_client::AdminClient,
@@ -85,6 +85,26 @@ pub(crate) struct ControlArgs {
     keepalive_timeout: Option<Duration>,
     #[command(flatten)]
     pub(crate) serve: ServeFlags,
+    /// Where the state lives: `memory` (this process only) or
+    /// `redis://HOST:PORT[/DB]`, shared by every replica given the same URL.
+    /// (`rediss://` and `redis+sentinel://` are not supported by this build.)
+    #[arg(
+        long,
+        env = "NEBULA_STATE",
+        default_value = "memory",
+        hide_env_values = true
+    )]
+    state: String,
+    /// Deadline of one call to Redis; past it the call answers UNAVAILABLE [default: 1s].
+    #[arg(long, env = "NEBULA_STATE_TIMEOUT", value_parser = parse_duration)]
+    state_timeout: Option<Duration>,
+}
+
+/// Where `nebula control` keeps its state.
+#[derive(Debug)]
+enum State {
+    Memory,
+    Redis(RedisConfig),
 }
 
 impl ControlArgs {
@@ -120,23 +140,58 @@ impl ControlArgs {
             max_local_error_reset_streams: d.max_local_error_reset_streams,
             keepalive_interval: self.keepalive_interval.unwrap_or(d.keepalive_interval),
             keepalive_timeout: self.keepalive_timeout.unwrap_or(d.keepalive_timeout),
+            store_check_interval: d.store_check_interval,
         };
         config.validate().map_err(|e| bad_input(e.to_string()))?;
         Ok(config)
+    }
+
+    fn state(&self) -> anyhow::Result<State> {
+        if self.state == "memory" {
+            return Ok(State::Memory);
+        }
+        let mut redis =
+            RedisConfig::new(&self.state).map_err(|e| bad_input(format!("--state: {e}")))?;
+        if let Some(t) = self.state_timeout {
+            if t.is_zero() {
+                return Err(bad_input("--state-timeout must be longer than zero"));
+            }
+            redis.op_timeout = t;
+        }
+        Ok(State::Redis(redis))
     }
 }
 
 pub(crate) async fn run_control(args: ControlArgs) -> anyhow::Result<()> {
     let config = args.config()?;
+    let state = args.state()?;
+    // Watched before the address is printed: whoever reads it may signal at once.
+    let shutdown = shutdown_signal()?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let http = args.serve.bind_http().await?;
-    // Watched before the address is printed: whoever reads it may signal at once.
-    let signal = shutdown_signal()?;
-    let mut control = ControlPlane::spawn(listener, config)
-        .await
-        .context("cannot start the control plane")?;
+    match state {
+        State::Memory => {
+            let control = ControlPlane::spawn(listener, config)
+                .await
+                .context("cannot start the control plane")?;
+            serve_until_signal(control, http, shutdown).await
+        }
+        State::Redis(redis) => {
+            let control = ControlPlane::spawn_redis(listener, config, redis)
+                .await
+                .context("cannot start the control plane")?;
+            serve_until_signal(control, http, shutdown).await
+        }
+    }
+}
+
+async fn serve_until_signal<S: StateStore>(
+    mut control: ControlPlane<S>,
+    http: Option<tokio::net::TcpListener>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     // Tests and scripts read the ports from these lines.
     println!("listening on {}", control.local_addr());
     if let Some(http) = http {
@@ -146,7 +201,7 @@ pub(crate) async fn run_control(args: ControlArgs) -> anyhow::Result<()> {
     }
     let _ = std::io::stdout().flush();
     tokio::select! {
-        () = signal => tracing::info!("signal received; shutting down"),
+        () = shutdown => tracing::info!("signal received; shutting down"),
         () = control.stopped() => {}
     }
     control.shutdown().await.context("control plane failed")
@@ -155,7 +210,8 @@ pub(crate) async fn run_control(args: ControlArgs) -> anyhow::Result<()> {
 /// Flags of `nebula admin`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct AdminArgs {
-    /// The control plane: `http://host:port` or `host:port`.
+    /// The control plane: `http://host:port` or `host:port`; several replicas
+    /// as `URL,URL,…` (the first that answers is used).
     #[arg(
         long,
         global = true,
@@ -263,12 +319,25 @@ fn rpc_error(status: Status) -> anyhow::Error {
     anyhow::anyhow!("{} ({})", status.message(), code_name(status.code()))
 }
 
+/// Connects to the first replica of `--control` that accepts a connection.
 async fn connect(args: &AdminArgs) -> anyhow::Result<Admin> {
-    let url = control_url(&args.control);
-    let endpoint = Endpoint::from_shared(url.clone())
-        .map_err(|e| bad_input(format!("invalid --control {:?}: {e}", args.control)))?
-        .connect_timeout(Duration::from_secs(5).min(args.timeout))
-        .timeout(args.timeout);
+    let urls: Vec<String> = args
+        .control
+        .split(',')
+        .filter(|u| !u.trim().is_empty())
+        .map(control_url)
+        .collect();
+    if urls.is_empty() {
+        return Err(bad_input("--control is empty"));
+    }
+    let mut endpoints = Vec::with_capacity(urls.len());
+    for url in &urls {
+        let endpoint = Endpoint::from_shared(url.clone())
+            .map_err(|e| bad_input(format!("invalid --control {url:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(5).min(args.timeout))
+            .timeout(args.timeout);
+        endpoints.push(endpoint);
+    }
     let token = match &args.admin_token {
         Some(t) => Some(
             format!("Bearer {t}")
@@ -277,11 +346,21 @@ async fn connect(args: &AdminArgs) -> anyhow::Result<Admin> {
         ),
         None => None,
     };
-    let channel = endpoint
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach the control plane at {url}"))?;
-    Ok(AdminClient::with_interceptor(channel, Bearer(token)))
+    let mut last = None;
+    for (url, endpoint) in urls.iter().zip(endpoints) {
+        match endpoint.connect().await {
+            Ok(channel) => return Ok(AdminClient::with_interceptor(channel, Bearer(token))),
+            Err(e) => {
+                tracing::debug!(%url, error = %e, "control-plane replica unreachable; trying the next");
+                last = Some(
+                    anyhow::Error::new(e)
+                        .context(format!("cannot reach the control plane at {url}")),
+                );
+            }
+        }
+    }
+    // `urls` is not empty, so the loop stored at least one error.
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("cannot reach the control plane")))
 }
 
 fn state_name(info: &PeerInfo) -> &'static str {

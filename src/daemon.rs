@@ -78,7 +78,8 @@ pub(crate) struct DaemonArgs {
     /// Store directory [default: $XDG_DATA_HOME/nebula or ~/.local/share/nebula].
     #[arg(long, env = "NEBULA_STORE")]
     store: Option<PathBuf>,
-    /// Control plane URL.
+    /// Control plane URL; several replicas as `URL,URL,…` (the next one is
+    /// used when one stops answering).
     #[arg(long, env = "NEBULA_CONTROL", default_value = "http://127.0.0.1:7700")]
     control: String,
     /// Address to serve peers on (`127.0.0.1:0` picks a free port).
@@ -115,12 +116,20 @@ pub(crate) struct DaemonArgs {
     pub(crate) serve: ServeFlags,
 }
 
+/// `host:port` gets `http://` in front, in each entry of a comma-separated list.
 fn control_url(raw: &str) -> String {
-    if raw.contains("://") {
-        raw.to_owned()
-    } else {
-        format!("http://{raw}")
-    }
+    raw.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            if u.contains("://") {
+                u.to_owned()
+            } else {
+                format!("http://{u}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 pub(crate) async fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
@@ -216,7 +225,8 @@ pub(crate) struct FetchArgs {
     output: Option<PathBuf>,
     #[command(flatten)]
     daemon: DaemonLocation,
-    /// With no daemon running: fetch as a one-shot peer via this control plane.
+    /// With no daemon running: fetch as a one-shot peer via this control plane
+    /// (several replicas: `URL,URL,…`).
     #[arg(long, env = "NEBULA_CONTROL")]
     control: Option<String>,
     /// One-shot mode: address to serve other peers on while downloading.

@@ -11,6 +11,7 @@ need() { # need PROGRAM PACKAGE...
     command -v "$program" >/dev/null 2>&1 || missing="$missing $*"
 }
 
+need redis-server redis-server
 need chromium chromium
 need chromedriver chromium-driver
 

@@ -57,6 +57,9 @@ pub struct Config {
     pub keepalive_interval: Duration,
     /// An unanswered keepalive ping closes the connection after this long. Default 10 s.
     pub keepalive_timeout: Duration,
+    /// How often the state store is checked, to report NOT_SERVING on the
+    /// gRPC health service while it does not answer. Default 1 s.
+    pub store_check_interval: Duration,
 }
 
 impl Default for Config {
@@ -81,6 +84,7 @@ impl Default for Config {
             max_local_error_reset_streams: 1024,
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
+            store_check_interval: Duration::from_secs(1),
         }
     }
 }
@@ -112,6 +116,7 @@ impl std::fmt::Debug for Config {
             )
             .field("keepalive_interval", &self.keepalive_interval)
             .field("keepalive_timeout", &self.keepalive_timeout)
+            .field("store_check_interval", &self.store_check_interval)
             .finish()
     }
 }
@@ -182,6 +187,7 @@ impl Config {
             ("request_timeout", self.request_timeout),
             ("keepalive_interval", self.keepalive_interval),
             ("keepalive_timeout", self.keepalive_timeout),
+            ("store_check_interval", self.store_check_interval),
         ] {
             if d.is_zero() {
                 return Err(ConfigError::ZeroDuration { field });

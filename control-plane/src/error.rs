@@ -82,10 +82,11 @@ impl From<RegistryError> for Status {
                 Code::NotFound
             }
             RegistryError::Store(StoreError::Full(_)) => Code::ResourceExhausted,
-            RegistryError::Store(StoreError::Unavailable(_)) => Code::Unavailable,
+            RegistryError::Store(StoreError::Unavailable { .. }) => Code::Unavailable,
         };
         if code == Code::Unavailable {
-            tracing::warn!(error = %err, "state store failed");
+            // The store logs the start and the end of an outage once each.
+            tracing::debug!(error = %err, "state store failed");
         }
         Status::new(code, err.to_string())
     }

@@ -173,6 +173,26 @@ pub(crate) struct Prober<S, C> {
     concurrency: usize,
     /// Per peer: the address probed and the streaks seen there.
     trackers: HashMap<PeerId, (Arc<str>, HealthTracker)>,
+    /// This control-plane replica's name among the replicas sharing the store.
+    replica: Arc<str>,
+    /// How long this replica counts as alive after each round announces it.
+    replica_ttl: Duration,
+}
+
+/// The replica that probes `peer`: the peer id hashed (FNV-1a, the same on
+/// every build) over the sorted list of live replicas. When a replica dies,
+/// its peers move to the others as soon as it drops out of the list.
+pub fn prober_of<'a>(peer: &PeerId, replicas: &'a [String]) -> Option<&'a str> {
+    if replicas.is_empty() {
+        return None;
+    }
+    let hash = peer
+        .as_str()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    Some(&replicas[(hash % replicas.len() as u64) as usize])
 }
 
 impl<S: StateStore, C: HealthCheck> Prober<S, C> {
@@ -185,7 +205,17 @@ impl<S: StateStore, C: HealthCheck> Prober<S, C> {
             healthy_after: config.healthy_after,
             concurrency: config.max_concurrent_probes,
             trackers: HashMap::new(),
+            replica: Arc::from("local"),
+            // A replica is dropped from the list a little over one interval
+            // after its last round: its peers are then probed by others.
+            replica_ttl: config.probe_interval + config.probe_timeout,
         }
+    }
+
+    /// Names this replica (unique among the replicas sharing the store).
+    pub(crate) fn with_replica(mut self, name: Arc<str>) -> Self {
+        self.replica = name;
+        self
     }
 
     /// Probes until `cancel` fires.
@@ -204,15 +234,25 @@ impl<S: StateStore, C: HealthCheck> Prober<S, C> {
         }
     }
 
-    /// Probes every live peer once, at most `concurrency` at a time.
+    /// Probes once every live peer whose prober this replica is, at most
+    /// `concurrency` at a time.
     pub(crate) async fn round(&mut self) {
-        let peers = match self.registry.store().peers().await {
-            Ok(peers) => peers,
+        let store = self.registry.store();
+        let replicas = match store.replicas(&self.replica, self.replica_ttl).await {
+            Ok(replicas) => replicas,
             Err(err) => {
-                tracing::warn!(error = %err, "cannot list peers to probe");
+                tracing::debug!(error = %err, "cannot list the live replicas; not probing");
                 return;
             }
         };
+        let mut peers = match store.peers().await {
+            Ok(peers) => peers,
+            Err(err) => {
+                tracing::debug!(error = %err, "cannot list peers to probe");
+                return;
+            }
+        };
+        peers.retain(|p| prober_of(&p.id, &replicas) == Some(&*self.replica));
         let live: HashSet<Arc<str>> = peers.iter().map(|p| p.address.clone()).collect();
         self.checker.retain(&live);
         let ids: HashSet<&PeerId> = peers.iter().map(|p| &p.id).collect();
@@ -272,6 +312,33 @@ mod tests {
         registry::ProviderQuery,
         store::{Announcement, BlobAnnouncement, Load, MemoryStore, PeerRegistration},
     };
+
+    #[test]
+    fn probing_is_split_among_replicas_and_moves_when_one_dies() {
+        let three: Vec<String> = ["r1", "r2", "r3"].map(String::from).to_vec();
+        let ids: Vec<PeerId> = (0..300)
+            .map(|i| format!("peer-{i}").parse().unwrap())
+            .collect();
+        let mut counts = HashMap::new();
+        for id in &ids {
+            *counts.entry(prober_of(id, &three).unwrap()).or_insert(0) += 1;
+        }
+        assert_eq!(counts.len(), 3, "{counts:?}");
+        assert!(counts.values().all(|&n| n > 60), "{counts:?}");
+        // r2 dies: its peers move, the others' stay.
+        let two: Vec<String> = ["r1", "r3"].map(String::from).to_vec();
+        for id in &ids {
+            let before = prober_of(id, &three).unwrap();
+            let after = prober_of(id, &two).unwrap();
+            assert_ne!(after, "r2");
+            if before != "r2" && two.len() == 2 {
+                // Modulo hashing may move some of the survivors' peers too;
+                // what matters is that every peer has exactly one prober.
+                assert!(after == "r1" || after == "r3");
+            }
+        }
+        assert_eq!(prober_of(&ids[0], &[]), None);
+    }
 
     #[test]
     fn three_failures_make_unhealthy_two_passes_heal() {

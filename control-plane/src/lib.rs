@@ -17,7 +17,8 @@
 //! # Layout
 //!
 //! - [`config`]: [`Config`], every limit and timer, validated.
-//! - [`store`]: the [`StateStore`] trait (shaped for keys with TTLs) and [`MemoryStore`].
+//! - [`store`]: the [`StateStore`] trait (shaped for keys with TTLs), [`MemoryStore`]
+//!   and [`RedisStore`] (several replicas sharing one Redis).
 //! - [`registry`]: [`Registry`], the operations and the checks on their input.
 //! - [`discovery`]: provider ranking.
 //! - [`health`]: active `grpc.health.v1` probes and the healthy/unhealthy streaks.
@@ -46,7 +47,7 @@ pub use config::{Config, ConfigError};
 pub use error::RegistryError;
 pub use registry::{ProviderQuery, Providers, Registry, Stats};
 pub use server::{ControlPlane, ServeError, serve};
-pub use store::{Health, Load, MemoryStore, PeerId, Standing, StateStore};
+pub use store::{Health, Load, MemoryStore, PeerId, RedisConfig, RedisStore, Standing, StateStore};
 /// The `grpc.health.v1` implementation the prober speaks, re-exported so
 /// peers and tests serve exactly what the control plane checks.
 pub use tonic_health;

@@ -21,7 +21,7 @@ use crate::{
     metrics::RpcMetricsLayer,
     registry::Registry,
     service::ControlPlaneService,
-    store::{MemoryStore, StateStore},
+    store::{MemoryStore, RedisConfig, RedisStore, StateStore, StoreError},
 };
 
 /// Why the control plane could not start or stopped with an error.
@@ -42,6 +42,9 @@ pub enum ServeError {
     /// The HTTP endpoint (`--http-listen`) failed.
     #[error("HTTP endpoint: {0}")]
     Http(#[source] io::Error),
+    /// The state store cannot be set up.
+    #[error("state store: {0}")]
+    Store(#[source] StoreError),
     /// A background task panicked.
     #[error("control-plane task panicked: {0}")]
     Panicked(String),
@@ -63,6 +66,19 @@ pub struct ControlPlane<S = MemoryStore> {
     grace: Duration,
     /// Guards the HTTP endpoint's JSON as the admin API is guarded.
     admin_auth: AdminAuth,
+}
+
+impl ControlPlane<RedisStore> {
+    /// Starts a control plane whose state lives in Redis, so several replicas
+    /// on the same Redis are one service.
+    pub async fn spawn_redis(
+        listener: TcpListener,
+        config: Config,
+        redis: RedisConfig,
+    ) -> Result<Self, ServeError> {
+        let store = RedisStore::new(redis).map_err(ServeError::Store)?;
+        Self::spawn_with_store(listener, config, store).await
+    }
 }
 
 impl ControlPlane<MemoryStore> {
@@ -143,22 +159,34 @@ impl<S: StateStore> ControlPlane<S> {
                 .await?;
             Ok(())
         });
+        // Replicas sharing a store tell themselves apart by address and a
+        // random suffix (a restarted replica is a new one).
+        let replica: Arc<str> =
+            Arc::from(format!("{local_addr}/{:08x}", rand::random::<u32>()).as_str());
         tasks.spawn(sweep(
             registry.clone(),
             config.lease_ttl / 4,
+            replica.clone(),
+            cancel.clone(),
+        ));
+        tasks.spawn(watch_store(
+            registry.clone(),
+            health.clone(),
+            config.store_check_interval,
             cancel.clone(),
         ));
         let prober = Prober::new(
             registry.clone(),
             GrpcHealthCheck::new(config.probe_timeout),
             &config,
-        );
+        )
+        .with_replica(replica.clone());
         let stop = cancel.clone();
         tasks.spawn(async move {
             prober.run(stop).await;
             Ok(())
         });
-        tracing::info!(%local_addr, ?config, "control plane serving");
+        tracing::info!(%local_addr, %replica, ?config, "control plane serving");
         Ok(Self {
             local_addr,
             registry,
@@ -233,10 +261,12 @@ impl<S: StateStore> ControlPlane<S> {
 }
 
 /// Removes lapsed peers and their announcements. Answers never depend on it
-/// (a lapsed lease is filtered out at once); it reclaims the memory.
+/// (a lapsed lease is filtered out at once); it reclaims the memory. Among
+/// replicas sharing a store, the one holding the `sweep` lock sweeps.
 async fn sweep<S: StateStore>(
     registry: Arc<Registry<S>>,
     every: Duration,
+    replica: Arc<str>,
     cancel: CancellationToken,
 ) -> Result<(), ServeError> {
     let every = every.max(Duration::from_millis(50));
@@ -247,8 +277,55 @@ async fn sweep<S: StateStore>(
             () = cancel.cancelled() => return Ok(()),
             _ = ticker.tick() => {}
         }
+        // Held for three rounds: another replica takes over that soon after
+        // this one dies.
+        match registry.store().lock("sweep", &replica, every * 3).await {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(err) => {
+                tracing::debug!(error = %err, "cannot take the sweep lock");
+                continue;
+            }
+        }
         if let Err(err) = registry.expire().await {
-            tracing::warn!(error = %err, "lease sweep failed");
+            tracing::debug!(error = %err, "lease sweep failed");
+        }
+    }
+}
+
+/// Reports NOT_SERVING on the gRPC health service while the store does not
+/// answer, SERVING again once it does.
+async fn watch_store<S: StateStore>(
+    registry: Arc<Registry<S>>,
+    health: HealthReporter,
+    every: Duration,
+    cancel: CancellationToken,
+) -> Result<(), ServeError> {
+    let mut ticker = tokio::time::interval(every.max(Duration::from_millis(50)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut serving = true;
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return Ok(()),
+            _ = ticker.tick() => {}
+        }
+        let ready = tokio::select! {
+            () = cancel.cancelled() => return Ok(()),
+            r = registry.store().ready() => r,
+        };
+        if ready.is_ok() == serving {
+            continue;
+        }
+        serving = ready.is_ok();
+        let status = if serving {
+            tracing::info!("state store answers; serving");
+            ServingStatus::Serving
+        } else {
+            tracing::warn!("state store unavailable; reporting NOT_SERVING");
+            ServingStatus::NotServing
+        };
+        for name in SERVICES.into_iter().chain([""]) {
+            health.set_service_status(name, status).await;
         }
     }
 }

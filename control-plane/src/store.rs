@@ -13,8 +13,10 @@ use nebula_common::{BlobId, Sha256Digest};
 use tokio::time::Instant;
 
 mod memory;
+pub mod redis;
 
 pub use memory::MemoryStore;
+pub use redis::{RedisConfig, RedisStore};
 
 /// Longest peer id accepted.
 pub const MAX_PEER_ID_LEN: usize = 128;
@@ -272,9 +274,12 @@ pub struct StoreStats {
 /// A failure of the storage engine itself (the embedded store never fails).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The backend cannot be reached or answered with an error.
-    #[error("state store unavailable: {0}")]
-    Unavailable(String),
+    /// The backend cannot be reached, did not answer in time, or answered with an error.
+    #[error("state store unavailable: {source}")]
+    Unavailable {
+        /// What the backend's client reported.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The store cannot take more peers.
     #[error("state store is full: {0}")]
     Full(&'static str),
@@ -366,6 +371,35 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Cluster-wide figures.
     fn stats(&self) -> impl Future<Output = Result<StoreStats, StoreError>> + Send;
+
+    /// Whether the backend answers now; the embedded store always does.
+    fn ready(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
+        async { Ok(()) }
+    }
+
+    /// Records that control-plane replica `me` is alive for `ttl` and returns
+    /// every live replica, sorted. A store that one process owns has one replica.
+    fn replicas(
+        &self,
+        me: &str,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send {
+        let _ = ttl;
+        let me = me.to_owned();
+        async move { Ok(vec![me]) }
+    }
+
+    /// Takes, or keeps, the lock `name` for `holder` for `ttl`; `true` when
+    /// `holder` holds it. A store that one process owns always grants it.
+    fn lock(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        let _ = (name, holder, ttl);
+        async { Ok(true) }
+    }
 }
 
 #[cfg(test)]

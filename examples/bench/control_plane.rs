@@ -27,7 +27,7 @@ use std::{
 };
 
 use futures::{StreamExt as _, stream};
-use nebula_control::{Config, ControlPlane};
+use nebula_control::{Config, ControlPlane, RedisConfig};
 use nebula_proto::v1::{
     AnnounceRequest, BlobAnnouncement, FindProvidersRequest, RegisterRequest,
     control_plane_client::ControlPlaneClient,
@@ -172,19 +172,21 @@ fn announcement(b: usize, partial: bool) -> BlobAnnouncement {
 }
 
 /// Sends `requests` find-providers requests from `connections × in_flight`
-/// concurrent workers; returns how many answers named providers.
+/// concurrent workers spread over `urls` (replicas); returns how many answers
+/// named providers and every answer's latency in microseconds.
 async fn hammer(
-    url: &str,
+    urls: &[String],
     requests: usize,
     connections: usize,
     in_flight: usize,
     blobs: usize,
     peers: usize,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<(u64, Vec<u32>)> {
     let mut channels = Vec::new();
-    for _ in 0..connections {
+    for i in 0..connections.max(urls.len()) {
         channels.push(
-            Endpoint::from_shared(url.to_owned())?
+            Endpoint::from_shared(urls[i % urls.len()].clone())?
+                .tcp_nodelay(true)
                 .timeout(Duration::from_secs(30))
                 .connect()
                 .await?,
@@ -193,8 +195,8 @@ async fn hammer(
     let next = Arc::new(AtomicU64::new(0));
     let answered = Arc::new(AtomicU64::new(0));
     let mut tasks = tokio::task::JoinSet::new();
-    for w in 0..connections * in_flight {
-        let mut c = ControlPlaneClient::new(channels[w % connections].clone());
+    for w in 0..channels.len() * in_flight {
+        let mut c = ControlPlaneClient::new(channels[w % channels.len()].clone());
         let (next, answered) = (next.clone(), answered.clone());
         let ids: Vec<(String, String)> = {
             let mut rng = rand::rng();
@@ -209,6 +211,7 @@ async fn hammer(
         };
         tasks.spawn(async move {
             let mut i = 0;
+            let mut latencies = Vec::new();
             while next.fetch_add(1, Ordering::Relaxed) < requests as u64 {
                 let (blob, asker) = &ids[i % ids.len()];
                 i += 1;
@@ -218,75 +221,69 @@ async fn hammer(
                     limit: 0,
                     zone: "zone-1".into(),
                 };
+                let sent = Instant::now();
                 let resp = c.find_providers(req).await?;
+                latencies.push(sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
                 if !resp.get_ref().providers.is_empty() {
                     answered.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            Ok::<_, tonic::Status>(())
+            Ok::<_, tonic::Status>(latencies)
         });
     }
+    let mut latencies = Vec::with_capacity(requests);
     while let Some(done) = tasks.join_next().await {
-        done??;
+        latencies.extend(done??);
     }
-    Ok(answered.load(Ordering::Relaxed))
+    Ok((answered.load(Ordering::Relaxed), latencies))
 }
 
-async fn measure(plan: &Plan, quick: bool) -> anyhow::Result<Value> {
-    let server_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(SERVER_THREADS)
-        .thread_name(SERVER_THREAD_NAME)
-        .enable_all()
-        .build()?;
-    let result = measure_on(plan, quick, &server_rt).await;
-    // A runtime cannot be dropped from async code; its threads are idle by now.
-    server_rt.shutdown_background();
-    result
+/// The 99th percentile of `latencies` (µs), in milliseconds.
+fn p99_ms(latencies: &mut [u32]) -> f64 {
+    if latencies.is_empty() {
+        return 0.0;
+    }
+    latencies.sort_unstable();
+    let i = (latencies.len() * 99 / 100).min(latencies.len() - 1);
+    round(f64::from(latencies[i]) / 1000.0, 2)
 }
 
-async fn measure_on(
-    plan: &Plan,
-    quick: bool,
-    server_rt: &tokio::runtime::Runtime,
-) -> anyhow::Result<Value> {
-    let config = Config {
-        lease_ttl: Duration::from_secs(3600),
-        heartbeat_interval: Duration::from_secs(600),
-        probe_interval: Duration::from_secs(3600),
-        max_concurrent_streams: 4096,
-        ..Config::default()
-    };
-    // Spawned from the server runtime, so every server task runs on its threads.
-    let control = server_rt
-        .spawn(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            anyhow::Ok(ControlPlane::spawn(listener, config).await?)
-        })
-        .await??;
-    let url = format!("http://{}", control.local_addr());
-    let mut channels: Vec<Channel> = Vec::new();
-    for _ in 0..plan.connections {
-        let ch = Endpoint::from_shared(url.clone())?
-            .tcp_nodelay(true)
-            .timeout(Duration::from_secs(30))
-            .connect()
-            .await?;
-        channels.push(ch);
-    }
+/// Runs [`hammer`] on a thread of its own (one core for the clients).
+async fn hammer_on_thread(urls: Vec<String>, plan: &Plan) -> anyhow::Result<(u64, Vec<u32>)> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (requests, connections, in_flight, blobs, peers) = (
+        plan.requests,
+        plan.connections,
+        plan.in_flight,
+        plan.blobs,
+        plan.peers,
+    );
+    std::thread::Builder::new()
+        .name(CLIENT_THREAD_NAME.into())
+        .spawn(move || {
+            let outcome = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| {
+                    rt.block_on(hammer(
+                        &urls,
+                        requests,
+                        connections,
+                        in_flight,
+                        blobs,
+                        peers,
+                    ))
+                });
+            let _ = tx.send(outcome);
+        })?;
+    rx.await
+        .map_err(|_| anyhow::anyhow!("the client thread died"))?
+}
+
+/// Registers every peer and announces every inventory through `channels`.
+async fn load(channels: &[Channel], plan: &Plan) -> anyhow::Result<()> {
     let client = |i: usize| ControlPlaneClient::new(channels[i % channels.len()].clone());
-
-    // Warm the connections up so the baseline holds their buffers.
-    for i in 0..plan.connections {
-        let req = FindProvidersRequest {
-            blob: blob_id(0),
-            ..Default::default()
-        };
-        client(i).find_providers(req).await?;
-    }
-    let before = rss_bytes()?;
-    let load_started = Instant::now();
-
-    // Register every peer.
     let results: Vec<Result<(), tonic::Status>> = stream::iter(0..plan.peers)
         .map(|i| {
             let mut c = client(i);
@@ -337,18 +334,12 @@ async fn measure_on(
     for unknown in results {
         anyhow::ensure!(!unknown?, "a registered peer was unknown at announce");
     }
-    let load_s = load_started.elapsed().as_secs_f64();
-    let after = rss_bytes()?;
-    let stats = control.registry().stats().await?;
-    let entries = stats.store.provider_entries;
-    anyhow::ensure!(
-        entries == (plan.blobs * PROVIDERS) as u64,
-        "expected {} entries, the control plane holds {entries}",
-        plan.blobs * PROVIDERS
-    );
+    Ok(())
+}
 
-    // A sample answer must be right before it is timed.
-    let sample = client(0)
+/// Checks one answer before anything is timed.
+async fn check_sample(channel: Channel) -> anyhow::Result<()> {
+    let sample = ControlPlaneClient::new(channel)
         .find_providers(FindProvidersRequest {
             blob: blob_id(7),
             peer_id: peer_id(0),
@@ -366,37 +357,82 @@ async fn measure_on(
             && !sample.providers[PROVIDERS - 1].complete,
         "complete providers must rank before the partial one"
     );
+    Ok(())
+}
+
+async fn measure(plan: &Plan, quick: bool) -> anyhow::Result<Value> {
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(SERVER_THREADS)
+        .thread_name(SERVER_THREAD_NAME)
+        .enable_all()
+        .build()?;
+    let result = measure_on(plan, quick, &server_rt).await;
+    // A runtime cannot be dropped from async code; its threads are idle by now.
+    server_rt.shutdown_background();
+    result
+}
+
+async fn measure_on(
+    plan: &Plan,
+    quick: bool,
+    server_rt: &tokio::runtime::Runtime,
+) -> anyhow::Result<Value> {
+    let config = Config {
+        lease_ttl: Duration::from_secs(3600),
+        heartbeat_interval: Duration::from_secs(600),
+        probe_interval: Duration::from_secs(3600),
+        max_concurrent_streams: 4096,
+        ..Config::default()
+    };
+    // Spawned from the server runtime, so every server task runs on its threads.
+    let control = server_rt
+        .spawn(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            anyhow::Ok(ControlPlane::spawn(listener, config).await?)
+        })
+        .await??;
+    let url = format!("http://{}", control.local_addr());
+    let mut channels: Vec<Channel> = Vec::new();
+    for _ in 0..plan.connections {
+        let ch = Endpoint::from_shared(url.clone())?
+            .tcp_nodelay(true)
+            .timeout(Duration::from_secs(30))
+            .connect()
+            .await?;
+        channels.push(ch);
+    }
+    // Warm the connections up so the baseline holds their buffers.
+    for ch in &channels {
+        let req = FindProvidersRequest {
+            blob: blob_id(0),
+            ..Default::default()
+        };
+        ControlPlaneClient::new(ch.clone())
+            .find_providers(req)
+            .await?;
+    }
+    let before = rss_bytes()?;
+    let load_started = Instant::now();
+
+    load(&channels, plan).await?;
+    let load_s = load_started.elapsed().as_secs_f64();
+    let after = rss_bytes()?;
+    let stats = control.registry().stats().await?;
+    let entries = stats.store.provider_entries;
+    anyhow::ensure!(
+        entries == (plan.blobs * PROVIDERS) as u64,
+        "expected {} entries, the control plane holds {entries}",
+        plan.blobs * PROVIDERS
+    );
+
+    // A sample answer must be right before it is timed.
+    check_sample(channels[0].clone()).await?;
 
     // Throughput, with the clients on a thread of their own: one core for
     // them, one for the server.
     let (cpu_before, server_before) = (process_cpu_seconds(), server_cpu_seconds()?);
     let started = Instant::now();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let (hammer_url, requests) = (url.clone(), plan.requests);
-    let (connections, in_flight, blobs, peers) =
-        (plan.connections, plan.in_flight, plan.blobs, plan.peers);
-    std::thread::Builder::new()
-        .name(CLIENT_THREAD_NAME.into())
-        .spawn(move || {
-            let outcome = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(anyhow::Error::from)
-                .and_then(|rt| {
-                    rt.block_on(hammer(
-                        &hammer_url,
-                        requests,
-                        connections,
-                        in_flight,
-                        blobs,
-                        peers,
-                    ))
-                });
-            let _ = tx.send(outcome);
-        })?;
-    let answered = rx
-        .await
-        .map_err(|_| anyhow::anyhow!("the client thread died"))??;
+    let (answered, mut latencies) = hammer_on_thread(vec![url.clone()], plan).await?;
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = process_cpu_seconds() - cpu_before;
     let server_cpu = server_cpu_seconds()? - server_before;
@@ -407,6 +443,7 @@ async fn measure_on(
     );
     let workers = plan.connections * plan.in_flight;
     server_rt.spawn(control.shutdown()).await??;
+    let redis = measure_redis(plan).await;
 
     let requests = plan.requests as f64;
     let per_sec = requests / elapsed;
@@ -416,6 +453,7 @@ async fn measure_on(
     Ok(json!({
         "case": "control_plane",
         "find_providers_per_sec": per_sec.round(),
+        "p99_ms": p99_ms(&mut latencies),
         "bytes_per_entry": round(bytes_per_entry, 1),
         "peers": plan.peers,
         "blobs": plan.blobs,
@@ -435,6 +473,183 @@ async fn measure_on(
         "rss_before_mib": mib(before),
         "rss_after_mib": mib(after),
         "load_s": round(load_s, 2),
+        // The same load and requests on the Redis store, with 1 and 2 replicas.
+        "redis_two_replicas_vs_memory": redis
+            .pointer("/replicas_2/find_providers_per_sec")
+            .and_then(Value::as_f64)
+            .map_or(Value::Null, |r| round(r / per_sec, 3).into()),
+        "redis": redis,
         "quick": quick,
     }))
+}
+
+/// A `redis-server` for the benchmark: a free loopback port, a directory of
+/// its own, no persistence; SIGKILLed and reaped when dropped.
+struct RedisChild {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for RedisChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_redis() -> anyhow::Result<RedisChild> {
+    // Redis has no `--port 0`: take a free port and release it for Redis.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let dir = tempfile::tempdir()?;
+    let child = std::process::Command::new("redis-server")
+        .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot start redis-server ({e}); install it: apt-get install -y redis-server"
+            )
+        })?;
+    let redis = RedisChild {
+        child,
+        port,
+        _dir: dir,
+    };
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "redis-server did not listen on {addr}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(redis)
+}
+
+/// The Redis store's figures, or an error object.
+async fn measure_redis(plan: &Plan) -> Value {
+    match measure_redis_inner(plan).await {
+        Ok(v) => v,
+        Err(err) => json!({"error": format!("{err:#}")}),
+    }
+}
+
+async fn measure_redis_inner(plan: &Plan) -> anyhow::Result<Value> {
+    let redis = start_redis()?;
+    let url = format!("redis://127.0.0.1:{}", redis.port);
+    let runtimes = [runtime()?, runtime()?];
+    let result = redis_on(plan, &url, &runtimes).await;
+    for rt in runtimes {
+        rt.shutdown_background();
+    }
+    result
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(SERVER_THREADS)
+        .thread_name(SERVER_THREAD_NAME)
+        .enable_all()
+        .build()?)
+}
+
+async fn redis_on(
+    plan: &Plan,
+    url: &str,
+    runtimes: &[tokio::runtime::Runtime; 2],
+) -> anyhow::Result<Value> {
+    let spawn = |rt: &tokio::runtime::Runtime| {
+        let config = Config {
+            lease_ttl: Duration::from_secs(3600),
+            heartbeat_interval: Duration::from_secs(600),
+            probe_interval: Duration::from_secs(3600),
+            max_concurrent_streams: 4096,
+            ..Config::default()
+        };
+        let mut state = RedisConfig::new(url);
+        if let Ok(state) = &mut state {
+            // Whole inventories are announced at once while loading.
+            state.op_timeout = Duration::from_secs(10);
+        }
+        rt.spawn(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            anyhow::Ok(ControlPlane::spawn_redis(listener, config, state?).await?)
+        })
+    };
+    let first = spawn(&runtimes[0]).await??;
+    let first_url = format!("http://{}", first.local_addr());
+    let mut channels = Vec::new();
+    for _ in 0..plan.connections {
+        channels.push(
+            Endpoint::from_shared(first_url.clone())?
+                .tcp_nodelay(true)
+                .timeout(Duration::from_secs(60))
+                .connect()
+                .await?,
+        );
+    }
+    let store = first.registry().store().clone();
+    let before = store.used_memory().await?;
+    let load_started = Instant::now();
+    load(&channels, plan).await?;
+    let load_s = load_started.elapsed().as_secs_f64();
+    let after = store.used_memory().await?;
+    let entries = first.registry().stats().await?.store.provider_entries;
+    anyhow::ensure!(
+        entries == (plan.blobs * PROVIDERS) as u64,
+        "expected {} entries, Redis holds {entries}",
+        plan.blobs * PROVIDERS
+    );
+    check_sample(channels[0].clone()).await?;
+
+    let mut figures = serde_json::Map::new();
+    let mut urls = vec![first_url];
+    let mut replicas = vec![first];
+    for n in 1..=2 {
+        if n == 2 {
+            let second = spawn(&runtimes[1]).await??;
+            urls.push(format!("http://{}", second.local_addr()));
+            replicas.push(second);
+        }
+        let server_before = server_cpu_seconds()?;
+        let started = Instant::now();
+        let (answered, mut latencies) = hammer_on_thread(urls.clone(), plan).await?;
+        let elapsed = started.elapsed().as_secs_f64();
+        let server_cpu = server_cpu_seconds()? - server_before;
+        anyhow::ensure!(
+            answered == plan.requests as u64,
+            "only {answered} of {} answers had providers",
+            plan.requests
+        );
+        let requests = plan.requests as f64;
+        figures.insert(
+            format!("replicas_{n}"),
+            json!({
+                "find_providers_per_sec": (requests / elapsed).round(),
+                "p99_ms": p99_ms(&mut latencies),
+                "server_cpu_us_per_request": round(server_cpu * 1e6 / requests, 1),
+            }),
+        );
+    }
+    for (rt, replica) in runtimes.iter().zip(replicas) {
+        rt.spawn(replica.shutdown()).await??;
+    }
+    figures.insert(
+        "bytes_per_entry".into(),
+        round(after.saturating_sub(before) as f64 / entries as f64, 1).into(),
+    );
+    figures.insert(
+        "used_memory_mib".into(),
+        round(after as f64 / (1 << 20) as f64, 1).into(),
+    );
+    figures.insert("load_s".into(), round(load_s, 2).into());
+    Ok(Value::Object(figures))
 }

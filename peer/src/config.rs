@@ -7,7 +7,8 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 pub struct Config {
     /// The store directory.
     pub store: PathBuf,
-    /// Control plane URL (`http://host:port`); `None` runs without one.
+    /// Control plane URLs (`http://host:port`, several replicas separated by
+    /// commas, tried in turn); `None` runs without one.
     pub control: Option<String>,
     /// Join token sent to the control plane.
     pub join_token: Option<String>,
@@ -86,10 +87,15 @@ impl Config {
         if self.max_providers == 0 {
             return Err("max providers must be at least 1".into());
         }
-        if let Some(url) = &self.control
-            && !(url.starts_with("http://") || url.starts_with("https://"))
-        {
-            return Err(format!("control plane URL {url:?} must start with http://"));
+        if let Some(urls) = &self.control {
+            if crate::control::split_urls(urls).next().is_none() {
+                return Err("no control plane URL given".into());
+            }
+            if let Some(url) = crate::control::split_urls(urls)
+                .find(|u| !(u.starts_with("http://") || u.starts_with("https://")))
+            {
+                return Err(format!("control plane URL {url:?} must start with http://"));
+            }
         }
         Ok(())
     }

@@ -196,7 +196,7 @@ async fn discover(
     shared: &Shared,
     blob: &BlobRef,
 ) -> Result<pb::FindProvidersResponse, FetchError> {
-    let Some(mut control) = shared.control.clone() else {
+    let Some(control) = shared.control.clone() else {
         return Err(FetchError::NoControlPlane(blob.to_string()));
     };
     let request = pb::FindProvidersRequest {
@@ -205,12 +205,7 @@ async fn discover(
         limit: 50,
         zone: shared.config.zone.clone(),
     };
-    match tokio::time::timeout(
-        shared.config.control_timeout,
-        control.find_providers(request),
-    )
-    .await
-    {
+    match tokio::time::timeout(control.deadline(), control.find_providers(request)).await {
         Ok(Ok(r)) => {
             let r = r.into_inner();
             // The downloader works only on the id it was asked for: an answer
@@ -633,7 +628,7 @@ async fn fetch_outboard(
 }
 
 async fn report(shared: &Shared, peer_id: &str, blob: BlobId) {
-    let Some(mut control) = shared.control.clone() else {
+    let Some(control) = shared.control.clone() else {
         return;
     };
     let request = pb::ReportPeerRequest {
@@ -642,7 +637,7 @@ async fn report(shared: &Shared, peer_id: &str, blob: BlobId) {
         blob: blob.to_string(),
         reason: "sent chunks that failed verification".into(),
     };
-    match tokio::time::timeout(shared.config.control_timeout, control.report_peer(request)).await {
+    match tokio::time::timeout(control.deadline(), control.report_peer(request)).await {
         Ok(Ok(_)) => {
             tracing::warn!(peer = peer_id, blob = %blob.short(), "reported a provider for corrupt chunks")
         }

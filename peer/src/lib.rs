@@ -9,6 +9,7 @@
 //! - `connection`: the dialing side of `PeerExchange` (one stream per peer).
 //! - [`fetch`]: the multi-source downloader and its scheduler.
 //! - `membership`: registration, heartbeats, announcements.
+//! - `control`: the control-plane client, failing over between replicas.
 //! - `metrics`: Prometheus metrics and the daemon's HTTP endpoint.
 //! - [`local`]: `LocalApi`, the CLI's Unix-socket API.
 //! - [`limit`]: the token bucket behind upload and download limits.
@@ -16,6 +17,7 @@
 
 mod config;
 mod connection;
+mod control;
 mod fault;
 pub mod fetch;
 pub mod limit;

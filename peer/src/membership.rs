@@ -49,7 +49,7 @@ fn announcement(shared: &Shared, info: &BlobInfo) -> pb::BlobAnnouncement {
 
 /// Runs until the node shuts down, then deregisters.
 pub(crate) async fn run(shared: Arc<Shared>) {
-    let Some(mut control) = shared.control.clone() else {
+    let Some(control) = shared.control.clone() else {
         return;
     };
     let mut events = shared.chunk_events.subscribe();

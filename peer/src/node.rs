@@ -12,9 +12,7 @@ use std::{
 };
 
 use nebula_common::{BlobId, Store, StoreError};
-use nebula_proto::v1::{
-    self as pb, control_plane_client::ControlPlaneClient, peer_exchange_server::PeerExchangeServer,
-};
+use nebula_proto::v1::{self as pb, peer_exchange_server::PeerExchangeServer};
 use tokio::{
     net::{TcpListener, UnixListener},
     sync::{Notify, broadcast},
@@ -22,39 +20,20 @@ use tokio::{
     time::Instant,
 };
 use tokio_util::sync::CancellationToken;
-use tonic::{
-    metadata::{Ascii, MetadataValue},
-    service::interceptor::InterceptedService,
-    transport::{Channel, Endpoint, Server},
-};
+use tonic::transport::Server;
 
 use crate::{
     Config,
     connection::{
         CONNECTION_WINDOW, ConnectError, Connection, MAX_FRAME, MAX_MESSAGE, Pool, STREAM_WINDOW,
     },
+    control::ControlClient,
     limit::RateLimiter,
     local::LocalService,
     membership,
     metrics::{self, Metrics},
     server::ExchangeService,
 };
-
-/// Adds `authorization: Bearer <token>` to every control-plane call.
-#[derive(Debug, Clone)]
-pub(crate) struct BearerAuth(Option<MetadataValue<Ascii>>);
-
-impl tonic::service::Interceptor for BearerAuth {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(token) = &self.0 {
-            req.metadata_mut().insert("authorization", token.clone());
-        }
-        Ok(req)
-    }
-}
-
-/// A control-plane client carrying the join token.
-pub(crate) type ControlClient = ControlPlaneClient<InterceptedService<Channel, BearerAuth>>;
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -136,22 +115,17 @@ impl Node {
             .map_err(|e| StartError::Io(e.to_string()))?;
         let advertised = config.advertise.unwrap_or(local_addr);
         let control = match &config.control {
-            Some(url) => {
-                let endpoint = Endpoint::from_shared(url.clone())
-                    .map_err(|e| StartError::Config(format!("control plane URL {url:?}: {e}")))?
-                    .connect_timeout(Duration::from_secs(2))
-                    .timeout(config.control_timeout)
-                    .tcp_nodelay(true);
+            Some(urls) => {
                 let token = match &config.join_token {
                     Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| {
                         StartError::Config("join token has invalid characters".into())
                     })?),
                     None => None,
                 };
-                Some(ControlPlaneClient::with_interceptor(
-                    endpoint.connect_lazy(),
-                    BearerAuth(token),
-                ))
+                Some(
+                    ControlClient::new(urls, token, config.control_timeout)
+                        .map_err(|e| StartError::Config(e.to_string()))?,
+                )
             }
             None => None,
         };

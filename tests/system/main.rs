@@ -4,6 +4,8 @@ mod daemon;
 mod download;
 mod hash;
 mod observe;
+mod replicas;
 mod store;
+mod store_checks;
 mod support;
 mod trust;

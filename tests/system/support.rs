@@ -199,12 +199,27 @@ impl Control {
     }
 
     pub(crate) fn start_on(dir: &Path, listen: SocketAddr) -> Self {
+        Self::start_with(dir, listen, &[])
+    }
+
+    /// A replica keeping its state in the Redis at `url`.
+    pub(crate) fn start_redis(dir: &Path, url: &str) -> Self {
+        Self::start_with(
+            dir,
+            "127.0.0.1:0".parse().unwrap(),
+            &["--state", url, "--state-timeout", "500ms"],
+        )
+    }
+
+    /// Starts `nebula control` with the fast timings and extra flags.
+    pub(crate) fn start_with(dir: &Path, listen: SocketAddr, extra: &[&str]) -> Self {
         let mut cmd = nebula();
         cmd.arg("control")
             .arg("--listen")
             .arg(listen.to_string())
             .args(["--http-listen", "127.0.0.1:0"])
-            .args(FAST_CONTROL);
+            .args(FAST_CONTROL)
+            .args(extra);
         cmd.env("RUST_LOG", "info");
         let log = dir.join(format!("control-{}.log", rand::random::<u32>()));
         let (proc, addr) = Proc::spawn(cmd, log);
@@ -590,5 +605,81 @@ impl Metrics {
                     .strip_prefix(name)
                     .is_some_and(|s| ["_bucket", "_count", "_sum", "_total"].contains(&s))
         })
+    }
+}
+
+/// A `redis-server` of its own: a free loopback port, a temporary directory,
+/// no persistence; SIGKILLed by pid when dropped.
+#[derive(Debug)]
+pub(crate) struct RedisServer {
+    proc: Option<Proc>,
+    pub(crate) port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    /// Starts one; panics (the test fails, never skips) when `redis-server` is missing.
+    pub(crate) fn start() -> Self {
+        // `--port 0` is not supported by Redis: take a free port from the
+        // kernel and release it just before Redis binds it.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut server = Self {
+            proc: None,
+            port,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--bind", "127.0.0.1", "--port"])
+            .arg(self.port.to_string())
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stdin(Stdio::null());
+        let log = self.dir.path().join("redis.log");
+        cmd.stderr(File::create(&log).unwrap());
+        let child = match cmd.spawn() {
+            Ok(child) => child,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                panic!("redis-server is not installed; install it: apt-get install -y redis-server")
+            }
+            Err(e) => panic!("cannot start redis-server: {e}"),
+        };
+        self.proc = Some(Proc {
+            child,
+            log,
+            http: None,
+        });
+        let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
+        let up = wait_until(Duration::from_secs(10), || {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        });
+        assert!(up, "redis-server did not listen on {addr}");
+    }
+
+    pub(crate) fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILLs it (its data is gone: nothing is persisted).
+    pub(crate) fn kill(&mut self) {
+        if let Some(mut proc) = self.proc.take() {
+            proc.kill();
+        }
+    }
+
+    /// Starts it again, empty, on the same port.
+    pub(crate) fn restart_empty(&mut self) {
+        self.kill();
+        self.spawn();
     }
 }
