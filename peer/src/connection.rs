@@ -177,6 +177,11 @@ impl Connection {
         self.watchers.clear();
     }
 
+    /// Resolves once the stream has ended (closed, reset, or refused).
+    pub(crate) async fn closed(&self) {
+        self.closed.cancelled().await;
+    }
+
     /// Whether the stream has ended.
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.is_cancelled()
