@@ -104,6 +104,23 @@ impl LocalApi for LocalService {
         if !path.is_absolute() {
             return Err(Status::invalid_argument("the path to add must be absolute"));
         }
+        // stat, not open: opening a FIFO would block this daemon until a writer
+        // comes, and reading it would never end.
+        match std::fs::metadata(&path) {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "cannot add {}: not a regular file",
+                    path.display()
+                )));
+            }
+            Err(e) => {
+                return Err(Status::invalid_argument(format!(
+                    "cannot read {}: {e}",
+                    path.display()
+                )));
+            }
+        }
         let store = Arc::clone(&self.shared.store);
         let blob = tokio::task::spawn_blocking(move || store.add_file(&path))
             .await
