@@ -17,7 +17,9 @@ use tonic::Code;
 use crate::{
     export::Destination,
     flags::{ServeFlags, parse_control_url, parse_duration, parse_rate},
-    output::{bad_input, print_json, print_line, print_table, shutdown_signal, stdout_error},
+    output::{
+        Interrupted, bad_input, print_json, print_line, print_table, shutdown_signal, stdout_error,
+    },
 };
 
 /// The default store: `$XDG_DATA_HOME/nebula`, else `~/.local/share/nebula`.
@@ -510,7 +512,9 @@ async fn read_into(
     };
     loop {
         let piece = tokio::select! {
-            () = &mut signal => return Err(anyhow!("interrupted; nothing was written")),
+            () = &mut signal => {
+                return Err(anyhow::Error::new(Interrupted).context("nothing was written"));
+            }
             piece = read.message() => piece,
         };
         match piece {

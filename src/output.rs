@@ -24,6 +24,15 @@ pub(crate) fn bad_input(msg: impl Into<String>) -> anyhow::Error {
     BadInput(msg.into()).into()
 }
 
+/// What a shell reports for a process ended by SIGINT (128 + 2).
+pub(crate) const EXIT_INTERRUPTED: u8 = 130;
+
+/// The command was stopped by SIGINT or SIGTERM after it had caught them
+/// (to remove what it was writing): it exits as if killed by SIGINT.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted")]
+pub(crate) struct Interrupted;
+
 /// What a shell reports for a process ended by SIGPIPE (128 + 13): a closed
 /// stdout ends the command with it, quietly, as `cat` does.
 pub(crate) const EXIT_STDOUT_CLOSED: u8 = 141;
@@ -81,6 +90,9 @@ pub(crate) fn report(err: &anyhow::Error) -> ExitCode {
     }
     let line = chain_line(err);
     eprintln!("error: {line}");
+    if err.chain().any(|e| e.is::<Interrupted>()) {
+        return ExitCode::from(EXIT_INTERRUPTED);
+    }
     if err.chain().any(|e| e.is::<BadInput>()) {
         ExitCode::from(EXIT_USAGE)
     } else {
