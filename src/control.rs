@@ -260,7 +260,17 @@ fn code_name(code: Code) -> &'static str {
     }
 }
 
-fn rpc_error(status: Status) -> anyhow::Error {
+/// A failed admin call as one line, naming what was reached when it is not
+/// a control plane (a peer's port answers `unimplemented` with no message).
+fn rpc_error(control: &str, status: Status) -> anyhow::Error {
+    if status.code() == Code::Unimplemented {
+        return anyhow::anyhow!(
+            "{control} is not a Nebula control plane: it does not serve the admin API (unimplemented)"
+        );
+    }
+    if status.message().is_empty() {
+        return anyhow::anyhow!("{control}: {}", code_name(status.code()));
+    }
     anyhow::anyhow!("{} ({})", status.message(), code_name(status.code()))
 }
 
@@ -369,6 +379,7 @@ pub(crate) async fn run_admin(args: AdminArgs) -> anyhow::Result<()> {
         parse_peer(peer)?;
     }
     let mut admin = connect(&args).await?;
+    let rpc_error = |status| rpc_error(&args.control, status);
     match &args.command {
         AdminCommand::Peers => {
             let peers = admin

@@ -281,8 +281,10 @@ pub(crate) struct FetchArgs {
     /// With no daemon running: fetch as a one-shot peer via this control plane.
     #[arg(long, env = "NEBULA_CONTROL", value_parser = parse_control_url)]
     control: Option<String>,
-    /// One-shot mode: address to serve other peers on while downloading (`HOST:PORT`).
-    #[arg(long, env = "NEBULA_LISTEN", default_value = "127.0.0.1:0")]
+    /// One-shot mode: address to serve other peers on while downloading
+    /// (`HOST:PORT`). Its own variable: `NEBULA_LISTEN` is the daemon's, and
+    /// a one-shot fetch beside a daemon must not bind the daemon's port.
+    #[arg(long, env = "NEBULA_FETCH_LISTEN", default_value = "127.0.0.1:0")]
     listen: String,
     /// One-shot mode: join token for the control plane.
     #[arg(long, env = "NEBULA_JOIN_TOKEN", hide_env_values = true)]
@@ -415,7 +417,22 @@ async fn fetch_stream_error(socket: &Path, status: tonic::Status) -> anyhow::Err
         status.code(),
         Code::Unknown | Code::Unavailable | Code::Internal | Code::Cancelled
     );
-    if transport && tokio::net::UnixStream::connect(socket).await.is_err() {
+    if !transport {
+        return status_error(status);
+    }
+    // A dying daemon may still accept a connection on its socket for a
+    // moment: only an answered call shows it is alive.
+    let alive = async {
+        let mut client = connect_local(socket.to_owned()).await.ok()?;
+        client.status(pb::StatusRequest {}).await.ok()
+    };
+    let alive = tokio::time::timeout(Duration::from_secs(2), alive)
+        .await
+        .ok()
+        .flatten()
+        .is_some();
+    let broken = status.message().contains("h2 protocol error");
+    if !alive || broken {
         return anyhow!(
             "the daemon at {} went away during the fetch; its verified chunks are kept, and running the same fetch again once it is back resumes it",
             socket.display()

@@ -580,3 +580,107 @@ fn issue11_fetch_fails_after_timeout_when_no_reachable_peer_holds_missing_chunks
         "no WARN for the failed fetch:\n{log}"
     );
 }
+
+#[test]
+fn issue11_admin_against_a_peer_port_says_what_was_reached() {
+    let c = Cluster::start(1);
+    let url = format!("http://{}", c.daemons[0].addr);
+    let mut cmd = nebula();
+    cmd.args(["admin", "peers", "--control", &url]);
+    let out = run_bounded(cmd, Duration::from_secs(30));
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{url} is not a Nebula control plane")),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn issue11_daemon_listen_variable_does_not_bind_a_one_shot_fetch() {
+    let c = Cluster::start(1);
+    let file = c.path("blob");
+    let id = random_file(&file, 1 << 20, 13).to_string();
+    assert_eq!(c.daemons[0].add(&file), id);
+    assert!(c.wait_providers(&id, 1));
+    let out_path = c.path("copy");
+    let mut cmd = nebula();
+    cmd.args(["fetch", &id, "--control", &c.control.url(), "-o"])
+        .arg(&out_path)
+        .arg("--store")
+        .arg(c.path("one-shot"))
+        // The daemon's variable, naming a port in use: the one-shot ignores it.
+        .env("NEBULA_LISTEN", c.daemons[0].addr.to_string());
+    let out = run_bounded(cmd, Duration::from_secs(60));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(fs::read(&out_path).unwrap() == fs::read(&file).unwrap());
+}
+
+/// The README's command block names every subcommand, and every flag it
+/// shows for one is in that subcommand's `--help`.
+#[test]
+fn issue11_readme_command_section_matches_help() {
+    let readme = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = readme
+        .split("## The `nebula` command")
+        .nth(1)
+        .and_then(|s| s.split("```text").nth(1))
+        .and_then(|s| s.split("```").next())
+        .expect("the README's command block");
+    let help = |args: &[&str]| {
+        let mut cmd = nebula();
+        cmd.args(args).arg("--help");
+        let out = run_bounded(cmd, Duration::from_secs(30));
+        assert!(out.status.success(), "{args:?} --help");
+        text(&out.stdout)
+    };
+    let top = help(&[]);
+    let commands: Vec<&str> = top
+        .split("Commands:")
+        .nth(1)
+        .unwrap()
+        .split("Options:")
+        .next()
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .collect();
+    assert!(commands.len() >= 9, "{commands:?}");
+    let words: Vec<&str> = section
+        .split(|c: char| c.is_whitespace() || c == '|' || c == '[' || c == ']')
+        .collect();
+    for c in &commands {
+        assert!(words.contains(c), "the README does not show `nebula {c}`");
+    }
+    // Flags, per group of lines starting with `nebula SUBCOMMAND`.
+    let mut groups: Vec<(String, Vec<String>)> = Vec::new();
+    for line in section.lines() {
+        if let Some(rest) = line.strip_prefix("nebula ") {
+            let sub = rest.split_whitespace().next().unwrap().to_owned();
+            groups.push((sub, Vec::new()));
+        }
+        let Some((_, flags)) = groups.last_mut() else {
+            continue;
+        };
+        for token in line.split(|c: char| c.is_whitespace() || "[]|;,()".contains(c)) {
+            if token.starts_with("--") || token == "-o" {
+                flags.push(token.to_owned());
+            }
+        }
+    }
+    assert!(groups.len() >= 7, "{groups:?}");
+    for (sub, flags) in &groups {
+        let text = help(&[sub]);
+        for flag in flags {
+            assert!(
+                text.contains(flag.as_str()),
+                "`nebula {sub}` has no {flag} in --help"
+            );
+        }
+    }
+    for sub in ["peers", "swarm", "drain", "ban", "unban", "stats"] {
+        assert!(words.contains(&sub));
+        help(&["admin", sub]);
+    }
+}
