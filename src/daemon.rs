@@ -296,15 +296,34 @@ pub(crate) struct FetchArgs {
     /// Print one JSON object when done (on stderr with `-o -`).
     #[arg(long, env = "NEBULA_JSON", action = ArgAction::SetTrue, value_parser = BoolishValueParser::new())]
     json: bool,
+    /// Progress on stderr: `auto` (a bar on a terminal, unless --json), `bar`,
+    /// `json` (one object per update, for scripts) or `none`.
+    #[arg(long, env = "NEBULA_PROGRESS", value_enum, default_value = "auto")]
+    progress: ProgressMode,
 }
 
-/// Draws a progress bar on a terminal; silent otherwise.
-struct Bar(Option<indicatif::ProgressBar>);
+/// How `fetch` shows its progress on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum ProgressMode {
+    /// A bar when stderr is a terminal and --json is off; nothing otherwise.
+    Auto,
+    /// A progress bar.
+    Bar,
+    /// One JSON object per update: `bytes_done`, `total`, `providers`, `elapsed_ms`.
+    Json,
+    /// Nothing.
+    None,
+}
+
+/// Draws a progress bar, or prints one JSON line per update, on stderr.
+struct Bar(Option<indicatif::ProgressBar>, Option<Instant>);
 
 impl Bar {
-    fn new(show: bool) -> Self {
-        if !show {
-            return Self(None);
+    fn new(mode: ProgressMode) -> Self {
+        match mode {
+            ProgressMode::Json => return Self(None, Some(Instant::now())),
+            ProgressMode::Bar => {}
+            ProgressMode::Auto | ProgressMode::None => return Self(None, None),
         }
         let bar = indicatif::ProgressBar::new(0);
         let style = indicatif::ProgressStyle::with_template(
@@ -314,10 +333,18 @@ impl Bar {
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
         bar.set_style(style);
         bar.enable_steady_tick(Duration::from_millis(200));
-        Self(Some(bar))
+        Self(Some(bar), None)
     }
 
     fn update(&self, total: u64, done: u64, providers: u32) {
+        if let Some(started) = self.1 {
+            // Best effort, like a bar: a closed stderr must not fail the fetch.
+            let line = serde_json::json!({
+                "bytes_done": done, "total": total, "providers": providers,
+                "elapsed_ms": started.elapsed().as_millis() as u64,
+            });
+            let _ = writeln!(std::io::stderr(), "{line}");
+        }
         if let Some(b) = &self.0 {
             b.set_length(total);
             b.set_position(done);
@@ -361,7 +388,10 @@ pub(crate) async fn run_fetch(args: FetchArgs) -> anyhow::Result<()> {
         .parse()
         .map_err(|e: nebula_common::ParseIdError| bad_input(e.to_string()))?;
     let output = resolve_output(args.output.as_deref())?;
-    let show_bar = !args.json && std::io::stderr().is_terminal();
+    let progress_mode = match args.progress {
+        ProgressMode::Auto if !args.json && std::io::stderr().is_terminal() => ProgressMode::Bar,
+        mode => mode,
+    };
     let started = Instant::now();
     let socket = args.daemon.socket();
     let daemon_up = match tokio::net::UnixStream::connect(&socket).await {
@@ -372,9 +402,9 @@ pub(crate) async fn run_fetch(args: FetchArgs) -> anyhow::Result<()> {
         Err(_) => false,
     };
     let (id, size, resumed, sources) = if daemon_up {
-        fetch_via_daemon(&args, blob, &output, show_bar).await?
+        fetch_via_daemon(&args, blob, &output, progress_mode).await?
     } else if let Some(control) = &args.control {
-        fetch_one_shot(&args, control, blob, &output, show_bar).await?
+        fetch_one_shot(&args, control, blob, &output, progress_mode).await?
     } else {
         return Err(anyhow!(
             "no daemon at {}; start one with `nebula daemon`, or pass --control URL to fetch as a one-shot peer",
@@ -445,7 +475,7 @@ async fn fetch_via_daemon(
     args: &FetchArgs,
     blob: BlobRef,
     output: &Output,
-    show_bar: bool,
+    progress_mode: ProgressMode,
 ) -> anyhow::Result<Fetched> {
     let socket = args.daemon.socket();
     let mut client = args.daemon.connect().await?;
@@ -460,7 +490,7 @@ async fn fetch_via_daemon(
         Ok(r) => r.into_inner(),
         Err(status) => return Err(fetch_stream_error(&socket, status).await),
     };
-    let bar = Bar::new(show_bar);
+    let bar = Bar::new(progress_mode);
     let mut last = None;
     loop {
         match stream.message().await {
@@ -547,7 +577,7 @@ async fn fetch_one_shot(
     control: &str,
     blob: BlobRef,
     output: &Output,
-    show_bar: bool,
+    progress_mode: ProgressMode,
 ) -> anyhow::Result<Fetched> {
     let mut config = Config::new(args.daemon.store(), Some(control_url(control)));
     config.join_token = args.join_token.clone();
@@ -556,7 +586,7 @@ async fn fetch_one_shot(
     let listener = bind(&args.listen, "--listen").await?;
     let node = Node::start(config, listener).await?;
     let (tx, mut rx) = tokio::sync::watch::channel(Progress::default());
-    let bar = Bar::new(show_bar);
+    let bar = Bar::new(progress_mode);
     let fetched = {
         let fetch = node.fetch(blob, tx, Some(args.timeout));
         tokio::pin!(fetch);

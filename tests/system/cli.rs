@@ -684,3 +684,35 @@ fn issue11_readme_command_section_matches_help() {
         help(&["admin", sub]);
     }
 }
+
+#[test]
+fn issue11_fetch_progress_json_prints_one_line_per_update() {
+    let c = Cluster::start_with(2, |i| {
+        if i == 0 {
+            (vec!["--upload-limit", "4MiB/s"], Vec::new())
+        } else {
+            (Vec::new(), Vec::new())
+        }
+    });
+    let file = c.path("blob");
+    let id = random_file(&file, 6 << 20, 14).to_string();
+    assert_eq!(c.daemons[0].add(&file), id);
+    assert!(c.wait_providers(&id, 1));
+    let out = c.daemons[1].cli(&["fetch", &id, "--progress", "json"]);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let updates: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l:?}")))
+        .collect();
+    assert!(updates.len() >= 3, "{stderr}");
+    let done: Vec<u64> = updates
+        .iter()
+        .map(|u| u["bytes_done"].as_u64().unwrap())
+        .collect();
+    assert!(done.windows(2).all(|w| w[0] <= w[1]), "{done:?}");
+    let last = updates.last().unwrap();
+    assert_eq!(last["bytes_done"], 6u64 << 20);
+    assert_eq!(last["total"], 6u64 << 20);
+    assert!(out.stdout.is_empty());
+}
