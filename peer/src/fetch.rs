@@ -70,6 +70,13 @@ pub enum FetchError {
     /// The daemon is shutting down.
     #[error("fetch cancelled: the daemon is shutting down")]
     Cancelled,
+    /// The blob was removed from the store (`nebula rm`) while it was being
+    /// fetched: the fetch stops rather than write into a removed blob.
+    #[error("fetch cancelled: blob {blob} was removed from the store")]
+    Removed {
+        /// The blob.
+        blob: BlobId,
+    },
 }
 
 /// Bytes of one fetch received from one provider.
@@ -232,7 +239,7 @@ pub(crate) async fn fetch(
         Err(FetchError::BadOutboard(_)) => FetchResult::Integrity,
         Err(FetchError::Control(_)) => FetchResult::Control,
         Err(FetchError::Store(_)) => FetchResult::Store,
-        Err(FetchError::Cancelled) => FetchResult::Cancelled,
+        Err(FetchError::Cancelled | FetchError::Removed { .. }) => FetchResult::Cancelled,
     };
     metrics.fetch_ended(kind, started.elapsed());
     if let Err(e) = &result {
@@ -366,6 +373,13 @@ async fn download(
     };
     add_providers(&dl, &mut known, &mut waiting, &found.providers);
 
+    // `nebula rm` during the fetch takes the blob out of the store.
+    let removed = || {
+        shared
+            .store
+            .get(&id)
+            .is_none_or(|b| !Arc::ptr_eq(&b, &blob))
+    };
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_discovery = Instant::now();
@@ -477,6 +491,9 @@ async fn download(
                 }
             }
             _ = tick.tick() => {
+                if removed() {
+                    break Err(FetchError::Removed { blob: id });
+                }
                 let done = dl.bytes_done.load(Ordering::Relaxed);
                 let now = Instant::now();
                 let span = now.duration_since(rate_window.0);
@@ -513,6 +530,10 @@ async fn download(
     dl.finished.cancel();
     // Workers see `finished` and give back their requests.
     while workers.join_next().await.is_some() {}
+    // A write into the removed blob may have failed first: say why.
+    if removed() {
+        return Err(FetchError::Removed { blob: id });
+    }
     if let Some(err) = lock(&dl.fatal).take() {
         return Err(FetchError::Store(err));
     }

@@ -56,6 +56,7 @@ fn fetch_status(e: FetchError) -> Status {
         FetchError::BadOutboard(_) => Status::data_loss(e.to_string()),
         FetchError::Store(e) => store_status(e),
         FetchError::Cancelled => Status::cancelled(e.to_string()),
+        FetchError::Removed { .. } => Status::aborted(e.to_string()),
     }
 }
 

@@ -716,3 +716,41 @@ fn issue11_fetch_progress_json_prints_one_line_per_update() {
     assert_eq!(last["total"], 6u64 << 20);
     assert!(out.stdout.is_empty());
 }
+
+#[test]
+fn issue11_rm_of_a_blob_being_fetched_cancels_the_fetch() {
+    let c = Cluster::start_with(2, |i| {
+        if i == 0 {
+            (vec!["--upload-limit", "1MiB/s"], Vec::new())
+        } else {
+            (Vec::new(), Vec::new())
+        }
+    });
+    let file = c.path("blob");
+    let id = random_file(&file, 16 << 20, 15).to_string();
+    assert_eq!(c.daemons[0].add(&file), id);
+    assert!(c.wait_providers(&id, 1));
+    let d = &c.daemons[1];
+    let fetch = d.spawn_fetch(&id, &c.path("out"));
+    let started = wait_until(Duration::from_secs(20), || {
+        d.status()["downloaded_bytes"].as_u64().unwrap_or(0) > 0
+    });
+    assert!(started, "the fetch did not start");
+    let out = d.cli(&["rm", &id]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let removed_at = Instant::now();
+    let out = wait_output(fetch, Duration::from_secs(60));
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("was removed from the store"), "{stderr}");
+    assert!(
+        removed_at.elapsed() < Duration::from_secs(5),
+        "the fetch went on for {:?}",
+        removed_at.elapsed()
+    );
+    assert!(!c.path("out").exists());
+    // The blob stays removed.
+    std::thread::sleep(Duration::from_millis(500));
+    let ls = d.cli(&["ls", "--json"]);
+    assert!(!text(&ls.stdout).contains(&id), "{}", text(&ls.stdout));
+}
