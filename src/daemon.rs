@@ -747,6 +747,7 @@ pub(crate) async fn run_status(args: StatusArgs) -> anyhow::Result<()> {
             "peer_id": s.peer_id, "address": s.address, "control": s.control, "registered": s.registered,
             "blobs": s.blobs, "active_uploads": s.active_uploads, "uploaded_bytes": s.uploaded_bytes,
             "downloaded_bytes": s.downloaded_bytes, "uptime_ms": s.uptime_ms, "store": s.store,
+            "registration_error": (!s.registration_error.is_empty()).then_some(&s.registration_error),
         }))?;
     } else {
         let rows = vec![
@@ -764,10 +765,16 @@ pub(crate) async fn run_status(args: StatusArgs) -> anyhow::Result<()> {
     }
     if s.registered {
         Ok(())
-    } else {
+    } else if s.registration_error.is_empty() {
         Err(anyhow!(
             "the daemon is up but not registered with the control plane at {}",
             s.control
+        ))
+    } else {
+        Err(anyhow!(
+            "the daemon is up but not registered with the control plane at {}: {}",
+            s.control,
+            s.registration_error
         ))
     }
 }

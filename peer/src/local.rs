@@ -314,6 +314,11 @@ impl LocalApi for LocalService {
             downloaded_bytes: s.downloaded_bytes.load(Ordering::Relaxed),
             uptime_ms: s.started.elapsed().as_millis() as u64,
             store: s.store.root().display().to_string(),
+            registration_error: s
+                .registration_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
         }))
     }
 }

@@ -754,3 +754,26 @@ fn issue11_rm_of_a_blob_being_fetched_cancels_the_fetch() {
     let ls = d.cli(&["ls", "--json"]);
     assert!(!text(&ls.stdout).contains(&id), "{}", text(&ls.stdout));
 }
+
+#[test]
+fn issue11_status_says_why_the_daemon_is_not_registered() {
+    let c = Cluster::start(1);
+    // A second daemon whose --control is the first daemon's peer port.
+    let wrong = format!("http://{}", c.daemons[0].addr);
+    let d = crate::support::Daemon::start(c.dir.path(), "lost", &wrong, &[], &[]);
+    let mut last = String::new();
+    let said = wait_until(Duration::from_secs(20), || {
+        let out = d.cli(&["status"]);
+        last = text(&out.stderr);
+        out.status.code() == Some(1) && last.contains("not a Nebula control plane")
+    });
+    assert!(said, "{last}");
+    assert!(last.contains(&wrong), "{last}");
+    let json = d.status();
+    assert!(
+        json["registration_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not a Nebula control plane")),
+        "{json}"
+    );
+}
