@@ -777,3 +777,51 @@ fn issue11_status_says_why_the_daemon_is_not_registered() {
         "{json}"
     );
 }
+
+#[test]
+fn issue11_fetch_onto_a_full_disk_names_the_output_and_leaves_it_alone() {
+    use std::os::unix::process::CommandExt as _;
+    let c = Cluster::start(2);
+    let file = c.path("blob");
+    let id = random_file(&file, 3 << 20, 16).to_string();
+    assert_eq!(c.daemons[0].add(&file), id);
+    assert!(c.wait_providers(&id, 1));
+    let out_dir = c.path("out");
+    fs::create_dir(&out_dir).unwrap();
+    let dest = out_dir.join("copy");
+    fs::write(&dest, b"old").unwrap();
+    let mut cmd = nebula();
+    cmd.args(["fetch", &id, "-o"])
+        .arg(&dest)
+        .arg("--socket")
+        .arg(&c.daemons[1].socket);
+    // SAFETY: only async-signal-safe calls between fork and exec. A file
+    // size limit of 1 MiB (SIGXFSZ ignored, so writes fail with EFBIG) makes
+    // the disk full for this command alone, not for the daemons.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 1 << 20,
+                rlim_max: 1 << 20,
+            };
+            if libc::signal(libc::SIGXFSZ, libc::SIG_IGN) == libc::SIG_ERR
+                || libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = run_bounded(cmd, Duration::from_secs(120));
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(dest.to_str().unwrap()), "{stderr}");
+    assert!(!stderr.contains("store"), "{stderr}");
+    assert_eq!(fs::read(&dest).unwrap(), b"old");
+    let names: Vec<_> = fs::read_dir(&out_dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+}
