@@ -825,3 +825,56 @@ fn issue11_fetch_onto_a_full_disk_names_the_output_and_leaves_it_alone() {
         .collect();
     assert_eq!(names.len(), 1, "{names:?}");
 }
+
+fn sources_sum(summary: &serde_json::Value) -> u64 {
+    summary["sources"]
+        .as_array()
+        .map(|s| s.iter().map(|p| p["bytes"].as_u64().unwrap_or(0)).sum())
+        .unwrap_or(0)
+}
+
+#[test]
+fn issue11_second_client_and_rerun_after_ctrl_c_join_the_running_fetch() {
+    let c = Cluster::start_with(2, |i| {
+        if i == 1 {
+            (vec!["--download-limit", "4MiB/s"], Vec::new())
+        } else {
+            (Vec::new(), Vec::new())
+        }
+    });
+    let size: u64 = 12 << 20;
+    let file = c.path("blob");
+    let id = random_file(&file, size as usize, 17).to_string();
+    assert_eq!(c.daemons[0].add(&file), id);
+    assert!(c.wait_providers(&id, 1));
+    let d = &c.daemons[1];
+
+    // The first client is interrupted (Ctrl-C) a second in; a second client
+    // and the re-run join the fetch still running in the daemon.
+    let mut first = d.spawn_fetch(&id, &c.path("out1"));
+    std::thread::sleep(Duration::from_secs(1));
+    // SAFETY: signalling our own child by pid.
+    unsafe { libc::kill(first.id() as i32, libc::SIGINT) };
+    let _ = first.wait();
+    let second = d.spawn_fetch(&id, &c.path("out2"));
+    let rerun = d.spawn_fetch(&id, &c.path("out1"));
+    for (name, child) in [("second", second), ("rerun", rerun)] {
+        let out = wait_output(child, Duration::from_secs(120));
+        assert!(out.status.success(), "{name}: {}", text(&out.stderr));
+        let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let resumed = summary["resumed_bytes"].as_u64().unwrap();
+        assert_eq!(
+            resumed + sources_sum(&summary),
+            size,
+            "{name}: sources do not add up: {summary}"
+        );
+    }
+    assert!(fs::read(c.path("out1")).unwrap() == fs::read(&file).unwrap());
+    assert!(fs::read(c.path("out2")).unwrap() == fs::read(&file).unwrap());
+    // One download: the seed sent about one copy.
+    let uploaded = c.daemons[0].status()["uploaded_bytes"].as_u64().unwrap();
+    assert!(
+        uploaded <= size + size / 4,
+        "the seed uploaded {uploaded} bytes"
+    );
+}
