@@ -878,3 +878,48 @@ fn issue11_second_client_and_rerun_after_ctrl_c_join_the_running_fetch() {
         "the seed uploaded {uploaded} bytes"
     );
 }
+
+#[test]
+fn issue11_a_silent_provider_is_dropped_within_seconds() {
+    let mut c = Cluster::start_with(3, |i| {
+        if i == 2 {
+            (vec!["--download-limit", "2MiB/s"], Vec::new())
+        } else {
+            (Vec::new(), Vec::new())
+        }
+    });
+    let size: u64 = 40 << 20;
+    let file = c.path("blob");
+    let id = random_file(&file, size as usize, 18).to_string();
+    assert_eq!(c.daemons[0].add(&file), id);
+    assert_eq!(c.daemons[1].add(&file), id);
+    assert!(c.wait_providers(&id, 2));
+    let fetch = c.daemons[2].spawn_fetch(&id, &c.path("out"));
+    let using_both = wait_until(Duration::from_secs(20), || {
+        c.daemons[2].status()["downloaded_bytes"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 2 << 20
+    });
+    assert!(using_both, "the fetch did not start");
+    let silent = c.daemons[0].addr.to_string();
+    c.daemons[0].proc.signal(libc::SIGSTOP);
+    let stopped = Instant::now();
+    let lost = wait_until(Duration::from_secs(15), || {
+        c.daemons[2]
+            .proc
+            .log_text()
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains("provider lost") && l.contains(&silent))
+    });
+    let noticed = stopped.elapsed();
+    c.daemons[0].proc.signal(libc::SIGCONT);
+    assert!(
+        lost && noticed < Duration::from_secs(10),
+        "the silent provider was noticed after {noticed:?}; log:\n{}",
+        c.daemons[2].proc.log_text()
+    );
+    let out = wait_output(fetch, Duration::from_secs(120));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(fs::read(c.path("out")).unwrap() == fs::read(&file).unwrap());
+}
