@@ -609,10 +609,12 @@ async fn fetch_one_shot(
                 Output::File(dest) => {
                     let (b2, dest) = (std::sync::Arc::clone(&b), dest.clone());
                     tokio::task::spawn_blocking(move || {
+                        // Chunk by chunk through the sink, so that a write
+                        // error names the output, not the store.
                         let mut sink = dest.open()?;
-                        b2.copy_to(&mut sink)
-                            .map_err(anyhow::Error::from)
-                            .with_context(|| format!("writing {}", sink_path(&dest)))?;
+                        for i in 0..b2.geometry().chunk_count() {
+                            sink.append(&b2.read_chunk(i)?)?;
+                        }
                         sink.finish()
                     })
                     .await
@@ -644,13 +646,6 @@ async fn fetch_one_shot(
     };
     node.shutdown().await;
     result
-}
-
-/// The path a destination writes, for messages.
-fn sink_path(dest: &Destination) -> String {
-    match dest {
-        Destination::Replace { path, .. } | Destination::Stream(path) => path.display().to_string(),
-    }
 }
 
 /// Flags of `nebula ls`.

@@ -196,16 +196,6 @@ impl Sink {
     }
 }
 
-impl Write for Sink {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.file.write(buf)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.file.flush()
-    }
-}
-
 impl Drop for Sink {
     fn drop(&mut self) {
         if let Some(temp) = self.temp.take() {
