@@ -2,9 +2,10 @@
 //! the file's owner, mode and umask are the caller's, never the daemon's.
 //!
 //! - A new path, or an existing regular file: the bytes go to a temporary
-//!   file beside it (`.NAME.nebula-XXXXXXXX.tmp`), which is fsynced and
-//!   renamed over it, so the destination holds the old or the new content,
-//!   never a part. A new file gets mode 0666 less the umask; a replaced one
+//!   file beside it, unnamed (O_TMPFILE) until complete so that a killed
+//!   process leaves nothing, then linked as `.NAME.nebula-XXXXXXXX.tmp`,
+//!   fsynced and renamed over it: the destination holds the old or the new
+//!   content, never a part. A new file gets mode 0666 less the umask; a replaced one
 //!   keeps its mode. The temporary file is removed on any failure.
 //! - A read-only regular file is refused (the rename would replace what its
 //!   owner protected): remove it or make it writable first.
@@ -111,13 +112,29 @@ impl Destination {
                     ".{name}.nebula-{:x}{nanos:08x}.tmp",
                     std::process::id()
                 ));
-                let file = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    // Less the caller's umask, like any file they create.
-                    .mode(0o666)
-                    .open(&temp)
-                    .with_context(|| format!("cannot write {}", path.display()))?;
+                // An unnamed file first (O_TMPFILE): if this process dies
+                // mid-write, nothing is left in the directory. Where the
+                // filesystem lacks it, a named temporary file.
+                let unnamed = Path::new("/proc/self/fd").is_dir().then(|| {
+                    OpenOptions::new()
+                        .write(true)
+                        .mode(0o666)
+                        .custom_flags(libc::O_TMPFILE)
+                        .open(dir)
+                });
+                let (file, temp) = match unnamed {
+                    Some(Ok(file)) => (file, Temp::Unnamed(temp)),
+                    _ => {
+                        let file = OpenOptions::new()
+                            .write(true)
+                            .create_new(true)
+                            // Less the caller's umask, like any file they create.
+                            .mode(0o666)
+                            .open(&temp)
+                            .with_context(|| format!("cannot write {}", path.display()))?;
+                        (file, Temp::Named(temp))
+                    }
+                };
                 let sink = Sink {
                     file,
                     path: path.clone(),
@@ -153,7 +170,24 @@ pub(crate) struct Sink {
     /// The destination as the user sees it (symbolic links resolved).
     path: PathBuf,
     /// The temporary file to rename over `path`; `None` when streaming.
-    temp: Option<PathBuf>,
+    temp: Option<Temp>,
+}
+
+/// Where the bytes go before they replace the destination.
+#[derive(Debug)]
+enum Temp {
+    /// An unnamed file (O_TMPFILE), linked at this name when complete.
+    Unnamed(PathBuf),
+    /// A file at this name from the start.
+    Named(PathBuf),
+}
+
+impl Temp {
+    fn path(&self) -> &Path {
+        match self {
+            Self::Unnamed(p) | Self::Named(p) => p,
+        }
+    }
 }
 
 impl Sink {
@@ -177,12 +211,14 @@ impl Sink {
         let result = self
             .file
             .sync_all()
-            .with_context(|| format!("writing {shown}"))
-            .and_then(|()| {
-                std::fs::rename(&temp, &self.path).with_context(|| format!("writing {shown}"))
-            });
+            .and_then(|()| match &temp {
+                Temp::Unnamed(name) => link_unnamed(&self.file, name),
+                Temp::Named(_) => Ok(()),
+            })
+            .and_then(|()| std::fs::rename(temp.path(), &self.path))
+            .with_context(|| format!("writing {shown}"));
         if result.is_err() {
-            let _ = std::fs::remove_file(&temp);
+            let _ = std::fs::remove_file(temp.path());
             return result;
         }
         // The rename is durable once the directory is synced; a failure here
@@ -198,8 +234,33 @@ impl Sink {
 
 impl Drop for Sink {
     fn drop(&mut self) {
-        if let Some(temp) = self.temp.take() {
+        // An unnamed file vanishes with its descriptor.
+        if let Some(Temp::Named(temp)) = self.temp.take() {
             let _ = std::fs::remove_file(temp);
         }
+    }
+}
+
+/// Gives an O_TMPFILE file a name (through its `/proc/self/fd` link, which
+/// needs no privilege, unlike `AT_EMPTY_PATH`).
+fn link_unnamed(file: &File, name: &Path) -> std::io::Result<()> {
+    use std::os::{fd::AsRawFd as _, unix::ffi::OsStrExt as _};
+    let from = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .map_err(std::io::Error::other)?;
+    let to = std::ffi::CString::new(name.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: two valid NUL-terminated paths; the descriptor is open.
+    let rc = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }

@@ -923,3 +923,42 @@ fn issue11_a_silent_provider_is_dropped_within_seconds() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(fs::read(c.path("out")).unwrap() == fs::read(&file).unwrap());
 }
+
+#[test]
+fn issue11_fetch_killed_while_writing_leaves_nothing_beside_the_output() {
+    let mut c = Cluster::start(1);
+    let file = c.path("blob");
+    let id = random_file(&file, 64 << 20, 19).to_string();
+    assert_eq!(c.daemons[0].add(&file), id);
+    let out_dir = c.path("out");
+    fs::create_dir(&out_dir).unwrap();
+    let mut cmd = nebula();
+    cmd.args(["fetch", &id, "-o"])
+        .arg(out_dir.join("copy"))
+        .arg("--socket")
+        .arg(&c.daemons[0].socket)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let fds = format!("/proc/{}/fd", child.id());
+    // Wait until it holds a file in the output directory, then freeze the
+    // daemon it reads from (so the write cannot finish) and kill it.
+    let writing = wait_until(Duration::from_secs(30), || {
+        fs::read_dir(&fds)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| fs::read_link(e.path()).is_ok_and(|t| t.starts_with(&out_dir)))
+    });
+    c.daemons[0].proc.signal(libc::SIGSTOP);
+    let _ = child.kill();
+    let _ = child.wait();
+    c.daemons[0].proc.signal(libc::SIGCONT);
+    assert!(writing, "the fetch never opened its output");
+    let left: Vec<_> = fs::read_dir(&out_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
