@@ -18,8 +18,8 @@ use tonic::{
 };
 
 use crate::{
-    flags::{ServeFlags, parse_duration, parse_rate},
-    output::{bad_input, print_json, print_table, shutdown_signal},
+    flags::{ServeFlags, parse_control_url, parse_duration, parse_rate},
+    output::{bad_input, print_json, print_line, print_table, shutdown_signal},
 };
 
 /// Flags of `nebula control`. Every timing and limit flag defaults to the
@@ -216,7 +216,8 @@ pub(crate) struct AdminArgs {
         long,
         global = true,
         env = "NEBULA_CONTROL",
-        default_value = "http://127.0.0.1:7700"
+        default_value = "http://127.0.0.1:7700",
+        value_parser = parse_control_url
     )]
     control: String,
     /// The control plane's admin token.
@@ -228,7 +229,7 @@ pub(crate) struct AdminArgs {
     )]
     admin_token: Option<String>,
     /// Print one JSON object instead of a table.
-    #[arg(long, global = true, env = "NEBULA_JSON")]
+    #[arg(long, global = true, env = "NEBULA_JSON", action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
     json: bool,
     /// Deadline of the call.
     #[arg(long, global = true, env = "NEBULA_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
@@ -315,7 +316,17 @@ fn code_name(code: Code) -> &'static str {
     }
 }
 
-fn rpc_error(status: Status) -> anyhow::Error {
+/// A failed admin call as one line, naming what was reached when it is not
+/// a control plane (a peer's port answers `unimplemented` with no message).
+fn rpc_error(control: &str, status: Status) -> anyhow::Error {
+    if status.code() == Code::Unimplemented {
+        return anyhow::anyhow!(
+            "{control} is not a Nebula control plane: it does not serve the admin API (unimplemented)"
+        );
+    }
+    if status.message().is_empty() {
+        return anyhow::anyhow!("{control}: {}", code_name(status.code()));
+    }
     anyhow::anyhow!("{} ({})", status.message(), code_name(status.code()))
 }
 
@@ -447,6 +458,7 @@ pub(crate) async fn run_admin(args: AdminArgs) -> anyhow::Result<()> {
         parse_peer(peer)?;
     }
     let mut admin = connect(&args).await?;
+    let rpc_error = |status| rpc_error(&args.control, status);
     match &args.command {
         AdminCommand::Peers => {
             let peers = admin
@@ -456,14 +468,14 @@ pub(crate) async fn run_admin(args: AdminArgs) -> anyhow::Result<()> {
                 .into_inner()
                 .peers;
             if args.json {
-                print_json(&json!({ "peers": peers.iter().map(peer_json).collect::<Vec<_>>() }));
+                print_json(&json!({ "peers": peers.iter().map(peer_json).collect::<Vec<_>>() }))?;
             } else if peers.is_empty() {
-                println!("no peers registered");
+                print_line("no peers registered")?;
             } else {
                 print_table(
                     &PEER_HEADER,
                     &peers.iter().map(peer_row).collect::<Vec<_>>(),
-                );
+                )?;
             }
         }
         AdminCommand::Swarm { .. } => {
@@ -474,6 +486,13 @@ pub(crate) async fn run_admin(args: AdminArgs) -> anyhow::Result<()> {
                 .await
                 .map_err(rpc_error)?
                 .into_inner();
+            // The control plane answers an empty swarm for a blob it never heard of.
+            if swarm.members.is_empty() && swarm.size == 0 {
+                return Err(anyhow::anyhow!(
+                    "blob {} not found: no peer holds it",
+                    or_dash(&swarm.id)
+                ));
+            }
             if args.json {
                 let members: Vec<Value> = swarm
                     .members
@@ -491,17 +510,17 @@ pub(crate) async fn run_admin(args: AdminArgs) -> anyhow::Result<()> {
                     "size": swarm.size,
                     "sha256": (!swarm.sha256.is_empty()).then_some(&swarm.sha256),
                     "members": members,
-                }));
+                }))?;
             } else {
-                println!("blob    {}", swarm.id);
-                println!(
+                print_line(format_args!("blob    {}", swarm.id))?;
+                print_line(format_args!(
                     "size    {} ({} bytes)",
                     format_bytes(swarm.size),
                     swarm.size
-                );
-                println!("sha256  {}", or_dash(&swarm.sha256));
+                ))?;
+                print_line(format_args!("sha256  {}", or_dash(&swarm.sha256)))?;
                 if swarm.members.is_empty() {
-                    println!("no providers");
+                    print_line("no providers")?;
                 } else {
                     let rows: Vec<Vec<String>> = swarm
                         .members
@@ -517,8 +536,8 @@ pub(crate) async fn run_admin(args: AdminArgs) -> anyhow::Result<()> {
                             ])
                         })
                         .collect();
-                    println!();
-                    print_table(&["PEER", "ADDRESS", "STATE", "HOLDS", "CHUNKS"], &rows);
+                    print_line("")?;
+                    print_table(&["PEER", "ADDRESS", "STATE", "HOLDS", "CHUNKS"], &rows)?;
                 }
             }
         }
@@ -532,7 +551,7 @@ pub(crate) async fn run_admin(args: AdminArgs) -> anyhow::Result<()> {
             } else {
                 admin.ban_peer(req).await
             };
-            print_peer_change(&info.map_err(rpc_error)?.into_inner(), args.json);
+            print_peer_change(&info.map_err(rpc_error)?.into_inner(), args.json)?;
         }
         AdminCommand::Unban { peer } => {
             let req = PeerRequest {
@@ -542,7 +561,7 @@ pub(crate) async fn run_admin(args: AdminArgs) -> anyhow::Result<()> {
             print_peer_change(
                 &admin.unban_peer(req).await.map_err(rpc_error)?.into_inner(),
                 args.json,
-            );
+            )?;
         }
         AdminCommand::Stats => {
             let s = admin
@@ -558,7 +577,7 @@ pub(crate) async fn run_admin(args: AdminArgs) -> anyhow::Result<()> {
                     "provider_entries": s.provider_entries,
                     "find_providers_served": s.find_providers_served,
                     "uptime_ms": s.uptime_ms,
-                }));
+                }))?;
             } else {
                 let rows = [
                     ("peers", s.peers.to_string()),
@@ -572,18 +591,18 @@ pub(crate) async fn run_admin(args: AdminArgs) -> anyhow::Result<()> {
                     .into_iter()
                     .map(|(k, v)| vec![k.to_owned(), v])
                     .collect();
-                print_table(&["FIGURE", "VALUE"], &rows);
+                print_table(&["FIGURE", "VALUE"], &rows)?;
             }
         }
     }
     Ok(())
 }
 
-fn print_peer_change(info: &PeerInfo, json: bool) {
+fn print_peer_change(info: &PeerInfo, json: bool) -> anyhow::Result<()> {
     if json {
-        print_json(&peer_json(info));
+        print_json(&peer_json(info))
     } else {
-        print_table(&PEER_HEADER, &[peer_row(info)]);
+        print_table(&PEER_HEADER, &[peer_row(info)])
     }
 }
 

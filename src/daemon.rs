@@ -8,14 +8,18 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow};
+use clap::{ArgAction, builder::BoolishValueParser};
 use nebula_common::{BlobId, BlobRef, rate::format_bytes};
 use nebula_peer::{Config, Node, Progress, connect_local};
 use nebula_proto::v1 as pb;
 use tonic::Code;
 
 use crate::{
-    flags::{ServeFlags, parse_duration, parse_rate},
-    output::{bad_input, print_json, print_table, shutdown_signal},
+    export::Destination,
+    flags::{ServeFlags, parse_control_url, parse_duration, parse_rate},
+    output::{
+        Interrupted, bad_input, print_json, print_line, print_table, shutdown_signal, stdout_error,
+    },
 };
 
 /// The default store: `$XDG_DATA_HOME/nebula`, else `~/.local/share/nebula`.
@@ -53,6 +57,11 @@ impl DaemonLocation {
         &self,
     ) -> anyhow::Result<pb::local_api_client::LocalApiClient<tonic::transport::Channel>> {
         let socket = self.socket();
+        if let Err(e) = tokio::net::UnixStream::connect(&socket).await
+            && e.kind() == std::io::ErrorKind::PermissionDenied
+        {
+            return Err(permission_denied(&socket, &e));
+        }
         connect_local(socket.clone()).await.map_err(|e| {
             anyhow!(
                 "no daemon at {} ({e}); start one with `nebula daemon`, pass --socket, or give `fetch` --control URL to fetch without a daemon",
@@ -60,6 +69,14 @@ impl DaemonLocation {
             )
         })
     }
+}
+
+/// The socket exists but this user may not use it.
+fn permission_denied(socket: &Path, e: &std::io::Error) -> anyhow::Error {
+    anyhow!(
+        "permission denied on the daemon's socket {} ({e}); run as the daemon's user, or ask for access to the socket",
+        socket.display()
+    )
 }
 
 /// Turns a status from the daemon into a one-line error.
@@ -80,14 +97,15 @@ pub(crate) struct DaemonArgs {
     store: Option<PathBuf>,
     /// Control plane URL; several replicas as `URL,URL,…` (the next one is
     /// used when one stops answering).
-    #[arg(long, env = "NEBULA_CONTROL", default_value = "http://127.0.0.1:7700")]
+    #[arg(long, env = "NEBULA_CONTROL", default_value = "http://127.0.0.1:7700", value_parser = parse_control_url)]
     control: String,
-    /// Address to serve peers on (`127.0.0.1:0` picks a free port).
+    /// Address to serve peers on, `HOST:PORT` (`127.0.0.1:0` picks a free port).
     #[arg(long, env = "NEBULA_LISTEN", default_value = "127.0.0.1:7701")]
-    listen: SocketAddr,
-    /// Address other peers should dial [default: the listening address].
+    listen: String,
+    /// Address other peers should dial, `HOST:PORT`, resolved once at start
+    /// [default: the listening address].
     #[arg(long, env = "NEBULA_ADVERTISE")]
-    advertise: Option<SocketAddr>,
+    advertise: Option<String>,
     /// The local API socket [default: <store>/nebula.sock].
     #[arg(long, env = "NEBULA_SOCKET")]
     socket: Option<PathBuf>,
@@ -116,6 +134,38 @@ pub(crate) struct DaemonArgs {
     pub(crate) serve: ServeFlags,
 }
 
+/// Resolves `HOST:PORT` (a host name or an address) to its first address.
+async fn resolve(addr: &str, flag: &str) -> anyhow::Result<SocketAddr> {
+    if let Ok(a) = addr.parse() {
+        return Ok(a);
+    }
+    if addr
+        .rsplit_once(':')
+        .is_none_or(|(_, p)| p.parse::<u16>().is_err())
+    {
+        return Err(bad_input(format!("{flag} {addr:?}: expected HOST:PORT")));
+    }
+    tokio::net::lookup_host(addr)
+        .await
+        .with_context(|| format!("cannot resolve {flag} {addr}"))?
+        .next()
+        .ok_or_else(|| anyhow!("cannot resolve {flag} {addr}: no address"))
+}
+
+/// Binds a listener on `HOST:PORT` (a host name is resolved, its first
+/// address that binds is used).
+async fn bind(addr: &str, flag: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    if addr
+        .rsplit_once(':')
+        .is_none_or(|(_, p)| p.parse::<u16>().is_err())
+    {
+        return Err(bad_input(format!("{flag} {addr:?}: expected HOST:PORT")));
+    }
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))
+}
+
 /// `host:port` gets `http://` in front, in each entry of a comma-separated list.
 fn control_url(raw: &str) -> String {
     raw.split(',')
@@ -139,7 +189,10 @@ pub(crate) async fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| store.join("nebula.sock"));
     let mut config = Config::new(&store, Some(control_url(&args.control)));
-    config.advertise = args.advertise;
+    config.advertise = match &args.advertise {
+        Some(a) => Some(resolve(a, "--advertise").await?),
+        None => None,
+    };
     config.zone = args.zone;
     config.join_token = args.join_token;
     config.upload_limit = args.upload_limit;
@@ -148,9 +201,7 @@ pub(crate) async fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
     config.max_providers = args.max_providers;
     config.no_provider_timeout = args.no_provider_timeout;
     config.validate().map_err(bad_input)?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener = bind(&args.listen, "--listen").await?;
     let http = args.serve.bind_http().await?;
     // Watched before the address is printed: whoever reads it may signal at once.
     let signal = shutdown_signal()?;
@@ -182,16 +233,25 @@ pub(crate) struct AddArgs {
     #[command(flatten)]
     daemon: DaemonLocation,
     /// Print one JSON object.
-    #[arg(long, env = "NEBULA_JSON")]
+    #[arg(long, env = "NEBULA_JSON", action = ArgAction::SetTrue, value_parser = BoolishValueParser::new())]
     json: bool,
 }
 
 pub(crate) async fn run_add(args: AddArgs) -> anyhow::Result<()> {
     let path = std::fs::canonicalize(&args.path)
         .map_err(|e| bad_input(format!("cannot read {}: {e}", args.path.display())))?;
-    if path.is_dir() {
+    // Checked with stat, before any open: opening a FIFO blocks until a writer comes.
+    let meta = std::fs::metadata(&path)
+        .map_err(|e| bad_input(format!("cannot read {}: {e}", args.path.display())))?;
+    if meta.is_dir() {
         return Err(bad_input(format!(
             "cannot add {}: it is a directory",
+            args.path.display()
+        )));
+    }
+    if !meta.is_file() {
+        return Err(bad_input(format!(
+            "cannot add {}: not a regular file",
             args.path.display()
         )));
     }
@@ -208,9 +268,9 @@ pub(crate) async fn run_add(args: AddArgs) -> anyhow::Result<()> {
     if args.json {
         print_json(&serde_json::json!({
             "id": r.id, "size": r.size, "sha256": r.sha256, "chunk_size": r.chunk_size, "chunks": r.chunks,
-        }));
+        }))?;
     } else {
-        println!("{}", r.id);
+        print_line(&r.id)?;
     }
     Ok(())
 }
@@ -220,36 +280,60 @@ pub(crate) async fn run_add(args: AddArgs) -> anyhow::Result<()> {
 pub(crate) struct FetchArgs {
     /// Blob id (`<hex>`, `blake3:<hex>`) or `sha256:<hex>`.
     id: String,
-    /// Write the blob here (atomically), or `-` for stdout.
+    /// Write the blob here, or `-` for stdout. A regular file is replaced
+    /// atomically (a symlink's target, keeping the link); a device or FIFO is
+    /// written into; a read-only file is refused.
     #[arg(short, long)]
     output: Option<PathBuf>,
     #[command(flatten)]
     daemon: DaemonLocation,
     /// With no daemon running: fetch as a one-shot peer via this control plane
     /// (several replicas: `URL,URL,…`).
-    #[arg(long, env = "NEBULA_CONTROL")]
+    #[arg(long, env = "NEBULA_CONTROL", value_parser = parse_control_url)]
     control: Option<String>,
-    /// One-shot mode: address to serve other peers on while downloading.
-    #[arg(long, env = "NEBULA_LISTEN", default_value = "127.0.0.1:0")]
-    listen: SocketAddr,
+    /// One-shot mode: address to serve other peers on while downloading
+    /// (`HOST:PORT`). Its own variable: `NEBULA_LISTEN` is the daemon's, and
+    /// a one-shot fetch beside a daemon must not bind the daemon's port.
+    #[arg(long, env = "NEBULA_FETCH_LISTEN", default_value = "127.0.0.1:0")]
+    listen: String,
     /// One-shot mode: join token for the control plane.
     #[arg(long, env = "NEBULA_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
-    /// Give up after this long without any provider.
+    /// Give up after this long with missing chunks that no reachable peer
+    /// holds (0: at once).
     #[arg(long, env = "NEBULA_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     timeout: Duration,
-    /// Print one JSON object when done.
-    #[arg(long, env = "NEBULA_JSON")]
+    /// Print one JSON object when done (on stderr with `-o -`).
+    #[arg(long, env = "NEBULA_JSON", action = ArgAction::SetTrue, value_parser = BoolishValueParser::new())]
     json: bool,
+    /// Progress on stderr: `auto` (a bar on a terminal, unless --json), `bar`,
+    /// `json` (one object per update, for scripts) or `none`.
+    #[arg(long, env = "NEBULA_PROGRESS", value_enum, default_value = "auto")]
+    progress: ProgressMode,
 }
 
-/// Draws a progress bar on a terminal; silent otherwise.
-struct Bar(Option<indicatif::ProgressBar>);
+/// How `fetch` shows its progress on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum ProgressMode {
+    /// A bar when stderr is a terminal and --json is off; nothing otherwise.
+    Auto,
+    /// A progress bar.
+    Bar,
+    /// One JSON object per update: `bytes_done`, `total`, `providers`, `elapsed_ms`.
+    Json,
+    /// Nothing.
+    None,
+}
+
+/// Draws a progress bar, or prints one JSON line per update, on stderr.
+struct Bar(Option<indicatif::ProgressBar>, Option<Instant>);
 
 impl Bar {
-    fn new(show: bool) -> Self {
-        if !show {
-            return Self(None);
+    fn new(mode: ProgressMode) -> Self {
+        match mode {
+            ProgressMode::Json => return Self(None, Some(Instant::now())),
+            ProgressMode::Bar => {}
+            ProgressMode::Auto | ProgressMode::None => return Self(None, None),
         }
         let bar = indicatif::ProgressBar::new(0);
         let style = indicatif::ProgressStyle::with_template(
@@ -259,10 +343,18 @@ impl Bar {
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
         bar.set_style(style);
         bar.enable_steady_tick(Duration::from_millis(200));
-        Self(Some(bar))
+        Self(Some(bar), None)
     }
 
     fn update(&self, total: u64, done: u64, providers: u32) {
+        if let Some(started) = self.1 {
+            // Best effort, like a bar: a closed stderr must not fail the fetch.
+            let line = serde_json::json!({
+                "bytes_done": done, "total": total, "providers": providers,
+                "elapsed_ms": started.elapsed().as_millis() as u64,
+            });
+            let _ = writeln!(std::io::stderr(), "{line}");
+        }
         if let Some(b) = &self.0 {
             b.set_length(total);
             b.set_position(done);
@@ -281,7 +373,7 @@ impl Bar {
 enum Output {
     None,
     Stdout,
-    File(PathBuf),
+    File(Destination),
 }
 
 fn resolve_output(o: Option<&Path>) -> anyhow::Result<Output> {
@@ -296,18 +388,7 @@ fn resolve_output(o: Option<&Path>) -> anyhow::Result<Output> {
             .context("cannot read the current directory")?
             .join(o)
     };
-    if abs.is_dir() {
-        return Err(bad_input(format!("output {} is a directory", o.display())));
-    }
-    let parent = abs.parent().unwrap_or(Path::new("/"));
-    if !parent.is_dir() {
-        return Err(anyhow!(
-            "cannot write {}: directory {} does not exist",
-            o.display(),
-            parent.display()
-        ));
-    }
-    Ok(Output::File(abs))
+    Ok(Output::File(Destination::plan(&abs)?))
 }
 
 pub(crate) async fn run_fetch(args: FetchArgs) -> anyhow::Result<()> {
@@ -317,14 +398,23 @@ pub(crate) async fn run_fetch(args: FetchArgs) -> anyhow::Result<()> {
         .parse()
         .map_err(|e: nebula_common::ParseIdError| bad_input(e.to_string()))?;
     let output = resolve_output(args.output.as_deref())?;
-    let show_bar = !args.json && std::io::stderr().is_terminal();
+    let progress_mode = match args.progress {
+        ProgressMode::Auto if !args.json && std::io::stderr().is_terminal() => ProgressMode::Bar,
+        mode => mode,
+    };
     let started = Instant::now();
     let socket = args.daemon.socket();
-    let daemon_up = tokio::net::UnixStream::connect(&socket).await.is_ok();
+    let daemon_up = match tokio::net::UnixStream::connect(&socket).await {
+        Ok(_) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(permission_denied(&socket, &e));
+        }
+        Err(_) => false,
+    };
     let (id, size, resumed, sources) = if daemon_up {
-        fetch_via_daemon(&args, blob, &output, show_bar).await?
+        fetch_via_daemon(&args, blob, &output, progress_mode).await?
     } else if let Some(control) = &args.control {
-        fetch_one_shot(&args, control, blob, &output, show_bar).await?
+        fetch_one_shot(&args, control, blob, &output, progress_mode).await?
     } else {
         return Err(anyhow!(
             "no daemon at {}; start one with `nebula daemon`, or pass --control URL to fetch as a one-shot peer",
@@ -332,7 +422,7 @@ pub(crate) async fn run_fetch(args: FetchArgs) -> anyhow::Result<()> {
         ));
     };
     if args.json {
-        print_json(&serde_json::json!({
+        let summary = serde_json::json!({
             "id": id.to_string(),
             "size": size,
             "elapsed_ms": started.elapsed().as_millis() as u64,
@@ -340,34 +430,77 @@ pub(crate) async fn run_fetch(args: FetchArgs) -> anyhow::Result<()> {
             "sources": sources.iter().map(|s| serde_json::json!({
                 "peer_id": s.peer_id, "address": s.address, "bytes": s.bytes,
             })).collect::<Vec<_>>(),
-        }));
+        });
+        if let Output::Stdout = output {
+            // Stdout carries the blob: the summary must not be appended to it.
+            eprintln!("{summary}");
+        } else {
+            print_json(&summary)?;
+        }
     }
     Ok(())
 }
 
 type Fetched = (BlobId, u64, u64, Vec<pb::ProviderBytes>);
 
+/// `--timeout` as the daemon's API takes it: 0 on the wire means "the
+/// daemon's default", so `--timeout 0` (fail at once) is sent as 1 ms.
+fn wire_timeout_ms(timeout: Duration) -> u64 {
+    (timeout.as_millis() as u64).max(1)
+}
+
+/// An error from the daemon's stream during a fetch: when the daemon no
+/// longer answers on its socket, it went away (a crash, a kill, a restart),
+/// and the transport's own words (`h2 protocol error`) would not say so.
+async fn fetch_stream_error(socket: &Path, status: tonic::Status) -> anyhow::Error {
+    let transport = matches!(
+        status.code(),
+        Code::Unknown | Code::Unavailable | Code::Internal | Code::Cancelled
+    );
+    if !transport {
+        return status_error(status);
+    }
+    // A dying daemon may still accept a connection on its socket for a
+    // moment: only an answered call shows it is alive.
+    let alive = async {
+        let mut client = connect_local(socket.to_owned()).await.ok()?;
+        client.status(pb::StatusRequest {}).await.ok()
+    };
+    let alive = tokio::time::timeout(Duration::from_secs(2), alive)
+        .await
+        .ok()
+        .flatten()
+        .is_some();
+    let broken = status.message().contains("h2 protocol error");
+    if !alive || broken {
+        return anyhow!(
+            "the daemon at {} went away during the fetch; its verified chunks are kept, and running the same fetch again once it is back resumes it",
+            socket.display()
+        );
+    }
+    status_error(status)
+}
+
 async fn fetch_via_daemon(
     args: &FetchArgs,
     blob: BlobRef,
     output: &Output,
-    show_bar: bool,
+    progress_mode: ProgressMode,
 ) -> anyhow::Result<Fetched> {
+    let socket = args.daemon.socket();
     let mut client = args.daemon.connect().await?;
+    // The daemon fetches into its store; the bytes are then read back over
+    // the socket and written here, as the user who runs this command.
     let request = pb::FetchRequest {
         blob: blob.to_string(),
-        output: match output {
-            Output::File(p) => p.display().to_string(),
-            _ => String::new(),
-        },
-        no_provider_timeout_ms: args.timeout.as_millis() as u64,
+        output: String::new(),
+        no_provider_timeout_ms: wire_timeout_ms(args.timeout),
     };
-    let mut stream = client
-        .fetch(request)
-        .await
-        .map_err(status_error)?
-        .into_inner();
-    let bar = Bar::new(show_bar);
+    let mut stream = match client.fetch(request).await {
+        Ok(r) => r.into_inner(),
+        Err(status) => return Err(fetch_stream_error(&socket, status).await),
+    };
+    let bar = Bar::new(progress_mode);
     let mut last = None;
     loop {
         match stream.message().await {
@@ -382,7 +515,7 @@ async fn fetch_via_daemon(
             Ok(None) => break,
             Err(status) => {
                 bar.finish();
-                return Err(status_error(status));
+                return Err(fetch_stream_error(&socket, status).await);
             }
         }
     }
@@ -394,21 +527,59 @@ async fn fetch_via_daemon(
         .id
         .parse()
         .map_err(|_| anyhow!("the daemon answered a malformed id"))?;
-    if let Output::Stdout = output {
-        let mut read = client
-            .read(pb::ReadRequest {
-                blob: id.to_string(),
+    match output {
+        Output::None => {}
+        Output::Stdout => {
+            let mut out = std::io::stdout();
+            read_into(&mut client, &socket, id, |data| {
+                out.write_all(data).map_err(stdout_error)
             })
-            .await
-            .map_err(status_error)?
-            .into_inner();
-        let mut out = std::io::stdout().lock();
-        while let Some(piece) = read.message().await.map_err(status_error)? {
-            out.write_all(&piece.data).context("writing to stdout")?;
+            .await?;
+            out.flush().map_err(stdout_error)?;
         }
-        out.flush().context("writing to stdout")?;
+        Output::File(dest) => {
+            // On any failure the sink is dropped unfinished: its temporary
+            // file goes, the destination is untouched.
+            let mut sink = dest.open()?;
+            read_into(&mut client, &socket, id, |data| sink.append(data)).await?;
+            sink.finish()?;
+        }
     }
     Ok((id, last.total, last.resumed_bytes, last.sources))
+}
+
+/// Streams a complete blob from the daemon into `write`; SIGINT or SIGTERM
+/// stops it (the caller's sink then removes its temporary file).
+async fn read_into(
+    client: &mut pb::local_api_client::LocalApiClient<tonic::transport::Channel>,
+    socket: &Path,
+    id: BlobId,
+    mut write: impl FnMut(&[u8]) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let signal = shutdown_signal()?;
+    tokio::pin!(signal);
+    let mut read = match client
+        .read(pb::ReadRequest {
+            blob: id.to_string(),
+        })
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(status) => return Err(fetch_stream_error(socket, status).await),
+    };
+    loop {
+        let piece = tokio::select! {
+            () = &mut signal => {
+                return Err(anyhow::Error::new(Interrupted).context("nothing was written"));
+            }
+            piece = read.message() => piece,
+        };
+        match piece {
+            Ok(Some(piece)) => write(&piece.data)?,
+            Ok(None) => return Ok(()),
+            Err(status) => return Err(fetch_stream_error(socket, status).await),
+        }
+    }
 }
 
 async fn fetch_one_shot(
@@ -416,18 +587,16 @@ async fn fetch_one_shot(
     control: &str,
     blob: BlobRef,
     output: &Output,
-    show_bar: bool,
+    progress_mode: ProgressMode,
 ) -> anyhow::Result<Fetched> {
     let mut config = Config::new(args.daemon.store(), Some(control_url(control)));
     config.join_token = args.join_token.clone();
     config.no_provider_timeout = args.timeout;
     config.validate().map_err(bad_input)?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener = bind(&args.listen, "--listen").await?;
     let node = Node::start(config, listener).await?;
     let (tx, mut rx) = tokio::sync::watch::channel(Progress::default());
-    let bar = Bar::new(show_bar);
+    let bar = Bar::new(progress_mode);
     let fetched = {
         let fetch = node.fetch(blob, tx, Some(args.timeout));
         tokio::pin!(fetch);
@@ -447,19 +616,27 @@ async fn fetch_one_shot(
             let b = outcome.blob;
             let exported = match output {
                 Output::None => Ok(()),
-                Output::File(p) => {
-                    let (store, id, p) = (std::sync::Arc::clone(node.store()), b.id(), p.clone());
-                    tokio::task::spawn_blocking(move || store.export(&id, &p))
-                        .await
-                        .map_err(|_| anyhow!("export task failed"))
-                        .and_then(|r| r.map_err(anyhow::Error::from))
+                Output::File(dest) => {
+                    let (b2, dest) = (std::sync::Arc::clone(&b), dest.clone());
+                    tokio::task::spawn_blocking(move || {
+                        // Chunk by chunk through the sink, so that a write
+                        // error names the output, not the store.
+                        let mut sink = dest.open()?;
+                        for i in 0..b2.geometry().chunk_count() {
+                            sink.append(&b2.read_chunk(i)?)?;
+                        }
+                        sink.finish()
+                    })
+                    .await
+                    .map_err(|_| anyhow!("export task failed"))
+                    .and_then(|r| r)
                 }
                 Output::Stdout => {
                     let b2 = std::sync::Arc::clone(&b);
                     tokio::task::spawn_blocking(move || {
                         let mut out = std::io::stdout().lock();
                         b2.copy_to(&mut out).map_err(anyhow::Error::from)?;
-                        out.flush().context("writing to stdout")
+                        out.flush().map_err(stdout_error)
                     })
                     .await
                     .map_err(|_| anyhow!("export task failed"))
@@ -487,7 +664,7 @@ pub(crate) struct LsArgs {
     #[command(flatten)]
     daemon: DaemonLocation,
     /// Print one JSON object.
-    #[arg(long, env = "NEBULA_JSON")]
+    #[arg(long, env = "NEBULA_JSON", action = ArgAction::SetTrue, value_parser = BoolishValueParser::new())]
     json: bool,
 }
 
@@ -510,7 +687,7 @@ pub(crate) async fn run_ls(args: LsArgs) -> anyhow::Result<()> {
                 })
             })
             .collect();
-        print_json(&serde_json::json!({ "blobs": blobs }));
+        print_json(&serde_json::json!({ "blobs": blobs }))?;
         return Ok(());
     }
     let rows: Vec<Vec<String>> = list
@@ -525,7 +702,7 @@ pub(crate) async fn run_ls(args: LsArgs) -> anyhow::Result<()> {
             vec![b.id.clone(), format_bytes(b.size), state]
         })
         .collect();
-    print_table(&["ID", "SIZE", "STATE"], &rows);
+    print_table(&["ID", "SIZE", "STATE"], &rows)?;
     Ok(())
 }
 
@@ -559,7 +736,7 @@ pub(crate) struct StatusArgs {
     #[command(flatten)]
     daemon: DaemonLocation,
     /// Print one JSON object.
-    #[arg(long, env = "NEBULA_JSON")]
+    #[arg(long, env = "NEBULA_JSON", action = ArgAction::SetTrue, value_parser = BoolishValueParser::new())]
     json: bool,
 }
 
@@ -575,7 +752,8 @@ pub(crate) async fn run_status(args: StatusArgs) -> anyhow::Result<()> {
             "peer_id": s.peer_id, "address": s.address, "control": s.control, "registered": s.registered,
             "blobs": s.blobs, "active_uploads": s.active_uploads, "uploaded_bytes": s.uploaded_bytes,
             "downloaded_bytes": s.downloaded_bytes, "uptime_ms": s.uptime_ms, "store": s.store,
-        }));
+            "registration_error": (!s.registration_error.is_empty()).then_some(&s.registration_error),
+        }))?;
     } else {
         let rows = vec![
             vec!["peer".into(), s.peer_id.clone()],
@@ -588,14 +766,20 @@ pub(crate) async fn run_status(args: StatusArgs) -> anyhow::Result<()> {
             vec!["uploaded".into(), format_bytes(s.uploaded_bytes)],
             vec!["downloaded".into(), format_bytes(s.downloaded_bytes)],
         ];
-        print_table(&["", ""], &rows);
+        print_table(&["", ""], &rows)?;
     }
     if s.registered {
         Ok(())
-    } else {
+    } else if s.registration_error.is_empty() {
         Err(anyhow!(
             "the daemon is up but not registered with the control plane at {}",
             s.control
+        ))
+    } else {
+        Err(anyhow!(
+            "the daemon is up but not registered with the control plane at {}: {}",
+            s.control,
+            s.registration_error
         ))
     }
 }

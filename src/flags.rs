@@ -65,6 +65,50 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// Parses `--control`: one control-plane URL or several replicas' as
+/// `URL,URL,…`, each `http://host[:port]`, `https://…`, or the shorthand
+/// `host:port`. Anything else (no host, another scheme, a bare word,
+/// an unparsable URI) is refused at once, before any network call, rather
+/// than retried as a host name.
+pub(crate) fn parse_control_url(s: &str) -> Result<String, String> {
+    let urls = s
+        .split(',')
+        .map(parse_one_control_url)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(urls.join(","))
+}
+
+/// One entry of `--control`.
+fn parse_one_control_url(s: &str) -> Result<String, String> {
+    let raw = s.trim();
+    if raw.is_empty() {
+        return Err("empty URL (expected http://HOST:PORT)".into());
+    }
+    let url = if raw.contains("://") {
+        raw.to_owned()
+    } else {
+        // The shorthand must name a port: a bare word is a typo, not a host.
+        let port = raw.rsplit_once(':').map(|(_, p)| p);
+        if port.is_none_or(|p| p.parse::<u16>().is_err()) {
+            return Err(format!(
+                "{raw:?} is not a URL (expected http://HOST:PORT or HOST:PORT)"
+            ));
+        }
+        format!("http://{raw}")
+    };
+    let uri: tonic::transport::Uri = url
+        .parse()
+        .map_err(|e| format!("{raw:?} is not a URL: {e}"))?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        _ => return Err(format!("{raw:?}: the scheme must be http:// or https://")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("{raw:?} names no host"));
+    }
+    Ok(url)
+}
+
 /// Parses a byte rate such as `20MiB/s` (see `nebula_common::rate`).
 pub(crate) fn parse_rate(s: &str) -> Result<u64, String> {
     nebula_common::rate::parse_rate(s).map_err(|e| e.to_string())
@@ -81,5 +125,27 @@ mod tests {
         assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
         assert!(parse_duration("ten").is_err());
         assert!(parse_duration("5y").is_err());
+    }
+
+    #[test]
+    fn control_urls() {
+        assert_eq!(parse_control_url("h:7700").unwrap(), "http://h:7700");
+        assert_eq!(parse_control_url(" https://h ").unwrap(), "https://h");
+        assert_eq!(
+            parse_control_url("a:1, http://b:2").unwrap(),
+            "http://a:1,http://b:2"
+        );
+        for bad in [
+            "",
+            "a:1,",
+            "a:1,notaurl",
+            "notaurl",
+            "http://[::1",
+            "ftp://x",
+            "http://",
+            "h:port",
+        ] {
+            assert!(parse_control_url(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -5,7 +5,7 @@ use std::{fs::File, path::PathBuf};
 use anyhow::Context as _;
 use nebula_common::outboard::digest_path_mmap;
 
-use crate::output::{bad_input, print_json};
+use crate::output::{bad_input, print_json, print_line};
 
 /// Flags of `nebula hash`.
 #[derive(Debug, clap::Args)]
@@ -13,7 +13,7 @@ pub(crate) struct HashArgs {
     /// The file to hash.
     path: PathBuf,
     /// Print `{"id","size","sha256","chunk_size","chunks"}` instead of the id alone.
-    #[arg(long, env = "NEBULA_JSON")]
+    #[arg(long, env = "NEBULA_JSON", action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
     json: bool,
 }
 
@@ -44,9 +44,9 @@ pub(crate) fn run(args: HashArgs) -> anyhow::Result<()> {
             "sha256": digest.sha256.map(|d| d.to_string()),
             "chunk_size": ob.geometry().chunk_size(),
             "chunks": ob.geometry().chunk_count(),
-        }));
+        }))?;
     } else {
-        println!("{}", ob.id());
+        print_line(ob.id())?;
     }
     Ok(())
 }

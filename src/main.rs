@@ -7,6 +7,7 @@
 //! - `hash`: `nebula hash`.
 //! - `control`: `nebula control` and `nebula admin …`.
 //! - `daemon`: `nebula daemon` and the client commands (`add`, `fetch`, `ls`, `rm`, `status`).
+//! - `export`: writing a fetched blob to `fetch -o PATH` as the calling user.
 
 use std::process::ExitCode;
 
@@ -14,6 +15,7 @@ use clap::{Parser, Subcommand};
 
 mod control;
 mod daemon;
+mod export;
 mod flags;
 mod hash;
 mod output;
@@ -48,17 +50,52 @@ enum Command {
     Status(daemon::StatusArgs),
 }
 
+/// A usage error as one `error:` line plus at most one hint line: clap's own
+/// rendering spreads it over a usage block, tips and a help pointer. The help
+/// shown when no subcommand is given is kept whole.
+fn usage_error(err: &clap::Error) -> String {
+    use clap::error::ErrorKind;
+    let rendered = err.render().to_string();
+    if err.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        return rendered;
+    }
+    let mut paragraphs = rendered.split("\n\n").map(|p| {
+        p.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ")
+    });
+    let first = paragraphs.next().unwrap_or_default();
+    let rest: Vec<String> = paragraphs.collect();
+    let hint = rest
+        .iter()
+        .find(|p| p.starts_with("tip:"))
+        .or_else(|| rest.iter().find(|p| p.starts_with("For more information")))
+        .map(|p| p.strip_prefix("tip: ").unwrap_or(p).to_owned());
+    let mut out = if first.starts_with("error:") {
+        first
+    } else {
+        format!("error: {first}")
+    };
+    out.push('\n');
+    if let Some(hint) = hint {
+        out.push_str(&format!("hint: {hint}\n"));
+    }
+    out
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) => {
             // Help and version go to stdout and exit 0; usage errors exit 2.
-            let _ = err.print();
-            return ExitCode::from(if err.use_stderr() {
-                output::EXIT_USAGE
-            } else {
-                0
-            });
+            if !err.use_stderr() {
+                let _ = err.print();
+                return ExitCode::SUCCESS;
+            }
+            eprint!("{}", usage_error(&err));
+            return ExitCode::from(output::EXIT_USAGE);
         }
     };
     let (serving, log_format) = match &cli.command {

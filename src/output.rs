@@ -1,6 +1,11 @@
 //! How the CLI ends: exit codes, one-line `error:` messages, tracing set-up.
 
-use std::{future::Future, process::ExitCode};
+use std::{
+    fmt::Display,
+    future::Future,
+    io::{ErrorKind, Write as _},
+    process::ExitCode,
+};
 
 use crate::flags::LogFormat;
 
@@ -19,15 +24,75 @@ pub(crate) fn bad_input(msg: impl Into<String>) -> anyhow::Error {
     BadInput(msg.into()).into()
 }
 
+/// What a shell reports for a process ended by SIGINT (128 + 2).
+pub(crate) const EXIT_INTERRUPTED: u8 = 130;
+
+/// The command was stopped by SIGINT or SIGTERM after it had caught them
+/// (to remove what it was writing): it exits as if killed by SIGINT.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted")]
+pub(crate) struct Interrupted;
+
+/// What a shell reports for a process ended by SIGPIPE (128 + 13): a closed
+/// stdout ends the command with it, quietly, as `cat` does.
+pub(crate) const EXIT_STDOUT_CLOSED: u8 = 141;
+
+/// Stdout was closed by its reader (`nebula ls | head -c 1`): not an error to
+/// print, the command just ends.
+#[derive(Debug, thiserror::Error)]
+#[error("stdout is closed")]
+pub(crate) struct StdoutClosed;
+
+/// Turns a failed write to stdout into an error: [`StdoutClosed`] when the
+/// reader went away, else the I/O error with context.
+pub(crate) fn stdout_error(e: std::io::Error) -> anyhow::Error {
+    if e.kind() == ErrorKind::BrokenPipe {
+        StdoutClosed.into()
+    } else {
+        anyhow::Error::new(e).context("writing to stdout")
+    }
+}
+
+/// Writes one line on stdout; a closed stdout is [`StdoutClosed`], never a panic.
+pub(crate) fn print_line(line: impl Display) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")
+        .and_then(|()| out.flush())
+        .map_err(stdout_error)
+}
+
+/// The context chain on one line, each cause said once: a cause whose text
+/// the previous one already contains (an `io::Error` shown by its wrapper,
+/// then again as its source) is dropped.
+pub(crate) fn chain_line(err: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in err.chain() {
+        let text = cause.to_string().replace('\n', " ");
+        let text = text.trim();
+        if text.is_empty() || parts.last().is_some_and(|prev| prev.contains(text)) {
+            continue;
+        }
+        parts.push(text.to_owned());
+    }
+    parts.join(": ")
+}
+
 /// Prints `error: …` (the whole context chain on one line) and picks the exit code.
 pub(crate) fn report(err: &anyhow::Error) -> ExitCode {
-    let line = err
-        .chain()
-        .map(|e| e.to_string())
-        .collect::<Vec<_>>()
-        .join(": ")
-        .replace('\n', " ");
+    // A store copy wraps the write error in its own type: look for the pipe anywhere.
+    let closed = err.chain().any(|e| {
+        e.is::<StdoutClosed>()
+            || e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == ErrorKind::BrokenPipe)
+    });
+    if closed {
+        return ExitCode::from(EXIT_STDOUT_CLOSED);
+    }
+    let line = chain_line(err);
     eprintln!("error: {line}");
+    if err.chain().any(|e| e.is::<Interrupted>()) {
+        return ExitCode::from(EXIT_INTERRUPTED);
+    }
     if err.chain().any(|e| e.is::<BadInput>()) {
         ExitCode::from(EXIT_USAGE)
     } else {
@@ -84,19 +149,19 @@ pub(crate) fn block_on<F: Future<Output = anyhow::Result<()>>>(fut: F) -> anyhow
 }
 
 /// Prints a value as one line of JSON on stdout.
-pub(crate) fn print_json(value: &serde_json::Value) {
-    println!("{value}");
+pub(crate) fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
+    print_line(value)
 }
 
 /// Prints rows as an aligned table with a header.
-pub(crate) fn print_table(header: &[&str], rows: &[Vec<String>]) {
+pub(crate) fn print_table(header: &[&str], rows: &[Vec<String>]) -> anyhow::Result<()> {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let line = |cells: Vec<&str>| {
+    let line = |cells: Vec<&str>| -> anyhow::Result<()> {
         let mut out = String::new();
         for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
             if i + 1 == cells.len() {
@@ -105,12 +170,13 @@ pub(crate) fn print_table(header: &[&str], rows: &[Vec<String>]) {
                 out.push_str(&format!("{cell:<w$}  "));
             }
         }
-        println!("{}", out.trim_end());
+        print_line(out.trim_end())
     };
-    line(header.to_vec());
+    line(header.to_vec())?;
     for row in rows {
-        line(row.iter().map(String::as_str).collect());
+        line(row.iter().map(String::as_str).collect())?;
     }
+    Ok(())
 }
 
 /// Raises the soft limit on open files to the hard limit: a daemon holds a

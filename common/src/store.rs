@@ -289,6 +289,15 @@ impl Blob {
         Ok(buf.freeze())
     }
 
+    /// Reads a chunk and checks it against the outboard again, for bytes that
+    /// leave the daemon for a user (the data file could have been changed
+    /// behind the store's back since the chunk was verified). Blocking.
+    pub fn read_verified_chunk(&self, index: u32) -> Result<Bytes> {
+        let data = self.read_chunk(index)?;
+        self.outboard.verify_chunk(index, &data)?;
+        Ok(data)
+    }
+
     /// Verifies chunk `index` and stores it. Blocking.
     ///
     /// Nothing that fails verification touches the disk. The bytes are written

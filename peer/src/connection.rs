@@ -90,8 +90,11 @@ impl Connection {
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(10))
+            // A provider that goes silent (stopped, its host gone) stops
+            // answering pings: the stream closes within about 7 s and its
+            // requests move at once, whatever its usual latency.
+            .http2_keep_alive_interval(Duration::from_secs(2))
+            .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true)
             .http2_max_local_error_reset_streams(1024);
         let unreachable = |status: String| ConnectError::Unreachable {
@@ -175,6 +178,11 @@ impl Connection {
         self.closed.cancel();
         self.routes.clear();
         self.watchers.clear();
+    }
+
+    /// Resolves once the stream has ended (closed, reset, or refused).
+    pub(crate) async fn closed(&self) {
+        self.closed.cancelled().await;
     }
 
     /// Whether the stream has ended.

@@ -89,6 +89,13 @@ pub enum FetchError {
     /// The daemon is shutting down.
     #[error("fetch cancelled: the daemon is shutting down")]
     Cancelled,
+    /// The blob was removed from the store (`nebula rm`) while it was being
+    /// fetched: the fetch stops rather than write into a removed blob.
+    #[error("fetch cancelled: blob {blob} was removed from the store")]
+    Removed {
+        /// The blob.
+        blob: BlobId,
+    },
 }
 
 /// Bytes of one fetch received from one provider.
@@ -264,7 +271,7 @@ pub(crate) async fn fetch(
         ) => FetchResult::Integrity,
         Err(FetchError::Control(_)) => FetchResult::Control,
         Err(FetchError::Store(_)) => FetchResult::Store,
-        Err(FetchError::Cancelled) => FetchResult::Cancelled,
+        Err(FetchError::Cancelled | FetchError::Removed { .. }) => FetchResult::Cancelled,
     };
     metrics.fetch_ended(kind, started.elapsed());
     if let Err(e) = &result {
@@ -400,10 +407,18 @@ async fn download(
     };
     add_providers(&dl, &mut known, &mut waiting, &found.providers);
 
+    // `nebula rm` during the fetch takes the blob out of the store.
+    let removed = || {
+        shared
+            .store
+            .get(&id)
+            .is_none_or(|b| !Arc::ptr_eq(&b, &blob))
+    };
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_discovery = Instant::now();
-    let mut idle_since: Option<Instant> = None;
+    // The no-progress clock: when a chunk was last stored, and the bytes held then.
+    let mut progress_mark: (Instant, u64) = (Instant::now(), resumed_bytes);
     let mut rate_window: (Instant, u64) = (Instant::now(), resumed_bytes);
     let mut rate = 0u64;
     let max = shared.config.max_providers;
@@ -441,20 +456,30 @@ async fn download(
         if dl.finished.is_cancelled() {
             break Ok(());
         }
-        if running.is_empty() {
-            let since = *idle_since.get_or_insert(now);
-            if now.duration_since(since) >= no_provider_timeout {
-                let missing = count - lock(&dl.sched).have().count();
-                break Err(FetchError::NoProviders {
-                    blob: id.to_string(),
-                    waited: now.duration_since(since),
-                    detail: format!(
-                        " ({missing} of {count} chunks missing; verified chunks kept for a resume)"
-                    ),
-                });
-            }
-        } else {
-            idle_since = None;
+        // The timeout measures time without progress on the missing chunks,
+        // not time without a running worker: retrying dead or empty
+        // providers must not restart it. It fails the fetch once chunks are
+        // missing that no reachable provider holds (or no provider runs at
+        // all) and nothing was stored for that long.
+        let held_bytes = dl.bytes_done.load(Ordering::Relaxed);
+        if held_bytes != progress_mark.1 {
+            progress_mark = (now, held_bytes);
+        }
+        let (unheld, missing) = {
+            let sched = lock(&dl.sched);
+            (sched.unavailable(), count - sched.have().count())
+        };
+        if (unheld > 0 || running.is_empty())
+            && now.duration_since(progress_mark.0) >= no_provider_timeout
+        {
+            let unheld = if unheld > 0 { unheld } else { missing };
+            break Err(FetchError::NoProviders {
+                blob: id.to_string(),
+                waited: now.duration_since(progress_mark.0),
+                detail: format!(
+                    ": {unheld} of {count} chunks are held by no reachable peer; verified chunks kept for a resume"
+                ),
+            });
         }
         tokio::select! {
             _ = shared.shutdown.cancelled() => break Err(FetchError::Cancelled),
@@ -465,15 +490,25 @@ async fn download(
                 match end {
                     WorkerEnd::Done => {}
                     WorkerEnd::Banned => {
+                        lock(&dl.sched).deactivate(ix);
                         banned.push(ix);
                         shared.metrics.provider_banned();
                         let entry = Arc::clone(&lock(&dl.providers)[ix]);
+                        tracing::warn!(peer = %entry.address, blob = %id.short(), "provider banned from this download: it sent chunks that failed verification");
                         report(&shared, &entry.peer_id, id).await;
                     }
                     WorkerEnd::Failed(why) => {
-                        let entry = &lock(&dl.providers)[ix];
-                        tracing::debug!(peer = %entry.address, blob = %id.short(), %why, "provider dropped");
+                        // A worker that never connected did not deactivate it:
+                        // its chunks must stop counting as available.
+                        lock(&dl.sched).deactivate(ix);
                         let failures = breaker.get(&ix).map_or(0, |f| f.0) + 1;
+                        let entry = &lock(&dl.providers)[ix];
+                        // The loss is news once; its retries are not.
+                        if failures == 1 {
+                            tracing::warn!(peer = %entry.address, blob = %id.short(), %why, "provider lost");
+                        } else {
+                            tracing::debug!(peer = %entry.address, blob = %id.short(), %why, failures, "provider still unreachable");
+                        }
                         let backoff = Duration::from_millis(500 * (1 << failures.min(6)));
                         breaker.insert(ix, (failures, Instant::now() + backoff.min(Duration::from_secs(30))));
                         if !waiting.contains(&ix) {
@@ -490,6 +525,9 @@ async fn download(
                 }
             }
             _ = tick.tick() => {
+                if removed() {
+                    break Err(FetchError::Removed { blob: id });
+                }
                 let done = dl.bytes_done.load(Ordering::Relaxed);
                 let now = Instant::now();
                 let span = now.duration_since(rate_window.0);
@@ -526,6 +564,10 @@ async fn download(
     dl.finished.cancel();
     // Workers see `finished` and give back their requests.
     while workers.join_next().await.is_some() {}
+    // A write into the removed blob may have failed first: say why.
+    if removed() {
+        return Err(FetchError::Removed { blob: id });
+    }
     if let Some(err) = lock(&dl.fatal).take() {
         return Err(FetchError::Store(err));
     }
@@ -791,6 +833,8 @@ impl Worker {
             let wake_at = paused_until.unwrap_or_else(|| now + Duration::from_millis(250));
             tokio::select! {
                 _ = dl.finished.cancelled() => {}
+                // A closed stream (reset, refused, killed) gives its requests back at once.
+                () = self.conn.closed() => break WorkerEnd::Failed("stream closed".into()),
                 _ = dl.wake.notified(), if self.inflight.is_empty() => {}
                 _ = tokio::time::sleep_until(wake_at), if self.inflight.is_empty() || paused_until.is_some() => {}
                 _ = tokio::time::sleep_until(stall_at.unwrap_or(now)), if stall_at.is_some() => {

@@ -1,6 +1,12 @@
 //! `LocalApi`: what the CLI asks of its own daemon, over a Unix socket.
 
-use std::{path::PathBuf, pin::Pin, sync::Arc, sync::atomic::Ordering, time::Duration};
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    pin::Pin,
+    sync::{Arc, Mutex, atomic::Ordering},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use futures::Stream;
@@ -19,11 +25,58 @@ use crate::{FetchError, Progress, SourceBytes, node::Shared, server::MAX_PIECE};
 #[derive(Debug, Clone)]
 pub(crate) struct LocalService {
     shared: Arc<Shared>,
+    /// Fetches under way, by the blob reference asked for: a second client
+    /// asking for the same blob joins the running fetch instead of starting
+    /// a second download of it.
+    running: Arc<Mutex<HashMap<String, Running>>>,
+}
+
+/// A fetch under way that clients can join.
+#[derive(Debug, Clone)]
+struct Running {
+    progress: watch::Receiver<Progress>,
+    /// `None` until the fetch ends.
+    result: watch::Receiver<Option<Result<(), Status>>>,
 }
 
 impl LocalService {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        Self { shared }
+        Self {
+            shared,
+            running: Arc::default(),
+        }
+    }
+
+    /// Joins the fetch of `blob` under way, or starts it. The fetch runs on
+    /// even if every client goes away: its chunks are kept and the blob is
+    /// completed for the next asker.
+    fn join_or_start(&self, blob: BlobRef, timeout: Duration) -> Running {
+        let key = blob.to_string();
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = running.get(&key) {
+            return r.clone();
+        }
+        let (progress_tx, progress) = watch::channel(Progress::default());
+        let (result_tx, result) = watch::channel(None);
+        let joined = Running { progress, result };
+        running.insert(key.clone(), joined.clone());
+        let shared = Arc::clone(&self.shared);
+        let table = Arc::clone(&self.running);
+        tokio::spawn(async move {
+            let outcome =
+                crate::fetch::fetch(Arc::clone(&shared), blob, progress_tx, timeout).await;
+            let result = match outcome {
+                Ok(outcome) => {
+                    crate::node::completed(&shared, &outcome.blob);
+                    Ok(())
+                }
+                Err(e) => Err(fetch_status(e)),
+            };
+            // Out of the table first: a later asker starts afresh.
+            table.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+            let _ = result_tx.send(Some(result));
+        });
+        joined
     }
 
     pub(crate) fn into_server(self) -> LocalApiServer<Self> {
@@ -62,6 +115,7 @@ fn fetch_status(e: FetchError) -> Status {
         | FetchError::DigestMismatch { .. } => Status::data_loss(e.to_string()),
         FetchError::Store(e) => store_status(e),
         FetchError::Cancelled => Status::cancelled(e.to_string()),
+        FetchError::Removed { .. } => Status::aborted(e.to_string()),
     }
 }
 
@@ -110,6 +164,23 @@ impl LocalApi for LocalService {
         if !path.is_absolute() {
             return Err(Status::invalid_argument("the path to add must be absolute"));
         }
+        // stat, not open: opening a FIFO would block this daemon until a writer
+        // comes, and reading it would never end.
+        match std::fs::metadata(&path) {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "cannot add {}: not a regular file",
+                    path.display()
+                )));
+            }
+            Err(e) => {
+                return Err(Status::invalid_argument(format!(
+                    "cannot read {}: {e}",
+                    path.display()
+                )));
+            }
+        }
         let store = Arc::clone(&self.shared.store);
         let blob = tokio::task::spawn_blocking(move || store.add_file(&path))
             .await
@@ -149,33 +220,20 @@ impl LocalApi for LocalService {
             0 => self.shared.config.no_provider_timeout,
             ms => Duration::from_millis(ms),
         };
-        let (progress_tx, mut progress_rx) = watch::channel(Progress::default());
+        let Running {
+            progress: mut progress_rx,
+            result: mut result_rx,
+        } = self.join_or_start(blob, timeout);
         let (out_tx, out_rx) = mpsc::channel(16);
-        let shared = Arc::clone(&self.shared);
-        // The fetch runs on even if the CLI goes away: its chunks are kept and
-        // the blob is completed for the next asker.
-        let job = tokio::spawn(async move {
-            let outcome = crate::fetch::fetch(Arc::clone(&shared), blob, progress_tx, timeout)
-                .await
-                .map_err(fetch_status)?;
-            crate::node::completed(&shared, &outcome.blob);
-            if let Some(dest) = output {
-                let store = Arc::clone(&shared.store);
-                let id = outcome.blob.id();
-                tokio::task::spawn_blocking(move || store.export(&id, &dest))
-                    .await
-                    .map_err(|_| Status::internal("export task failed"))?
-                    .map_err(store_status)?;
-            }
-            Ok::<_, Status>(())
-        });
+        let store = Arc::clone(&self.shared.store);
         tokio::spawn(async move {
-            let mut job = job;
+            let mut progress_open = true;
             loop {
                 tokio::select! {
-                    changed = progress_rx.changed() => {
+                    changed = progress_rx.changed(), if progress_open => {
                         if changed.is_err() {
-                            // The fetch ended; the job's result follows.
+                            // The fetch ended; its result follows.
+                            progress_open = false;
                             continue;
                         }
                         let p = progress_rx.borrow_and_update().clone();
@@ -187,12 +245,27 @@ impl LocalApi for LocalService {
                             return;
                         }
                     }
-                    result = &mut job => {
+                    // Its first change is the result: the fetch leaves the
+                    // table before sending it, so no joiner has seen it yet.
+                    changed = result_rx.changed() => {
+                        let result = match changed {
+                            Ok(()) => result_rx.borrow().clone(),
+                            Err(_) => None,
+                        };
                         let last = progress_rx.borrow().clone();
                         let msg = match result {
-                            Ok(Ok(())) => Ok(to_progress(&last)),
-                            Ok(Err(status)) => Err(status),
-                            Err(_) => Err(Status::internal("fetch task failed")),
+                            Some(Ok(())) => match (output, last.id) {
+                                (Some(dest), Some(id)) => {
+                                    tokio::task::spawn_blocking(move || store.export(&id, &dest))
+                                        .await
+                                        .map_err(|_| Status::internal("export task failed"))
+                                        .and_then(|r| r.map_err(store_status))
+                                        .map(|()| to_progress(&last))
+                                }
+                                _ => Ok(to_progress(&last)),
+                            },
+                            Some(Err(status)) => Err(status),
+                            None => Err(Status::internal("fetch task failed")),
                         };
                         let _ = out_tx.send(msg).await;
                         return;
@@ -227,7 +300,9 @@ impl LocalApi for LocalService {
         tokio::spawn(async move {
             for i in 0..blob.geometry().chunk_count() {
                 let b = Arc::clone(&blob);
-                let data = match tokio::task::spawn_blocking(move || b.read_chunk(i)).await {
+                // Nothing unverified reaches the user's output.
+                let data = match tokio::task::spawn_blocking(move || b.read_verified_chunk(i)).await
+                {
                     Ok(Ok(d)) => d,
                     Ok(Err(e)) => {
                         let _ = tx.send(Err(store_status(e))).await;
@@ -302,6 +377,11 @@ impl LocalApi for LocalService {
             downloaded_bytes: s.downloaded_bytes.load(Ordering::Relaxed),
             uptime_ms: s.started.elapsed().as_millis() as u64,
             store: s.store.root().display().to_string(),
+            registration_error: s
+                .registration_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
         }))
     }
 }

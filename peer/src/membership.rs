@@ -47,6 +47,23 @@ fn announcement(shared: &Shared, info: &BlobInfo) -> pb::BlobAnnouncement {
     }
 }
 
+/// Records why registering failed, in words for `nebula status`: a server
+/// that is not a control plane answers `unimplemented` with no message.
+fn set_registration_error(shared: &Shared, status: &tonic::Status) {
+    let control = shared.config.control.as_deref().unwrap_or_default();
+    let why = match status.code() {
+        tonic::Code::Unimplemented => {
+            format!("{control} does not serve the control-plane API: not a Nebula control plane")
+        }
+        code if status.message().is_empty() => format!("{code:?}"),
+        code => format!("{} ({code:?})", status.message()),
+    };
+    *shared
+        .registration_error
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = why;
+}
+
 /// Runs until the node shuts down, then deregisters.
 pub(crate) async fn run(shared: Arc<Shared>) {
     let Some(control) = shared.control.clone() else {
@@ -70,6 +87,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             Ok(r) => Duration::from_millis(r.into_inner().heartbeat_interval_ms.clamp(100, 60_000)),
             Err(status) => {
                 tracing::warn!(code = ?status.code(), message = status.message(), "cannot register with the control plane; retrying");
+                set_registration_error(&shared, &status);
                 tokio::select! {
                     _ = shared.shutdown.cancelled() => return,
                     _ = tokio::time::sleep(backoff) => {}
@@ -105,6 +123,11 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             }
         }
         shared.registered.store(true, Ordering::Release);
+        shared
+            .registration_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         tracing::info!(peer = %shared.peer_id, "registered with the control plane");
         let mut heartbeat = tokio::time::interval(interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

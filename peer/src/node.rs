@@ -69,6 +69,9 @@ pub(crate) struct Shared {
     /// The inventory changed (add, remove, completion).
     pub(crate) inventory_changed: Notify,
     pub(crate) registered: AtomicBool,
+    /// Why the last registration attempt failed (empty once registered),
+    /// for `nebula status`.
+    pub(crate) registration_error: std::sync::Mutex<String>,
     /// When each chunk was last sent, and on which stream: a rate-limited
     /// peer does not spend its upload on a second copy while the first is
     /// fresh (the receiver will pass it on).
@@ -142,6 +145,7 @@ impl Node {
             chunk_events: broadcast::channel(1024).0,
             inventory_changed: Notify::new(),
             registered: AtomicBool::new(false),
+            registration_error: std::sync::Mutex::new(String::new()),
             recent_sends: dashmap::DashMap::new(),
             next_stream: AtomicU64::new(1),
             pool: Pool::default(),

@@ -1,4 +1,5 @@
 //! Whole-system tests: real clusters on loopback ports chosen at run time.
+mod cli;
 mod control;
 mod daemon;
 mod download;

@@ -552,7 +552,7 @@ fn trust_store_plants_and_swaps_are_refused() {
         "a changed data file was exported"
     );
     let err = String::from_utf8_lossy(&bad.stderr);
-    assert!(err.contains("does not hash to its id"), "{err}");
+    assert!(err.contains("fails verification"), "{err}");
     assert!(!out.exists(), "something was left at the output");
     let leftovers: Vec<_> = std::fs::read_dir(c.dir.path())
         .unwrap()
