@@ -287,16 +287,6 @@ impl tonic::service::Interceptor for Bearer {
 
 type Admin = AdminClient<InterceptedService<Channel, Bearer>>;
 
-/// `host:port` gets `http://` in front; anything with a scheme is kept.
-fn control_url(s: &str) -> String {
-    let s = s.trim();
-    if s.contains("://") {
-        s.to_owned()
-    } else {
-        format!("http://{s}")
-    }
-}
-
 fn parse_peer(s: &str) -> anyhow::Result<String> {
     PeerId::from_str(s).map_err(|e| bad_input(format!("{e}")))?;
     Ok(s.to_owned())
@@ -332,18 +322,11 @@ fn rpc_error(control: &str, status: Status) -> anyhow::Error {
 
 /// Connects to the first replica of `--control` that accepts a connection.
 async fn connect(args: &AdminArgs) -> anyhow::Result<Admin> {
-    let urls: Vec<String> = args
-        .control
-        .split(',')
-        .filter(|u| !u.trim().is_empty())
-        .map(control_url)
-        .collect();
-    if urls.is_empty() {
-        return Err(bad_input("--control is empty"));
-    }
+    // `--control` was checked and normalized by `parse_control_url`.
+    let urls: Vec<&str> = args.control.split(',').collect();
     let mut endpoints = Vec::with_capacity(urls.len());
-    for url in &urls {
-        let endpoint = Endpoint::from_shared(url.clone())
+    for &url in &urls {
+        let endpoint = Endpoint::from_shared(url.to_owned())
             .map_err(|e| bad_input(format!("invalid --control {url:?}: {e}")))?
             .connect_timeout(Duration::from_secs(5).min(args.timeout))
             .timeout(args.timeout);
@@ -612,6 +595,7 @@ mod tests {
 
     #[test]
     fn control_urls() {
+        let control_url = |s| crate::flags::parse_control_url(s).unwrap();
         assert_eq!(control_url("127.0.0.1:7700"), "http://127.0.0.1:7700");
         assert_eq!(control_url("http://h:1"), "http://h:1");
         assert_eq!(control_url(" https://h:1 "), "https://h:1");

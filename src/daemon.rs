@@ -166,29 +166,13 @@ async fn bind(addr: &str, flag: &str) -> anyhow::Result<tokio::net::TcpListener>
         .with_context(|| format!("cannot listen on {addr}"))
 }
 
-/// `host:port` gets `http://` in front, in each entry of a comma-separated list.
-fn control_url(raw: &str) -> String {
-    raw.split(',')
-        .map(str::trim)
-        .filter(|u| !u.is_empty())
-        .map(|u| {
-            if u.contains("://") {
-                u.to_owned()
-            } else {
-                format!("http://{u}")
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 pub(crate) async fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
     let store = args.store.clone().unwrap_or_else(default_store);
     let socket = args
         .socket
         .clone()
         .unwrap_or_else(|| store.join("nebula.sock"));
-    let mut config = Config::new(&store, Some(control_url(&args.control)));
+    let mut config = Config::new(&store, Some(args.control.clone()));
     config.advertise = match &args.advertise {
         Some(a) => Some(resolve(a, "--advertise").await?),
         None => None,
@@ -589,7 +573,7 @@ async fn fetch_one_shot(
     output: &Output,
     progress_mode: ProgressMode,
 ) -> anyhow::Result<Fetched> {
-    let mut config = Config::new(args.daemon.store(), Some(control_url(control)));
+    let mut config = Config::new(args.daemon.store(), Some(control.to_owned()));
     config.join_token = args.join_token.clone();
     config.no_provider_timeout = args.timeout;
     config.validate().map_err(bad_input)?;

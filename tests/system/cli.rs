@@ -12,6 +12,23 @@ use std::{
 
 use crate::support::{Cluster, Control, nebula, random_file, run_bounded, wait_output, wait_until};
 
+/// Two daemons: daemon 0 holds a random blob of `size` bytes and uploads at
+/// `upload_limit`; returns the cluster and the blob's id once it is announced.
+fn seeded_pair(upload_limit: &'static str, size: usize, seed: u64) -> (Cluster, String) {
+    let c = Cluster::start_with(2, |i| {
+        if i == 0 {
+            (vec!["--upload-limit", upload_limit], Vec::new())
+        } else {
+            (Vec::new(), Vec::new())
+        }
+    });
+    let file = c.path("blob");
+    let id = random_file(&file, size, seed).to_string();
+    assert_eq!(c.daemons[0].add(&file), id);
+    assert!(c.wait_providers(&id, 1));
+    (c, id)
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -470,17 +487,7 @@ fn issue11_fetch_output_devices_fifos_symlinks_read_only_and_umask() {
 
 #[test]
 fn issue11_fetch_says_the_daemon_went_away_and_permission_denied() {
-    let c = Cluster::start_with(2, |i| {
-        if i == 0 {
-            (vec!["--upload-limit", "1MiB/s"], Vec::new())
-        } else {
-            (Vec::new(), Vec::new())
-        }
-    });
-    let file = c.path("blob");
-    let id = random_file(&file, 12 << 20, 10).to_string();
-    assert_eq!(c.daemons[0].add(&file), id);
-    assert!(c.wait_providers(&id, 1));
+    let (c, id) = seeded_pair("1MiB/s", 12 << 20, 10);
 
     // Permission denied on the socket, as another user.
     let socket = c.daemons[1].socket.clone();
@@ -687,17 +694,7 @@ fn issue11_readme_command_section_matches_help() {
 
 #[test]
 fn issue11_fetch_progress_json_prints_one_line_per_update() {
-    let c = Cluster::start_with(2, |i| {
-        if i == 0 {
-            (vec!["--upload-limit", "4MiB/s"], Vec::new())
-        } else {
-            (Vec::new(), Vec::new())
-        }
-    });
-    let file = c.path("blob");
-    let id = random_file(&file, 6 << 20, 14).to_string();
-    assert_eq!(c.daemons[0].add(&file), id);
-    assert!(c.wait_providers(&id, 1));
+    let (c, id) = seeded_pair("4MiB/s", 6 << 20, 14);
     let out = c.daemons[1].cli(&["fetch", &id, "--progress", "json"]);
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stderr}");
@@ -719,17 +716,7 @@ fn issue11_fetch_progress_json_prints_one_line_per_update() {
 
 #[test]
 fn issue11_rm_of_a_blob_being_fetched_cancels_the_fetch() {
-    let c = Cluster::start_with(2, |i| {
-        if i == 0 {
-            (vec!["--upload-limit", "1MiB/s"], Vec::new())
-        } else {
-            (Vec::new(), Vec::new())
-        }
-    });
-    let file = c.path("blob");
-    let id = random_file(&file, 16 << 20, 15).to_string();
-    assert_eq!(c.daemons[0].add(&file), id);
-    assert!(c.wait_providers(&id, 1));
+    let (c, id) = seeded_pair("1MiB/s", 16 << 20, 15);
     let d = &c.daemons[1];
     let fetch = d.spawn_fetch(&id, &c.path("out"));
     let started = wait_until(Duration::from_secs(20), || {

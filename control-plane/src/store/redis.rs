@@ -685,6 +685,16 @@ fn parse_standing(s: Option<&str>) -> Standing {
     }
 }
 
+/// The byte strings of a script's array reply (blob ids, say); an absent or
+/// malformed element is an empty list.
+fn byte_list(v: Option<&Value>) -> Vec<Vec<u8>> {
+    v.and_then(as_array)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|b| as_bytes(b).map(<[u8]>::to_vec))
+        .collect()
+}
+
 /// Records a refused `sha256` claim, as the memory store does.
 fn refused_alias(sha: &str, claimed: &str, holder: &str) {
     tracing::warn!(
@@ -1272,13 +1282,7 @@ impl StateStore for RedisStore {
             let v = self.eval(&self.scripts.deregister, &keys, &[]).await?;
             let a = as_array(&v).ok_or_else(|| reply("deregister"))?;
             let known = a.first().and_then(as_int) == Some(1);
-            let blobs: Vec<Vec<u8>> = a
-                .get(1)
-                .and_then(as_array)
-                .unwrap_or_default()
-                .iter()
-                .filter_map(|b| as_bytes(b).map(<[u8]>::to_vec))
-                .collect();
+            let blobs = byte_list(a.get(1));
             self.drop_entries(peer.as_str(), None, &blobs).await?;
             let mut conn = self.conn.clone();
             redis::cmd("ZREM")
@@ -1320,13 +1324,7 @@ impl StateStore for RedisStore {
                 .first()
                 .and_then(as_str)
                 .ok_or_else(|| reply("announce"))?;
-            let dropped: Vec<Vec<u8>> = a
-                .get(1)
-                .and_then(as_array)
-                .unwrap_or_default()
-                .iter()
-                .filter_map(|b| as_bytes(b).map(<[u8]>::to_vec))
-                .collect();
+            let dropped = byte_list(a.get(1));
             // Removals first: a blob both removed and added ends up held.
             self.drop_entries(id, None, &dropped).await?;
 
@@ -1538,13 +1536,7 @@ impl StateStore for RedisStore {
                     continue;
                 }
                 let epoch = a.get(1).and_then(as_str).unwrap_or_default().to_owned();
-                let blobs: Vec<Vec<u8>> = a
-                    .get(2)
-                    .and_then(as_array)
-                    .unwrap_or_default()
-                    .iter()
-                    .filter_map(|b| as_bytes(b).map(<[u8]>::to_vec))
-                    .collect();
+                let blobs = byte_list(a.get(2));
                 self.drop_entries(&id, Some(&epoch), &blobs).await?;
                 let done = self
                     .eval(&self.scripts.purge_end, &keys, &[epoch.as_bytes()])
