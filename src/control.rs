@@ -83,6 +83,18 @@ pub(crate) struct ControlArgs {
     /// An unanswered keepalive closes the connection after this long [default: 10s].
     #[arg(long, env = "NEBULA_KEEPALIVE_TIMEOUT", value_parser = parse_duration)]
     keepalive_timeout: Option<Duration>,
+    /// A fetch by URL uses the blob recorded for it without asking the origin
+    /// for this long; later it revalidates with a conditional request [default: 10m].
+    #[arg(long, env = "NEBULA_URL_TTL", value_parser = parse_duration)]
+    url_ttl: Option<Duration>,
+    /// Query parameters left out of a URL's identity, comma-separated, e.g. the
+    /// signature of signed URLs: `X-Amz-Signature,X-Amz-Date,X-Amz-Credential`.
+    #[arg(long, env = "NEBULA_URL_IGNORE_QUERY", value_delimiter = ',')]
+    url_ignore_query: Vec<String>,
+    /// The peer fetching a URL from its origin loses the lease this long after
+    /// it last renewed it; a waiting peer then takes over [default: 6s].
+    #[arg(long, env = "NEBULA_ORIGIN_LEASE_TTL", value_parser = parse_duration)]
+    origin_lease_ttl: Option<Duration>,
     #[command(flatten)]
     pub(crate) serve: ServeFlags,
     /// Where the state lives: `memory` (this process only) or
@@ -141,6 +153,14 @@ impl ControlArgs {
             keepalive_interval: self.keepalive_interval.unwrap_or(d.keepalive_interval),
             keepalive_timeout: self.keepalive_timeout.unwrap_or(d.keepalive_timeout),
             store_check_interval: d.store_check_interval,
+            url_ttl: self.url_ttl.unwrap_or(d.url_ttl),
+            url_ignore_query: self
+                .url_ignore_query
+                .iter()
+                .map(|q| q.trim().to_owned())
+                .filter(|q| !q.is_empty())
+                .collect(),
+            origin_lease_ttl: self.origin_lease_ttl.unwrap_or(d.origin_lease_ttl),
         };
         config.validate().map_err(|e| bad_input(e.to_string()))?;
         Ok(config)

@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context as _, anyhow};
 use clap::{ArgAction, builder::BoolishValueParser};
 use nebula_common::{BlobId, BlobRef, rate::format_bytes};
-use nebula_peer::{Config, Node, Progress, connect_local};
+use nebula_peer::{Config, Node, Progress, UrlFetch, connect_local};
 use nebula_proto::v1 as pb;
 use tonic::Code;
 
@@ -131,7 +131,39 @@ pub(crate) struct DaemonArgs {
     #[arg(long, env = "NEBULA_NO_PROVIDER_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     no_provider_timeout: Duration,
     #[command(flatten)]
+    origin: OriginFlags,
+    #[command(flatten)]
     pub(crate) serve: ServeFlags,
+}
+
+/// How the daemon (or a one-shot fetch) talks to HTTP origins.
+#[derive(Debug, Clone, clap::Args)]
+struct OriginFlags {
+    /// Range requests one origin download makes at once.
+    #[arg(long, env = "NEBULA_ORIGIN_CONNECTIONS", default_value_t = 4)]
+    origin_connections: usize,
+    /// An origin that takes longer than this to connect or to send more bytes
+    /// fails the request (a broken range is resumed).
+    #[arg(long, env = "NEBULA_ORIGIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    origin_timeout: Duration,
+    /// CA certificates (PEM) trusted for https origins, beside the system's.
+    #[arg(long, env = "NEBULA_ORIGIN_CA")]
+    origin_ca: Option<PathBuf>,
+}
+
+impl OriginFlags {
+    fn apply(&self, config: &mut Config) -> anyhow::Result<()> {
+        config.origin_connections = self.origin_connections;
+        config.origin_timeout = self.origin_timeout;
+        config.origin_ca = match &self.origin_ca {
+            Some(path) => Some(
+                std::fs::read(path)
+                    .map_err(|e| bad_input(format!("--origin-ca {}: {e}", path.display())))?,
+            ),
+            None => None,
+        };
+        Ok(())
+    }
 }
 
 /// Resolves `HOST:PORT` (a host name or an address) to its first address.
@@ -184,6 +216,7 @@ pub(crate) async fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
     config.upload_slots = args.upload_slots;
     config.max_providers = args.max_providers;
     config.no_provider_timeout = args.no_provider_timeout;
+    args.origin.apply(&mut config)?;
     config.validate().map_err(bad_input)?;
     let listener = bind(&args.listen, "--listen").await?;
     let http = args.serve.bind_http().await?;
@@ -262,8 +295,19 @@ pub(crate) async fn run_add(args: AddArgs) -> anyhow::Result<()> {
 /// Flags of `nebula fetch`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct FetchArgs {
-    /// Blob id (`<hex>`, `blake3:<hex>`) or `sha256:<hex>`.
+    /// Blob id (`<hex>`, `blake3:<hex>`), `sha256:<hex>`, or an http(s) URL
+    /// (fetched through the swarm, with one origin download for the fleet).
     id: String,
+    /// With a URL: the content must have this digest (`sha256:<hex>` or
+    /// `blake3:<hex>`), else the fetch fails and nothing is kept.
+    #[arg(long)]
+    digest: Option<String>,
+    /// With a URL: a header for the origin only, `Name: value` (repeatable).
+    /// Never sent to another host on a redirect, never logged.
+    #[arg(long = "header", short = 'H', value_name = "NAME: VALUE")]
+    headers: Vec<String>,
+    #[command(flatten)]
+    origin: OriginFlags,
     /// Write the blob here, or `-` for stdout. A regular file is replaced
     /// atomically (a symlink's target, keeping the link); a device or FIFO is
     /// written into; a read-only file is refused.
@@ -375,12 +419,35 @@ fn resolve_output(o: Option<&Path>) -> anyhow::Result<Output> {
     Ok(Output::File(Destination::plan(&abs)?))
 }
 
+/// What `nebula fetch` was asked for.
+enum Wanted {
+    Blob(BlobRef),
+    Url(Box<UrlFetch>),
+}
+
+impl Wanted {
+    fn parse(args: &FetchArgs) -> anyhow::Result<Self> {
+        let id = args.id.trim();
+        if id.starts_with("http://") || id.starts_with("https://") {
+            let req = UrlFetch::parse(id, &args.headers, args.digest.as_deref().unwrap_or(""))
+                .map_err(|e| bad_input(e.to_string()))?;
+            return Ok(Self::Url(Box::new(req)));
+        }
+        if args.digest.is_some() || !args.headers.is_empty() {
+            return Err(bad_input(
+                "--digest and --header go with a URL, not a blob id",
+            ));
+        }
+        let blob = id
+            .parse()
+            .map_err(|e: nebula_common::ParseIdError| bad_input(e.to_string()))?;
+        Ok(Self::Blob(blob))
+    }
+}
+
 pub(crate) async fn run_fetch(args: FetchArgs) -> anyhow::Result<()> {
-    // Refuse a malformed id before any network call.
-    let blob: BlobRef = args
-        .id
-        .parse()
-        .map_err(|e: nebula_common::ParseIdError| bad_input(e.to_string()))?;
+    // Refuse a malformed id or URL before any network call.
+    let wanted = Wanted::parse(&args)?;
     let output = resolve_output(args.output.as_deref())?;
     let progress_mode = match args.progress {
         ProgressMode::Auto if !args.json && std::io::stderr().is_terminal() => ProgressMode::Bar,
@@ -395,23 +462,29 @@ pub(crate) async fn run_fetch(args: FetchArgs) -> anyhow::Result<()> {
         }
         Err(_) => false,
     };
-    let (id, size, resumed, sources) = if daemon_up {
-        fetch_via_daemon(&args, blob, &output, progress_mode).await?
-    } else if let Some(control) = &args.control {
-        fetch_one_shot(&args, control, blob, &output, progress_mode).await?
+    let fetched = if daemon_up {
+        fetch_via_daemon(&args, &wanted, &output, progress_mode).await?
+    } else if args.control.is_some() || matches!(wanted, Wanted::Url(_)) {
+        // A URL needs no control plane: without one, the origin is asked directly.
+        fetch_one_shot(&args, &wanted, &output, progress_mode).await?
     } else {
         return Err(anyhow!(
             "no daemon at {}; start one with `nebula daemon`, or pass --control URL to fetch as a one-shot peer",
             socket.display()
         ));
     };
+    if let Some(notice) = &fetched.notice {
+        eprintln!("warning: {notice}");
+    }
     if args.json {
         let summary = serde_json::json!({
-            "id": id.to_string(),
-            "size": size,
+            "id": fetched.id.to_string(),
+            "size": fetched.size,
             "elapsed_ms": started.elapsed().as_millis() as u64,
-            "resumed_bytes": resumed,
-            "sources": sources.iter().map(|s| serde_json::json!({
+            "resumed_bytes": fetched.resumed,
+            "origin_bytes": fetched.origin_bytes,
+            "peer_bytes": fetched.sources.iter().map(|s| s.bytes).sum::<u64>(),
+            "sources": fetched.sources.iter().map(|s| serde_json::json!({
                 "peer_id": s.peer_id, "address": s.address, "bytes": s.bytes,
             })).collect::<Vec<_>>(),
         });
@@ -425,7 +498,15 @@ pub(crate) async fn run_fetch(args: FetchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-type Fetched = (BlobId, u64, u64, Vec<pb::ProviderBytes>);
+/// A finished fetch, as the CLI reports it.
+struct Fetched {
+    id: BlobId,
+    size: u64,
+    resumed: u64,
+    sources: Vec<pb::ProviderBytes>,
+    origin_bytes: u64,
+    notice: Option<String>,
+}
 
 /// `--timeout` as the daemon's API takes it: 0 on the wire means "the
 /// daemon's default", so `--timeout 0` (fail at once) is sent as 1 ms.
@@ -467,7 +548,7 @@ async fn fetch_stream_error(socket: &Path, status: tonic::Status) -> anyhow::Err
 
 async fn fetch_via_daemon(
     args: &FetchArgs,
-    blob: BlobRef,
+    wanted: &Wanted,
     output: &Output,
     progress_mode: ProgressMode,
 ) -> anyhow::Result<Fetched> {
@@ -475,11 +556,19 @@ async fn fetch_via_daemon(
     let mut client = args.daemon.connect().await?;
     // The daemon fetches into its store; the bytes are then read back over
     // the socket and written here, as the user who runs this command.
-    let request = pb::FetchRequest {
-        blob: blob.to_string(),
-        output: String::new(),
+    let mut request = pb::FetchRequest {
         no_provider_timeout_ms: wire_timeout_ms(args.timeout),
+        ..pb::FetchRequest::default()
     };
+    match wanted {
+        Wanted::Blob(blob) => request.blob = blob.to_string(),
+        Wanted::Url(_) => {
+            // Sent as the user typed them; the daemon parses them the same way.
+            request.url = args.id.trim().to_owned();
+            request.headers = args.headers.clone();
+            request.digest = args.digest.clone().unwrap_or_default();
+        }
+    }
     let mut stream = match client.fetch(request).await {
         Ok(r) => r.into_inner(),
         Err(status) => return Err(fetch_stream_error(&socket, status).await),
@@ -529,7 +618,14 @@ async fn fetch_via_daemon(
             sink.finish()?;
         }
     }
-    Ok((id, last.total, last.resumed_bytes, last.sources))
+    Ok(Fetched {
+        id,
+        size: last.total,
+        resumed: last.resumed_bytes,
+        sources: last.sources,
+        origin_bytes: last.origin_bytes,
+        notice: (!last.notice.is_empty()).then_some(last.notice),
+    })
 }
 
 /// Streams a complete blob from the daemon into `write`; SIGINT or SIGTERM
@@ -568,21 +664,26 @@ async fn read_into(
 
 async fn fetch_one_shot(
     args: &FetchArgs,
-    control: &str,
-    blob: BlobRef,
+    wanted: &Wanted,
     output: &Output,
     progress_mode: ProgressMode,
 ) -> anyhow::Result<Fetched> {
-    let mut config = Config::new(args.daemon.store(), Some(control.to_owned()));
+    let mut config = Config::new(args.daemon.store(), args.control.clone());
     config.join_token = args.join_token.clone();
     config.no_provider_timeout = args.timeout;
+    args.origin.apply(&mut config)?;
     config.validate().map_err(bad_input)?;
     let listener = bind(&args.listen, "--listen").await?;
     let node = Node::start(config, listener).await?;
     let (tx, mut rx) = tokio::sync::watch::channel(Progress::default());
     let bar = Bar::new(progress_mode);
     let fetched = {
-        let fetch = node.fetch(blob, tx, Some(args.timeout));
+        let fetch = async {
+            match wanted {
+                Wanted::Blob(blob) => node.fetch(*blob, tx, Some(args.timeout)).await,
+                Wanted::Url(req) => node.fetch_url((**req).clone(), tx).await,
+            }
+        };
         tokio::pin!(fetch);
         loop {
             tokio::select! {
@@ -627,13 +728,17 @@ async fn fetch_one_shot(
                     .and_then(|r| r)
                 }
             };
-            exported.map(|()| {
-                let sources = outcome
+            exported.map(|()| Fetched {
+                id: b.id(),
+                size: b.outboard().size(),
+                resumed: outcome.resumed_bytes,
+                sources: outcome
                     .sources
                     .iter()
                     .map(pb::ProviderBytes::from)
-                    .collect();
-                (b.id(), b.outboard().size(), outcome.resumed_bytes, sources)
+                    .collect(),
+                origin_bytes: outcome.origin_bytes,
+                notice: outcome.notice.clone(),
             })
         }
         Err(e) => Err(anyhow::Error::from(e)),

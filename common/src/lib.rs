@@ -18,4 +18,4 @@ pub mod store;
 pub use chunks::{ChunkSet, Geometry};
 pub use id::{BlobId, BlobRef, ParseIdError, Sha256Digest};
 pub use outboard::{Outboard, VerifyError};
-pub use store::{Blob, BlobInfo, Store, StoreError, WriteOutcome};
+pub use store::{Blob, BlobInfo, Scratch, Store, StoreError, WriteOutcome};

@@ -676,6 +676,31 @@ impl Store {
         Ok(dir)
     }
 
+    /// A file for bytes that are not a blob yet (an origin download), in the
+    /// staging area: removed when the [`Scratch`] is dropped, and at the next
+    /// open if the daemon dies first. Hand it to [`Store::add_file`] when
+    /// complete. Blocking.
+    pub fn scratch(&self) -> Result<Scratch> {
+        let dir = self.staging_dir()?;
+        let path = dir.join("download");
+        match File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(file) => Ok(Scratch {
+                dir,
+                path,
+                file: Arc::new(file),
+            }),
+            Err(e) => {
+                let _ = fs::remove_dir_all(&dir);
+                Err(StoreError::io("creating", &path, e))
+            }
+        }
+    }
+
     /// Moves a staged blob directory into place, unless another writer won.
     fn publish(&self, staged: &Path, blob: Blob) -> Result<Arc<Blob>> {
         let id = blob.id();
@@ -1081,6 +1106,32 @@ fn load_or_create_peer_id(root: &Path) -> Result<String> {
     };
     write().map_err(|e| StoreError::io("writing", &path, e))?;
     Ok(id)
+}
+
+/// A scratch file in the store's staging area; see [`Store::scratch`].
+#[derive(Debug)]
+pub struct Scratch {
+    dir: PathBuf,
+    path: PathBuf,
+    file: Arc<File>,
+}
+
+impl Scratch {
+    /// The open file (read and write, positioned writes welcome).
+    pub fn file(&self) -> &Arc<File> {
+        &self.file
+    }
+
+    /// Where it is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
 }
 
 #[cfg(test)]

@@ -60,6 +60,15 @@ pub struct Config {
     /// How often the state store is checked, to report NOT_SERVING on the
     /// gRPC health service while it does not answer. Default 1 s.
     pub store_check_interval: Duration,
+    /// A URL's record is used without asking the origin for this long after
+    /// the origin last confirmed it; later it is revalidated. Default 10 min.
+    pub url_ttl: Duration,
+    /// Query parameters left out of a URL's key (e.g. the signature of a
+    /// signed URL, which differs per request). Default none.
+    pub url_ignore_query: Vec<String>,
+    /// An origin lease lapses this long after its holder last renewed it;
+    /// then the next asker takes over. Default 6 s.
+    pub origin_lease_ttl: Duration,
 }
 
 impl Default for Config {
@@ -85,6 +94,9 @@ impl Default for Config {
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
             store_check_interval: Duration::from_secs(1),
+            url_ttl: Duration::from_secs(600),
+            url_ignore_query: Vec::new(),
+            origin_lease_ttl: Duration::from_secs(6),
         }
     }
 }
@@ -117,6 +129,9 @@ impl std::fmt::Debug for Config {
             .field("keepalive_interval", &self.keepalive_interval)
             .field("keepalive_timeout", &self.keepalive_timeout)
             .field("store_check_interval", &self.store_check_interval)
+            .field("url_ttl", &self.url_ttl)
+            .field("url_ignore_query", &self.url_ignore_query)
+            .field("origin_lease_ttl", &self.origin_lease_ttl)
             .finish()
     }
 }
@@ -188,6 +203,8 @@ impl Config {
             ("keepalive_interval", self.keepalive_interval),
             ("keepalive_timeout", self.keepalive_timeout),
             ("store_check_interval", self.store_check_interval),
+            ("url_ttl", self.url_ttl),
+            ("origin_lease_ttl", self.origin_lease_ttl),
         ] {
             if d.is_zero() {
                 return Err(ConfigError::ZeroDuration { field });

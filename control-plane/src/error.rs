@@ -64,6 +64,9 @@ pub enum RegistryError {
         /// The digest asked for.
         digest: Sha256Digest,
     },
+    /// An origin URL cannot be used.
+    #[error("url: {0}")]
+    Url(#[from] crate::urls::UrlError),
     /// The state store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -77,7 +80,8 @@ impl From<RegistryError> for Status {
             | RegistryError::Address { .. }
             | RegistryError::Field { .. }
             | RegistryError::AnnounceTooLarge { .. }
-            | RegistryError::SelfReport => Code::InvalidArgument,
+            | RegistryError::SelfReport
+            | RegistryError::Url(_) => Code::InvalidArgument,
             RegistryError::UnknownPeer { .. } | RegistryError::UnknownAlias { .. } => {
                 Code::NotFound
             }

@@ -42,6 +42,7 @@ pub mod registry;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod urls;
 
 pub use config::{Config, ConfigError};
 pub use error::RegistryError;

@@ -18,9 +18,11 @@ use crate::{
     error::RegistryError,
     metrics::Metrics,
     store::{
-        Announcement, BlobMeta, Health, Holding, Load, PeerId, PeerRegistration, PeerSnapshot,
-        Registered, ReportOutcome, Standing, StateStore, StoreStats, Swarm,
+        Announcement, BlobMeta, Health, Holding, Load, OriginLease, PeerId, PeerRegistration,
+        PeerSnapshot, Registered, ReportOutcome, Standing, StateStore, StoreStats, Swarm, UrlKey,
+        UrlRecord,
     },
+    urls,
 };
 
 /// Longest zone label, label key and label value, in bytes.
@@ -88,9 +90,34 @@ pub struct Registry<S> {
     max_limit: u32,
     quarantine_after: u32,
     max_announce_blobs: usize,
+    url_ttl: Duration,
+    url_ignore_query: Vec<String>,
+    origin_lease_ttl: Duration,
     served: AtomicU64,
     started: Instant,
     metrics: Arc<Metrics>,
+}
+
+/// What [`Registry::resolve_url`] found.
+#[derive(Debug, Clone)]
+pub struct UrlAnswer {
+    /// The URL's record, fresh or not.
+    pub record: Option<UrlRecord>,
+    /// The record is younger than the URL TTL: no need to ask the origin.
+    pub fresh: bool,
+    /// Who holds the origin lease; `None` when the record is fresh.
+    pub lease: Option<OriginLease>,
+    /// How long a lease lasts unless renewed.
+    pub lease_ttl: Duration,
+}
+
+/// How long a URL record outlives its freshness, for revalidation.
+const URL_RECORD_GRACE: Duration = Duration::from_secs(24 * 3600);
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Parses a peer id from a request field.
@@ -181,6 +208,9 @@ impl<S: StateStore> Registry<S> {
             max_limit: config.max_discovery_limit,
             quarantine_after: config.quarantine_after,
             max_announce_blobs: config.max_announce_blobs,
+            url_ttl: config.url_ttl,
+            url_ignore_query: config.url_ignore_query.clone(),
+            origin_lease_ttl: config.origin_lease_ttl,
             served: AtomicU64::new(0),
             started: Instant::now(),
             metrics: Arc::new(Metrics::default()),
@@ -354,6 +384,63 @@ impl<S: StateStore> Registry<S> {
                 .resolve_sha256(&digest)
                 .await?
                 .ok_or(RegistryError::UnknownAlias { digest }),
+        }
+    }
+
+    /// What `url` resolved to, and whether `asker` should go to the origin:
+    /// with no fresh record (or `refresh`, when the swarm lost the blob), the
+    /// asker takes the URL's origin lease unless another peer holds it.
+    pub async fn resolve_url(
+        &self,
+        asker: &PeerId,
+        url: &str,
+        refresh: bool,
+    ) -> Result<UrlAnswer, RegistryError> {
+        self.live(asker).await?;
+        let key = UrlKey::of(&urls::normalize(url, &self.url_ignore_query)?);
+        let record = self.store.url(&key).await?;
+        let fresh = !refresh
+            && record.as_ref().is_some_and(|r| {
+                unix_ms().saturating_sub(r.checked_at_ms) < self.url_ttl.as_millis() as u64
+            });
+        let lease = if fresh {
+            None
+        } else {
+            Some(
+                self.store
+                    .origin_lease(&key, asker, self.origin_lease_ttl)
+                    .await?,
+            )
+        };
+        Ok(UrlAnswer {
+            record,
+            fresh,
+            lease,
+            lease_ttl: self.origin_lease_ttl,
+        })
+    }
+
+    /// Records that `url` resolved to `record` (the origin confirmed it now).
+    pub async fn record_url(
+        &self,
+        peer: &PeerId,
+        url: &str,
+        mut record: UrlRecord,
+    ) -> Result<(), RegistryError> {
+        self.live(peer).await?;
+        let key = UrlKey::of(&urls::normalize(url, &self.url_ignore_query)?);
+        record.checked_at_ms = unix_ms();
+        // Kept well past its freshness, so a later fetch can revalidate it
+        // with a conditional request instead of downloading it again.
+        let keep = self.url_ttl + URL_RECORD_GRACE;
+        self.store.record_url(&key, record, keep).await?;
+        Ok(())
+    }
+
+    async fn live(&self, peer: &PeerId) -> Result<(), RegistryError> {
+        match self.store.peer(peer).await? {
+            Some(_) => Ok(()),
+            None => Err(RegistryError::UnknownPeer { id: peer.clone() }),
         }
     }
 

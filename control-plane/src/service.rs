@@ -8,15 +8,17 @@ use nebula_common::Sha256Digest;
 use nebula_proto::v1::{
     self as pb, AnnounceRequest, AnnounceResponse, DeregisterRequest, DeregisterResponse,
     FindProvidersRequest, FindProvidersResponse, HeartbeatRequest, HeartbeatResponse,
-    RegisterRequest, RegisterResponse, ReportPeerRequest, ReportPeerResponse,
-    control_plane_server::ControlPlane,
+    RecordUrlRequest, RecordUrlResponse, RegisterRequest, RegisterResponse, ReportPeerRequest,
+    ReportPeerResponse, ResolveUrlRequest, ResolveUrlResponse, control_plane_server::ControlPlane,
 };
 use tonic::{Request, Response, Status};
 
 use crate::{
     error::RegistryError,
     registry::{ProviderQuery, Registry, parse_blob_id, parse_blob_ref, parse_peer_id},
-    store::{Announcement, BlobAnnouncement, Load, PeerRegistration, StateStore},
+    store::{
+        Announcement, BlobAnnouncement, Load, OriginLease, PeerRegistration, StateStore, UrlRecord,
+    },
 };
 
 /// Implements `nebula.v1.ControlPlane` over a [`Registry`].
@@ -216,6 +218,74 @@ impl<S: StateStore> ControlPlane for ControlPlaneService<S> {
         // peer wants to be gone, and it is.
         self.registry.deregister(&id).await?;
         Ok(Response::new(DeregisterResponse {}))
+    }
+
+    // The URL is not a span field: its query may hold a signature.
+    #[tracing::instrument(level = "debug", skip_all, fields(peer = %req.get_ref().peer_id))]
+    async fn resolve_url(
+        &self,
+        req: Request<ResolveUrlRequest>,
+    ) -> Result<Response<ResolveUrlResponse>, Status> {
+        let req = req.into_inner();
+        let peer = parse_peer_id("peer_id", &req.peer_id)?;
+        let answer = self
+            .registry
+            .resolve_url(&peer, &req.url, req.refresh)
+            .await?;
+        let (lease, holder) = match answer.lease {
+            Some(OriginLease::Granted) => (true, String::new()),
+            Some(OriginLease::HeldBy(h)) => (false, h),
+            None => (false, String::new()),
+        };
+        let (blob, validators) = match answer.record {
+            Some(r) => (
+                r.blob.to_string(),
+                Some(pb::UrlValidators {
+                    size: r.size,
+                    etag: r.etag,
+                    last_modified: r.last_modified,
+                }),
+            ),
+            None => (String::new(), None),
+        };
+        Ok(Response::new(ResolveUrlResponse {
+            blob,
+            validators,
+            fresh: answer.fresh,
+            lease,
+            lease_ttl_ms: answer.lease_ttl.as_millis() as u64,
+            holder,
+        }))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(peer = %req.get_ref().peer_id))]
+    async fn record_url(
+        &self,
+        req: Request<RecordUrlRequest>,
+    ) -> Result<Response<RecordUrlResponse>, Status> {
+        let req = req.into_inner();
+        let peer = parse_peer_id("peer_id", &req.peer_id)?;
+        let v = req.validators.unwrap_or_default();
+        let record = UrlRecord {
+            blob: parse_blob_id("blob", &req.blob)?,
+            size: v.size,
+            etag: unless_too_long(v.etag),
+            last_modified: unless_too_long(v.last_modified),
+            checked_at_ms: 0,
+        };
+        self.registry.record_url(&peer, &req.url, record).await?;
+        Ok(Response::new(RecordUrlResponse {}))
+    }
+}
+
+/// Validators longer than this are dropped (an origin never sends such).
+const MAX_VALIDATOR_LEN: usize = 1024;
+
+fn unless_too_long(v: String) -> String {
+    if v.len() > MAX_VALIDATOR_LEN {
+        String::new()
+    } else {
+        v
     }
 }
 

@@ -258,6 +258,54 @@ pub struct ReportOutcome {
     pub quarantined: bool,
 }
 
+/// An origin URL's key: the BLAKE3 hash of the URL as the control plane
+/// normalized it (userinfo, fragment and ignored query parameters removed).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct UrlKey(pub [u8; 32]);
+
+impl UrlKey {
+    /// The key of a normalized URL.
+    pub fn of(normalized: &str) -> Self {
+        Self(*blake3::hash(normalized.as_bytes()).as_bytes())
+    }
+}
+
+impl fmt::Display for UrlKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for UrlKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "UrlKey({self})")
+    }
+}
+
+/// What an origin URL resolved to, with the origin's validators.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UrlRecord {
+    /// The blob.
+    pub blob: BlobId,
+    /// Its size.
+    pub size: u64,
+    /// The origin's `ETag`, verbatim (empty: none).
+    pub etag: String,
+    /// The origin's `Last-Modified`, verbatim (empty: none).
+    pub last_modified: String,
+    /// When the origin last confirmed it, in milliseconds since the Unix epoch.
+    pub checked_at_ms: u64,
+}
+
+/// Who holds a URL's origin lease after an attempt to take it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OriginLease {
+    /// The asker: it was free, lapsed, or the asker's already (now renewed).
+    Granted,
+    /// Another peer, by id.
+    HeldBy(String),
+}
+
 /// Cluster-wide figures.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StoreStats {
@@ -371,6 +419,29 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Cluster-wide figures.
     fn stats(&self) -> impl Future<Output = Result<StoreStats, StoreError>> + Send;
+
+    /// What `url` resolved to, if recorded and not forgotten.
+    fn url(
+        &self,
+        url: &UrlKey,
+    ) -> impl Future<Output = Result<Option<UrlRecord>, StoreError>> + Send;
+
+    /// Records what `url` resolved to; forgotten after `keep`.
+    fn record_url(
+        &self,
+        url: &UrlKey,
+        record: UrlRecord,
+        keep: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Takes, or renews, `url`'s origin lease for `peer` for `ttl`, unless
+    /// another peer holds it.
+    fn origin_lease(
+        &self,
+        url: &UrlKey,
+        peer: &PeerId,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<OriginLease, StoreError>> + Send;
 
     /// Whether the backend answers now; the embedded store always does.
     fn ready(&self) -> impl Future<Output = Result<(), StoreError>> + Send {

@@ -44,6 +44,14 @@ pub struct Config {
     pub stream_queue: usize,
     /// Timeout of one control-plane call.
     pub control_timeout: Duration,
+    /// Range requests one origin download makes at once.
+    pub origin_connections: usize,
+    /// An origin that takes longer than this to connect, or to send the next
+    /// bytes, fails the request (a broken range is then resumed).
+    pub origin_timeout: Duration,
+    /// Extra CA certificates (PEM) trusted for https origins, beside the
+    /// system's roots.
+    pub origin_ca: Option<Vec<u8>>,
 }
 
 impl Config {
@@ -67,6 +75,9 @@ impl Config {
             max_chunks_per_request: 64,
             stream_queue: 256,
             control_timeout: Duration::from_secs(5),
+            origin_connections: 4,
+            origin_timeout: Duration::from_secs(30),
+            origin_ca: None,
         }
     }
 
@@ -83,6 +94,9 @@ impl Config {
                 "stream upload slots, chunks per request and stream queue must be at least 1"
                     .into(),
             );
+        }
+        if self.origin_connections == 0 || self.origin_timeout.is_zero() {
+            return Err("origin connections and the origin timeout must be above zero".into());
         }
         if self.max_providers == 0 {
             return Err("max providers must be at least 1".into());

@@ -169,5 +169,9 @@ impl ControlClient {
         find_providers(pb::FindProvidersRequest) -> pb::FindProvidersResponse;
         /// `ControlPlane/ReportPeer`.
         report_peer(pb::ReportPeerRequest) -> pb::ReportPeerResponse;
+        /// `ControlPlane/ResolveUrl`.
+        resolve_url(pb::ResolveUrlRequest) -> pb::ResolveUrlResponse;
+        /// `ControlPlane/RecordUrl`.
+        record_url(pb::RecordUrlRequest) -> pb::RecordUrlResponse;
     }
 }

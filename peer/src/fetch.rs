@@ -86,6 +86,21 @@ pub enum FetchError {
     /// The store failed (a full disk, an I/O error).
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The origin of a fetch by URL failed.
+    #[error(transparent)]
+    Origin(#[from] crate::origin::OriginError),
+    /// The content at a URL is not what `--digest` names; nothing was kept.
+    #[error(
+        "the content at {url} is blob {got}, which does not match --digest {expected}; nothing was kept"
+    )]
+    ContentMismatch {
+        /// The URL, without credentials or query values.
+        url: String,
+        /// The digest asked for.
+        expected: String,
+        /// The blob the content hashed to.
+        got: BlobId,
+    },
     /// The daemon is shutting down.
     #[error("fetch cancelled: the daemon is shutting down")]
     Cancelled,
@@ -128,6 +143,10 @@ pub struct Progress {
     pub done: bool,
     /// Bytes per provider.
     pub sources: Vec<SourceBytes>,
+    /// Bytes received from an origin (a fetch by URL).
+    pub origin_bytes: u64,
+    /// Something the user should be told once, sent with `done`.
+    pub notice: Option<String>,
 }
 
 /// A finished fetch.
@@ -139,6 +158,11 @@ pub struct FetchOutcome {
     pub resumed_bytes: u64,
     /// Bytes per provider.
     pub sources: Vec<SourceBytes>,
+    /// Bytes received from an origin (a fetch by URL).
+    pub origin_bytes: u64,
+    /// Something the user should be told once (e.g. the control plane was
+    /// down and the origin was asked directly).
+    pub notice: Option<String>,
 }
 
 #[derive(Debug)]
@@ -253,12 +277,24 @@ pub(crate) async fn fetch(
     progress: watch::Sender<Progress>,
     no_provider_timeout: Duration,
 ) -> Result<FetchOutcome, FetchError> {
-    let started = Instant::now();
     let span = tracing::info_span!("fetch", blob = %blob_ref);
     let metrics = Arc::clone(&shared.metrics);
-    let result = download(shared, blob_ref, progress, no_provider_timeout)
-        .instrument(span.clone())
-        .await;
+    observed(
+        &metrics,
+        span,
+        download(shared, blob_ref, progress, no_provider_timeout),
+    )
+    .await
+}
+
+/// Runs one fetch in `span`: counted by result and duration, logged when it fails.
+pub(crate) async fn observed(
+    metrics: &crate::metrics::Metrics,
+    span: tracing::Span,
+    fetch: impl Future<Output = Result<FetchOutcome, FetchError>>,
+) -> Result<FetchOutcome, FetchError> {
+    let started = Instant::now();
+    let result = fetch.instrument(span.clone()).await;
     let kind = match &result {
         Ok(_) => FetchResult::Ok,
         Err(FetchError::NoProviders { .. } | FetchError::NoControlPlane(_)) => {
@@ -267,10 +303,12 @@ pub(crate) async fn fetch(
         Err(
             FetchError::BadOutboard(_)
             | FetchError::WrongBlob { .. }
-            | FetchError::DigestMismatch { .. },
+            | FetchError::DigestMismatch { .. }
+            | FetchError::ContentMismatch { .. },
         ) => FetchResult::Integrity,
         Err(FetchError::Control(_)) => FetchResult::Control,
         Err(FetchError::Store(_)) => FetchResult::Store,
+        Err(FetchError::Origin(_)) => FetchResult::Origin,
         Err(FetchError::Cancelled | FetchError::Removed { .. }) => FetchResult::Cancelled,
     };
     metrics.fetch_ended(kind, started.elapsed());
@@ -280,7 +318,8 @@ pub(crate) async fn fetch(
     result
 }
 
-async fn download(
+/// [`fetch`] without the span and the metrics (for fetches inside another).
+pub(crate) async fn download(
     shared: Arc<Shared>,
     blob_ref: BlobRef,
     progress: watch::Sender<Progress>,
@@ -306,6 +345,8 @@ async fn download(
             blob: b,
             resumed_bytes: size,
             sources: Vec::new(),
+            origin_bytes: 0,
+            notice: None,
         });
     }
 
@@ -544,6 +585,7 @@ async fn download(
                     resumed_bytes,
                     done: false,
                     sources: sources(&dl),
+                    ..Progress::default()
                 });
                 // Early on and when short of providers, ask often: peers that
                 // started together find each other within a few hundred ms.
@@ -585,11 +627,14 @@ async fn download(
         resumed_bytes,
         done: true,
         sources: sources.clone(),
+        ..Progress::default()
     });
     Ok(FetchOutcome {
         blob,
         resumed_bytes,
         sources,
+        origin_bytes: 0,
+        notice: None,
     })
 }
 

@@ -8,6 +8,7 @@
 //! - `server`: the serving side of `PeerExchange`.
 //! - `connection`: the dialing side of `PeerExchange` (one stream per peer).
 //! - [`fetch`]: the multi-source downloader and its scheduler.
+//! - [`origin`]: fetches by URL, one origin download for the fleet.
 //! - `membership`: registration, heartbeats, announcements.
 //! - `control`: the control-plane client, failing over between replicas.
 //! - `metrics`: Prometheus metrics and the daemon's HTTP endpoint.
@@ -25,9 +26,11 @@ pub mod local;
 mod membership;
 mod metrics;
 pub mod node;
+pub mod origin;
 mod server;
 
 pub use config::Config;
 pub use fetch::{FetchError, FetchOutcome, Progress, SourceBytes};
 pub use local::connect_local;
 pub use node::{Node, StartError};
+pub use origin::{UrlFetch, UrlFetchError};

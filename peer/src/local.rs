@@ -19,7 +19,7 @@ use nebula_proto::v1::{
 use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status, transport::Channel};
 
-use crate::{FetchError, Progress, SourceBytes, node::Shared, server::MAX_PIECE};
+use crate::{FetchError, Progress, SourceBytes, UrlFetch, node::Shared, server::MAX_PIECE};
 
 /// The service behind the daemon's socket.
 #[derive(Debug, Clone)]
@@ -29,6 +29,26 @@ pub(crate) struct LocalService {
     /// asking for the same blob joins the running fetch instead of starting
     /// a second download of it.
     running: Arc<Mutex<HashMap<String, Running>>>,
+}
+
+/// What a client asked to fetch.
+enum Wanted {
+    Blob(BlobRef),
+    Url(Box<UrlFetch>),
+}
+
+impl Wanted {
+    /// Fetches of the same key are one fetch.
+    fn key(&self) -> String {
+        match self {
+            Self::Blob(b) => b.to_string(),
+            Self::Url(u) => format!(
+                "{} {}",
+                u.key(),
+                u.digest.map(|d| d.to_string()).unwrap_or_default()
+            ),
+        }
+    }
 }
 
 /// A fetch under way that clients can join.
@@ -47,11 +67,11 @@ impl LocalService {
         }
     }
 
-    /// Joins the fetch of `blob` under way, or starts it. The fetch runs on
+    /// Joins the fetch of `what` under way, or starts it. The fetch runs on
     /// even if every client goes away: its chunks are kept and the blob is
     /// completed for the next asker.
-    fn join_or_start(&self, blob: BlobRef, timeout: Duration) -> Running {
-        let key = blob.to_string();
+    fn join_or_start(&self, what: Wanted, timeout: Duration) -> Running {
+        let key = what.key();
         let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(r) = running.get(&key) {
             return r.clone();
@@ -63,8 +83,14 @@ impl LocalService {
         let shared = Arc::clone(&self.shared);
         let table = Arc::clone(&self.running);
         tokio::spawn(async move {
-            let outcome =
-                crate::fetch::fetch(Arc::clone(&shared), blob, progress_tx, timeout).await;
+            let outcome = match what {
+                Wanted::Blob(blob) => {
+                    crate::fetch::fetch(Arc::clone(&shared), blob, progress_tx, timeout).await
+                }
+                Wanted::Url(req) => {
+                    crate::origin::fetch_url(Arc::clone(&shared), *req, progress_tx).await
+                }
+            };
             let result = match outcome {
                 Ok(outcome) => {
                     crate::node::completed(&shared, &outcome.blob);
@@ -114,6 +140,9 @@ fn fetch_status(e: FetchError) -> Status {
         | FetchError::WrongBlob { .. }
         | FetchError::DigestMismatch { .. } => Status::data_loss(e.to_string()),
         FetchError::Store(e) => store_status(e),
+        // Not UNAVAILABLE: the CLI reads that as "the daemon went away".
+        FetchError::Origin(_) => Status::failed_precondition(e.to_string()),
+        FetchError::ContentMismatch { .. } => Status::data_loss(e.to_string()),
         FetchError::Cancelled => Status::cancelled(e.to_string()),
         FetchError::Removed { .. } => Status::aborted(e.to_string()),
     }
@@ -149,6 +178,8 @@ fn to_progress(p: &Progress) -> pb::FetchProgress {
         done: p.done,
         sources: p.sources.iter().map(pb::ProviderBytes::from).collect(),
         resumed_bytes: p.resumed_bytes,
+        origin_bytes: p.origin_bytes,
+        notice: p.notice.clone().unwrap_or_default(),
     }
 }
 
@@ -211,7 +242,13 @@ impl LocalApi for LocalService {
         request: Request<pb::FetchRequest>,
     ) -> Result<Response<Self::FetchStream>, Status> {
         let req = request.into_inner();
-        let blob = parse_ref(&req.blob)?;
+        let what = if req.url.is_empty() {
+            Wanted::Blob(parse_ref(&req.blob)?)
+        } else {
+            let fetch = UrlFetch::parse(&req.url, &req.headers, &req.digest)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            Wanted::Url(Box::new(fetch))
+        };
         let output = (!req.output.is_empty()).then(|| PathBuf::from(&req.output));
         if output.as_ref().is_some_and(|p| !p.is_absolute()) {
             return Err(Status::invalid_argument("the output path must be absolute"));
@@ -223,7 +260,7 @@ impl LocalApi for LocalService {
         let Running {
             progress: mut progress_rx,
             result: mut result_rx,
-        } = self.join_or_start(blob, timeout);
+        } = self.join_or_start(what, timeout);
         let (out_tx, out_rx) = mpsc::channel(16);
         let store = Arc::clone(&self.shared.store);
         tokio::spawn(async move {

@@ -32,7 +32,6 @@ pub(crate) enum Source {
     /// Another peer of the fleet.
     Peer,
     /// An HTTP origin or registry (back-to-source).
-    #[allow(dead_code, reason = "fed by origin fetches")]
     Origin,
 }
 
@@ -58,6 +57,8 @@ pub(crate) enum FetchResult {
     Control,
     /// The store failed (full disk, I/O).
     Store,
+    /// The origin of a fetch by URL failed.
+    Origin,
     /// The daemon stopped first.
     Cancelled,
 }
@@ -70,6 +71,7 @@ impl FetchResult {
             Self::Integrity => "integrity",
             Self::Control => "control",
             Self::Store => "store",
+            Self::Origin => "origin",
             Self::Cancelled => "cancelled",
         }
     }
@@ -217,15 +219,26 @@ impl Default for Metrics {
 impl Metrics {
     /// A verified chunk of `len` bytes was stored, `latency` after it was asked for.
     pub(crate) fn chunk_received(&self, source: Source, len: u64, latency: Duration) {
-        let source = match source {
-            Source::Peer => "peer",
-            Source::Origin => "origin",
-        };
         self.received_bytes
-            .get_or_create(&[("source", source)])
+            .get_or_create(&[("source", Self::source_label(source))])
             .inc_by(len);
         self.chunks_verified.inc();
         self.chunk_latency.observe(latency.as_secs_f64());
+    }
+
+    /// `len` body bytes came from an origin (they are verified when the
+    /// download is added to the store as a whole).
+    pub(crate) fn origin_received(&self, len: u64) {
+        self.received_bytes
+            .get_or_create(&[("source", Self::source_label(Source::Origin))])
+            .inc_by(len);
+    }
+
+    fn source_label(source: Source) -> &'static str {
+        match source {
+            Source::Peer => "peer",
+            Source::Origin => "origin",
+        }
     }
 
     /// A received chunk failed verification.

@@ -32,6 +32,7 @@ use crate::{
     local::LocalService,
     membership,
     metrics::{self, Metrics},
+    origin::OriginClient,
     server::ExchangeService,
 };
 
@@ -58,6 +59,8 @@ pub(crate) struct Shared {
     /// The address other peers dial.
     pub(crate) address: String,
     pub(crate) control: Option<ControlClient>,
+    /// The HTTP client of fetches by URL.
+    pub(crate) origin: OriginClient,
     pub(crate) upload_limiter: Option<RateLimiter>,
     pub(crate) download_limiter: Option<RateLimiter>,
     /// Upload slots in use (chunk requests admitted and not yet answered).
@@ -132,7 +135,14 @@ impl Node {
             }
             None => None,
         };
+        let origin = OriginClient::new(
+            config.origin_connections,
+            config.origin_timeout,
+            config.origin_ca.as_deref(),
+        )
+        .map_err(|e| StartError::Config(e.to_string()))?;
         let shared = Arc::new(Shared {
+            origin,
             peer_id: store.peer_id().to_owned(),
             store: Arc::new(store),
             address: advertised.to_string(),
@@ -286,6 +296,18 @@ impl Node {
         let timeout = no_provider_timeout.unwrap_or(self.shared.config.no_provider_timeout);
         let outcome =
             crate::fetch::fetch(Arc::clone(&self.shared), blob, progress, timeout).await?;
+        completed(&self.shared, &outcome.blob);
+        Ok(outcome)
+    }
+
+    /// Fetches a URL into the store, through the swarm when the fleet has it
+    /// (see [`crate::origin`]).
+    pub async fn fetch_url(
+        &self,
+        request: crate::UrlFetch,
+        progress: tokio::sync::watch::Sender<crate::Progress>,
+    ) -> Result<crate::FetchOutcome, crate::FetchError> {
+        let outcome = crate::origin::fetch_url(Arc::clone(&self.shared), request, progress).await?;
         completed(&self.shared, &outcome.blob);
         Ok(outcome)
     }

@@ -93,6 +93,7 @@ fn progress_feed_is_monotonic_to_completion() {
             blob: id.to_string(),
             output: String::new(),
             no_provider_timeout_ms: 10_000,
+            ..pb::FetchRequest::default()
         };
         let mut stream = client.fetch(request).await.unwrap().into_inner();
         let mut seen = Vec::new();

@@ -428,11 +428,21 @@ impl Cluster {
         n: usize,
         per: impl Fn(usize) -> (Vec<&'static str>, Vec<(&'static str, &'static str)>),
     ) -> Self {
+        Self::start_flagged(n, &[], per)
+    }
+
+    /// Like `start_with`, with extra flags for the control plane too.
+    pub(crate) fn start_flagged(
+        n: usize,
+        control_flags: &[&str],
+        per: impl Fn(usize) -> (Vec<&'static str>, Vec<(&'static str, &'static str)>),
+    ) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("nebula-test")
             .tempdir()
             .unwrap();
-        let control = Control::start(dir.path());
+        let control =
+            Control::start_with(dir.path(), "127.0.0.1:0".parse().unwrap(), control_flags);
         let daemons: Vec<Daemon> = (0..n)
             .map(|i| {
                 let (args, envs) = per(i);

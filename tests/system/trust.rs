@@ -192,6 +192,18 @@ impl ControlPlane for SwappingRelay {
     ) -> Result<Response<pb::DeregisterResponse>, Status> {
         self.upstream.clone().deregister(r.into_inner()).await
     }
+    async fn resolve_url(
+        &self,
+        r: Request<pb::ResolveUrlRequest>,
+    ) -> Result<Response<pb::ResolveUrlResponse>, Status> {
+        self.upstream.clone().resolve_url(r.into_inner()).await
+    }
+    async fn record_url(
+        &self,
+        r: Request<pb::RecordUrlRequest>,
+    ) -> Result<Response<pb::RecordUrlResponse>, Status> {
+        self.upstream.clone().record_url(r.into_inner()).await
+    }
 }
 
 /// Row 2: a relay rewrites discovery to name another blob. The downloader

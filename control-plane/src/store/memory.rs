@@ -28,8 +28,9 @@ use nebula_common::{BlobId, Sha256Digest};
 use tokio::time::Instant;
 
 use super::{
-    Announcement, BlobAnnouncement, BlobMeta, Health, Holding, Load, PeerId, PeerRegistration,
-    PeerSnapshot, Registered, ReportOutcome, Standing, StateStore, StoreError, StoreStats, Swarm,
+    Announcement, BlobAnnouncement, BlobMeta, Health, Holding, Load, OriginLease, PeerId,
+    PeerRegistration, PeerSnapshot, Registered, ReportOutcome, Standing, StateStore, StoreError,
+    StoreStats, Swarm, UrlKey, UrlRecord,
 };
 
 type Key = [u8; 32];
@@ -55,6 +56,10 @@ pub struct MemoryStore {
     next_index: AtomicU32,
     /// (blob, provider) pairs in `blobs`.
     entries: AtomicU64,
+    /// Origin URLs' records, each with the instant it is forgotten.
+    urls: DashMap<Key, (UrlRecord, Instant)>,
+    /// Origin leases: the holder's peer id and the instant the lease lapses.
+    origin_leases: DashMap<Key, (PeerId, Instant)>,
 }
 
 #[derive(Debug)]
@@ -159,6 +164,8 @@ impl MemoryStore {
             sanctions: DashMap::new(),
             next_index: AtomicU32::new(0),
             entries: AtomicU64::new(0),
+            urls: DashMap::new(),
+            origin_leases: DashMap::new(),
         }
     }
 
@@ -564,8 +571,51 @@ impl StateStore for MemoryStore {
         }))
     }
 
+    async fn url(&self, url: &UrlKey) -> Result<Option<UrlRecord>, StoreError> {
+        let now = Instant::now();
+        Ok(self
+            .urls
+            .get(&url.0)
+            .filter(|e| e.1 > now)
+            .map(|e| e.0.clone()))
+    }
+
+    async fn record_url(
+        &self,
+        url: &UrlKey,
+        record: UrlRecord,
+        keep: Duration,
+    ) -> Result<(), StoreError> {
+        self.urls.insert(url.0, (record, Instant::now() + keep));
+        Ok(())
+    }
+
+    async fn origin_lease(
+        &self,
+        url: &UrlKey,
+        peer: &PeerId,
+        ttl: Duration,
+    ) -> Result<OriginLease, StoreError> {
+        let now = Instant::now();
+        match self.origin_leases.entry(url.0) {
+            Entry::Occupied(e) if e.get().1 > now && e.get().0 != *peer => {
+                Ok(OriginLease::HeldBy(e.get().0.to_string()))
+            }
+            Entry::Occupied(mut e) => {
+                e.insert((peer.clone(), now + ttl));
+                Ok(OriginLease::Granted)
+            }
+            Entry::Vacant(e) => {
+                e.insert((peer.clone(), now + ttl));
+                Ok(OriginLease::Granted)
+            }
+        }
+    }
+
     async fn expire(&self) -> Result<Vec<PeerId>, StoreError> {
         let now = Instant::now();
+        self.urls.retain(|_, e| e.1 > now);
+        self.origin_leases.retain(|_, e| e.1 > now);
         let lapsed: Vec<PeerId> = self
             .peers
             .iter()

@@ -61,8 +61,9 @@ use redis::{
 use tokio::time::Instant;
 
 use super::{
-    Announcement, BlobMeta, Health, Holding, Load, PeerId, PeerRegistration, PeerSnapshot,
-    Registered, ReportOutcome, Standing, StateStore, StoreError, StoreStats, Swarm,
+    Announcement, BlobMeta, Health, Holding, Load, OriginLease, PeerId, PeerRegistration,
+    PeerSnapshot, Registered, ReportOutcome, Standing, StateStore, StoreError, StoreStats, Swarm,
+    UrlKey, UrlRecord,
 };
 
 /// Reporters remembered per provider, as in the memory store.
@@ -782,6 +783,11 @@ impl RedisStore {
 
     fn stats_key(&self) -> String {
         format!("{}:{{stats}}", self.prefix())
+    }
+
+    /// An origin URL's record; its lease is this key plus `:lease`, in the same slot.
+    fn url_key(&self, url: &UrlKey) -> String {
+        format!("{}:{{u:{url}}}", self.prefix())
     }
 
     fn alias_key(&self, sha_hex: &str) -> String {
@@ -1591,6 +1597,70 @@ impl StateStore for RedisStore {
 
     async fn lock(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, StoreError> {
         self.try_lock(name, holder, ttl).await
+    }
+
+    async fn url(&self, url: &UrlKey) -> Result<Option<UrlRecord>, StoreError> {
+        self.run("url", async {
+            let mut conn = self.conn.clone();
+            let json: Option<String> = redis::cmd("GET")
+                .arg(self.url_key(url))
+                .query_async(&mut conn)
+                .await?;
+            // A record this build cannot read is treated as unknown: the URL
+            // is fetched again and recorded afresh.
+            Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
+        })
+        .await
+    }
+
+    async fn record_url(
+        &self,
+        url: &UrlKey,
+        record: UrlRecord,
+        keep: Duration,
+    ) -> Result<(), StoreError> {
+        let json = serde_json::to_string(&record).unwrap_or_default();
+        self.run("record_url", async {
+            let mut conn = self.conn.clone();
+            let () = redis::cmd("SET")
+                .arg(self.url_key(url))
+                .arg(json)
+                .arg("PX")
+                .arg(millis(keep))
+                .query_async(&mut conn)
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn origin_lease(
+        &self,
+        url: &UrlKey,
+        peer: &PeerId,
+        ttl: Duration,
+    ) -> Result<OriginLease, StoreError> {
+        self.run("origin_lease", async {
+            let mut conn = self.conn.clone();
+            // Take it when free or ours (renewing it), in one step.
+            let holder: String = redis::Script::new(
+                "local cur = redis.call('GET', KEYS[1]) \
+                 if not cur or cur == ARGV[1] then \
+                   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return '' end \
+                 return cur",
+            )
+            .key(format!("{}:lease", self.url_key(url)))
+            .arg(peer.as_str())
+            .arg(millis(ttl))
+            .invoke_async(&mut conn)
+            .await?;
+            Ok(if holder.is_empty() {
+                OriginLease::Granted
+            } else {
+                OriginLease::HeldBy(holder)
+            })
+        })
+        .await
     }
 }
 

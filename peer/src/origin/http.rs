@@ -1,0 +1,671 @@
+//! One download from an HTTP origin into a scratch file.
+//!
+//! The first request asks for the first piece with `Range`. An origin that
+//! answers `206` supports ranges: the rest is fetched in pieces by
+//! `connections` requests at once, each piece resumed from where it broke
+//! when a connection drops. An origin that answers `200` sends the whole body
+//! on that one connection. Every `206` must carry the validators of the first
+//! (`ETag`, `Last-Modified`, total size): if the content changed between two
+//! ranges, the download starts over once and never mixes versions.
+//!
+//! Redirects are followed here (at most [`MAX_REDIRECTS`]) rather than by the
+//! client, so that the caller's headers and URL credentials go to the origin
+//! the caller named and never to another host.
+
+use std::{
+    fs::File,
+    os::unix::fs::FileExt,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::{Bytes, BytesMut};
+use reqwest::{
+    StatusCode,
+    header::{self, HeaderMap, HeaderValue},
+};
+use url::Url;
+
+/// Redirects followed before giving up.
+pub(crate) const MAX_REDIRECTS: usize = 10;
+/// Attempts at one piece (the first plus resumes) before the download fails.
+const PIECE_ATTEMPTS: u32 = 5;
+/// Buffered before one positioned write.
+const WRITE_BUFFER: usize = 1 << 20;
+
+/// Why an origin download failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum OriginError {
+    /// The origin answered with an error status.
+    #[error("origin answered {status} for {url}")]
+    Status {
+        /// Code and reason, e.g. `404 Not Found`.
+        status: String,
+        /// The URL, without credentials or query values.
+        url: String,
+    },
+    /// The origin could not be reached, or stopped answering.
+    #[error("origin {url}: {reason}")]
+    Transport {
+        /// The URL, without credentials or query values.
+        url: String,
+        /// What went wrong, e.g. `timed out`.
+        reason: String,
+    },
+    /// More than [`MAX_REDIRECTS`] redirects, or one without a usable `Location`.
+    #[error("origin {url}: {reason}")]
+    Redirect {
+        /// The URL, without credentials or query values.
+        url: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The content changed during the download, and again after starting over.
+    #[error(
+        "the content at {url} changed during the download (its ETag or Last-Modified differs between ranges); try again"
+    )]
+    Changed {
+        /// The URL, without credentials or query values.
+        url: String,
+    },
+    /// The scratch file could not be written.
+    #[error("writing the download: {0}")]
+    Io(String),
+}
+
+/// What identifies one version of the origin's content.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Validators {
+    /// Total size in bytes.
+    pub(crate) size: u64,
+    /// `ETag`, verbatim.
+    pub(crate) etag: String,
+    /// `Last-Modified`, verbatim.
+    pub(crate) last_modified: String,
+}
+
+/// How a download ended.
+#[derive(Debug)]
+pub(crate) enum Downloaded {
+    /// A conditional request found the content unchanged; nothing was written.
+    NotModified,
+    /// The file holds the content these validators name.
+    Complete(Validators),
+}
+
+/// A URL for display: scheme, host, port and path; query values hidden
+/// (signed URLs carry their credentials there); never userinfo.
+pub(crate) fn redacted(url: &Url) -> String {
+    let mut shown = format!("{}://{}", url.scheme(), url.host_str().unwrap_or(""));
+    if let Some(port) = url.port() {
+        shown.push_str(&format!(":{port}"));
+    }
+    shown.push_str(url.path());
+    if url.query().is_some() {
+        shown.push_str("?…");
+    }
+    shown
+}
+
+/// Where a request goes, with what it may carry there.
+#[derive(Debug, Clone)]
+pub(crate) struct Target {
+    /// The URL the user gave, without userinfo.
+    pub(crate) url: Url,
+    /// The user's headers; sent only to `url`'s own scheme, host and port.
+    pub(crate) headers: HeaderMap,
+    /// Userinfo from the URL the user gave, as basic credentials.
+    pub(crate) basic: Option<(String, Option<String>)>,
+}
+
+impl Target {
+    fn same_origin(&self, other: &Url) -> bool {
+        self.url.origin() == other.origin()
+    }
+}
+
+/// Byte counters a download feeds as it goes.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    /// Body bytes received from the origin (including any that were redone).
+    pub(crate) received: AtomicU64,
+    /// Bytes written to the file at their final place.
+    pub(crate) written: AtomicU64,
+    /// The total size, once the origin said it.
+    pub(crate) total: AtomicU64,
+}
+
+/// The HTTP client of origin downloads.
+#[derive(Debug, Clone)]
+pub(crate) struct OriginClient {
+    client: reqwest::Client,
+    connections: usize,
+    piece: u64,
+    /// Attempts at one piece before giving up.
+    attempts: u32,
+}
+
+/// Why the origin client cannot be built.
+#[derive(Debug, thiserror::Error)]
+#[error("origin client: {0}")]
+pub struct OriginClientError(String);
+
+impl OriginClient {
+    /// A client with `connections` range requests at once per download,
+    /// `timeout` for connecting and for each read, and `extra_ca` (PEM)
+    /// trusted beside the system's roots.
+    pub(crate) fn new(
+        connections: usize,
+        timeout: Duration,
+        extra_ca: Option<&[u8]>,
+    ) -> Result<Self, OriginClientError> {
+        // One crypto provider in the whole tree; installing it twice is harmless.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut builder = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(timeout)
+            .read_timeout(timeout)
+            .no_proxy()
+            .user_agent(concat!("nebula/", env!("CARGO_PKG_VERSION")));
+        if let Some(pem) = extra_ca {
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| OriginClientError(format!("--origin-ca: {e}")))?;
+            if certs.is_empty() {
+                return Err(OriginClientError(
+                    "--origin-ca: no certificate in the file".into(),
+                ));
+            }
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let client = builder
+            .build()
+            .map_err(|e| OriginClientError(describe(&e)))?;
+        Ok(Self {
+            client,
+            connections: connections.max(1),
+            piece: 8 << 20,
+            attempts: PIECE_ATTEMPTS,
+        })
+    }
+
+    /// Downloads `target` into `file`. With `known`, the request is
+    /// conditional and may end [`Downloaded::NotModified`]. Content that
+    /// changes midway starts the download over once.
+    pub(crate) async fn download(
+        &self,
+        target: &Target,
+        known: Option<&Validators>,
+        file: &Arc<File>,
+        counters: &Counters,
+    ) -> Result<Downloaded, OriginError> {
+        match self.attempt(target, known, file, counters).await {
+            Err(OriginError::Changed { .. }) => {
+                tracing::info!(url = %redacted(&target.url), "origin content changed midway; starting over");
+                counters.written.store(0, Ordering::Relaxed);
+                self.attempt(target, known, file, counters).await
+            }
+            other => other,
+        }
+    }
+
+    async fn attempt(
+        &self,
+        target: &Target,
+        known: Option<&Validators>,
+        file: &Arc<File>,
+        counters: &Counters,
+    ) -> Result<Downloaded, OriginError> {
+        let first_end = self.piece - 1;
+        let (url, resp) = self.get(target, Some((0, Some(first_end))), known).await?;
+        let shown = redacted(&url);
+        match resp.status() {
+            StatusCode::NOT_MODIFIED if known.is_some() => Ok(Downloaded::NotModified),
+            StatusCode::OK => {
+                let validators = Validators {
+                    size: resp.content_length().unwrap_or(0),
+                    ..validators_of(resp.headers())
+                };
+                let end = resp.content_length();
+                counters.total.store(end.unwrap_or(0), Ordering::Relaxed);
+                let written = stream_into(resp, file, 0, end, counters)
+                    .await
+                    .map_err(|(_, e)| e.at(&shown))?;
+                let validators = Validators {
+                    size: written,
+                    ..validators
+                };
+                file_len(file, written)?;
+                Ok(Downloaded::Complete(validators))
+            }
+            StatusCode::PARTIAL_CONTENT => {
+                let Some((start, _, total)) = content_range(resp.headers()) else {
+                    return Err(OriginError::Transport {
+                        url: shown,
+                        reason: "a 206 answer without a valid Content-Range".into(),
+                    });
+                };
+                if start != 0 {
+                    return Err(OriginError::Transport {
+                        url: shown,
+                        reason: format!("asked for bytes from 0, got them from {start}"),
+                    });
+                }
+                let validators = Validators {
+                    size: total,
+                    ..validators_of(resp.headers())
+                };
+                counters.total.store(total, Ordering::Relaxed);
+                file_len(file, total)?;
+                let first = (0, first_end.min(total.saturating_sub(1)));
+                let piece = Piece {
+                    client: self,
+                    target,
+                    url: &url,
+                    validators: &validators,
+                    file,
+                    counters,
+                };
+                // The first piece resumes on its own like the others.
+                let reached = match stream_into(resp, file, 0, Some(first.1 + 1), counters).await {
+                    Ok(n) => n,
+                    Err((n, e)) => {
+                        tracing::debug!(error = %e.at(&shown), "origin piece broke; resuming");
+                        n
+                    }
+                };
+                let mut pieces = Vec::new();
+                if reached <= first.1 {
+                    pieces.push((reached, first.1));
+                }
+                let mut start = first.1 + 1;
+                while start < total {
+                    let end = (start + self.piece - 1).min(total - 1);
+                    pieces.push((start, end));
+                    start = end + 1;
+                }
+                piece.run_all(pieces, self.connections).await?;
+                Ok(Downloaded::Complete(validators))
+            }
+            StatusCode::RANGE_NOT_SATISFIABLE if content_range_total(resp.headers()) == Some(0) => {
+                // An empty file: no range of it exists.
+                file_len(file, 0)?;
+                Ok(Downloaded::Complete(Validators {
+                    size: 0,
+                    ..validators_of(resp.headers())
+                }))
+            }
+            status => Err(OriginError::Status {
+                status: status_line(status),
+                url: shown,
+            }),
+        }
+    }
+
+    /// Sends a GET for `range` (`(start, Some(end))` inclusive, or open-ended),
+    /// following redirects; answers the final URL and its response.
+    async fn get(
+        &self,
+        target: &Target,
+        range: Option<(u64, Option<u64>)>,
+        known: Option<&Validators>,
+    ) -> Result<(Url, reqwest::Response), OriginError> {
+        let mut url = target.url.clone();
+        for _ in 0..=MAX_REDIRECTS {
+            let mut req = self.client.get(url.clone());
+            if target.same_origin(&url) {
+                req = req.headers(target.headers.clone());
+                if let Some((user, pass)) = &target.basic {
+                    req = req.basic_auth(user, pass.as_ref());
+                }
+            }
+            if let Some((start, end)) = range {
+                let spec = match end {
+                    Some(end) => format!("bytes={start}-{end}"),
+                    None => format!("bytes={start}-"),
+                };
+                req = req.header(header::RANGE, spec);
+            }
+            if let Some(v) = known {
+                if !v.etag.is_empty() {
+                    req = req.header(header::IF_NONE_MATCH, &v.etag);
+                }
+                if !v.last_modified.is_empty() {
+                    req = req.header(header::IF_MODIFIED_SINCE, &v.last_modified);
+                }
+            }
+            let resp = req.send().await.map_err(|e| OriginError::Transport {
+                url: redacted(&url),
+                reason: describe(&e),
+            })?;
+            if !resp.status().is_redirection() || resp.status() == StatusCode::NOT_MODIFIED {
+                return Ok((url, resp));
+            }
+            let next = resp
+                .headers()
+                .get(header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .and_then(|l| url.join(l).ok())
+                .filter(|u| matches!(u.scheme(), "http" | "https"));
+            let Some(mut next) = next else {
+                return Err(OriginError::Redirect {
+                    url: redacted(&url),
+                    reason: format!(
+                        "answered {} without a usable Location",
+                        status_line(resp.status())
+                    ),
+                });
+            };
+            // Credentials in a Location are not the user's to send on.
+            let _ = next.set_username("");
+            let _ = next.set_password(None);
+            url = next;
+        }
+        Err(OriginError::Redirect {
+            url: redacted(&target.url),
+            reason: format!("more than {MAX_REDIRECTS} redirects"),
+        })
+    }
+}
+
+/// The range requests after the first, run `connections` at once.
+struct Piece<'a> {
+    client: &'a OriginClient,
+    target: &'a Target,
+    url: &'a Url,
+    validators: &'a Validators,
+    file: &'a Arc<File>,
+    counters: &'a Counters,
+}
+
+impl Piece<'_> {
+    async fn run_all(
+        &self,
+        pieces: Vec<(u64, u64)>,
+        connections: usize,
+    ) -> Result<(), OriginError> {
+        let queue = Mutex::new(pieces.into_iter());
+        let next = || queue.lock().unwrap_or_else(|e| e.into_inner()).next();
+        let workers = (0..connections).map(|_| async {
+            while let Some((start, end)) = next() {
+                self.fetch(start, end).await?;
+            }
+            Ok::<(), OriginError>(())
+        });
+        futures::future::try_join_all(workers).await?;
+        Ok(())
+    }
+
+    /// Fetches bytes `start..=end`, resuming where a broken answer stopped.
+    async fn fetch(&self, start: u64, end: u64) -> Result<(), OriginError> {
+        let mut at = start;
+        let mut last = None;
+        for attempt in 0..self.client.attempts {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(100 << attempt.min(4))).await;
+            }
+            let to_origin = Target {
+                url: self.url.clone(),
+                ..self.target.clone()
+            };
+            let shown = redacted(self.url);
+            let resp = match self
+                .client
+                .get(&to_origin, Some((at, Some(end))), None)
+                .await
+            {
+                Ok((_, r)) => r,
+                Err(e @ OriginError::Transport { .. }) => {
+                    last = Some(e);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            match resp.status() {
+                StatusCode::PARTIAL_CONTENT => {}
+                s if s.is_server_error() => {
+                    last = Some(OriginError::Status {
+                        status: status_line(s),
+                        url: shown,
+                    });
+                    continue;
+                }
+                // A full answer to a range request, or another version.
+                StatusCode::OK | StatusCode::PRECONDITION_FAILED => {
+                    return Err(OriginError::Changed { url: shown });
+                }
+                s => {
+                    return Err(OriginError::Status {
+                        status: status_line(s),
+                        url: shown,
+                    });
+                }
+            }
+            let same = validators_of(resp.headers());
+            let range = content_range(resp.headers());
+            if same.etag != self.validators.etag
+                || same.last_modified != self.validators.last_modified
+                || range.map(|r| r.2) != Some(self.validators.size)
+            {
+                return Err(OriginError::Changed { url: shown });
+            }
+            if range.map(|r| r.0) != Some(at) {
+                return Err(OriginError::Transport {
+                    url: shown,
+                    reason: format!("asked for bytes from {at}, got another range"),
+                });
+            }
+            match stream_into(resp, self.file, at, Some(end + 1), self.counters).await {
+                Ok(reached) if reached == end + 1 => return Ok(()),
+                Ok(reached) => {
+                    at = reached;
+                    last = Some(OriginError::Transport {
+                        url: shown,
+                        reason: "the answer ended early".into(),
+                    });
+                }
+                Err((reached, e)) => {
+                    let e = e.at(&shown);
+                    tracing::debug!(error = %e, at = reached, "origin piece broke; resuming");
+                    at = reached;
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| OriginError::Transport {
+            url: redacted(self.url),
+            reason: "no answer".into(),
+        }))
+    }
+}
+
+/// A failure while streaming a body, before the URL is attached.
+#[derive(Debug)]
+enum BodyError {
+    Transport(String),
+    TooLong,
+    Io(String),
+}
+
+impl BodyError {
+    fn at(self, url: &str) -> OriginError {
+        match self {
+            Self::Transport(reason) => OriginError::Transport {
+                url: url.to_owned(),
+                reason,
+            },
+            Self::TooLong => OriginError::Transport {
+                url: url.to_owned(),
+                reason: "the answer is longer than announced".into(),
+            },
+            Self::Io(e) => OriginError::Io(e),
+        }
+    }
+}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Transport(r) | Self::Io(r) => f.write_str(r),
+            Self::TooLong => f.write_str("the answer is longer than announced"),
+        }
+    }
+}
+
+/// Writes `resp`'s body to `file` from `offset`, up to `end` (exclusive) when
+/// known; answers the offset reached, or it and the failure.
+async fn stream_into(
+    mut resp: reqwest::Response,
+    file: &Arc<File>,
+    offset: u64,
+    end: Option<u64>,
+    counters: &Counters,
+) -> Result<u64, (u64, BodyError)> {
+    let mut at = offset;
+    let mut buf = BytesMut::with_capacity(WRITE_BUFFER);
+    loop {
+        let chunk = match resp.chunk().await {
+            Ok(Some(c)) => c,
+            Ok(None) => break,
+            Err(e) => {
+                let reached = flush(file, &mut buf, at, counters)
+                    .await
+                    .map_err(|e| (at, e))?;
+                return Err((reached, BodyError::Transport(describe(&e))));
+            }
+        };
+        counters
+            .received
+            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        if end.is_some_and(|end| at + (buf.len() + chunk.len()) as u64 > end) {
+            return Err((at, BodyError::TooLong));
+        }
+        buf.extend_from_slice(&chunk);
+        if buf.len() >= WRITE_BUFFER {
+            at = flush(file, &mut buf, at, counters)
+                .await
+                .map_err(|e| (at, e))?;
+        }
+    }
+    flush(file, &mut buf, at, counters)
+        .await
+        .map_err(|e| (at, e))
+}
+
+/// Writes `buf` at `at`; answers the new offset.
+async fn flush(
+    file: &Arc<File>,
+    buf: &mut BytesMut,
+    at: u64,
+    counters: &Counters,
+) -> Result<u64, BodyError> {
+    if buf.is_empty() {
+        return Ok(at);
+    }
+    let data: Bytes = buf.split().freeze();
+    let len = data.len() as u64;
+    let file = Arc::clone(file);
+    tokio::task::spawn_blocking(move || file.write_all_at(&data, at))
+        .await
+        .map_err(|_| BodyError::Io("the writing task failed".into()))?
+        .map_err(|e| BodyError::Io(e.to_string()))?;
+    counters.written.fetch_add(len, Ordering::Relaxed);
+    Ok(at + len)
+}
+
+fn file_len(file: &File, len: u64) -> Result<(), OriginError> {
+    file.set_len(len)
+        .map_err(|e| OriginError::Io(e.to_string()))
+}
+
+fn validators_of(headers: &HeaderMap) -> Validators {
+    let text = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    Validators {
+        size: 0,
+        etag: text(header::ETAG),
+        last_modified: text(header::LAST_MODIFIED),
+    }
+}
+
+/// `Content-Range: bytes START-END/TOTAL` (RFC 9110 §14.4).
+fn content_range(headers: &HeaderMap) -> Option<(u64, u64, u64)> {
+    let v = headers.get(header::CONTENT_RANGE)?.to_str().ok()?;
+    let rest = v.trim().strip_prefix("bytes ")?;
+    let (range, total) = rest.split_once('/')?;
+    let (start, end) = range.split_once('-')?;
+    let (start, end, total) = (
+        start.trim().parse().ok()?,
+        end.trim().parse().ok()?,
+        total.trim().parse().ok()?,
+    );
+    (start <= end && end < total).then_some((start, end, total))
+}
+
+/// The total of `Content-Range: bytes */TOTAL`, sent with a 416.
+fn content_range_total(headers: &HeaderMap) -> Option<u64> {
+    let v = headers.get(header::CONTENT_RANGE)?.to_str().ok()?;
+    v.trim().strip_prefix("bytes */")?.trim().parse().ok()
+}
+
+fn status_line(status: StatusCode) -> String {
+    match status.canonical_reason() {
+        Some(reason) => format!("{} {reason}", status.as_u16()),
+        None => status.as_u16().to_string(),
+    }
+}
+
+/// A client error in words, without the URL it carries (its query may hold
+/// credentials).
+fn describe(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        return "timed out".into();
+    }
+    let mut cause: &dyn std::error::Error = e;
+    while let Some(inner) = cause.source() {
+        cause = inner;
+    }
+    let root = cause.to_string();
+    if e.is_connect() {
+        format!("cannot connect: {root}")
+    } else if e.is_body() || e.is_decode() {
+        format!("the connection broke mid-body: {root}")
+    } else {
+        root
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_ranges_are_parsed_strictly() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_RANGE, "bytes 0-99/1000".parse().unwrap());
+        assert_eq!(content_range(&h), Some((0, 99, 1000)));
+        h.insert(header::CONTENT_RANGE, "bytes 5-4/1000".parse().unwrap());
+        assert_eq!(content_range(&h), None);
+        h.insert(header::CONTENT_RANGE, "bytes 0-1000/1000".parse().unwrap());
+        assert_eq!(content_range(&h), None);
+        h.insert(header::CONTENT_RANGE, "bytes */0".parse().unwrap());
+        assert_eq!(content_range_total(&h), Some(0));
+    }
+
+    #[test]
+    fn urls_are_shown_without_credentials_or_query_values() {
+        let url = Url::parse("https://u:p@o.example:8443/a/b?X-Amz-Signature=s").unwrap();
+        assert_eq!(redacted(&url), "https://o.example:8443/a/b?…");
+        let url = Url::parse("http://o.example/a").unwrap();
+        assert_eq!(redacted(&url), "http://o.example/a");
+    }
+}
