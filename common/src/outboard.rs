@@ -197,6 +197,14 @@ impl Outboard {
         }
     }
 
+    /// The chaining value of chunk `index` of a blob with `geometry`, from
+    /// the chunk's bytes alone (meaningful when the blob has several chunks:
+    /// a lone chunk is the root). What a receiver checks a chunk against
+    /// before the blob's id is known (an origin download under way).
+    pub fn chunk_chaining_value(geometry: &Geometry, index: u32, data: &[u8]) -> [u8; 32] {
+        chunk_cv(geometry, index, data)
+    }
+
     /// The blob's id.
     pub const fn id(&self) -> BlobId {
         self.id

@@ -107,6 +107,10 @@ pub struct UrlAnswer {
     pub fresh: bool,
     /// Who holds the origin lease; `None` when the record is fresh.
     pub lease: Option<OriginLease>,
+    /// Where the holder serves, when another live peer holds the lease.
+    pub holder_address: Option<String>,
+    /// The name of the URL's origin download among peers.
+    pub session: String,
     /// How long a lease lasts unless renewed.
     pub lease_ttl: Duration,
 }
@@ -412,10 +416,19 @@ impl<S: StateStore> Registry<S> {
                     .await?,
             )
         };
+        let holder_address = match &lease {
+            Some(OriginLease::HeldBy(holder)) => match holder.parse::<PeerId>() {
+                Ok(id) => self.store.peer(&id).await?.map(|p| p.address.to_string()),
+                Err(_) => None,
+            },
+            _ => None,
+        };
         Ok(UrlAnswer {
             record,
             fresh,
             lease,
+            holder_address,
+            session: key.to_string(),
             lease_ttl: self.origin_lease_ttl,
         })
     }
@@ -434,6 +447,9 @@ impl<S: StateStore> Registry<S> {
         // with a conditional request instead of downloading it again.
         let keep = self.url_ttl + URL_RECORD_GRACE;
         self.store.record_url(&key, record, keep).await?;
+        // The download is done: the next asker past the TTL revalidates
+        // with the origin instead of following a finished download.
+        self.store.release_origin_lease(&key, peer).await?;
         Ok(())
     }
 

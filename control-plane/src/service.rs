@@ -255,6 +255,8 @@ impl<S: StateStore> ControlPlane for ControlPlaneService<S> {
             lease,
             lease_ttl_ms: answer.lease_ttl.as_millis() as u64,
             holder,
+            holder_address: answer.holder_address.unwrap_or_default(),
+            session: answer.session,
         }))
     }
 

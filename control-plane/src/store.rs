@@ -443,6 +443,13 @@ pub trait StateStore: Send + Sync + 'static {
         ttl: Duration,
     ) -> impl Future<Output = Result<OriginLease, StoreError>> + Send;
 
+    /// Gives `url`'s origin lease up if `peer` holds it (its download is done).
+    fn release_origin_lease(
+        &self,
+        url: &UrlKey,
+        peer: &PeerId,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
     /// Whether the backend answers now; the embedded store always does.
     fn ready(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
         async { Ok(()) }

@@ -842,6 +842,7 @@ impl Worker {
                     let req = Req::GetChunks(pb::GetChunks {
                         blob: id.to_string(),
                         chunks: vec![chunk],
+                        ..pb::GetChunks::default()
                     });
                     let Some(rid) = self.conn.request(req, &tx).await else {
                         lock(&dl.sched).unask(self.p, chunk);
@@ -971,7 +972,8 @@ impl Worker {
                                     break WorkerEnd::Failed(format!("errors: {}", e.message));
                                 }
                             }
-                            Resp::Have(_) => {}
+                            // Not asked for by a blob download.
+                            Resp::Have(_) | Resp::Session(_) => {}
                         },
                     }
                 }

@@ -61,6 +61,8 @@ pub(crate) struct Shared {
     pub(crate) control: Option<ControlClient>,
     /// The HTTP client of fetches by URL.
     pub(crate) origin: OriginClient,
+    /// Origin downloads under way that other peers may fetch from, by key.
+    pub(crate) sessions: dashmap::DashMap<String, Arc<crate::origin::Session>>,
     pub(crate) upload_limiter: Option<RateLimiter>,
     pub(crate) download_limiter: Option<RateLimiter>,
     /// Upload slots in use (chunk requests admitted and not yet answered).
@@ -143,6 +145,7 @@ impl Node {
         .map_err(|e| StartError::Config(e.to_string()))?;
         let shared = Arc::new(Shared {
             origin,
+            sessions: dashmap::DashMap::new(),
             peer_id: store.peer_id().to_owned(),
             store: Arc::new(store),
             address: advertised.to_string(),

@@ -18,24 +18,35 @@
 //! announced or exported.
 
 pub(crate) mod http;
+pub(crate) mod session;
 
 use std::{
     sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
+use bytes::Bytes;
 use nebula_common::{Blob, BlobId, BlobRef};
-use nebula_proto::v1 as pb;
+use nebula_proto::v1::{
+    self as pb, exchange_request::Kind as Req, exchange_response::Kind as Resp,
+};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
-use tokio::{sync::watch, time::Instant};
+use tokio::{
+    sync::{mpsc, watch},
+    time::Instant,
+};
 use url::Url;
 
 use crate::{
-    fetch::{FetchError, FetchOutcome, Progress},
+    connection::{Connection, Reply},
+    fetch::{FetchError, FetchOutcome, Progress, SourceBytes},
+    metrics::Source,
     node::Shared,
 };
 pub(crate) use http::{Counters, OriginClient, Target, Validators};
 pub use http::{OriginClientError, OriginError};
+use session::Offer;
+pub(crate) use session::Session;
 
 /// How often a peer waiting for another's origin download asks again.
 const WAIT_POLL: Duration = Duration::from_millis(250);
@@ -44,6 +55,15 @@ const WAIT_POLL: Duration = Duration::from_millis(250);
 const RECORDED_BLOB_WAIT: Duration = Duration::from_secs(3);
 /// How often progress is published during an origin download.
 const PROGRESS_TICK: Duration = Duration::from_millis(100);
+/// A follower asks its holder again this often when it has nothing new.
+const FOLLOW_POLL: Duration = Duration::from_millis(50);
+/// A holder that sends nothing new for this long is stalled: the follower
+/// asks the control plane again (the lease may have passed on).
+const FOLLOW_STALL: Duration = Duration::from_secs(5);
+/// Chunks one follower request asks for.
+const FOLLOW_BATCH: usize = 16;
+/// A finished download stays available to followers this long.
+const SESSION_GRACE: Duration = Duration::from_secs(30);
 
 /// A fetch by URL, as the CLI asked for it.
 #[derive(Clone)]
@@ -229,6 +249,9 @@ async fn by_url(
     let key = req.key();
     let mut refresh = false;
     let mut waited = false;
+    // What this peer got of the URL's origin download under way; kept when
+    // the holder changes, and carried on from if the lease comes here.
+    let mut mine: Option<Arc<Session>> = None;
     loop {
         if shared.shutdown.is_cancelled() {
             return Err(FetchError::Cancelled);
@@ -278,35 +301,56 @@ async fn by_url(
                 Err(e) => return Err(e),
             }
         }
+        refresh = false;
         if answer.lease {
-            let known = recorded.map(|id| {
-                let v = answer.validators.clone().unwrap_or_default();
-                (
-                    id,
-                    Validators {
-                        size: v.size,
-                        etag: v.etag,
-                        last_modified: v.last_modified,
-                    },
-                )
+            let known = recorded.map(|id| (id, validators_from(answer.validators.clone())));
+            let session = match mine.take() {
+                Some(s) => s,
+                None => new_session(&shared, &answer.session).await?,
+            };
+            let counters = Arc::new(Counters {
+                session: Some(Arc::clone(&session)),
+                ..Counters::default()
             });
-            let renewing = renew_lease(&shared, &key, answer.lease_ttl_ms);
-            let result = lease_holder(&shared, &req, known, &progress).await;
-            drop(renewing);
-            let (outcome, validators) = result?;
+            let _serving = Serving::start(&shared, &session);
+            let _renewing = renew_lease(&shared, &key, answer.lease_ttl_ms, &counters);
+            let (outcome, validators) =
+                lease_holder(&shared, &req, known, &session, &counters, &progress).await?;
             record(&shared, &key, outcome.blob.id(), &validators).await;
             return Ok(outcome);
         }
-        // Another peer is at the origin: wait for its record.
-        if !std::mem::replace(&mut waited, true) {
-            tracing::info!(url = %shown, holder = %answer.holder, "another peer is fetching the URL from the origin; waiting for it");
+        // Another peer is at the origin: fetch what it has as it arrives.
+        if !waited {
+            waited = true;
+            tracing::info!(url = %shown, holder = %answer.holder, "another peer is fetching the URL from the origin; following it");
         }
-        let p = Progress {
-            providers: 1,
-            ..progress.borrow().clone()
-        };
-        progress.send_replace(p);
-        refresh = false;
+        if !answer.holder_address.is_empty() && !answer.session.is_empty() {
+            let session = match &mine {
+                Some(s) => Arc::clone(s),
+                None => {
+                    let s = new_session(&shared, &answer.session).await?;
+                    mine = Some(Arc::clone(&s));
+                    s
+                }
+            };
+            match follow(&shared, &session, &answer.holder_address, &progress).await {
+                Followed::Complete(from_holder) => {
+                    let source = SourceBytes {
+                        peer_id: answer.holder.clone(),
+                        address: answer.holder_address.clone(),
+                        bytes: from_holder,
+                    };
+                    return finish(&shared, &req, &session, 0, vec![source], &progress).await;
+                }
+                Followed::Wait => {}
+                Followed::Stalled => continue,
+                Followed::Lied(why) => {
+                    tracing::warn!(peer = %answer.holder, %why, "the peer fetching from the origin sent bad data; reporting it and asking the origin directly");
+                    report(&shared, &answer.holder, &why).await;
+                    return from_origin(&shared, &req, &progress).await;
+                }
+            }
+        }
         tokio::select! {
             () = tokio::time::sleep(WAIT_POLL) => {}
             () = shared.shutdown.cancelled() => return Err(FetchError::Cancelled),
@@ -314,21 +358,265 @@ async fn by_url(
     }
 }
 
-/// While the holder downloads, keeps its origin lease alive by asking again.
-fn renew_lease(shared: &Arc<Shared>, key: &str, ttl_ms: u64) -> tokio_util::sync::DropGuard {
+fn validators_from(v: Option<pb::UrlValidators>) -> Validators {
+    let v = v.unwrap_or_default();
+    Validators {
+        size: v.size,
+        etag: v.etag,
+        last_modified: v.last_modified,
+    }
+}
+
+async fn new_session(shared: &Arc<Shared>, key: &str) -> Result<Arc<Session>, FetchError> {
+    let store = Arc::clone(&shared.store);
+    let scratch = tokio::task::spawn_blocking(move || store.scratch())
+        .await
+        .map_err(|_| FetchError::Cancelled)??;
+    Ok(Session::new(key.to_owned(), scratch))
+}
+
+/// Offers a session to other peers while it lives, and for a while after
+/// (followers finishing their last chunks).
+struct Serving {
+    shared: Arc<Shared>,
+    session: Arc<Session>,
+}
+
+impl Serving {
+    fn start(shared: &Arc<Shared>, session: &Arc<Session>) -> Self {
+        shared
+            .sessions
+            .insert(session.key.clone(), Arc::clone(session));
+        Self {
+            shared: Arc::clone(shared),
+            session: Arc::clone(session),
+        }
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let (shared, session) = (Arc::clone(&self.shared), Arc::clone(&self.session));
+        tokio::spawn(async move {
+            tokio::select! {
+                () = tokio::time::sleep(SESSION_GRACE) => {}
+                () = shared.shutdown.cancelled() => {}
+            }
+            shared
+                .sessions
+                .remove_if(&session.key, |_, s| Arc::ptr_eq(s, &session));
+        });
+    }
+}
+
+/// How a follower's turn ended.
+enum Followed {
+    /// Every chunk is here, with this many bytes from the holder.
+    Complete(u64),
+    /// Nothing to follow yet (the holder has not begun, or the blob is one
+    /// chunk, which only its id can check): wait for the record.
+    Wait,
+    /// The holder stopped answering or stopped making progress.
+    Stalled,
+    /// The holder sent data that fails its own chaining values.
+    Lied(String),
+}
+
+/// Fetches the chunks of the holder's download under way into `session`,
+/// each checked against the holder's chaining value, until all are here.
+async fn follow(
+    shared: &Arc<Shared>,
+    session: &Arc<Session>,
+    holder: &str,
+    progress: &watch::Sender<Progress>,
+) -> Followed {
+    let Ok(conn) = shared.connect(holder).await else {
+        return Followed::Stalled;
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut last_progress = Instant::now();
+    let mut from_holder = 0u64;
+    loop {
+        if shared.shutdown.is_cancelled() {
+            return Followed::Stalled;
+        }
+        let get = Req::GetSession(pb::GetSession {
+            key: session.key.clone(),
+        });
+        let Some(offer) = ask(&conn, get, &tx, &mut rx).await else {
+            return Followed::Stalled;
+        };
+        let Resp::Session(state) = offer else {
+            return Followed::Stalled;
+        };
+        let Some(offer) = Offer::read(&state) else {
+            return Followed::Lied("a malformed session answer".into());
+        };
+        if offer.validators.size == 0 && offer.chunks.is_empty() {
+            if last_progress.elapsed() > FOLLOW_STALL {
+                return Followed::Stalled;
+            }
+            tokio::time::sleep(FOLLOW_POLL).await;
+            continue;
+        }
+        if nebula_common::Geometry::new(offer.validators.size).chunk_count() <= 1 {
+            return Followed::Wait;
+        }
+        session.begin(&offer.validators);
+        let wanted: Vec<(u32, [u8; 32])> = offer
+            .chunks
+            .iter()
+            .filter(|(i, _)| !session.has(*i))
+            .take(FOLLOW_BATCH)
+            .copied()
+            .collect();
+        if wanted.is_empty() {
+            if session.is_complete() {
+                return Followed::Complete(from_holder);
+            }
+            if last_progress.elapsed() > FOLLOW_STALL {
+                return Followed::Stalled;
+            }
+            tokio::time::sleep(FOLLOW_POLL).await;
+            continue;
+        }
+        let get = Req::GetChunks(pb::GetChunks {
+            chunks: wanted.iter().map(|(i, _)| *i).collect(),
+            session: session.key.clone(),
+            ..pb::GetChunks::default()
+        });
+        let Some(rid) = conn.request(get, &tx).await else {
+            return Followed::Stalled;
+        };
+        let mut pieces: Vec<Bytes> = Vec::new();
+        let mut next = 0;
+        while next < wanted.len() {
+            let reply = tokio::time::timeout(FOLLOW_STALL, rx.recv()).await;
+            match reply {
+                Ok(Some(Reply::Answer(id, Resp::Piece(p)))) if id == rid => {
+                    let (index, cv) = wanted[next];
+                    if p.chunk != index {
+                        conn.finish(rid);
+                        return Followed::Lied(format!("chunk {} sent for {index}", p.chunk));
+                    }
+                    pieces.push(p.data);
+                    if !p.last {
+                        continue;
+                    }
+                    let data = std::mem::take(&mut pieces).concat();
+                    let len = data.len() as u64;
+                    let s = Arc::clone(session);
+                    let accepted = tokio::task::spawn_blocking(move || s.accept(index, &data, cv))
+                        .await
+                        .unwrap_or(Err(session::Refused::Malformed));
+                    match accepted {
+                        Ok(()) => {
+                            shared.metrics.chunk_received(
+                                Source::Peer,
+                                len,
+                                last_progress.elapsed(),
+                            );
+                            shared.downloaded_bytes.fetch_add(len, Ordering::Relaxed);
+                            from_holder += len;
+                            last_progress = Instant::now();
+                            progress.send_modify(|p| {
+                                p.bytes_done = session.bytes_held();
+                                p.total = offer.validators.size;
+                                p.providers = 1;
+                            });
+                        }
+                        Err(why) => {
+                            shared.metrics.chunk_rejected();
+                            conn.finish(rid);
+                            return Followed::Lied(format!("chunk {index}: {why:?}"));
+                        }
+                    }
+                    next += 1;
+                }
+                Ok(Some(Reply::Answer(id, _))) if id == rid => {
+                    // Busy, or not there after all: ask again shortly.
+                    break;
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => {
+                    conn.finish(rid);
+                    return Followed::Stalled;
+                }
+            }
+        }
+        conn.finish(rid);
+        if next < wanted.len() {
+            tokio::time::sleep(FOLLOW_POLL).await;
+        }
+    }
+}
+
+/// One request and its first answer.
+async fn ask(
+    conn: &Connection,
+    req: Req,
+    tx: &mpsc::UnboundedSender<Reply>,
+    rx: &mut mpsc::UnboundedReceiver<Reply>,
+) -> Option<Resp> {
+    let rid = conn.request(req, tx).await?;
+    let deadline = Instant::now() + FOLLOW_STALL;
+    let answer = loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(Reply::Answer(id, resp))) if id == rid => break Some(resp),
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => break None,
+        }
+    };
+    conn.finish(rid);
+    answer
+}
+
+async fn report(shared: &Shared, peer_id: &str, why: &str) {
+    let Some(control) = shared.control.clone() else {
+        return;
+    };
+    let request = pb::ReportPeerRequest {
+        reporter_id: shared.peer_id.clone(),
+        peer_id: peer_id.to_owned(),
+        blob: String::new(),
+        reason: format!("origin download: {why}"),
+    };
+    if let Err(e) = control.report_peer(request).await {
+        tracing::debug!(error = %e.message(), "report failed");
+    }
+}
+
+/// While the holder makes progress, keeps its origin lease alive by asking
+/// again; a holder whose origin has sent nothing for the origin timeout
+/// stops renewing, so a waiting peer takes over.
+fn renew_lease(
+    shared: &Arc<Shared>,
+    key: &str,
+    ttl_ms: u64,
+    counters: &Arc<Counters>,
+) -> tokio_util::sync::DropGuard {
     let stop = tokio_util::sync::CancellationToken::new();
     let guard = stop.clone().drop_guard();
     let shared = Arc::clone(shared);
+    let counters = Arc::clone(counters);
     let key = key.to_owned();
     let every = Duration::from_millis((ttl_ms / 3).max(100));
     tokio::spawn(async move {
         let Some(control) = shared.control.clone() else {
             return;
         };
+        let mut last = (0, Instant::now());
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep(every) => {}
+            }
+            let received = counters.received.load(Ordering::Relaxed);
+            if received != last.0 {
+                last = (received, Instant::now());
+            } else if last.1.elapsed() > shared.config.origin_timeout {
+                tracing::warn!("the origin has sent nothing for a while; letting the lease go");
+                continue;
             }
             let ask = pb::ResolveUrlRequest {
                 peer_id: shared.peer_id.clone(),
@@ -364,25 +652,107 @@ async fn record(shared: &Shared, key: &str, blob: BlobId, v: &Validators) {
     }
 }
 
-/// The lease holder's work: revalidate a known blob, or download anew.
+/// The lease holder's work: revalidate a known blob, carry on from the
+/// chunks already here, or download anew.
 async fn lease_holder(
     shared: &Arc<Shared>,
     req: &UrlFetch,
     known: Option<(BlobId, Validators)>,
+    session: &Arc<Session>,
+    counters: &Arc<Counters>,
     progress: &watch::Sender<Progress>,
 ) -> Result<(FetchOutcome, Validators), FetchError> {
-    if let Some((id, validators)) = known {
-        match from_origin_checked(shared, req, Some(&validators), progress).await? {
-            Fetched::NotModified => match from_swarm(shared, req, id, progress).await {
-                Ok(outcome) => return Ok((outcome, validators)),
+    let target = req.target();
+    let ticker = publish_progress(Arc::clone(session), Arc::clone(counters), progress.clone());
+    let _ticker = AbortOnDrop(ticker);
+    let held = session.validators().filter(|_| session.bytes_held() > 0);
+    let mut validators = None;
+    if let Some(v) = held {
+        tracing::info!(
+            held = session.bytes_held(),
+            "taking over the origin download; fetching only what the fleet lacks"
+        );
+        match shared
+            .origin
+            .resume(&target, &v, &session.missing(), session.file(), counters)
+            .await
+        {
+            Ok(v) => validators = Some(v),
+            Err(OriginError::Changed { .. }) => session.reset(),
+            Err(e) => return Err(e.into()),
+        }
+    } else if let Some((id, v)) = known {
+        match shared
+            .origin
+            .download(&target, Some(&v), session.file(), counters)
+            .await?
+        {
+            http::Downloaded::NotModified => match from_swarm(shared, req, id, progress).await {
+                Ok(outcome) => return Ok((outcome, v)),
                 Err(FetchError::NoProviders { .. }) => {}
                 Err(e) => return Err(e),
             },
-            Fetched::Blob(outcome, v) => return Ok((outcome, v)),
+            http::Downloaded::Complete(v) => validators = Some(v),
         }
     }
-    let (outcome, v) = from_origin_unconditional(shared, req, progress).await?;
-    Ok((outcome, v))
+    let validators = match validators {
+        Some(v) => v,
+        None => match shared
+            .origin
+            .download(&target, None, session.file(), counters)
+            .await?
+        {
+            http::Downloaded::Complete(v) => v,
+            http::Downloaded::NotModified => return Err(not_modified(req)),
+        },
+    };
+    let origin_bytes = counters.received.load(Ordering::Relaxed);
+    shared.metrics.origin_received(origin_bytes);
+    let outcome = finish(shared, req, session, origin_bytes, Vec::new(), progress).await?;
+    Ok((outcome, validators))
+}
+
+fn not_modified(req: &UrlFetch) -> FetchError {
+    FetchError::Origin(OriginError::Transport {
+        url: http::redacted(&req.url),
+        reason: "answered 304 Not Modified to an unconditional request".into(),
+    })
+}
+
+/// Adds a whole download to the store (which hashes it into its id) and
+/// checks `--digest`; a mismatch keeps nothing.
+async fn finish(
+    shared: &Arc<Shared>,
+    req: &UrlFetch,
+    session: &Arc<Session>,
+    origin_bytes: u64,
+    sources: Vec<SourceBytes>,
+    progress: &watch::Sender<Progress>,
+) -> Result<FetchOutcome, FetchError> {
+    let (store, s) = (Arc::clone(&shared.store), Arc::clone(session));
+    let blob = tokio::task::spawn_blocking(move || store.add_file(s.path()))
+        .await
+        .map_err(|_| FetchError::Cancelled)??;
+    if let Err(e) = check_digest(req, &blob).await {
+        // Nothing is kept from content the user did not ask for.
+        let _ = shared.store.remove(&blob.id());
+        session.reset();
+        return Err(e);
+    }
+    let size = blob.outboard().size();
+    progress.send_replace(Progress {
+        id: Some(blob.id()),
+        bytes_done: size,
+        total: size,
+        ..Progress::default()
+    });
+    Ok(FetchOutcome {
+        blob,
+        resumed_bytes: 0,
+        sources,
+        origin_bytes,
+        notice: None,
+    })
 }
 
 /// A recorded blob, from the store or the swarm; checked against `--digest`.
@@ -403,91 +773,32 @@ async fn from_swarm(
     Ok(outcome)
 }
 
-/// A fetch from the origin straight away (no lease, no record).
+/// A fetch from the origin straight away (no lease, no record, no sharing).
 async fn from_origin(
     shared: &Arc<Shared>,
     req: &UrlFetch,
     progress: &watch::Sender<Progress>,
 ) -> Result<FetchOutcome, FetchError> {
-    Ok(from_origin_unconditional(shared, req, progress).await?.0)
-}
-
-async fn from_origin_unconditional(
-    shared: &Arc<Shared>,
-    req: &UrlFetch,
-    progress: &watch::Sender<Progress>,
-) -> Result<(FetchOutcome, Validators), FetchError> {
-    match from_origin_checked(shared, req, None, progress).await? {
-        Fetched::Blob(outcome, v) => Ok((outcome, v)),
-        // The client answers NotModified only to a conditional request.
-        Fetched::NotModified => Err(FetchError::Origin(OriginError::Transport {
-            url: http::redacted(&req.url),
-            reason: "answered 304 Not Modified to an unconditional request".into(),
-        })),
-    }
-}
-
-enum Fetched {
-    NotModified,
-    Blob(FetchOutcome, Validators),
-}
-
-/// Downloads from the origin into a scratch file, adds it to the store
-/// (which hashes it) and checks `--digest`; a mismatch keeps nothing.
-async fn from_origin_checked(
-    shared: &Arc<Shared>,
-    req: &UrlFetch,
-    known: Option<&Validators>,
-    progress: &watch::Sender<Progress>,
-) -> Result<Fetched, FetchError> {
-    let store = Arc::clone(&shared.store);
-    let scratch = tokio::task::spawn_blocking(move || store.scratch())
-        .await
-        .map_err(|_| FetchError::Cancelled)??;
+    let session = new_session(shared, "").await?;
     let counters = Arc::new(Counters::default());
-    let ticker = publish_progress(Arc::clone(&counters), progress.clone());
+    let ticker = publish_progress(
+        Arc::clone(&session),
+        Arc::clone(&counters),
+        progress.clone(),
+    );
+    let _ticker = AbortOnDrop(ticker);
     let target = req.target();
-    let downloaded = tokio::select! {
-        r = shared.origin.download(&target, known, scratch.file(), &counters) => r,
-        () = shared.shutdown.cancelled() => return Err(FetchError::Cancelled),
-    };
-    ticker.abort();
+    match shared
+        .origin
+        .download(&target, None, session.file(), &counters)
+        .await?
+    {
+        http::Downloaded::Complete(_) => {}
+        http::Downloaded::NotModified => return Err(not_modified(req)),
+    }
     let origin_bytes = counters.received.load(Ordering::Relaxed);
     shared.metrics.origin_received(origin_bytes);
-    let validators = match downloaded? {
-        http::Downloaded::NotModified => return Ok(Fetched::NotModified),
-        http::Downloaded::Complete(v) => v,
-    };
-    let store = Arc::clone(&shared.store);
-    let blob = tokio::task::spawn_blocking(move || {
-        let blob = store.add_file(scratch.path());
-        drop(scratch);
-        blob
-    })
-    .await
-    .map_err(|_| FetchError::Cancelled)??;
-    if let Err(e) = check_digest(req, &blob).await {
-        // Nothing is kept from content the user did not ask for.
-        let _ = shared.store.remove(&blob.id());
-        return Err(e);
-    }
-    let size = blob.outboard().size();
-    progress.send_replace(Progress {
-        id: Some(blob.id()),
-        bytes_done: size,
-        total: size,
-        ..Progress::default()
-    });
-    Ok(Fetched::Blob(
-        FetchOutcome {
-            blob,
-            resumed_bytes: 0,
-            sources: Vec::new(),
-            origin_bytes,
-            notice: None,
-        },
-        validators,
-    ))
+    finish(shared, req, &session, origin_bytes, Vec::new(), progress).await
 }
 
 /// Checks a blob against the `--digest` the user gave, if any.
@@ -516,8 +827,18 @@ async fn check_digest(req: &UrlFetch, blob: &Arc<Blob>) -> Result<(), FetchError
     })
 }
 
-/// Publishes the download's progress until aborted.
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Publishes an origin download's progress until aborted.
 fn publish_progress(
+    session: Arc<Session>,
     counters: Arc<Counters>,
     progress: watch::Sender<Progress>,
 ) -> tokio::task::JoinHandle<()> {
@@ -525,7 +846,10 @@ fn publish_progress(
         let mut last = (Instant::now(), 0u64);
         loop {
             tokio::time::sleep(PROGRESS_TICK).await;
-            let done = counters.written.load(Ordering::Relaxed);
+            let done = counters
+                .written
+                .load(Ordering::Relaxed)
+                .max(session.bytes_held());
             let secs = last.0.elapsed().as_secs_f64().max(1e-3);
             let rate = (done.saturating_sub(last.1) as f64 / secs) as u64;
             last = (Instant::now(), done);

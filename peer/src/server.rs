@@ -53,6 +53,10 @@ impl ExchangeService {
 enum Work {
     Outboard(u64, BlobId),
     Chunk(u64, BlobId, u32),
+    /// A `GetSession`: the state of an origin download under way.
+    Session(u64, String),
+    /// A chunk of an origin download under way.
+    SessionChunk(u64, String, u32),
     Answer(ExchangeResponse),
     /// The dialing side sent what cannot be read: end the stream with this.
     Fail(Status),
@@ -101,6 +105,15 @@ fn answer(request_id: u64, kind: Resp) -> ExchangeResponse {
         request_id,
         kind: Some(kind),
     }
+}
+
+fn busy(request_id: u64) -> ExchangeResponse {
+    answer(
+        request_id,
+        Resp::Busy(pb::Busy {
+            retry_after_ms: BUSY_RETRY.as_millis() as u64,
+        }),
+    )
 }
 
 fn error(request_id: u64, code: pb::error::Code, message: String) -> ExchangeResponse {
@@ -239,6 +252,21 @@ async fn read_requests(
                 );
                 vec![(Work::Answer(error(id, pb::error::Code::Invalid, msg)), None)]
             }
+            Some(Req::GetSession(get)) => vec![(Work::Session(id, get.key), None)],
+            Some(Req::GetChunks(get)) if !get.session.is_empty() => get
+                .chunks
+                .iter()
+                .map(|&chunk| match Slot::take(&shared, &stream_slots) {
+                    Some(slot) => (
+                        Work::SessionChunk(id, get.session.clone(), chunk),
+                        Some(slot),
+                    ),
+                    None => {
+                        shared.metrics.refused(Refusal::Busy);
+                        (Work::Answer(busy(id)), None)
+                    }
+                })
+                .collect(),
             Some(Req::GetChunks(get)) => match parse(&get.blob) {
                 Ok(blob) => {
                     watch(blob);
@@ -248,10 +276,7 @@ async fn read_requests(
                             Some(slot) => (Work::Chunk(id, blob, chunk), Some(slot)),
                             None => {
                                 shared.metrics.refused(Refusal::Busy);
-                                let busy = Resp::Busy(pb::Busy {
-                                    retry_after_ms: BUSY_RETRY.as_millis() as u64,
-                                });
-                                (Work::Answer(answer(id, busy)), None)
+                                (Work::Answer(busy(id)), None)
                             }
                         })
                         .collect()
@@ -317,6 +342,20 @@ async fn serve_work(
                         return;
                     }
                     Work::Outboard(id, blob) => send(outboard(&shared, id, blob)).await,
+                    Work::Session(id, key) => {
+                        let msg = match shared.sessions.get(&key) {
+                            Some(s) => answer(id, Resp::Session(s.to_wire())),
+                            None => error(id, pb::error::Code::NotFound, "no such origin download here".into()),
+                        };
+                        send(msg).await
+                    }
+                    Work::SessionChunk(id, key, chunk) => {
+                        if cancelled.lock().unwrap_or_else(|e| e.into_inner()).remove(&id) {
+                            true
+                        } else {
+                            serve_session_chunk(&shared, id, &key, chunk, &send).await
+                        }
+                    }
                     Work::Chunk(id, blob, chunk) => {
                         if cancelled.lock().unwrap_or_else(|e| e.into_inner()).remove(&id) {
                             true
@@ -471,6 +510,54 @@ where
             .await;
         }
     };
+    send_chunk(shared, id, chunk, data, send).await
+}
+
+/// Serves a chunk of an origin download under way (see `crate::origin`).
+async fn serve_session_chunk<F, Fut>(
+    shared: &Arc<Shared>,
+    id: u64,
+    key: &str,
+    chunk: u32,
+    send: &F,
+) -> bool
+where
+    F: Fn(ExchangeResponse) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let session = shared.sessions.get(key).map(|s| Arc::clone(s.value()));
+    let data = match session {
+        Some(s) => tokio::task::spawn_blocking(move || s.read_chunk(chunk))
+            .await
+            .ok()
+            .flatten(),
+        None => None,
+    };
+    match data {
+        Some(data) => send_chunk(shared, id, chunk, data, send).await,
+        None => {
+            send(error(
+                id,
+                pb::error::Code::NotFound,
+                format!("chunk {chunk} of that origin download is not here"),
+            ))
+            .await
+        }
+    }
+}
+
+/// Sends a chunk's bytes in pieces, within the upload limit.
+async fn send_chunk<F, Fut>(
+    shared: &Arc<Shared>,
+    id: u64,
+    chunk: u32,
+    data: Bytes,
+    send: &F,
+) -> bool
+where
+    F: Fn(ExchangeResponse) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
     let data = crate::fault::corrupt_served_chunk(data);
     let len = data.len();
     let mut offset = 0;

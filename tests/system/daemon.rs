@@ -272,6 +272,7 @@ fn a_stalled_receiver_does_not_block_others() {
             kind: Some(pb::exchange_request::Kind::GetChunks(pb::GetChunks {
                 blob: id.to_string(),
                 chunks: (0..128).collect(),
+                ..pb::GetChunks::default()
             })),
         })
         .await

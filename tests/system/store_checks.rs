@@ -10,7 +10,7 @@ use nebula_control::{
     Config, Health, Load, MemoryStore, PeerId, RedisConfig, RedisStore, Registry, RegistryError,
     Standing, StateStore,
     registry::ProviderQuery,
-    store::{Announcement, BlobAnnouncement, PeerRegistration, Registered},
+    store::{Announcement, BlobAnnouncement, OriginLease, PeerRegistration, Registered, UrlRecord},
 };
 
 use crate::support::RedisServer;
@@ -21,6 +21,9 @@ fn config() -> Config {
     Config {
         lease_ttl: LEASE,
         heartbeat_interval: Duration::from_millis(200),
+        url_ttl: Duration::from_millis(1000),
+        origin_lease_ttl: Duration::from_millis(1000),
+        url_ignore_query: vec!["sig".into()],
         ..Config::default()
     }
 }
@@ -61,6 +64,7 @@ on_every_store!(
     check_bans_and_drains,
     check_partial_bitmaps_and_full_inventory,
     check_large_inventories,
+    check_urls_and_origin_leases,
 );
 
 fn id(s: &str) -> PeerId {
@@ -556,4 +560,60 @@ async fn redis_entries_expire_past_their_horizon_unless_heartbeats_push_them() {
     assert_eq!(r.stats().await.unwrap().store.provider_entries, 1);
     // Both still hold their leases.
     assert_eq!(r.peers().await.unwrap().len(), 2);
+}
+
+async fn check_urls_and_origin_leases<S: StateStore>(r: &Registry<S>) {
+    let (a, b) = (id("a"), id("b"));
+    r.register(reg("a", 1101, "")).await.unwrap();
+    r.register(reg("b", 1102, "")).await.unwrap();
+    let url = "https://o.example/m.bin?v=1&sig=AAA";
+    // Unknown: the first asker takes the lease; the next is told who holds it
+    // and where (the ignored `sig` makes both one URL).
+    let first = r.resolve_url(&a, url, false).await.unwrap();
+    assert!(first.record.is_none() && !first.fresh);
+    assert_eq!(first.lease, Some(OriginLease::Granted));
+    let second = r
+        .resolve_url(&b, "https://o.example/m.bin?v=1&sig=BBB", false)
+        .await
+        .unwrap();
+    assert_eq!(second.lease, Some(OriginLease::HeldBy("a".into())));
+    assert_eq!(second.holder_address.as_deref(), Some("127.0.0.1:1101"));
+    assert_eq!(second.session, first.session);
+    assert_eq!(
+        r.resolve_url(&a, url, true).await.unwrap().lease,
+        Some(OriginLease::Granted),
+        "the holder renews its own lease"
+    );
+    // Recorded: fresh for everyone, and the holder's lease is given up.
+    let record = UrlRecord {
+        blob: blob(1),
+        size: 10,
+        etag: "\"e1\"".into(),
+        last_modified: String::new(),
+        checked_at_ms: 0,
+    };
+    r.record_url(&a, url, record).await.unwrap();
+    let fresh = r.resolve_url(&b, url, false).await.unwrap();
+    assert!(fresh.fresh && fresh.lease.is_none());
+    assert_eq!(fresh.record.unwrap().blob, blob(1));
+    assert_eq!(
+        r.resolve_url(&b, url, true).await.unwrap().lease,
+        Some(OriginLease::Granted),
+        "refresh (the swarm lost the blob) asks for the lease"
+    );
+    // Past the TTL: stale but kept with its validators; b's unrenewed lease lapsed.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let stale = r.resolve_url(&a, url, false).await.unwrap();
+    assert!(!stale.fresh);
+    assert_eq!(stale.record.unwrap().etag, "\"e1\"");
+    assert_eq!(stale.lease, Some(OriginLease::Granted));
+    // Another query value is another URL; credentials and strangers are refused.
+    let other = r.resolve_url(&a, "https://o.example/m.bin?v=2", false);
+    assert!(other.await.unwrap().record.is_none());
+    let creds = r
+        .resolve_url(&a, "https://u:p@o.example/m.bin", false)
+        .await;
+    assert!(matches!(creds, Err(RegistryError::Url(_))), "{creds:?}");
+    let stranger = r.resolve_url(&id("zz"), url, false).await;
+    assert!(matches!(stranger, Err(RegistryError::UnknownPeer { .. })));
 }

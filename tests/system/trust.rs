@@ -373,6 +373,7 @@ fn trust_unreadable_exchange_input_gets_an_error_status() {
         kind: Some(pb::exchange_request::Kind::GetChunks(pb::GetChunks {
             blob: id.clone(),
             chunks: (0..2_000_000).collect(),
+            ..pb::GetChunks::default()
         })),
     };
     let ended = rt.block_on(raw_exchange(target, vec![huge.encode_to_vec().into()]));
@@ -419,6 +420,7 @@ fn get_chunks(request_id: u64, blob: &str, chunks: Vec<u32>) -> pb::ExchangeRequ
         kind: Some(pb::exchange_request::Kind::GetChunks(pb::GetChunks {
             blob: blob.into(),
             chunks,
+            ..pb::GetChunks::default()
         })),
     }
 }

@@ -612,6 +612,12 @@ impl StateStore for MemoryStore {
         }
     }
 
+    async fn release_origin_lease(&self, url: &UrlKey, peer: &PeerId) -> Result<(), StoreError> {
+        self.origin_leases
+            .remove_if(&url.0, |_, (holder, _)| holder == peer);
+        Ok(())
+    }
+
     async fn expire(&self) -> Result<Vec<PeerId>, StoreError> {
         let now = Instant::now();
         self.urls.retain(|_, e| e.1 > now);

@@ -1662,6 +1662,21 @@ impl StateStore for RedisStore {
         })
         .await
     }
+
+    async fn release_origin_lease(&self, url: &UrlKey, peer: &PeerId) -> Result<(), StoreError> {
+        self.run("release_origin_lease", async {
+            let mut conn = self.conn.clone();
+            let _: i64 = redis::Script::new(
+                "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+            )
+            .key(format!("{}:lease", self.url_key(url)))
+            .arg(peer.as_str())
+            .invoke_async(&mut conn)
+            .await?;
+            Ok(())
+        })
+        .await
+    }
 }
 
 #[cfg(test)]

@@ -29,6 +29,8 @@ use reqwest::{
 };
 use url::Url;
 
+use super::session::Session;
+
 /// Redirects followed before giving up.
 pub(crate) const MAX_REDIRECTS: usize = 10;
 /// Attempts at one piece (the first plus resumes) before the download fails.
@@ -136,6 +138,8 @@ pub(crate) struct Counters {
     pub(crate) written: AtomicU64,
     /// The total size, once the origin said it.
     pub(crate) total: AtomicU64,
+    /// Shares the download with other peers as it arrives.
+    pub(crate) session: Option<Arc<Session>>,
 }
 
 /// The HTTP client of origin downloads.
@@ -207,10 +211,48 @@ impl OriginClient {
             Err(OriginError::Changed { .. }) => {
                 tracing::info!(url = %redacted(&target.url), "origin content changed midway; starting over");
                 counters.written.store(0, Ordering::Relaxed);
+                if let Some(s) = &counters.session {
+                    s.reset();
+                }
                 self.attempt(target, known, file, counters).await
             }
             other => other,
         }
+    }
+
+    /// Fetches only `ranges` (inclusive byte ranges) of the version `v`, into
+    /// a file that holds the rest: a download carried on from chunks other
+    /// peers already had. Content that changed meanwhile is
+    /// [`OriginError::Changed`]; the caller then starts over.
+    pub(crate) async fn resume(
+        &self,
+        target: &Target,
+        v: &Validators,
+        ranges: &[(u64, u64)],
+        file: &Arc<File>,
+        counters: &Counters,
+    ) -> Result<Validators, OriginError> {
+        counters.total.store(v.size, Ordering::Relaxed);
+        file_len(file, v.size)?;
+        let mut pieces = Vec::new();
+        for &(start, end) in ranges {
+            let mut at = start;
+            while at <= end {
+                let stop = (at + self.piece - 1).min(end);
+                pieces.push((at, stop));
+                at = stop + 1;
+            }
+        }
+        let piece = Piece {
+            client: self,
+            target,
+            url: &target.url,
+            validators: v,
+            file,
+            counters,
+        };
+        piece.run_all(pieces, self.connections).await?;
+        Ok(v.clone())
     }
 
     async fn attempt(
@@ -232,6 +274,9 @@ impl OriginClient {
                 };
                 let end = resp.content_length();
                 counters.total.store(end.unwrap_or(0), Ordering::Relaxed);
+                if let (Some(s), Some(_)) = (&counters.session, end) {
+                    s.begin(&validators);
+                }
                 let written = stream_into(resp, file, 0, end, counters)
                     .await
                     .map_err(|(_, e)| e.at(&shown))?;
@@ -261,6 +306,9 @@ impl OriginClient {
                 };
                 counters.total.store(total, Ordering::Relaxed);
                 file_len(file, total)?;
+                if let Some(s) = &counters.session {
+                    s.begin(&validators);
+                }
                 let first = (0, first_end.min(total.saturating_sub(1)));
                 let piece = Piece {
                     client: self,
@@ -569,10 +617,17 @@ async fn flush(
     let data: Bytes = buf.split().freeze();
     let len = data.len() as u64;
     let file = Arc::clone(file);
-    tokio::task::spawn_blocking(move || file.write_all_at(&data, at))
-        .await
-        .map_err(|_| BodyError::Io("the writing task failed".into()))?
-        .map_err(|e| BodyError::Io(e.to_string()))?;
+    let session = counters.session.clone();
+    tokio::task::spawn_blocking(move || {
+        file.write_all_at(&data, at)?;
+        if let Some(s) = session {
+            s.wrote(at, len);
+        }
+        Ok::<(), std::io::Error>(())
+    })
+    .await
+    .map_err(|_| BodyError::Io("the writing task failed".into()))?
+    .map_err(|e| BodyError::Io(e.to_string()))?;
     counters.written.fetch_add(len, Ordering::Relaxed);
     Ok(at + len)
 }

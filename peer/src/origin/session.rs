@@ -1,0 +1,356 @@
+//! [`Session`]: an origin download under way, shared with other peers before
+//! its blob id exists.
+//!
+//! The leaseholder writes the origin's bytes into a scratch file; each chunk,
+//! once whole, gets its chaining value (which depends only on the chunk's
+//! bytes and index, not on the rest of the blob). Waiting peers ask the holder
+//! for its session (`GetSession`), fetch the chunks it holds (`GetChunks` with
+//! `session`), check each against the holder's chaining value before writing
+//! it into their own session, and end with the whole file, which the store
+//! hashes into the blob id. A waiting peer that takes the lease over keeps
+//! its chunks and asks the origin only for the rest.
+
+use std::{
+    fs::File,
+    os::unix::fs::FileExt,
+    path::Path,
+    sync::{Arc, Mutex, MutexGuard},
+};
+
+use bytes::Bytes;
+use nebula_common::{ChunkSet, Geometry, Outboard, Scratch};
+use nebula_proto::v1 as pb;
+
+use super::http::Validators;
+
+/// One origin download, as a holder or a follower of it.
+#[derive(Debug)]
+pub(crate) struct Session {
+    /// The control plane's name for it.
+    pub(crate) key: String,
+    scratch: Scratch,
+    layout: Mutex<Option<Layout>>,
+}
+
+/// What is known once the origin has said what it sends.
+#[derive(Debug)]
+struct Layout {
+    validators: Validators,
+    geometry: Geometry,
+    have: ChunkSet,
+    /// Chaining values of the chunks held; zero elsewhere.
+    cvs: Vec<[u8; 32]>,
+    /// Bytes written into each chunk (the holder's count, to know when a
+    /// chunk is whole).
+    filled: Vec<u64>,
+}
+
+impl Layout {
+    fn new(validators: Validators) -> Self {
+        let geometry = Geometry::new(validators.size);
+        let n = geometry.chunk_count() as usize;
+        Self {
+            validators,
+            geometry,
+            have: ChunkSet::new(n as u32),
+            cvs: vec![[0; 32]; n],
+            filled: vec![0; n],
+        }
+    }
+}
+
+/// Why a chunk from another peer's session was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// Its bytes do not hash to the chaining value the holder gave.
+    Mismatch,
+    /// Not a chunk of this download, or of another length.
+    Malformed,
+}
+
+impl Session {
+    /// An empty session writing into `scratch`.
+    pub(crate) fn new(key: String, scratch: Scratch) -> Arc<Self> {
+        Arc::new(Self {
+            key,
+            scratch,
+            layout: Mutex::new(None),
+        })
+    }
+
+    fn layout(&self) -> MutexGuard<'_, Option<Layout>> {
+        // Every update is one step; a panic cannot leave it half-done.
+        self.layout.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The scratch file.
+    pub(crate) fn file(&self) -> &Arc<File> {
+        self.scratch.file()
+    }
+
+    /// Where the scratch file is.
+    pub(crate) fn path(&self) -> &Path {
+        self.scratch.path()
+    }
+
+    /// The origin is sending the version `v`: chunks of another version are
+    /// forgotten. Answers whether the chunks held were kept.
+    pub(crate) fn begin(&self, v: &Validators) -> bool {
+        let mut layout = self.layout();
+        if layout.as_ref().is_some_and(|l| l.validators == *v) {
+            return true;
+        }
+        *layout = Some(Layout::new(v.clone()));
+        false
+    }
+
+    /// Forgets everything (the content changed, or a peer lied).
+    pub(crate) fn reset(&self) {
+        *self.layout() = None;
+    }
+
+    /// The version held, if any.
+    pub(crate) fn validators(&self) -> Option<Validators> {
+        self.layout().as_ref().map(|l| l.validators.clone())
+    }
+
+    /// The holder wrote `len` bytes at `at`: chunks that are now whole are
+    /// read back and get their chaining values. Blocking.
+    pub(crate) fn wrote(&self, at: u64, len: u64) {
+        let whole: Vec<(u32, Geometry)> = {
+            let mut guard = self.layout();
+            let Some(l) = guard.as_mut() else { return };
+            let size = l.geometry.chunk_size();
+            let (first, last) = (at / size, (at + len).saturating_sub(1) / size);
+            let mut whole = Vec::new();
+            for i in first..=last.min(l.filled.len() as u64 - 1) {
+                let r = l.geometry.chunk_range(i as u32);
+                let overlap = (at + len).min(r.end).saturating_sub(at.max(r.start));
+                l.filled[i as usize] += overlap;
+                if l.filled[i as usize] >= r.end - r.start && !l.have.contains(i as u32) {
+                    whole.push((i as u32, l.geometry));
+                }
+            }
+            whole
+        };
+        for (i, geometry) in whole {
+            let r = geometry.chunk_range(i);
+            let mut data = vec![0; (r.end - r.start) as usize];
+            if self.file().read_exact_at(&mut data, r.start).is_err() {
+                continue;
+            }
+            let cv = Outboard::chunk_chaining_value(&geometry, i, &data);
+            if let Some(l) = self.layout().as_mut()
+                && l.geometry == geometry
+            {
+                l.cvs[i as usize] = cv;
+                l.have.insert(i);
+            }
+        }
+    }
+
+    /// A follower took `data` as chunk `index` from a holder that gave `cv`:
+    /// checked, written, and held. Blocking.
+    pub(crate) fn accept(&self, index: u32, data: &[u8], cv: [u8; 32]) -> Result<(), Refused> {
+        let geometry = match self.layout().as_ref() {
+            Some(l) if index < l.geometry.chunk_count() => l.geometry,
+            _ => return Err(Refused::Malformed),
+        };
+        let r = geometry.chunk_range(index);
+        if data.len() as u64 != r.end - r.start {
+            return Err(Refused::Malformed);
+        }
+        // blake3::Hash compares in constant time.
+        let got = blake3::Hash::from_bytes(Outboard::chunk_chaining_value(&geometry, index, data));
+        if got != blake3::Hash::from_bytes(cv) {
+            return Err(Refused::Mismatch);
+        }
+        if self.file().write_all_at(data, r.start).is_err() {
+            return Err(Refused::Malformed);
+        }
+        if let Some(l) = self.layout().as_mut()
+            && l.geometry == geometry
+        {
+            l.cvs[index as usize] = cv;
+            l.have.insert(index);
+            l.filled[index as usize] = r.end - r.start;
+        }
+        Ok(())
+    }
+
+    /// The bytes of a chunk held, for another peer. Blocking.
+    pub(crate) fn read_chunk(&self, index: u32) -> Option<Bytes> {
+        let r = {
+            let guard = self.layout();
+            let l = guard.as_ref()?;
+            if !l.have.contains(index) {
+                return None;
+            }
+            l.geometry.chunk_range(index)
+        };
+        let mut data = vec![0; (r.end - r.start) as usize];
+        self.file().read_exact_at(&mut data, r.start).ok()?;
+        Some(Bytes::from(data))
+    }
+
+    /// Whether chunk `index` is held.
+    pub(crate) fn has(&self, index: u32) -> bool {
+        self.layout()
+            .as_ref()
+            .is_some_and(|l| l.have.contains(index))
+    }
+
+    /// Every chunk is held.
+    pub(crate) fn is_complete(&self) -> bool {
+        self.layout()
+            .as_ref()
+            .is_some_and(|l| l.have.count() == l.geometry.chunk_count())
+    }
+
+    /// Bytes held.
+    pub(crate) fn bytes_held(&self) -> u64 {
+        self.layout()
+            .as_ref()
+            .map_or(0, |l| l.have.iter().map(|i| l.geometry.chunk_len(i)).sum())
+    }
+
+    /// Byte ranges (inclusive) of the chunks not held, merged, in order.
+    pub(crate) fn missing(&self) -> Vec<(u64, u64)> {
+        let guard = self.layout();
+        let Some(l) = guard.as_ref() else {
+            return Vec::new();
+        };
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for i in 0..l.geometry.chunk_count() {
+            if l.have.contains(i) {
+                continue;
+            }
+            let r = l.geometry.chunk_range(i);
+            match ranges.last_mut() {
+                Some(last) if last.1 + 1 == r.start => last.1 = r.end - 1,
+                _ => ranges.push((r.start, r.end - 1)),
+            }
+        }
+        ranges
+    }
+
+    /// What a `GetSession` answers.
+    pub(crate) fn to_wire(&self) -> pb::Session {
+        let guard = self.layout();
+        let Some(l) = guard.as_ref() else {
+            return pb::Session::default();
+        };
+        let cvs: Vec<u8> = l.have.iter().flat_map(|i| l.cvs[i as usize]).collect();
+        pb::Session {
+            size: l.validators.size,
+            etag: l.validators.etag.clone(),
+            last_modified: l.validators.last_modified.clone(),
+            chunks: Bytes::from(l.have.to_bitmap()),
+            chaining_values: Bytes::from(cvs),
+            complete: l.have.count() == l.geometry.chunk_count(),
+        }
+    }
+}
+
+/// A holder's `GetSession` answer, read: its version and the chaining value
+/// of each chunk it holds.
+#[derive(Debug)]
+pub(crate) struct Offer {
+    pub(crate) validators: Validators,
+    pub(crate) chunks: Vec<(u32, [u8; 32])>,
+}
+
+impl Offer {
+    /// `None` when the answer is malformed (a chaining value per chunk held).
+    pub(crate) fn read(s: &pb::Session) -> Option<Self> {
+        let validators = Validators {
+            size: s.size,
+            etag: s.etag.clone(),
+            last_modified: s.last_modified.clone(),
+        };
+        let count = Geometry::new(s.size).chunk_count();
+        let held = ChunkSet::from_bitmap(&s.chunks, count);
+        let indexes: Vec<u32> = held.iter().collect();
+        if s.chaining_values.len() != indexes.len() * 32 {
+            return None;
+        }
+        let chunks = indexes
+            .into_iter()
+            .zip(s.chaining_values.chunks_exact(32))
+            .map(|(i, cv)| (i, cv.try_into().unwrap_or([0; 32])))
+            .collect();
+        Some(Self { validators, chunks })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(dir: &Path) -> Arc<Session> {
+        let store = nebula_common::Store::open(dir).unwrap();
+        Session::new("k".into(), store.scratch().unwrap())
+    }
+
+    #[test]
+    fn a_holders_chunks_check_out_at_a_follower() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        let (holder, follower) = (session(&a), session(&b));
+        let size = 3 * (1 << 20) + 12345;
+        let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+        let v = Validators {
+            size: size as u64,
+            etag: "\"e\"".into(),
+            last_modified: String::new(),
+        };
+        holder.begin(&v);
+        // Written out of order, in odd pieces.
+        for (at, len) in [
+            (2_000_000u64, 1_000_000u64),
+            (0, 2_000_000),
+            (3_000_000, size as u64 - 3_000_000),
+        ] {
+            holder
+                .file()
+                .write_all_at(&data[at as usize..(at + len) as usize], at)
+                .unwrap();
+            holder.wrote(at, len);
+        }
+        assert!(holder.is_complete());
+        let offer = Offer::read(&holder.to_wire()).unwrap();
+        follower.begin(&offer.validators);
+        for &(i, cv) in &offer.chunks {
+            let chunk = holder.read_chunk(i).unwrap();
+            let mut bad = chunk.to_vec();
+            bad[10] ^= 1;
+            assert_eq!(follower.accept(i, &bad, cv), Err(Refused::Mismatch));
+            follower.accept(i, &chunk, cv).unwrap();
+        }
+        assert!(follower.is_complete());
+        assert_eq!(std::fs::read(follower.path()).unwrap(), data);
+        assert!(follower.missing().is_empty());
+    }
+
+    #[test]
+    fn missing_ranges_merge_and_a_new_version_forgets() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = session(dir.path());
+        let mib = 1u64 << 20;
+        let v = Validators {
+            size: 4 * mib,
+            ..Validators::default()
+        };
+        s.begin(&v);
+        s.file().set_len(4 * mib).unwrap();
+        s.wrote(mib, mib);
+        assert_eq!(s.missing(), vec![(0, mib - 1), (2 * mib, 4 * mib - 1)]);
+        assert_eq!(s.bytes_held(), mib);
+        assert!(s.begin(&v));
+        assert!(!s.begin(&Validators {
+            etag: "\"2\"".into(),
+            ..v
+        }));
+        assert_eq!(s.bytes_held(), 0);
+    }
+}
