@@ -16,6 +16,8 @@
 //!   against the same run unscraped), `swarm_unlimited`, `churn` (against the same run without
 //!   faults).
 //! - `memory`: peak resident memory of a daemon serving a small and a large blob.
+//! - `origin`: `origin_fanout`, N daemons fetching one URL from a rate-limited HTTP origin
+//!   (against F/U_o and one copy), beside the same N fetches straight from the origin.
 //! - `control_plane`: discovery throughput and memory per entry, in process.
 
 #[path = "../common/cluster.rs"]
@@ -23,6 +25,9 @@ mod cluster;
 mod control_plane;
 mod hash;
 mod memory;
+mod origin;
+#[path = "../common/origin.rs"]
+mod origin_server;
 mod swarm;
 mod transfer;
 
@@ -32,7 +37,7 @@ use clap::Parser;
 use serde_json::{Value, json};
 
 /// Every case, in the order they run.
-const CASES: [&str; 9] = [
+const CASES: [&str; 10] = [
     "hash",
     "single_stream",
     "multi_source",
@@ -42,6 +47,7 @@ const CASES: [&str; 9] = [
     "churn",
     "control_plane",
     "memory",
+    "origin_fanout",
 ];
 
 /// Measures Nebula Stream against references taken in the same run; prints JSON lines.
@@ -179,6 +185,7 @@ async fn run_case(bench: &Bench, case: &str) -> anyhow::Result<Value> {
         "swarm_unlimited" => swarm::swarm_unlimited(bench).await,
         "churn" => swarm::churn(bench).await,
         "control_plane" => Ok(control_plane::run(bench.quick).await),
+        "origin_fanout" => origin::origin_fanout(bench).await,
         "memory" => memory::run(bench).await,
         other => anyhow::bail!("unknown case {other}"),
     }
