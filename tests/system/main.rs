@@ -5,6 +5,7 @@ mod daemon;
 mod download;
 mod hash;
 mod observe;
+mod redis_state;
 mod replicas;
 mod store;
 mod store_checks;

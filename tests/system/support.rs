@@ -608,6 +608,105 @@ impl Metrics {
     }
 }
 
+/// A free loopback port: taken from the kernel and released, for programs
+/// that cannot be given port 0 (Redis, Sentinel).
+pub(crate) fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A certificate authority made for one test (rcgen, ring) and a server
+/// certificate it signed for 127.0.0.1, as PEM files in a directory.
+#[derive(Debug)]
+pub(crate) struct TestCa {
+    /// The CA's certificate: what a client given `--state-ca` trusts.
+    pub(crate) ca: PathBuf,
+    /// The server's certificate, for 127.0.0.1.
+    pub(crate) cert: PathBuf,
+    /// The server's private key.
+    pub(crate) key: PathBuf,
+}
+
+impl TestCa {
+    pub(crate) fn new(dir: &Path, name: &str) -> Self {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+            KeyPair, KeyUsagePurpose,
+        };
+        let mut ca_params = CertificateParams::new(Vec::new()).unwrap();
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, format!("{name} test CA"));
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca_key = KeyPair::generate().unwrap();
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+
+        let mut params = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "127.0.0.1");
+        params.use_authority_key_identifier_extension = true;
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &issuer).unwrap();
+
+        let files = Self {
+            ca: dir.join(format!("{name}-ca.pem")),
+            cert: dir.join(format!("{name}-cert.pem")),
+            key: dir.join(format!("{name}-key.pem")),
+        };
+        std::fs::write(&files.ca, ca_cert.pem()).unwrap();
+        std::fs::write(&files.cert, cert.pem()).unwrap();
+        std::fs::write(&files.key, key.serialize_pem()).unwrap();
+        files
+    }
+}
+
+/// Starts `redis-server` with `args` and stderr to `log`; panics (the test
+/// fails, never skips) when it is missing.
+fn spawn_redis(args: &[String], log: PathBuf) -> Proc {
+    let mut cmd = Command::new("redis-server");
+    // Redis logs to stdout; both streams go to `log`.
+    let out = File::create(&log).unwrap();
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stderr(out.try_clone().unwrap())
+        .stdout(out);
+    let child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+            "redis-server is not installed; run tests/install-deps.sh (apt-get install -y redis-server)"
+        ),
+        Err(e) => panic!("cannot start redis-server: {e}"),
+    };
+    Proc {
+        child,
+        log,
+        http: None,
+    }
+}
+
+/// Waits (bounded) until something listens on 127.0.0.1:`port`.
+fn wait_listening(port: u16, what: &str, proc: &Proc) {
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let up = wait_until(Duration::from_secs(10), || {
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+    });
+    assert!(
+        up,
+        "{what} did not listen on {addr}; log:\n{}",
+        proc.log_text()
+    );
+}
+
 /// A `redis-server` of its own: a free loopback port, a temporary directory,
 /// no persistence; SIGKILLed by pid when dropped.
 #[derive(Debug)]
@@ -615,59 +714,101 @@ pub(crate) struct RedisServer {
     proc: Option<Proc>,
     pub(crate) port: u16,
     dir: tempfile::TempDir,
+    /// Arguments beyond the port, directory and persistence ones.
+    extra: Vec<String>,
+    /// Whether its port speaks TLS only.
+    tls: bool,
 }
 
 impl RedisServer {
     /// Starts one; panics (the test fails, never skips) when `redis-server` is missing.
     pub(crate) fn start() -> Self {
-        // `--port 0` is not supported by Redis: take a free port from the
-        // kernel and release it just before Redis binds it.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        Self::start_with(Vec::new(), false)
+    }
+
+    /// One that speaks TLS only (`--port 0 --tls-port PORT`), with the
+    /// server certificate of `ca`; clients need no certificate.
+    pub(crate) fn start_tls(ca: &TestCa) -> Self {
+        Self::start_tls_with(ca, "no")
+    }
+
+    /// Like [`RedisServer::start_tls`], and clients must show a certificate `ca` signed.
+    pub(crate) fn start_mutual_tls(ca: &TestCa) -> Self {
+        Self::start_tls_with(ca, "yes")
+    }
+
+    fn start_tls_with(ca: &TestCa, auth_clients: &str) -> Self {
+        let path = |p: &Path| p.display().to_string();
+        let extra = vec![
+            "--tls-cert-file".into(),
+            path(&ca.cert),
+            "--tls-key-file".into(),
+            path(&ca.key),
+            "--tls-ca-cert-file".into(),
+            path(&ca.ca),
+            "--tls-auth-clients".into(),
+            auth_clients.into(),
+        ];
+        Self::start_with(extra, true)
+    }
+
+    /// A replica of `primary` (plain TCP).
+    pub(crate) fn start_replica_of(primary: &RedisServer) -> Self {
+        let extra = vec![
+            "--replicaof".into(),
+            "127.0.0.1".into(),
+            primary.port.to_string(),
+        ];
+        Self::start_with(extra, false)
+    }
+
+    fn start_with(extra: Vec<String>, tls: bool) -> Self {
         let mut server = Self {
             proc: None,
-            port,
+            port: free_port(),
             dir: tempfile::tempdir().unwrap(),
+            extra,
+            tls,
         };
         server.spawn();
         server
     }
 
     fn spawn(&mut self) {
-        let mut cmd = Command::new("redis-server");
-        cmd.args(["--bind", "127.0.0.1", "--port"])
-            .arg(self.port.to_string())
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stdin(Stdio::null());
-        let log = self.dir.path().join("redis.log");
-        cmd.stderr(File::create(&log).unwrap());
-        let child = match cmd.spawn() {
-            Ok(child) => child,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                panic!("redis-server is not installed; install it: apt-get install -y redis-server")
-            }
-            Err(e) => panic!("cannot start redis-server: {e}"),
-        };
-        self.proc = Some(Proc {
-            child,
-            log,
-            http: None,
-        });
-        let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
-        let up = wait_until(Duration::from_secs(10), || {
-            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-        });
-        assert!(up, "redis-server did not listen on {addr}");
+        let port = self.port.to_string();
+        let mut args: Vec<String> = vec!["--bind".into(), "127.0.0.1".into()];
+        if self.tls {
+            args.extend(["--port".into(), "0".into(), "--tls-port".into(), port]);
+        } else {
+            args.extend(["--port".into(), port]);
+        }
+        args.extend(
+            [
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+                "--dir",
+            ]
+            .map(String::from),
+        );
+        args.push(self.dir.path().display().to_string());
+        args.extend(self.extra.iter().cloned());
+        let proc = spawn_redis(&args, self.dir.path().join("redis.log"));
+        wait_listening(self.port, "redis-server", &proc);
+        self.proc = Some(proc);
     }
 
     pub(crate) fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// Its log so far.
+    pub(crate) fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
     }
 
     /// SIGKILLs it (its data is gone: nothing is persisted).
@@ -682,4 +823,65 @@ impl RedisServer {
         self.kill();
         self.spawn();
     }
+}
+
+/// A Redis Sentinel of its own (`redis-server CONF --sentinel`, no extra
+/// package) watching one primary as `service`: quorum 1, the primary
+/// declared down after 1 s without answers.
+#[derive(Debug)]
+pub(crate) struct Sentinel {
+    proc: Proc,
+    pub(crate) port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Sentinel {
+    pub(crate) fn start(primary: &RedisServer, service: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        // Sentinel rewrites its configuration file: it lives in its own directory.
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\n\
+                 sentinel monitor {service} 127.0.0.1 {} 1\n\
+                 sentinel down-after-milliseconds {service} 1000\n\
+                 sentinel failover-timeout {service} 5000\n\
+                 sentinel parallel-syncs {service} 1\n",
+                dir.path().display(),
+                primary.port,
+            ),
+        )
+        .unwrap();
+        let args = [conf.display().to_string(), "--sentinel".into()];
+        let proc = spawn_redis(&args, dir.path().join("sentinel.log"));
+        wait_listening(port, "redis sentinel", &proc);
+        Self { proc, port, dir }
+    }
+
+    /// Its log so far.
+    pub(crate) fn log_text(&self) -> String {
+        self.proc.log_text()
+    }
+}
+
+/// `redis-cli -p PORT ARGS…` (plain TCP), its stdout; bounded.
+pub(crate) fn redis_cli(port: u16, args: &[&str]) -> String {
+    let mut cmd = Command::new("redis-cli");
+    cmd.args(["-h", "127.0.0.1", "-p"])
+        .arg(port.to_string())
+        .arg("--raw")
+        .args(args);
+    let out = run_bounded(cmd, Duration::from_secs(10));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Members of a blob's swarm, as `nebula admin swarm` through `control` lists them.
+pub(crate) fn swarm_members(control: &str, id: &str) -> usize {
+    let mut cmd = nebula();
+    cmd.args(["admin", "swarm", id, "--json", "--control", control]);
+    let out = run_bounded(cmd, Duration::from_secs(10));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["members"].as_array().map_or(0, Vec::len)
 }
