@@ -13,6 +13,7 @@ use nebula_control::{
     Config, ControlPlane, PeerId, RedisClientCert, RedisConfig, RedisSetupError, RedisStore,
     RedisTls, StateStore,
 };
+use nebula_peer::replicas;
 use nebula_proto::v1::{
     GetSwarmRequest, ListPeersRequest, PeerInfo, PeerRequest, PeerState, StatsRequest,
     admin_client::AdminClient,
@@ -376,18 +377,11 @@ fn rpc_error(control: &str, status: Status) -> anyhow::Error {
     anyhow::anyhow!("{} ({})", status.message(), code_name(status.code()))
 }
 
-/// Connects to the first replica of `--control` that accepts a connection.
+/// Connects to the first replica of `--control` that accepts a connection;
+/// a host name counts once per address it resolves to.
 async fn connect(args: &AdminArgs) -> anyhow::Result<Admin> {
     // `--control` was checked and normalized by `parse_control_url`.
-    let urls: Vec<&str> = args.control.split(',').collect();
-    let mut endpoints = Vec::with_capacity(urls.len());
-    for &url in &urls {
-        let endpoint = Endpoint::from_shared(url.to_owned())
-            .map_err(|e| bad_input(format!("invalid --control {url:?}: {e}")))?
-            .connect_timeout(Duration::from_secs(5).min(args.timeout))
-            .timeout(args.timeout);
-        endpoints.push(endpoint);
-    }
+    let replicas = replicas::expand(&args.control, &replicas::SystemResolver).await;
     let token = match &args.admin_token {
         Some(t) => Some(
             format!("Bearer {t}")
@@ -397,19 +391,31 @@ async fn connect(args: &AdminArgs) -> anyhow::Result<Admin> {
         None => None,
     };
     let mut last = None;
-    for (url, endpoint) in urls.iter().zip(endpoints) {
+    for replica in &replicas {
+        let mut endpoint = Endpoint::from_shared(replica.url.clone())
+            .map_err(|e| bad_input(format!("invalid --control {:?}: {e}", replica.given)))?
+            .connect_timeout(Duration::from_secs(5).min(args.timeout))
+            .timeout(args.timeout);
+        if replica.resolved() {
+            // Requests name the host as given, not the address dialled.
+            let origin = replica
+                .given
+                .parse()
+                .map_err(|e| bad_input(format!("invalid --control {:?}: {e}", replica.given)))?;
+            endpoint = endpoint.origin(origin);
+        }
         match endpoint.connect().await {
             Ok(channel) => return Ok(AdminClient::with_interceptor(channel, Bearer(token))),
             Err(e) => {
-                tracing::debug!(%url, error = %e, "control-plane replica unreachable; trying the next");
+                tracing::debug!(%replica, error = %e, "control-plane replica unreachable; trying the next");
                 last = Some(
                     anyhow::Error::new(e)
-                        .context(format!("cannot reach the control plane at {url}")),
+                        .context(format!("cannot reach the control plane at {replica}")),
                 );
             }
         }
     }
-    // `urls` is not empty, so the loop stored at least one error.
+    // `expand` gives at least one replica per URL, so the loop stored an error.
     Err(last.unwrap_or_else(|| anyhow::anyhow!("cannot reach the control plane")))
 }
 

@@ -10,6 +10,7 @@
 //! - [`fetch`]: the multi-source downloader and its scheduler.
 //! - `membership`: registration, heartbeats, announcements.
 //! - `control`: the control-plane client, failing over between replicas.
+//! - [`replicas`]: the replicas a `--control` list names, a DNS name once per address.
 //! - `metrics`: Prometheus metrics and the daemon's HTTP endpoint.
 //! - [`local`]: `LocalApi`, the CLI's Unix-socket API.
 //! - [`limit`]: the token bucket behind upload and download limits.
@@ -25,6 +26,7 @@ pub mod local;
 mod membership;
 mod metrics;
 pub mod node;
+pub mod replicas;
 mod server;
 
 pub use config::Config;

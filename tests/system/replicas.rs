@@ -434,3 +434,22 @@ fn redis_restarted_empty_mid_fetch_the_fetch_completes_and_discovery_is_repopula
         "every holder listed after the fetches"
     );
 }
+
+#[test]
+fn control_urls_may_name_hosts_daemon_and_admin_resolve_them() {
+    // `localhost` resolves to 127.0.0.1 here (a name with several addresses
+    // counts once per address: see nebula-peer's `replicas` and `control`
+    // unit tests, which hand such names to the resolver seam).
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let control = Control::start_redis(dir.path(), &redis.url());
+    let by_name = format!("http://localhost:{}", control.addr.port());
+    let daemon = Daemon::start(dir.path(), "d0", &by_name, &[], &[]);
+    daemon.wait_registered();
+    let file = dir.path().join("blob.bin");
+    let id = random_file(&file, 1 << 20, 16).to_string();
+    assert_eq!(daemon.add(&file), id);
+    assert!(wait_until(Duration::from_secs(10), || swarm_members(
+        &by_name, &id
+    ) == 1));
+}
