@@ -6,8 +6,8 @@
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    Control, Daemon, RedisServer, Sentinel, TestCa, file_id, nebula, random_file, redis_cli,
-    run_bounded, swarm_members, wait_output, wait_until,
+    Control, Daemon, RedisServer, Sentinel, TestCa, file_id, nebula, random_file, run_bounded,
+    swarm_members, wait_output, wait_until,
 };
 
 /// `nebula control` with `args` that must stop at once: its exit code and its stderr.
@@ -116,7 +116,11 @@ fn rediss_with_state_ca_serves_and_a_wrong_ca_exits_1() {
     let (id, _daemons) = add_and_fetch(dir.path(), &first.url(), 1);
     assert_eq!(swarm_members(&second.url(), &id), 2);
     // Nothing reaches Redis in the clear: its only port speaks TLS.
-    assert!(redis_cli(redis.port, &["PING"]).trim() != "PONG");
+    let plain = std::process::Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &redis.port.to_string(), "PING"])
+        .output()
+        .unwrap();
+    assert_ne!(String::from_utf8_lossy(&plain.stdout).trim(), "PONG");
 
     // A CA that did not sign Redis's certificate, or none (the system's
     // roots): refused at start-up in one line, exit 1.
@@ -138,16 +142,24 @@ fn rediss_with_state_ca_serves_and_a_wrong_ca_exits_1() {
 
 /// Waits until `sentinel` lists `replica` as a replica of `service` in sync.
 fn sentinel_sees_replica(sentinel: &Sentinel, service: &str, replica: &RedisServer) -> bool {
-    let listed = redis_cli(sentinel.port, &["SENTINEL", "replicas", service]);
+    let listed = sentinel.cli(&["SENTINEL", "replicas", service]);
     let port = replica.port.to_string();
     listed.lines().any(|l| l.trim() == port)
-        && redis_cli(replica.port, &["INFO", "replication"]).contains("master_link_status:up")
+        && replica
+            .cli(&["INFO", "replication"])
+            .contains("master_link_status:up")
 }
 
-#[test]
-fn sentinel_failover_the_control_plane_follows_the_new_primary() {
+/// A primary, its replica and a Sentinel (over TLS when `tls` is given); a
+/// control plane on `redis+sentinel://` (`rediss+sentinel://`) serves; the
+/// primary is SIGKILLed; after Sentinel's failover the control plane serves
+/// from the promoted replica.
+fn sentinel_failover(tls: Option<&TestCa>) {
     let dir = tempfile::tempdir().unwrap();
-    let mut primary = RedisServer::start();
+    let mut primary = match tls {
+        Some(ca) => RedisServer::start_tls(ca),
+        None => RedisServer::start(),
+    };
     let replica = RedisServer::start_replica_of(&primary);
     let sentinel = Sentinel::start(&primary, "mymaster");
     assert!(
@@ -157,28 +169,29 @@ fn sentinel_failover_the_control_plane_follows_the_new_primary() {
         "the sentinel never saw the replica in sync; sentinel log:\n{}",
         sentinel.log_text()
     );
-    let url = format!("redis+sentinel://127.0.0.1:{}/mymaster", sentinel.port);
-    let control = Control::start_with(
-        dir.path(),
-        "127.0.0.1:0".parse().unwrap(),
-        &["--state", &url, "--state-timeout", "500ms"],
-    );
+    let scheme = if tls.is_some() {
+        "rediss+sentinel"
+    } else {
+        "redis+sentinel"
+    };
+    let url = format!("{scheme}://127.0.0.1:{}/mymaster", sentinel.port);
+    let mut args = vec!["--state", &url, "--state-timeout", "500ms"];
+    let ca_file = tls.map(|ca| ca.ca.display().to_string());
+    if let Some(ca_file) = &ca_file {
+        args.extend(["--state-ca", ca_file]);
+    }
+    let control = Control::start_with(dir.path(), "127.0.0.1:0".parse().unwrap(), &args);
     let (before, _first_daemons) = add_and_fetch(dir.path(), &control.url(), 2);
-    assert_eq!(
-        redis_cli(primary.port, &["ROLE"]).lines().next(),
-        Some("master")
-    );
+    assert_eq!(primary.cli(&["ROLE"]).lines().next(), Some("master"));
 
     primary.kill();
     let killed = Instant::now();
     // Sentinel promotes the replica (down after 1 s, then an election); the
     // control plane asks again after failed calls and moves to it.
     assert!(
-        wait_until(Duration::from_secs(30), || redis_cli(
-            replica.port,
-            &["ROLE"]
-        )
-        .starts_with("master")),
+        wait_until(Duration::from_secs(30), || replica
+            .cli(&["ROLE"])
+            .starts_with("master")),
         "no failover; sentinel log:\n{}",
         sentinel.log_text()
     );
@@ -200,16 +213,23 @@ fn sentinel_failover_the_control_plane_follows_the_new_primary() {
     );
     assert_eq!(swarm_members(&control.url(), &after), 2);
     let log = control.proc.log_text();
-    let named: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("Redis primary named by Sentinel"))
-        .collect();
     assert!(
-        named
-            .iter()
-            .any(|l| l.contains(&format!("127.0.0.1:{}", replica.port))),
+        log.lines()
+            .any(|l| l.contains("Redis primary named by Sentinel")
+                && l.contains(&format!("127.0.0.1:{}", replica.port))),
         "control plane did not move to the promoted replica; log:\n{log}"
     );
+}
+
+#[test]
+fn sentinel_failover_the_control_plane_follows_the_new_primary() {
+    sentinel_failover(None);
+}
+
+#[test]
+fn sentinel_over_tls_failover_the_control_plane_follows_the_new_primary() {
+    let dir = tempfile::tempdir().unwrap();
+    sentinel_failover(Some(&TestCa::new(dir.path(), "sentinel")));
 }
 
 #[test]

@@ -620,7 +620,7 @@ pub(crate) fn free_port() -> u16 {
 
 /// A certificate authority made for one test (rcgen, ring) and a server
 /// certificate it signed for 127.0.0.1, as PEM files in a directory.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct TestCa {
     /// The CA's certificate: what a client given `--state-ca` trusts.
     pub(crate) ca: PathBuf,
@@ -707,6 +707,43 @@ fn wait_listening(port: u16, what: &str, proc: &Proc) {
     );
 }
 
+/// `redis-server` flags that make its port (`port`) speak TLS only, with
+/// the server certificate of `ca`; `auth_clients`: `no`, or `yes` when
+/// clients must show a certificate `ca` signed. Replication (and a
+/// Sentinel's links) go over TLS too.
+fn tls_args(ca: &TestCa, port: u16, auth_clients: &str) -> Vec<String> {
+    let path = |p: &Path| p.display().to_string();
+    vec![
+        "--port".into(),
+        "0".into(),
+        "--tls-port".into(),
+        port.to_string(),
+        "--tls-cert-file".into(),
+        path(&ca.cert),
+        "--tls-key-file".into(),
+        path(&ca.key),
+        "--tls-ca-cert-file".into(),
+        path(&ca.ca),
+        "--tls-auth-clients".into(),
+        auth_clients.into(),
+        "--tls-replication".into(),
+        "yes".into(),
+    ]
+}
+
+/// `redis-cli -p PORT ARGS…` (over TLS trusting `tls`'s CA when given), its
+/// stdout; bounded.
+fn redis_cli(port: u16, tls: Option<&TestCa>, args: &[&str]) -> String {
+    let mut cmd = Command::new("redis-cli");
+    cmd.args(["-h", "127.0.0.1", "-p"]).arg(port.to_string());
+    if let Some(ca) = tls {
+        cmd.args(["--tls", "--cacert"]).arg(&ca.ca);
+    }
+    cmd.arg("--raw").args(args);
+    let out = run_bounded(cmd, Duration::from_secs(10));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A `redis-server` of its own: a free loopback port, a temporary directory,
 /// no persistence; SIGKILLed by pid when dropped.
 #[derive(Debug)]
@@ -714,60 +751,53 @@ pub(crate) struct RedisServer {
     proc: Option<Proc>,
     pub(crate) port: u16,
     dir: tempfile::TempDir,
-    /// Arguments beyond the port, directory and persistence ones.
-    extra: Vec<String>,
-    /// Whether its port speaks TLS only.
-    tls: bool,
+    /// Arguments beyond the bind address, directory and persistence ones.
+    args: Vec<String>,
+    /// The CA whose certificate its port presents, when it speaks TLS.
+    tls: Option<TestCa>,
 }
 
 impl RedisServer {
     /// Starts one; panics (the test fails, never skips) when `redis-server` is missing.
     pub(crate) fn start() -> Self {
-        Self::start_with(Vec::new(), false)
+        let port = free_port();
+        Self::start_with(port, vec!["--port".into(), port.to_string()], None)
     }
 
     /// One that speaks TLS only (`--port 0 --tls-port PORT`), with the
     /// server certificate of `ca`; clients need no certificate.
     pub(crate) fn start_tls(ca: &TestCa) -> Self {
-        Self::start_tls_with(ca, "no")
+        let port = free_port();
+        Self::start_with(port, tls_args(ca, port, "no"), Some(ca.clone()))
     }
 
     /// Like [`RedisServer::start_tls`], and clients must show a certificate `ca` signed.
     pub(crate) fn start_mutual_tls(ca: &TestCa) -> Self {
-        Self::start_tls_with(ca, "yes")
+        let port = free_port();
+        Self::start_with(port, tls_args(ca, port, "yes"), Some(ca.clone()))
     }
 
-    fn start_tls_with(ca: &TestCa, auth_clients: &str) -> Self {
-        let path = |p: &Path| p.display().to_string();
-        let extra = vec![
-            "--tls-cert-file".into(),
-            path(&ca.cert),
-            "--tls-key-file".into(),
-            path(&ca.key),
-            "--tls-ca-cert-file".into(),
-            path(&ca.ca),
-            "--tls-auth-clients".into(),
-            auth_clients.into(),
-        ];
-        Self::start_with(extra, true)
-    }
-
-    /// A replica of `primary` (plain TCP).
+    /// A replica of `primary`, speaking TLS when it does.
     pub(crate) fn start_replica_of(primary: &RedisServer) -> Self {
-        let extra = vec![
+        let port = free_port();
+        let mut args = match &primary.tls {
+            Some(ca) => tls_args(ca, port, "no"),
+            None => vec!["--port".into(), port.to_string()],
+        };
+        args.extend([
             "--replicaof".into(),
             "127.0.0.1".into(),
             primary.port.to_string(),
-        ];
-        Self::start_with(extra, false)
+        ]);
+        Self::start_with(port, args, primary.tls.clone())
     }
 
-    fn start_with(extra: Vec<String>, tls: bool) -> Self {
+    fn start_with(port: u16, args: Vec<String>, tls: Option<TestCa>) -> Self {
         let mut server = Self {
             proc: None,
-            port: free_port(),
+            port,
             dir: tempfile::tempdir().unwrap(),
-            extra,
+            args,
             tls,
         };
         server.spawn();
@@ -775,35 +805,38 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) {
-        let port = self.port.to_string();
-        let mut args: Vec<String> = vec!["--bind".into(), "127.0.0.1".into()];
-        if self.tls {
-            args.extend(["--port".into(), "0".into(), "--tls-port".into(), port]);
-        } else {
-            args.extend(["--port".into(), port]);
-        }
-        args.extend(
-            [
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--daemonize",
-                "no",
-                "--dir",
-            ]
-            .map(String::from),
-        );
+        let mut args: Vec<String> = [
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--dir",
+        ]
+        .map(String::from)
+        .into();
         args.push(self.dir.path().display().to_string());
-        args.extend(self.extra.iter().cloned());
+        args.extend(self.args.iter().cloned());
         let proc = spawn_redis(&args, self.dir.path().join("redis.log"));
         wait_listening(self.port, "redis-server", &proc);
         self.proc = Some(proc);
     }
 
     pub(crate) fn url(&self) -> String {
-        let scheme = if self.tls { "rediss" } else { "redis" };
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
         format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// `redis-cli ARGS…` against it; its stdout.
+    pub(crate) fn cli(&self, args: &[&str]) -> String {
+        redis_cli(self.port, self.tls.as_ref(), args)
     }
 
     /// Its log so far.
@@ -827,11 +860,12 @@ impl RedisServer {
 
 /// A Redis Sentinel of its own (`redis-server CONF --sentinel`, no extra
 /// package) watching one primary as `service`: quorum 1, the primary
-/// declared down after 1 s without answers.
+/// declared down after 1 s without answers; over TLS when the primary is.
 #[derive(Debug)]
 pub(crate) struct Sentinel {
     proc: Proc,
     pub(crate) port: u16,
+    tls: Option<TestCa>,
     dir: tempfile::TempDir,
 }
 
@@ -844,7 +878,7 @@ impl Sentinel {
         std::fs::write(
             &conf,
             format!(
-                "port {port}\nbind 127.0.0.1\ndir {}\n\
+                "bind 127.0.0.1\ndir {}\n\
                  sentinel monitor {service} 127.0.0.1 {} 1\n\
                  sentinel down-after-milliseconds {service} 1000\n\
                  sentinel failover-timeout {service} 5000\n\
@@ -854,27 +888,30 @@ impl Sentinel {
             ),
         )
         .unwrap();
-        let args = [conf.display().to_string(), "--sentinel".into()];
+        let mut args = vec![conf.display().to_string(), "--sentinel".into()];
+        match &primary.tls {
+            Some(ca) => args.extend(tls_args(ca, port, "no")),
+            None => args.extend(["--port".into(), port.to_string()]),
+        }
         let proc = spawn_redis(&args, dir.path().join("sentinel.log"));
         wait_listening(port, "redis sentinel", &proc);
-        Self { proc, port, dir }
+        Self {
+            proc,
+            port,
+            tls: primary.tls.clone(),
+            dir,
+        }
+    }
+
+    /// `redis-cli ARGS…` against it; its stdout.
+    pub(crate) fn cli(&self, args: &[&str]) -> String {
+        redis_cli(self.port, self.tls.as_ref(), args)
     }
 
     /// Its log so far.
     pub(crate) fn log_text(&self) -> String {
         self.proc.log_text()
     }
-}
-
-/// `redis-cli -p PORT ARGS…` (plain TCP), its stdout; bounded.
-pub(crate) fn redis_cli(port: u16, args: &[&str]) -> String {
-    let mut cmd = Command::new("redis-cli");
-    cmd.args(["-h", "127.0.0.1", "-p"])
-        .arg(port.to_string())
-        .arg("--raw")
-        .args(args);
-    let out = run_bounded(cmd, Duration::from_secs(10));
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Members of a blob's swarm, as `nebula admin swarm` through `control` lists them.
