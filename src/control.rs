@@ -1,10 +1,19 @@
 //! `nebula control` (run the control plane) and `nebula admin …` (operate it).
 
-use std::{io::Write as _, str::FromStr, time::Duration};
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use nebula_common::{BlobRef, rate::format_bytes};
-use nebula_control::{Config, ControlPlane, PeerId, RedisConfig, StateStore};
+use nebula_control::{
+    Config, ControlPlane, PeerId, RedisClientCert, RedisConfig, RedisSetupError, RedisStore,
+    RedisTls, StateStore,
+};
+use nebula_peer::replicas;
 use nebula_proto::v1::{
     GetSwarmRequest, ListPeersRequest, PeerInfo, PeerRequest, PeerState, StatsRequest,
     admin_client::AdminClient,
@@ -97,9 +106,11 @@ pub(crate) struct ControlArgs {
     origin_lease_ttl: Option<Duration>,
     #[command(flatten)]
     pub(crate) serve: ServeFlags,
-    /// Where the state lives: `memory` (this process only) or
-    /// `redis://HOST:PORT[/DB]`, shared by every replica given the same URL.
-    /// (`rediss://` and `redis+sentinel://` are not supported by this build.)
+    /// Where the state lives: `memory` (this process only), or Redis, shared
+    /// by every replica given the same URL: `redis://HOST:PORT[/DB]`,
+    /// `rediss://HOST:PORT[/DB]` (TLS) or
+    /// `redis+sentinel://HOST:PORT[,HOST:PORT…]/SERVICE[/DB]` (the primary
+    /// that Sentinel names, followed across failovers).
     #[arg(
         long,
         env = "NEBULA_STATE",
@@ -107,6 +118,25 @@ pub(crate) struct ControlArgs {
         hide_env_values = true
     )]
     state: String,
+    /// CA certificates (PEM) trusted for `rediss://` instead of the system's roots.
+    #[arg(long, env = "NEBULA_STATE_CA", value_name = "PEM")]
+    state_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for a Redis that asks for one; with --state-key.
+    #[arg(
+        long,
+        env = "NEBULA_STATE_CERT",
+        value_name = "PEM",
+        requires = "state_key"
+    )]
+    state_cert: Option<PathBuf>,
+    /// Private key (PEM) of --state-cert.
+    #[arg(
+        long,
+        env = "NEBULA_STATE_KEY",
+        value_name = "PEM",
+        requires = "state_cert"
+    )]
+    state_key: Option<PathBuf>,
     /// Deadline of one call to Redis; past it the call answers UNAVAILABLE [default: 1s].
     #[arg(long, env = "NEBULA_STATE_TIMEOUT", value_parser = parse_duration)]
     state_timeout: Option<Duration>,
@@ -172,6 +202,19 @@ impl ControlArgs {
         }
         let mut redis =
             RedisConfig::new(&self.state).map_err(|e| bad_input(format!("--state: {e}")))?;
+        redis.tls = RedisTls {
+            ca: self.state_ca.as_deref().map(read_pem).transpose()?,
+            client: match (&self.state_cert, &self.state_key) {
+                (Some(cert), Some(key)) => Some(RedisClientCert {
+                    cert: read_pem(cert)?,
+                    key: read_pem(key)?,
+                }),
+                _ => None,
+            },
+        };
+        redis
+            .check()
+            .map_err(|e| bad_input(format!("--state: {e}")))?;
         if let Some(t) = self.state_timeout {
             if t.is_zero() {
                 return Err(bad_input("--state-timeout must be longer than zero"));
@@ -180,6 +223,11 @@ impl ControlArgs {
         }
         Ok(State::Redis(redis))
     }
+}
+
+/// A PEM file named by a flag; unreadable is bad input (exit 2).
+fn read_pem(path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| bad_input(format!("cannot read {}: {e}", path.display())))
 }
 
 pub(crate) async fn run_control(args: ControlArgs) -> anyhow::Result<()> {
@@ -199,7 +247,16 @@ pub(crate) async fn run_control(args: ControlArgs) -> anyhow::Result<()> {
             serve_until_signal(control, http, shutdown).await
         }
         State::Redis(redis) => {
-            let control = ControlPlane::spawn_redis(listener, config, redis)
+            let store = RedisStore::new(redis).context("cannot use the Redis store")?;
+            // A Redis that is down may come up later; one that refuses our
+            // TLS or credentials will not: stop now, in one line (exit 1).
+            store.check_setup().await.map_err(|e| match e {
+                RedisSetupError::Tls { .. } => anyhow::anyhow!(
+                    "--state: {e} (is --state-ca the CA that signed Redis's certificate?)"
+                ),
+                _ => anyhow::anyhow!("--state: {e}"),
+            })?;
+            let control = ControlPlane::spawn_with_store(listener, config, store)
                 .await
                 .context("cannot start the control plane")?;
             serve_until_signal(control, http, shutdown).await
@@ -340,18 +397,11 @@ fn rpc_error(control: &str, status: Status) -> anyhow::Error {
     anyhow::anyhow!("{} ({})", status.message(), code_name(status.code()))
 }
 
-/// Connects to the first replica of `--control` that accepts a connection.
+/// Connects to the first replica of `--control` that accepts a connection;
+/// a host name counts once per address it resolves to.
 async fn connect(args: &AdminArgs) -> anyhow::Result<Admin> {
     // `--control` was checked and normalized by `parse_control_url`.
-    let urls: Vec<&str> = args.control.split(',').collect();
-    let mut endpoints = Vec::with_capacity(urls.len());
-    for &url in &urls {
-        let endpoint = Endpoint::from_shared(url.to_owned())
-            .map_err(|e| bad_input(format!("invalid --control {url:?}: {e}")))?
-            .connect_timeout(Duration::from_secs(5).min(args.timeout))
-            .timeout(args.timeout);
-        endpoints.push(endpoint);
-    }
+    let replicas = replicas::expand(&args.control, &replicas::SystemResolver).await;
     let token = match &args.admin_token {
         Some(t) => Some(
             format!("Bearer {t}")
@@ -361,19 +411,31 @@ async fn connect(args: &AdminArgs) -> anyhow::Result<Admin> {
         None => None,
     };
     let mut last = None;
-    for (url, endpoint) in urls.iter().zip(endpoints) {
+    for replica in &replicas {
+        let mut endpoint = Endpoint::from_shared(replica.url.clone())
+            .map_err(|e| bad_input(format!("invalid --control {:?}: {e}", replica.given)))?
+            .connect_timeout(Duration::from_secs(5).min(args.timeout))
+            .timeout(args.timeout);
+        if replica.resolved() {
+            // Requests name the host as given, not the address dialled.
+            let origin = replica
+                .given
+                .parse()
+                .map_err(|e| bad_input(format!("invalid --control {:?}: {e}", replica.given)))?;
+            endpoint = endpoint.origin(origin);
+        }
         match endpoint.connect().await {
             Ok(channel) => return Ok(AdminClient::with_interceptor(channel, Bearer(token))),
             Err(e) => {
-                tracing::debug!(%url, error = %e, "control-plane replica unreachable; trying the next");
+                tracing::debug!(%replica, error = %e, "control-plane replica unreachable; trying the next");
                 last = Some(
                     anyhow::Error::new(e)
-                        .context(format!("cannot reach the control plane at {url}")),
+                        .context(format!("cannot reach the control plane at {replica}")),
                 );
             }
         }
     }
-    // `urls` is not empty, so the loop stored at least one error.
+    // `expand` gives at least one replica per URL, so the loop stored an error.
     Err(last.unwrap_or_else(|| anyhow::anyhow!("cannot reach the control plane")))
 }
 

@@ -12,6 +12,7 @@ need() { # need PROGRAM PACKAGE...
 }
 
 need redis-server redis-server
+need redis-cli redis-tools
 need chromium chromium
 need chromedriver chromium-driver
 

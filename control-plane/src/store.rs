@@ -16,7 +16,7 @@ mod memory;
 pub mod redis;
 
 pub use memory::MemoryStore;
-pub use redis::{RedisConfig, RedisStore};
+pub use redis::{RedisClientCert, RedisConfig, RedisSetupError, RedisStore, RedisTls};
 
 /// Longest peer id accepted.
 pub const MAX_PEER_ID_LEN: usize = 128;

@@ -113,31 +113,41 @@ fn process_cpu_seconds() -> f64 {
 
 /// User plus system CPU time of the server's runtime threads, in seconds.
 fn server_cpu_seconds() -> anyhow::Result<f64> {
+    let mut total = 0.0;
+    for task in std::fs::read_dir("/proc/self/task")? {
+        if let Some((comm, cpu)) = stat_cpu_seconds(&task?.path().join("stat"))
+            && comm.starts_with(SERVER_THREAD_NAME)
+        {
+            total += cpu;
+        }
+    }
+    Ok(total)
+}
+
+/// User plus system CPU time of another process (Redis), in seconds.
+fn pid_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    stat_cpu_seconds(std::path::Path::new(&format!("/proc/{pid}/stat")))
+        .map(|(_, cpu)| cpu)
+        .ok_or_else(|| anyhow::anyhow!("no CPU times for process {pid}"))
+}
+
+/// The command name and user plus system CPU seconds in a `/proc/…/stat` file.
+fn stat_cpu_seconds(path: &std::path::Path) -> Option<(String, f64)> {
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let mut total = 0u64;
-    for task in std::fs::read_dir("/proc/self/task")? {
-        let Ok(stat) = std::fs::read_to_string(task?.path().join("stat")) else {
-            continue;
-        };
-        // `pid (comm) state ...`: comm may hold spaces, so split after the last ')'.
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        if !stat[open + 1..close].starts_with(SERVER_THREAD_NAME) {
-            continue;
-        }
-        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
-        // After the comm: state is field 3, utime 14 and stime 15 (1-based).
-        let field = |n: usize| {
-            fields
-                .get(n - 3)
-                .and_then(|f| f.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        total += field(14) + field(15);
-    }
-    Ok(total as f64 / ticks)
+    let stat = std::fs::read_to_string(path).ok()?;
+    // `pid (comm) state ...`: comm may hold spaces, so split after the last ')'.
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+    let fields: Vec<&str> = stat.get(close + 2..)?.split(' ').collect();
+    // After the comm: state is field 3, utime 14 and stime 15 (1-based).
+    let field = |n: usize| {
+        fields
+            .get(n - 3)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let comm = stat[open + 1..close].to_owned();
+    Some((comm, (field(14) + field(15)) as f64 / ticks))
 }
 
 fn peer_id(i: usize) -> String {
@@ -248,8 +258,9 @@ fn p99_ms(latencies: &mut [u32]) -> f64 {
     round(f64::from(latencies[i]) / 1000.0, 2)
 }
 
-/// Runs [`hammer`] on a thread of its own (one core for the clients).
-async fn hammer_on_thread(urls: Vec<String>, plan: &Plan) -> anyhow::Result<(u64, Vec<u32>)> {
+/// Runs [`hammer`] on a thread of its own (one core for the clients); also
+/// returns that thread's CPU seconds.
+async fn hammer_on_thread(urls: Vec<String>, plan: &Plan) -> anyhow::Result<(u64, Vec<u32>, f64)> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let (requests, connections, in_flight, blobs, peers) = (
         plan.requests,
@@ -275,7 +286,9 @@ async fn hammer_on_thread(urls: Vec<String>, plan: &Plan) -> anyhow::Result<(u64
                         peers,
                     ))
                 });
-            let _ = tx.send(outcome);
+            let cpu = stat_cpu_seconds(std::path::Path::new("/proc/thread-self/stat"))
+                .map_or(0.0, |(_, cpu)| cpu);
+            let _ = tx.send(outcome.map(|(answered, latencies)| (answered, latencies, cpu)));
         })?;
     rx.await
         .map_err(|_| anyhow::anyhow!("the client thread died"))?
@@ -432,7 +445,7 @@ async fn measure_on(
     // them, one for the server.
     let (cpu_before, server_before) = (process_cpu_seconds(), server_cpu_seconds()?);
     let started = Instant::now();
-    let (answered, mut latencies) = hammer_on_thread(vec![url.clone()], plan).await?;
+    let (answered, mut latencies, _) = hammer_on_thread(vec![url.clone()], plan).await?;
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = process_cpu_seconds() - cpu_before;
     let server_cpu = server_cpu_seconds()? - server_before;
@@ -546,7 +559,7 @@ async fn measure_redis_inner(plan: &Plan) -> anyhow::Result<Value> {
     let redis = start_redis()?;
     let url = format!("redis://127.0.0.1:{}", redis.port);
     let runtimes = [runtime()?, runtime()?];
-    let result = redis_on(plan, &url, &runtimes).await;
+    let result = redis_on(plan, &url, redis.child.id(), &runtimes).await;
     for rt in runtimes {
         rt.shutdown_background();
     }
@@ -564,6 +577,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 async fn redis_on(
     plan: &Plan,
     url: &str,
+    redis_pid: u32,
     runtimes: &[tokio::runtime::Runtime; 2],
 ) -> anyhow::Result<Value> {
     let spawn = |rt: &tokio::runtime::Runtime| {
@@ -620,10 +634,12 @@ async fn redis_on(
             replicas.push(second);
         }
         let server_before = server_cpu_seconds()?;
+        let redis_before = pid_cpu_seconds(redis_pid)?;
         let started = Instant::now();
-        let (answered, mut latencies) = hammer_on_thread(urls.clone(), plan).await?;
+        let (answered, mut latencies, client_cpu) = hammer_on_thread(urls.clone(), plan).await?;
         let elapsed = started.elapsed().as_secs_f64();
         let server_cpu = server_cpu_seconds()? - server_before;
+        let redis_cpu = pid_cpu_seconds(redis_pid)? - redis_before;
         anyhow::ensure!(
             answered == plan.requests as u64,
             "only {answered} of {} answers had providers",
@@ -636,6 +652,10 @@ async fn redis_on(
                 "find_providers_per_sec": (requests / elapsed).round(),
                 "p99_ms": p99_ms(&mut latencies),
                 "server_cpu_us_per_request": round(server_cpu * 1e6 / requests, 1),
+                // Where the 2 cores went: the replicas, redis-server, the client.
+                "redis_cpu_us_per_request": round(redis_cpu * 1e6 / requests, 1),
+                "client_cpu_us_per_request": round(client_cpu * 1e6 / requests, 1),
+                "cores_busy": round((server_cpu + redis_cpu + client_cpu) / elapsed, 2),
             }),
         );
     }

@@ -102,10 +102,10 @@ impl Config {
             return Err("max providers must be at least 1".into());
         }
         if let Some(urls) = &self.control {
-            if crate::control::split_urls(urls).next().is_none() {
+            if crate::replicas::split_urls(urls).next().is_none() {
                 return Err("no control plane URL given".into());
             }
-            if let Some(url) = crate::control::split_urls(urls)
+            if let Some(url) = crate::replicas::split_urls(urls)
                 .find(|u| !(u.starts_with("http://") || u.starts_with("https://")))
             {
                 return Err(format!("control plane URL {url:?} must start with http://"));

@@ -1,16 +1,20 @@
 //! [`ControlClient`]: the peer's client of the control plane, over one or
 //! more replicas (`--control URL[,URL…]`).
 //!
-//! Every call goes to the current replica; when that one does not answer
-//! (unavailable, timed out, connection lost) the same request is tried on the
-//! next, and the first that answers becomes current for every later call of
-//! this peer (heartbeats, announcements, discovery alike). Requests are
+//! The replicas are the URLs given, a URL whose host is a DNS name counting
+//! once per address it resolves to (see [`crate::replicas`]); names are
+//! resolved before the first call. Every call goes to the current replica;
+//! when that one does not answer (unavailable, timed out, connection lost)
+//! the same request is tried on the next, and the first that answers becomes
+//! current for every later call of this peer (heartbeats, announcements,
+//! discovery alike). When none answers, the names are resolved again and,
+//! if that gives other addresses, the call tries those too. Requests are
 //! small protobuf messages, so retrying one is a clone. A call tries each
-//! replica at most once.
+//! replica at most once per resolution, and resolves at most twice.
 
 use std::{
     sync::{
-        Arc,
+        Arc, RwLock,
         atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
@@ -19,11 +23,13 @@ use std::{
 use nebula_proto::v1::{self as pb, control_plane_client::ControlPlaneClient};
 use tonic::{
     Code, Response, Status,
+    codegen::http::Uri,
     metadata::{Ascii, MetadataValue},
     service::interceptor::InterceptedService,
     transport::{Channel, Endpoint},
 };
 
+use crate::replicas::{self, Replica as Address, Resolver, SystemResolver, split_urls};
 /// Adds `authorization: Bearer <token>` to every control-plane call.
 #[derive(Debug, Clone)]
 pub(crate) struct BearerAuth(pub(crate) Option<MetadataValue<Ascii>>);
@@ -41,18 +47,35 @@ type Client = ControlPlaneClient<InterceptedService<Channel, BearerAuth>>;
 
 #[derive(Debug)]
 struct Replica {
-    url: String,
+    address: Address,
     client: Client,
 }
 
 /// A control-plane client that fails over between replicas. Cloning is cheap
-/// and clones share which replica is current.
+/// and clones share the replicas and which one is current.
 #[derive(Debug, Clone)]
 pub(crate) struct ControlClient {
-    /// At least one.
-    replicas: Arc<[Replica]>,
-    current: Arc<AtomicUsize>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// The `--control` list as given (checked: at least one URL, each valid).
+    list: String,
+    token: Option<MetadataValue<Ascii>>,
     timeout: Duration,
+    resolver: Resolver,
+    /// The replicas of the last resolution; `None` before the first call.
+    replicas: RwLock<Option<Arc<[Replica]>>>,
+    current: AtomicUsize,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("list", &self.list)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a control-plane URL list cannot be used.
@@ -71,11 +94,6 @@ pub(crate) enum ControlUrlError {
     },
 }
 
-/// The URLs of a comma-separated `--control` list, blanks skipped.
-pub(crate) fn split_urls(list: &str) -> impl Iterator<Item = &str> {
-    list.split(',').map(str::trim).filter(|u| !u.is_empty())
-}
-
 /// Whether another replica might answer where this one did not.
 fn fails_over(status: &Status) -> bool {
     matches!(
@@ -88,72 +106,158 @@ macro_rules! failover {
     ($(#[$doc:meta] $name:ident($req:ty) -> $resp:ty;)*) => {$(
         #[$doc]
         pub(crate) async fn $name(&self, request: $req) -> Result<Response<$resp>, Status> {
-            let n = self.replicas.len();
-            let start = self.current.load(Ordering::Relaxed) % n;
+            let mut replicas = self.replicas().await;
             let mut last = None;
-            for step in 0..n {
-                let i = (start + step) % n;
-                let mut client = self.replicas[i].client.clone();
-                match client.$name(request.clone()).await {
-                    Ok(answer) => {
-                        if step > 0 {
-                            self.current.store(i, Ordering::Relaxed);
-                            tracing::info!(replica = %self.replicas[i].url, "control plane: moved to another replica");
+            // At most two rounds: the second over a new resolution.
+            for round in 0..2 {
+                let n = replicas.len();
+                if n == 0 {
+                    break;
+                }
+                let start = self.inner.current.load(Ordering::Relaxed) % n;
+                for step in 0..n {
+                    let i = (start + step) % n;
+                    let mut client = replicas[i].client.clone();
+                    match client.$name(request.clone()).await {
+                        Ok(answer) => {
+                            if step > 0 || round > 0 {
+                                self.inner.current.store(i, Ordering::Relaxed);
+                                tracing::info!(replica = %replicas[i].address, "control plane: moved to another replica");
+                            }
+                            return Ok(answer);
                         }
-                        return Ok(answer);
+                        Err(status) if fails_over(&status) => {
+                            tracing::debug!(replica = %replicas[i].address, code = ?status.code(), message = status.message(), "control-plane replica did not answer; trying the next");
+                            last = Some(status);
+                        }
+                        Err(status) => return Err(status),
                     }
-                    Err(status) if n > 1 && fails_over(&status) => {
-                        tracing::debug!(replica = %self.replicas[i].url, code = ?status.code(), message = status.message(), "control-plane replica did not answer; trying the next");
-                        last = Some(status);
-                    }
-                    Err(status) => return Err(status),
+                }
+                match self.resolve_again(&replicas).await {
+                    Some(fresh) if round == 0 => replicas = fresh,
+                    _ => break,
                 }
             }
-            // The loop ran at least once (n >= 1) and stored each failure.
+            // Every round ran at least once (n >= 1) and stored each failure.
             Err(last.unwrap_or_else(|| Status::unavailable("no control plane replica answered")))
         }
     )*};
 }
 
 impl ControlClient {
-    /// Lazily connecting clients of every URL in `list` (comma-separated).
+    /// Clients of every URL in `list` (comma-separated); names are resolved
+    /// by the system's resolver before the first call.
     pub(crate) fn new(
         list: &str,
         token: Option<MetadataValue<Ascii>>,
         timeout: Duration,
     ) -> Result<Self, ControlUrlError> {
-        let replicas = split_urls(list)
-            .map(|url| {
-                let endpoint = Endpoint::from_shared(url.to_owned())
-                    .map_err(|source| ControlUrlError::Invalid {
-                        url: url.to_owned(),
-                        source,
-                    })?
-                    .connect_timeout(Duration::from_secs(2).min(timeout))
-                    .timeout(timeout)
-                    .tcp_nodelay(true);
-                Ok(Replica {
-                    url: url.to_owned(),
-                    client: ControlPlaneClient::with_interceptor(
-                        endpoint.connect_lazy(),
-                        BearerAuth(token.clone()),
-                    ),
-                })
-            })
-            .collect::<Result<Vec<_>, ControlUrlError>>()?;
-        if replicas.is_empty() {
+        Self::with_resolver(list, token, timeout, Arc::new(SystemResolver))
+    }
+
+    /// [`ControlClient::new`] resolving names through `resolver`.
+    pub(crate) fn with_resolver(
+        list: &str,
+        token: Option<MetadataValue<Ascii>>,
+        timeout: Duration,
+        resolver: Resolver,
+    ) -> Result<Self, ControlUrlError> {
+        let mut any = false;
+        for url in split_urls(list) {
+            Endpoint::from_shared(url.to_owned()).map_err(|source| ControlUrlError::Invalid {
+                url: url.to_owned(),
+                source,
+            })?;
+            any = true;
+        }
+        if !any {
             return Err(ControlUrlError::Empty);
         }
         Ok(Self {
-            replicas: replicas.into(),
-            current: Arc::default(),
-            timeout,
+            inner: Arc::new(Inner {
+                list: list.to_owned(),
+                token,
+                timeout,
+                resolver,
+                replicas: RwLock::new(None),
+                current: AtomicUsize::new(0),
+            }),
         })
     }
 
-    /// The longest one call may take: each replica tried once.
+    /// The longest one call may take: each replica tried once, twice when
+    /// a second resolution found others.
     pub(crate) fn deadline(&self) -> Duration {
-        self.timeout * self.replicas.len() as u32
+        let known = self.known().map_or(0, |r| r.len());
+        let n = known.max(split_urls(&self.inner.list).count()) as u32;
+        self.inner.timeout * n * 2
+    }
+
+    fn known(&self) -> Option<Arc<[Replica]>> {
+        // Whole values only are stored under the lock: a poisoned one is usable.
+        let replicas = self
+            .inner
+            .replicas
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        replicas.clone()
+    }
+
+    /// The replicas, resolving the list on the first call.
+    async fn replicas(&self) -> Arc<[Replica]> {
+        match self.known() {
+            Some(replicas) => replicas,
+            None => self.resolve().await,
+        }
+    }
+
+    /// Resolves the list again after every replica in `tried` failed; the
+    /// new replicas when they differ from those.
+    async fn resolve_again(&self, tried: &[Replica]) -> Option<Arc<[Replica]>> {
+        if !tried.iter().any(|r| r.address.resolved()) {
+            return None;
+        }
+        let fresh = self.resolve().await;
+        let same = fresh.len() == tried.len()
+            && fresh.iter().zip(tried).all(|(a, b)| a.address == b.address);
+        (!same).then_some(fresh)
+    }
+
+    /// Resolves the list and makes lazily connecting clients of its replicas.
+    async fn resolve(&self) -> Arc<[Replica]> {
+        let addresses = replicas::expand(&self.inner.list, &*self.inner.resolver).await;
+        let replicas: Arc<[Replica]> = addresses
+            .into_iter()
+            .filter_map(|address| {
+                let client = self.client(&address)?;
+                Some(Replica { address, client })
+            })
+            .collect();
+        *self
+            .inner
+            .replicas
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(replicas.clone());
+        replicas
+    }
+
+    fn client(&self, address: &Address) -> Option<Client> {
+        // Every URL of the list was checked by `with_resolver`, and one with
+        // its host replaced by an address parses as well.
+        let mut endpoint = Endpoint::from_shared(address.url.clone()).ok()?;
+        if address.resolved() {
+            // Requests name the host as given, not the address dialled.
+            endpoint = endpoint.origin(address.given.parse::<Uri>().ok()?);
+        }
+        let timeout = self.inner.timeout;
+        let endpoint = endpoint
+            .connect_timeout(Duration::from_secs(2).min(timeout))
+            .timeout(timeout)
+            .tcp_nodelay(true);
+        Some(ControlPlaneClient::with_interceptor(
+            endpoint.connect_lazy(),
+            BearerAuth(self.inner.token.clone()),
+        ))
     }
 
     failover! {
@@ -173,5 +277,102 @@ impl ControlClient {
         resolve_url(pb::ResolveUrlRequest) -> pb::ResolveUrlResponse;
         /// `ControlPlane/RecordUrl`.
         record_url(pb::RecordUrlRequest) -> pb::RecordUrlResponse;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use nebula_control::{Config, ControlPlane};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::replicas::tests::Table;
+
+    /// Listeners on one port, free on every address of `ips`.
+    async fn same_port(ips: &[&str]) -> Vec<TcpListener> {
+        for _attempt in 0..20 {
+            let first = TcpListener::bind((ips[0], 0)).await.unwrap();
+            let port = first.local_addr().unwrap().port();
+            let mut all = vec![first];
+            for ip in &ips[1..] {
+                match TcpListener::bind((*ip, port)).await {
+                    Ok(l) => all.push(l),
+                    Err(_) => break,
+                }
+            }
+            if all.len() == ips.len() {
+                return all;
+            }
+        }
+        panic!("no port free on every one of {ips:?}");
+    }
+
+    fn register(id: &str) -> pb::RegisterRequest {
+        pb::RegisterRequest {
+            peer_id: id.into(),
+            address: "127.0.0.1:9".into(),
+            ..Default::default()
+        }
+    }
+
+    /// Whether the replica at `addr` knows `id` (asked directly, no failover).
+    async fn knows(addr: std::net::SocketAddr, id: &str) -> bool {
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let answer = ControlPlaneClient::new(channel)
+            .heartbeat(pb::HeartbeatRequest {
+                peer_id: id.into(),
+                load: None,
+            })
+            .await
+            .unwrap();
+        !answer.into_inner().unknown_peer
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_name_with_several_addresses_fails_over_among_them_and_is_resolved_again() {
+        let mut listeners = same_port(&["127.0.0.2", "127.0.0.3", "127.0.0.4"]).await;
+        let addrs: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+        let later = listeners.pop().unwrap();
+        let mut running = Vec::new();
+        for l in listeners {
+            running.push(ControlPlane::spawn(l, Config::default()).await.unwrap());
+        }
+        let table = Arc::new(Table::default());
+        table.set("cp.nebula.test", &["127.0.0.2", "127.0.0.3"]);
+        let url = format!("http://cp.nebula.test:{}", addrs[0].port());
+        let client =
+            ControlClient::with_resolver(&url, None, Duration::from_secs(2), table.clone())
+                .unwrap();
+
+        // The first address answers while it is up.
+        client.register(register("p1")).await.unwrap();
+        assert!(knows(addrs[0], "p1").await);
+        assert!(!knows(addrs[1], "p1").await);
+
+        // It dies: calls move to the name's second address and stay there.
+        running.remove(0).shutdown().await.unwrap();
+        client.register(register("p2")).await.unwrap();
+        assert!(knows(addrs[1], "p2").await);
+        client.register(register("p3")).await.unwrap();
+        assert!(knows(addrs[1], "p3").await);
+
+        // Both known addresses dead and the name now resolving elsewhere: the
+        // call that found none answering resolves again and reaches it.
+        table.set("cp.nebula.test", &["127.0.0.4"]);
+        running.push(ControlPlane::spawn(later, Config::default()).await.unwrap());
+        running.remove(0).shutdown().await.unwrap();
+        client.register(register("p4")).await.unwrap();
+        assert!(knows(addrs[2], "p4").await);
+
+        // Nothing answers at all: UNAVAILABLE within the client's deadline.
+        running.remove(0).shutdown().await.unwrap();
+        let start = tokio::time::Instant::now();
+        let err = client.register(register("p5")).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+        assert!(start.elapsed() < client.deadline(), "{:?}", start.elapsed());
     }
 }

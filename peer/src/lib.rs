@@ -11,6 +11,7 @@
 //! - [`origin`]: fetches by URL, one origin download for the fleet.
 //! - `membership`: registration, heartbeats, announcements.
 //! - `control`: the control-plane client, failing over between replicas.
+//! - [`replicas`]: the replicas a `--control` list names, a DNS name once per address.
 //! - `metrics`: Prometheus metrics and the daemon's HTTP endpoint.
 //! - [`local`]: `LocalApi`, the CLI's Unix-socket API.
 //! - [`limit`]: the token bucket behind upload and download limits.
@@ -27,6 +28,7 @@ mod membership;
 mod metrics;
 pub mod node;
 pub mod origin;
+pub mod replicas;
 mod server;
 
 pub use config::Config;

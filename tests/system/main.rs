@@ -6,6 +6,7 @@ mod download;
 mod hash;
 mod observe;
 mod origin;
+mod redis_state;
 mod replicas;
 mod store;
 mod store_checks;

@@ -618,6 +618,142 @@ impl Metrics {
     }
 }
 
+/// A free loopback port: taken from the kernel and released, for programs
+/// that cannot be given port 0 (Redis, Sentinel).
+pub(crate) fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A certificate authority made for one test (rcgen, ring) and a server
+/// certificate it signed for 127.0.0.1, as PEM files in a directory.
+#[derive(Debug, Clone)]
+pub(crate) struct TestCa {
+    /// The CA's certificate: what a client given `--state-ca` trusts.
+    pub(crate) ca: PathBuf,
+    /// The server's certificate, for 127.0.0.1.
+    pub(crate) cert: PathBuf,
+    /// The server's private key.
+    pub(crate) key: PathBuf,
+}
+
+impl TestCa {
+    pub(crate) fn new(dir: &Path, name: &str) -> Self {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+            KeyPair, KeyUsagePurpose,
+        };
+        let mut ca_params = CertificateParams::new(Vec::new()).unwrap();
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, format!("{name} test CA"));
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca_key = KeyPair::generate().unwrap();
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+
+        let mut params = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "127.0.0.1");
+        params.use_authority_key_identifier_extension = true;
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &issuer).unwrap();
+
+        let files = Self {
+            ca: dir.join(format!("{name}-ca.pem")),
+            cert: dir.join(format!("{name}-cert.pem")),
+            key: dir.join(format!("{name}-key.pem")),
+        };
+        std::fs::write(&files.ca, ca_cert.pem()).unwrap();
+        std::fs::write(&files.cert, cert.pem()).unwrap();
+        std::fs::write(&files.key, key.serialize_pem()).unwrap();
+        files
+    }
+}
+
+/// Starts `redis-server` with `args` and stderr to `log`; panics (the test
+/// fails, never skips) when it is missing.
+fn spawn_redis(args: &[String], log: PathBuf) -> Proc {
+    let mut cmd = Command::new("redis-server");
+    // Redis logs to stdout; both streams go to `log`.
+    let out = File::create(&log).unwrap();
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stderr(out.try_clone().unwrap())
+        .stdout(out);
+    let child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+            "redis-server is not installed; run tests/install-deps.sh (apt-get install -y redis-server)"
+        ),
+        Err(e) => panic!("cannot start redis-server: {e}"),
+    };
+    Proc {
+        child,
+        log,
+        http: None,
+    }
+}
+
+/// Waits (bounded) until something listens on 127.0.0.1:`port`.
+fn wait_listening(port: u16, what: &str, proc: &Proc) {
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let up = wait_until(Duration::from_secs(10), || {
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+    });
+    assert!(
+        up,
+        "{what} did not listen on {addr}; log:\n{}",
+        proc.log_text()
+    );
+}
+
+/// `redis-server` flags that make its port (`port`) speak TLS only, with
+/// the server certificate of `ca`; `auth_clients`: `no`, or `yes` when
+/// clients must show a certificate `ca` signed. Replication (and a
+/// Sentinel's links) go over TLS too.
+fn tls_args(ca: &TestCa, port: u16, auth_clients: &str) -> Vec<String> {
+    let path = |p: &Path| p.display().to_string();
+    vec![
+        "--port".into(),
+        "0".into(),
+        "--tls-port".into(),
+        port.to_string(),
+        "--tls-cert-file".into(),
+        path(&ca.cert),
+        "--tls-key-file".into(),
+        path(&ca.key),
+        "--tls-ca-cert-file".into(),
+        path(&ca.ca),
+        "--tls-auth-clients".into(),
+        auth_clients.into(),
+        "--tls-replication".into(),
+        "yes".into(),
+    ]
+}
+
+/// `redis-cli -p PORT ARGS…` (over TLS trusting `tls`'s CA when given), its
+/// stdout; bounded.
+fn redis_cli(port: u16, tls: Option<&TestCa>, args: &[&str]) -> String {
+    let mut cmd = Command::new("redis-cli");
+    cmd.args(["-h", "127.0.0.1", "-p"]).arg(port.to_string());
+    if let Some(ca) = tls {
+        cmd.args(["--tls", "--cacert"]).arg(&ca.ca);
+    }
+    cmd.arg("--raw").args(args);
+    let out = run_bounded(cmd, Duration::from_secs(10));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A `redis-server` of its own: a free loopback port, a temporary directory,
 /// no persistence; SIGKILLed by pid when dropped.
 #[derive(Debug)]
@@ -625,59 +761,97 @@ pub(crate) struct RedisServer {
     proc: Option<Proc>,
     pub(crate) port: u16,
     dir: tempfile::TempDir,
+    /// Arguments beyond the bind address, directory and persistence ones.
+    args: Vec<String>,
+    /// The CA whose certificate its port presents, when it speaks TLS.
+    tls: Option<TestCa>,
 }
 
 impl RedisServer {
     /// Starts one; panics (the test fails, never skips) when `redis-server` is missing.
     pub(crate) fn start() -> Self {
-        // `--port 0` is not supported by Redis: take a free port from the
-        // kernel and release it just before Redis binds it.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
+        Self::start_with(port, vec!["--port".into(), port.to_string()], None)
+    }
+
+    /// One that speaks TLS only (`--port 0 --tls-port PORT`), with the
+    /// server certificate of `ca`; clients need no certificate.
+    pub(crate) fn start_tls(ca: &TestCa) -> Self {
+        let port = free_port();
+        Self::start_with(port, tls_args(ca, port, "no"), Some(ca.clone()))
+    }
+
+    /// Like [`RedisServer::start_tls`], and clients must show a certificate `ca` signed.
+    pub(crate) fn start_mutual_tls(ca: &TestCa) -> Self {
+        let port = free_port();
+        Self::start_with(port, tls_args(ca, port, "yes"), Some(ca.clone()))
+    }
+
+    /// A replica of `primary`, speaking TLS when it does.
+    pub(crate) fn start_replica_of(primary: &RedisServer) -> Self {
+        let port = free_port();
+        let mut args = match &primary.tls {
+            Some(ca) => tls_args(ca, port, "no"),
+            None => vec!["--port".into(), port.to_string()],
+        };
+        args.extend([
+            "--replicaof".into(),
+            "127.0.0.1".into(),
+            primary.port.to_string(),
+        ]);
+        Self::start_with(port, args, primary.tls.clone())
+    }
+
+    fn start_with(port: u16, args: Vec<String>, tls: Option<TestCa>) -> Self {
         let mut server = Self {
             proc: None,
             port,
             dir: tempfile::tempdir().unwrap(),
+            args,
+            tls,
         };
         server.spawn();
         server
     }
 
     fn spawn(&mut self) {
-        let mut cmd = Command::new("redis-server");
-        cmd.args(["--bind", "127.0.0.1", "--port"])
-            .arg(self.port.to_string())
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stdin(Stdio::null());
-        let log = self.dir.path().join("redis.log");
-        cmd.stderr(File::create(&log).unwrap());
-        let child = match cmd.spawn() {
-            Ok(child) => child,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                panic!("redis-server is not installed; install it: apt-get install -y redis-server")
-            }
-            Err(e) => panic!("cannot start redis-server: {e}"),
-        };
-        self.proc = Some(Proc {
-            child,
-            log,
-            http: None,
-        });
-        let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
-        let up = wait_until(Duration::from_secs(10), || {
-            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-        });
-        assert!(up, "redis-server did not listen on {addr}");
+        let mut args: Vec<String> = [
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--dir",
+        ]
+        .map(String::from)
+        .into();
+        args.push(self.dir.path().display().to_string());
+        args.extend(self.args.iter().cloned());
+        let proc = spawn_redis(&args, self.dir.path().join("redis.log"));
+        wait_listening(self.port, "redis-server", &proc);
+        self.proc = Some(proc);
     }
 
     pub(crate) fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// `redis-cli ARGS…` against it; its stdout.
+    pub(crate) fn cli(&self, args: &[&str]) -> String {
+        redis_cli(self.port, self.tls.as_ref(), args)
+    }
+
+    /// Its log so far.
+    pub(crate) fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
     }
 
     /// SIGKILLs it (its data is gone: nothing is persisted).
@@ -692,4 +866,69 @@ impl RedisServer {
         self.kill();
         self.spawn();
     }
+}
+
+/// A Redis Sentinel of its own (`redis-server CONF --sentinel`, no extra
+/// package) watching one primary as `service`: quorum 1, the primary
+/// declared down after 1 s without answers; over TLS when the primary is.
+#[derive(Debug)]
+pub(crate) struct Sentinel {
+    proc: Proc,
+    pub(crate) port: u16,
+    tls: Option<TestCa>,
+    dir: tempfile::TempDir,
+}
+
+impl Sentinel {
+    pub(crate) fn start(primary: &RedisServer, service: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        // Sentinel rewrites its configuration file: it lives in its own directory.
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "bind 127.0.0.1\ndir {}\n\
+                 sentinel monitor {service} 127.0.0.1 {} 1\n\
+                 sentinel down-after-milliseconds {service} 1000\n\
+                 sentinel failover-timeout {service} 5000\n\
+                 sentinel parallel-syncs {service} 1\n",
+                dir.path().display(),
+                primary.port,
+            ),
+        )
+        .unwrap();
+        let mut args = vec![conf.display().to_string(), "--sentinel".into()];
+        match &primary.tls {
+            Some(ca) => args.extend(tls_args(ca, port, "no")),
+            None => args.extend(["--port".into(), port.to_string()]),
+        }
+        let proc = spawn_redis(&args, dir.path().join("sentinel.log"));
+        wait_listening(port, "redis sentinel", &proc);
+        Self {
+            proc,
+            port,
+            tls: primary.tls.clone(),
+            dir,
+        }
+    }
+
+    /// `redis-cli ARGS…` against it; its stdout.
+    pub(crate) fn cli(&self, args: &[&str]) -> String {
+        redis_cli(self.port, self.tls.as_ref(), args)
+    }
+
+    /// Its log so far.
+    pub(crate) fn log_text(&self) -> String {
+        self.proc.log_text()
+    }
+}
+
+/// Members of a blob's swarm, as `nebula admin swarm` through `control` lists them.
+pub(crate) fn swarm_members(control: &str, id: &str) -> usize {
+    let mut cmd = nebula();
+    cmd.args(["admin", "swarm", id, "--json", "--control", control]);
+    let out = run_bounded(cmd, Duration::from_secs(10));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["members"].as_array().map_or(0, Vec::len)
 }

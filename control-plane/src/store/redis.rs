@@ -35,11 +35,13 @@
 //! Times (last seen, expiries) come from the Redis server's clock (`TIME` in
 //! the scripts), so replicas with skewed clocks agree.
 //!
-//! # Not supported
+//! # Connecting
 //!
-//! `rediss://` (TLS) and `redis+sentinel://`: TLS would bring rustls and a
-//! crypto provider into a tree that has none, Sentinel a second `rand`.
-//! [`RedisConfig::parse_url`] refuses them with a clear error.
+//! [`RedisConfig::url`] names the primary directly (`redis://`, or
+//! `rediss://` for TLS with [`RedisConfig::tls`]) or through Sentinel
+//! (`redis+sentinel://HOST:PORT[,HOST:PORT…]/SERVICE[/DB]`), which is asked
+//! again after a failed call so a failover moves every replica to the new
+//! primary: see `target` and `primary`.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -54,11 +56,15 @@ use std::{
 
 use bytes::Bytes;
 use nebula_common::{BlobId, Sha256Digest};
-use redis::{
-    Client, ErrorKind, RedisError, Script, ServerErrorKind, Value,
-    aio::{ConnectionManager, ConnectionManagerConfig},
-};
+use redis::{ErrorKind, RedisError, Script, ServerErrorKind, Value, aio::ConnectionManagerConfig};
 use tokio::time::Instant;
+
+mod primary;
+mod target;
+
+use primary::Primary;
+pub use target::{RedisClientCert, RedisTls, RedisUrlError};
+use target::{Target, redact_url};
 
 use super::{
     Announcement, BlobMeta, Health, Holding, Load, OriginLease, PeerId, PeerRegistration,
@@ -80,8 +86,11 @@ const MAX_CACHED_SWARMS: usize = 65_536;
 /// Where the Redis store lives and how long it may take.
 #[derive(Clone, PartialEq, Eq)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]HOST:PORT[/DB]`.
+    /// `redis://[user:password@]HOST:PORT[/DB]`, `rediss://…` or
+    /// `redis+sentinel://[user:password@]HOST:PORT[,HOST:PORT…]/SERVICE[/DB]`.
     pub url: String,
+    /// What to trust and show for TLS (`rediss://` only).
+    pub tls: RedisTls,
     /// Prefix of every key, so several clusters may share one Redis.
     pub prefix: String,
     /// Deadline of one store operation (all its round trips); past it the call
@@ -105,6 +114,7 @@ impl std::fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisConfig")
             .field("url", &redact_url(&self.url))
+            .field("tls", &self.tls)
             .field("prefix", &self.prefix)
             .field("op_timeout", &self.op_timeout)
             .field("connect_timeout", &self.connect_timeout)
@@ -114,49 +124,13 @@ impl std::fmt::Debug for RedisConfig {
     }
 }
 
-/// The URL with any password replaced.
-fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://<redacted>@{}", &url[..s], &url[at + 1..]),
-        _ => url.to_owned(),
-    }
-}
-
-/// Why a `--state` value cannot be used.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RedisUrlError {
-    /// TLS to Redis is not built in.
-    #[error(
-        "rediss:// (TLS to Redis) is not supported by this build: it would add a TLS stack and a crypto provider; use redis:// inside a trusted network"
-    )]
-    TlsUnsupported,
-    /// Sentinel is not built in.
-    #[error(
-        "redis+sentinel:// is not supported by this build; give the primary's redis://HOST:PORT"
-    )]
-    SentinelUnsupported,
-    /// Not a Redis URL at all.
-    #[error("{url:?} is not a Redis URL (expected redis://HOST:PORT[/DB])")]
-    NotRedis {
-        /// What was given (password redacted).
-        url: String,
-    },
-    /// A `redis://` URL the client cannot use (bad port, bad database number…).
-    #[error("{url:?} is not a valid Redis URL: {reason}")]
-    Invalid {
-        /// What was given (password redacted).
-        url: String,
-        /// What the client said.
-        reason: String,
-    },
-}
-
 impl RedisConfig {
     /// Defaults for `url`, checked by [`RedisConfig::parse_url`].
     pub fn new(url: &str) -> Result<Self, RedisUrlError> {
         Self::parse_url(url)?;
         Ok(Self {
             url: url.to_owned(),
+            tls: RedisTls::default(),
             prefix: "nebula".into(),
             op_timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_millis(500),
@@ -165,24 +139,14 @@ impl RedisConfig {
         })
     }
 
-    /// Accepts `redis://…` and refuses the schemes this build lacks.
+    /// Checks a URL (see [`RedisConfig::url`]) without TLS material; no network.
     pub fn parse_url(url: &str) -> Result<(), RedisUrlError> {
-        let scheme = url.split("://").next().unwrap_or_default();
-        match scheme {
-            "redis" if url.len() > "redis://".len() => match Client::open(url) {
-                Ok(_) => Ok(()),
-                Err(e) => Err(RedisUrlError::Invalid {
-                    url: redact_url(url),
-                    // The client's message does not repeat the password.
-                    reason: e.to_string(),
-                }),
-            },
-            "rediss" => Err(RedisUrlError::TlsUnsupported),
-            "redis+sentinel" | "rediss+sentinel" => Err(RedisUrlError::SentinelUnsupported),
-            _ => Err(RedisUrlError::NotRedis {
-                url: redact_url(url),
-            }),
-        }
+        Target::parse(url, &RedisTls::default()).map(drop)
+    }
+
+    /// Checks the URL with this configuration's TLS material; no network.
+    pub fn check(&self) -> Result<(), RedisUrlError> {
+        Target::parse(&self.url, &self.tls).map(drop)
     }
 }
 
@@ -198,12 +162,67 @@ pub enum RedisStoreError {
         /// The deadline.
         timeout: Duration,
     },
+    /// No sentinel named the primary.
+    #[error("Sentinel: {reason}")]
+    NoPrimary {
+        /// What each sentinel answered.
+        reason: String,
+    },
     /// An answer of an unexpected shape (another program writing our keys?).
     #[error("unexpected reply from Redis to {op}")]
     Reply {
         /// The operation.
         op: &'static str,
     },
+}
+
+/// Why Redis, reached at start-up, can never serve as configured.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisSetupError {
+    /// The TLS handshake failed: Redis's certificate is not signed by a
+    /// trusted CA or not for this host, or Redis refused ours.
+    #[error("TLS to Redis at {url} failed: {reason}")]
+    Tls {
+        /// Where (password redacted).
+        url: String,
+        /// What rustls said.
+        reason: String,
+    },
+    /// Redis refused the URL's user name or password.
+    #[error("Redis at {url} refused the credentials: {reason}")]
+    Credentials {
+        /// Where (password redacted).
+        url: String,
+        /// What Redis said.
+        reason: String,
+    },
+}
+
+/// The TLS error behind `err`, if a failed handshake is what it is. The
+/// redis crate keeps it as an `io::Error` inside an `Arc`.
+fn tls_failure(err: &RedisError) -> Option<&rustls::Error> {
+    let mut next: Option<&(dyn StdError + 'static)> = Some(err);
+    // Bounded: error chains are short, and this stops after 16 links.
+    for _ in 0..16 {
+        let e = next?;
+        let inner: &(dyn StdError + 'static) =
+            match e.downcast_ref::<Arc<dyn StdError + Send + Sync>>() {
+                Some(shared) => &**shared,
+                None => e,
+            };
+        if let Some(tls) = inner.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        if let Some(tls) = inner
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|i| i.downcast_ref::<rustls::Error>())
+        {
+            return Some(tls);
+        }
+        next = e.source();
+    }
+    None
 }
 
 impl From<RedisStoreError> for StoreError {
@@ -506,7 +525,7 @@ struct Call {
 /// The Redis-backed state store. Cloning is cheap (one shared connection).
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    primary: Arc<Primary>,
     config: Arc<RedisConfig>,
     scripts: Arc<Scripts>,
     /// Redis failed last time: the next failure is not logged again, the next
@@ -714,16 +733,18 @@ impl RedisStore {
     /// A store on the Redis at `config.url`. Connects lazily: a Redis that is
     /// down now makes calls fail with [`StoreError::Unavailable`] until it is up.
     pub fn new(config: RedisConfig) -> Result<Self, StoreError> {
-        let client = Client::open(config.url.as_str()).map_err(RedisStoreError::from)?;
+        let target =
+            Target::parse(&config.url, &config.tls).map_err(|e| StoreError::Unavailable {
+                source: Box::new(e),
+            })?;
         let manager = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.connect_timeout))
             .set_response_timeout(Some(config.op_timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, manager)
-            .map_err(RedisStoreError::from)?;
+        let primary = Primary::new(target, manager, config.connect_timeout)?;
         Ok(Self {
-            conn,
+            primary: Arc::new(primary),
             cache: Arc::new(Recent::new(config.swarm_cache)),
             peer_cache: Arc::new(Recent::new(config.swarm_cache)),
             config: Arc::new(config),
@@ -836,6 +857,7 @@ impl RedisStore {
                 }
             }
             Err(err) => {
+                self.primary.failed();
                 if !self.down.swap(true, Ordering::Relaxed) {
                     tracing::warn!(op, error = %err, "Redis unavailable; answering UNAVAILABLE until it is back");
                 }
@@ -852,7 +874,7 @@ impl RedisStore {
         for a in args {
             inv.arg(*a);
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.primary.conn().await?;
         Ok(inv.invoke_async(&mut conn).await?)
     }
 
@@ -860,7 +882,7 @@ impl RedisStore {
     /// lost it (after a restart) and retries those calls once.
     async fn eval_many(&self, script: &Script, calls: &[Call]) -> R<Vec<Value>> {
         let mut out = Vec::with_capacity(calls.len());
-        let mut conn = self.conn.clone();
+        let mut conn = self.primary.conn().await?;
         for batch in calls.chunks(PIPELINE) {
             let mut loaded = false;
             let mut results: Vec<Option<Value>> = vec![None; batch.len()];
@@ -912,7 +934,7 @@ impl RedisStore {
         if blobs == 0 && entries == 0 {
             return Ok(());
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.primary.conn().await?;
         redis::pipe()
             .hincr(self.stats_key(), "blobs", blobs)
             .ignore()
@@ -988,7 +1010,7 @@ impl RedisStore {
     async fn push_horizon(&self, id: &PeerId, epoch: &str) -> R<()> {
         let horizon = millis(self.config.entry_horizon);
         let keys = self.peer_keys(id.as_str(), &["peer", "inv"]);
-        let mut conn = self.conn.clone();
+        let mut conn = self.primary.conn().await?;
         let blobs: Vec<String> = redis::cmd("SMEMBERS")
             .arg(&keys[1])
             .query_async(&mut conn)
@@ -1052,7 +1074,7 @@ impl RedisStore {
     ) -> Result<bool, StoreError> {
         self.run("lock", async {
             let key = format!("{}:{{lock}}:{name}", self.prefix());
-            let mut conn = self.conn.clone();
+            let mut conn = self.primary.conn().await?;
             let set: Option<String> = redis::cmd("SET")
                 .arg(&key)
                 .arg(holder)
@@ -1081,7 +1103,7 @@ impl RedisStore {
     /// Bytes Redis uses for its data set and overhead (`used_memory` of `INFO memory`).
     pub async fn used_memory(&self) -> Result<u64, StoreError> {
         self.run("info", async {
-            let mut conn = self.conn.clone();
+            let mut conn = self.primary.conn().await?;
             let info: String = redis::cmd("INFO")
                 .arg("memory")
                 .query_async(&mut conn)
@@ -1094,10 +1116,45 @@ impl RedisStore {
         .await
     }
 
+    /// Reaches Redis once, at start-up: `Ok` when it answers, and also when
+    /// it cannot be reached now (calls answer `UNAVAILABLE` until it can); an
+    /// error when it was reached but can never serve as configured (a TLS
+    /// certificate refused either way, credentials refused).
+    pub async fn check_setup(&self) -> Result<(), RedisSetupError> {
+        let url = redact_url(&self.config.url);
+        let attempt = tokio::time::timeout(self.config.op_timeout, async {
+            let mut conn = self.primary.conn().await?;
+            redis::cmd("PING").query_async::<()>(&mut conn).await?;
+            Ok::<_, RedisStoreError>(())
+        })
+        .await;
+        let Ok(Err(RedisStoreError::Redis(err))) = attempt else {
+            return Ok(());
+        };
+        if let Some(tls) = tls_failure(&err) {
+            return Err(RedisSetupError::Tls {
+                url,
+                reason: tls.to_string(),
+            });
+        }
+        if err.kind() == ErrorKind::AuthenticationFailed
+            || err
+                .code()
+                .is_some_and(|c| c == "WRONGPASS" || c == "NOAUTH")
+        {
+            return Err(RedisSetupError::Credentials {
+                url,
+                reason: err.to_string(),
+            });
+        }
+        tracing::warn!(%url, error = %err, "Redis not reachable at start-up; answering UNAVAILABLE until it is");
+        Ok(())
+    }
+
     /// Whether Redis answers (a `PING`).
     pub async fn ping(&self) -> Result<(), StoreError> {
         self.run("ping", async {
-            let mut conn = self.conn.clone();
+            let mut conn = self.primary.conn().await?;
             redis::cmd("PING").query_async::<()>(&mut conn).await?;
             Ok(())
         })
@@ -1232,7 +1289,7 @@ impl StateStore for RedisStore {
             let a = as_array(&v).ok_or_else(|| reply("register"))?;
             let alive = a.first().and_then(as_int) == Some(1);
             let deadline = a.get(1).and_then(as_int).ok_or_else(|| reply("register"))?;
-            let mut conn = self.conn.clone();
+            let mut conn = self.primary.conn().await?;
             redis::cmd("ZADD")
                 .arg(self.index_key())
                 .arg(deadline)
@@ -1265,7 +1322,7 @@ impl StateStore for RedisStore {
             }
             let a = as_array(&v).ok_or_else(|| reply("renew"))?;
             let deadline = a.first().and_then(as_int).ok_or_else(|| reply("renew"))?;
-            let mut conn = self.conn.clone();
+            let mut conn = self.primary.conn().await?;
             redis::cmd("ZADD")
                 .arg(self.index_key())
                 .arg(deadline)
@@ -1290,7 +1347,7 @@ impl StateStore for RedisStore {
             let known = a.first().and_then(as_int) == Some(1);
             let blobs = byte_list(a.get(1));
             self.drop_entries(peer.as_str(), None, &blobs).await?;
-            let mut conn = self.conn.clone();
+            let mut conn = self.primary.conn().await?;
             redis::cmd("ZREM")
                 .arg(self.index_key())
                 .arg(peer.as_str())
@@ -1396,7 +1453,7 @@ impl StateStore for RedisStore {
 
     async fn resolve_sha256(&self, digest: &Sha256Digest) -> Result<Option<BlobId>, StoreError> {
         self.run("resolve_sha256", async {
-            let mut conn = self.conn.clone();
+            let mut conn = self.primary.conn().await?;
             let hex: Option<String> = redis::cmd("GET")
                 .arg(self.alias_key(&digest.to_string()))
                 .query_async(&mut conn)
@@ -1416,7 +1473,7 @@ impl StateStore for RedisStore {
 
     async fn peers(&self) -> Result<Vec<PeerSnapshot>, StoreError> {
         self.run_bulk("peers", 0, async {
-            let mut conn = self.conn.clone();
+            let mut conn = self.primary.conn().await?;
             let ids: Vec<String> = redis::cmd("ZRANGE")
                 .arg(self.index_key())
                 .arg(0)
@@ -1512,7 +1569,7 @@ impl StateStore for RedisStore {
 
     async fn expire(&self) -> Result<Vec<PeerId>, StoreError> {
         self.run_bulk("expire", 0, async {
-            let mut conn = self.conn.clone();
+            let mut conn = self.primary.conn().await?;
             let t: (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await?;
             let now = t.0 * 1000 + t.1 / 1000;
             let lapsed: Vec<String> = redis::cmd("ZRANGEBYSCORE")
@@ -1570,7 +1627,7 @@ impl StateStore for RedisStore {
     async fn stats(&self) -> Result<StoreStats, StoreError> {
         let peers = self.peers().await?;
         self.run("stats", async {
-            let mut conn = self.conn.clone();
+            let mut conn = self.primary.conn().await?;
             let (blobs, entries): (Option<i64>, Option<i64>) = redis::cmd("HMGET")
                 .arg(self.stats_key())
                 .arg("blobs")
@@ -1601,7 +1658,7 @@ impl StateStore for RedisStore {
 
     async fn url(&self, url: &UrlKey) -> Result<Option<UrlRecord>, StoreError> {
         self.run("url", async {
-            let mut conn = self.conn.clone();
+            let mut conn = self.primary.conn().await?;
             let json: Option<String> = redis::cmd("GET")
                 .arg(self.url_key(url))
                 .query_async(&mut conn)
@@ -1621,7 +1678,7 @@ impl StateStore for RedisStore {
     ) -> Result<(), StoreError> {
         let json = serde_json::to_string(&record).unwrap_or_default();
         self.run("record_url", async {
-            let mut conn = self.conn.clone();
+            let mut conn = self.primary.conn().await?;
             let () = redis::cmd("SET")
                 .arg(self.url_key(url))
                 .arg(json)
@@ -1641,7 +1698,7 @@ impl StateStore for RedisStore {
         ttl: Duration,
     ) -> Result<OriginLease, StoreError> {
         self.run("origin_lease", async {
-            let mut conn = self.conn.clone();
+            let mut conn = self.primary.conn().await?;
             // Take it when free or ours (renewing it), in one step.
             let holder: String = redis::Script::new(
                 "local cur = redis.call('GET', KEYS[1]) \
@@ -1665,7 +1722,7 @@ impl StateStore for RedisStore {
 
     async fn release_origin_lease(&self, url: &UrlKey, peer: &PeerId) -> Result<(), StoreError> {
         self.run("release_origin_lease", async {
-            let mut conn = self.conn.clone();
+            let mut conn = self.primary.conn().await?;
             let _: i64 = redis::Script::new(
                 "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
             )
@@ -1684,15 +1741,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn refuses_tls_and_sentinel() {
-        assert_eq!(
-            RedisConfig::parse_url("rediss://h:6380"),
-            Err(RedisUrlError::TlsUnsupported)
-        );
-        assert_eq!(
-            RedisConfig::parse_url("redis+sentinel://h:26379/mymaster"),
-            Err(RedisUrlError::SentinelUnsupported)
-        );
+    fn urls() {
+        RedisConfig::parse_url("rediss://h:6380").unwrap();
+        RedisConfig::parse_url("redis+sentinel://h:26379/mymaster").unwrap();
+        RedisConfig::parse_url("rediss+sentinel://h:26379,i:26380/mymaster/1").unwrap();
         assert!(matches!(
             RedisConfig::parse_url("http://h"),
             Err(RedisUrlError::NotRedis { .. })
