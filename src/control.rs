@@ -5,20 +5,22 @@ use std::{io::Write as _, str::FromStr, time::Duration};
 use anyhow::Context as _;
 use nebula_common::{BlobRef, rate::format_bytes};
 use nebula_control::{Config, ControlPlane, PeerId, RedisConfig, StateStore};
+use nebula_proto::tls::TlsConfig;
 use nebula_proto::v1::{
     GetSwarmRequest, ListPeersRequest, PeerInfo, PeerRequest, PeerState, StatsRequest,
     admin_client::AdminClient,
 };
 use serde_json::{Value, json};
 use tonic::{
-    Code, Request, Status,
-    metadata::AsciiMetadataValue,
-    service::interceptor::InterceptedService,
-    transport::{Channel, Endpoint},
+    Code, Request, Status, metadata::AsciiMetadataValue, service::interceptor::InterceptedService,
+    transport::Channel,
 };
 
 use crate::{
-    flags::{ServeFlags, parse_control_url, parse_duration, parse_rate},
+    flags::{
+        ServeFlags, TlsFlags, check_control_tls, explain_tls_failure, parse_control_url,
+        parse_duration, parse_rate,
+    },
     output::{bad_input, print_json, print_line, print_table, shutdown_signal},
 };
 
@@ -141,6 +143,7 @@ impl ControlArgs {
             keepalive_interval: self.keepalive_interval.unwrap_or(d.keepalive_interval),
             keepalive_timeout: self.keepalive_timeout.unwrap_or(d.keepalive_timeout),
             store_check_interval: d.store_check_interval,
+            tls: self.serve.tls.load()?,
         };
         config.validate().map_err(|e| bad_input(e.to_string()))?;
         Ok(config)
@@ -234,6 +237,8 @@ pub(crate) struct AdminArgs {
     /// Deadline of the call.
     #[arg(long, global = true, env = "NEBULA_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
     timeout: Duration,
+    #[command(flatten)]
+    tls: TlsFlags,
     #[command(subcommand)]
     command: AdminCommand,
 }
@@ -317,17 +322,29 @@ fn rpc_error(control: &str, status: Status) -> anyhow::Error {
     if status.message().is_empty() {
         return anyhow::anyhow!("{control}: {}", code_name(status.code()));
     }
-    anyhow::anyhow!("{} ({})", status.message(), code_name(status.code()))
+    // A transport failure keeps its cause (a TLS alert, say) in the source
+    // chain; each cause is said once.
+    let mut line = status.message().to_owned();
+    let mut source = std::error::Error::source(&status);
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !line.ends_with(&text) {
+            line.push_str(&format!(": {text}"));
+        }
+        source = cause.source();
+    }
+    anyhow::anyhow!("{line} ({})", code_name(status.code()))
 }
 
 /// Connects to the first replica of `--control` that accepts a connection.
-async fn connect(args: &AdminArgs) -> anyhow::Result<Admin> {
-    // `--control` was checked and normalized by `parse_control_url`.
+async fn connect(args: &AdminArgs, tls: Option<&TlsConfig>) -> anyhow::Result<Admin> {
+    // `--control` was checked and normalized by `parse_control_url`, and
+    // agrees with the TLS flags (`check_control_tls`).
     let urls: Vec<&str> = args.control.split(',').collect();
     let mut endpoints = Vec::with_capacity(urls.len());
     for &url in &urls {
-        let endpoint = Endpoint::from_shared(url.to_owned())
-            .map_err(|e| bad_input(format!("invalid --control {url:?}: {e}")))?
+        let endpoint = nebula_proto::tls::endpoint(url, tls)
+            .map_err(|e| bad_input(format!("invalid --control: {e}")))?
             .connect_timeout(Duration::from_secs(5).min(args.timeout))
             .timeout(args.timeout);
         endpoints.push(endpoint);
@@ -440,7 +457,21 @@ pub(crate) async fn run_admin(args: AdminArgs) -> anyhow::Result<()> {
     {
         parse_peer(peer)?;
     }
-    let mut admin = connect(&args).await?;
+    let tls = args.tls.load()?;
+    check_control_tls(&args.control, tls.as_ref())?;
+    match call(&args, tls.as_ref(), blob).await {
+        Ok(()) => Ok(()),
+        Err(err) => Err(explain_tls_failure(&args.control, tls.as_ref(), err).await),
+    }
+}
+
+/// Connects and makes the admin call, printing its answer.
+async fn call(
+    args: &AdminArgs,
+    tls: Option<&TlsConfig>,
+    blob: Option<BlobRef>,
+) -> anyhow::Result<()> {
+    let mut admin = connect(args, tls).await?;
     let rpc_error = |status| rpc_error(&args.control, status);
     match &args.command {
         AdminCommand::Peers => {

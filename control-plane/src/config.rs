@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+use nebula_proto::tls::TlsConfig;
+
 /// The largest `limit` a `FindProviders` call may ask for, whatever the config says.
 pub const HARD_MAX_DISCOVERY_LIMIT: u32 = 10_000;
 
@@ -60,6 +62,11 @@ pub struct Config {
     /// How often the state store is checked, to report NOT_SERVING on the
     /// gRPC health service while it does not answer. Default 1 s.
     pub store_check_interval: Duration,
+    /// TLS on the gRPC server (which then needs a certificate and key) and on
+    /// the health probes, which dial peers with `https://` and check their
+    /// certificates against the fleet CA (showing this certificate when the
+    /// peers require client certificates). `None`: plaintext. Default `None`.
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for Config {
@@ -85,6 +92,7 @@ impl Default for Config {
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
             store_check_interval: Duration::from_secs(1),
+            tls: None,
         }
     }
 }
@@ -117,6 +125,7 @@ impl std::fmt::Debug for Config {
             .field("keepalive_interval", &self.keepalive_interval)
             .field("keepalive_timeout", &self.keepalive_timeout)
             .field("store_check_interval", &self.store_check_interval)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -166,6 +175,9 @@ pub enum ConfigError {
         /// `join_token` or `admin_token`.
         field: &'static str,
     },
+    /// TLS is on but no certificate and key are set for the server.
+    #[error("TLS needs the server's certificate and private key")]
+    TlsWithoutIdentity,
     /// The message size cannot hold even a small request.
     #[error("max message size {size} is below the minimum of {min} bytes")]
     MessageTooSmall {
@@ -243,6 +255,9 @@ impl Config {
             {
                 return Err(ConfigError::BadToken { field });
             }
+        }
+        if self.tls.as_ref().is_some_and(|t| !t.has_identity()) {
+            return Err(ConfigError::TlsWithoutIdentity);
         }
         const MIN_MESSAGE: usize = 64 << 10;
         if self.max_message_size < MIN_MESSAGE {

@@ -2,6 +2,8 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
+use nebula_proto::tls::{self, TlsConfig};
+
 /// Everything a [`Node`](crate::Node) needs besides its listener.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -44,6 +46,12 @@ pub struct Config {
     pub stream_queue: usize,
     /// Timeout of one control-plane call.
     pub control_timeout: Duration,
+    /// TLS for everything over TCP: the peer server serves with this
+    /// certificate (requiring client certificates when asked), other peers
+    /// are dialed with `https://`, and every control-plane URL must be
+    /// `https://`. `None`: plaintext everywhere (the local API, a private
+    /// Unix socket, is plaintext either way).
+    pub tls: Option<TlsConfig>,
 }
 
 impl Config {
@@ -67,6 +75,7 @@ impl Config {
             max_chunks_per_request: 64,
             stream_queue: 256,
             control_timeout: Duration::from_secs(5),
+            tls: None,
         }
     }
 
@@ -96,6 +105,13 @@ impl Config {
             {
                 return Err(format!("control plane URL {url:?} must start with http://"));
             }
+            // Refused here, before any call: the scheme must match the TLS settings.
+            for url in crate::control::split_urls(urls) {
+                tls::endpoint(url, self.tls.as_ref()).map_err(|e| e.to_string())?;
+            }
+        }
+        if self.tls.as_ref().is_some_and(|t| !t.has_identity()) {
+            return Err("TLS needs this peer's certificate and private key".into());
         }
         Ok(())
     }

@@ -16,12 +16,15 @@ use std::{
     time::Duration,
 };
 
-use nebula_proto::v1::{self as pb, control_plane_client::ControlPlaneClient};
+use nebula_proto::{
+    tls::{self, EndpointError, TlsConfig},
+    v1::{self as pb, control_plane_client::ControlPlaneClient},
+};
 use tonic::{
     Code, Response, Status,
     metadata::{Ascii, MetadataValue},
     service::interceptor::InterceptedService,
-    transport::{Channel, Endpoint},
+    transport::Channel,
 };
 
 /// Adds `authorization: Bearer <token>` to every control-plane call.
@@ -61,14 +64,9 @@ pub(crate) enum ControlUrlError {
     /// The list is empty.
     #[error("no control plane URL given")]
     Empty,
-    /// One URL is malformed.
-    #[error("control plane URL {url:?}: {source}")]
-    Invalid {
-        /// The URL.
-        url: String,
-        /// What is wrong with it.
-        source: tonic::transport::Error,
-    },
+    /// One URL is malformed, or its scheme disagrees with the TLS settings.
+    #[error("control plane URL: {0}")]
+    Invalid(#[from] EndpointError),
 }
 
 /// The URLs of a comma-separated `--control` list, blanks skipped.
@@ -116,19 +114,17 @@ macro_rules! failover {
 }
 
 impl ControlClient {
-    /// Lazily connecting clients of every URL in `list` (comma-separated).
+    /// Lazily connecting clients of every URL in `list` (comma-separated),
+    /// over TLS when `tls` is given (then every URL must be `https://`).
     pub(crate) fn new(
         list: &str,
         token: Option<MetadataValue<Ascii>>,
         timeout: Duration,
+        tls: Option<&TlsConfig>,
     ) -> Result<Self, ControlUrlError> {
         let replicas = split_urls(list)
             .map(|url| {
-                let endpoint = Endpoint::from_shared(url.to_owned())
-                    .map_err(|source| ControlUrlError::Invalid {
-                        url: url.to_owned(),
-                        source,
-                    })?
+                let endpoint = tls::endpoint(url, tls)?
                     .connect_timeout(Duration::from_secs(2).min(timeout))
                     .timeout(timeout)
                     .tcp_nodelay(true);
@@ -149,6 +145,17 @@ impl ControlClient {
             current: Arc::default(),
             timeout,
         })
+    }
+
+    /// The first `http://` replica that answers with TLS: a plaintext call
+    /// to it fails with an HTTP/2 protocol error that does not say why.
+    pub(crate) async fn serving_tls(&self) -> Option<&str> {
+        for replica in self.replicas.iter() {
+            if tls::speaks_tls(&replica.url, self.timeout.min(Duration::from_secs(2))).await {
+                return Some(&replica.url);
+            }
+        }
+        None
     }
 
     /// The longest one call may take: each replica tried once.
