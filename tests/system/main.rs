@@ -9,4 +9,5 @@ mod replicas;
 mod store;
 mod store_checks;
 mod support;
+mod tls;
 mod trust;
