@@ -14,20 +14,22 @@ use nebula_control::{
     RedisTls, StateStore,
 };
 use nebula_peer::replicas;
+use nebula_proto::tls::TlsConfig;
 use nebula_proto::v1::{
     GetSwarmRequest, ListPeersRequest, PeerInfo, PeerRequest, PeerState, StatsRequest,
     admin_client::AdminClient,
 };
 use serde_json::{Value, json};
 use tonic::{
-    Code, Request, Status,
-    metadata::AsciiMetadataValue,
-    service::interceptor::InterceptedService,
-    transport::{Channel, Endpoint},
+    Code, Request, Status, metadata::AsciiMetadataValue, service::interceptor::InterceptedService,
+    transport::Channel,
 };
 
 use crate::{
-    flags::{ServeFlags, parse_control_url, parse_duration, parse_rate},
+    flags::{
+        ServeFlags, TlsFlags, check_control_tls, explain_tls_failure, parse_control_url,
+        parse_duration, parse_rate,
+    },
     output::{bad_input, print_json, print_line, print_table, shutdown_signal},
 };
 
@@ -191,6 +193,7 @@ impl ControlArgs {
                 .filter(|q| !q.is_empty())
                 .collect(),
             origin_lease_ttl: self.origin_lease_ttl.unwrap_or(d.origin_lease_ttl),
+            tls: self.serve.tls.load()?,
         };
         config.validate().map_err(|e| bad_input(e.to_string()))?;
         Ok(config)
@@ -311,6 +314,8 @@ pub(crate) struct AdminArgs {
     /// Deadline of the call.
     #[arg(long, global = true, env = "NEBULA_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
     timeout: Duration,
+    #[command(flatten)]
+    tls: TlsFlags,
     #[command(subcommand)]
     command: AdminCommand,
 }
@@ -394,13 +399,25 @@ fn rpc_error(control: &str, status: Status) -> anyhow::Error {
     if status.message().is_empty() {
         return anyhow::anyhow!("{control}: {}", code_name(status.code()));
     }
-    anyhow::anyhow!("{} ({})", status.message(), code_name(status.code()))
+    // A transport failure keeps its cause (a TLS alert, say) in the source
+    // chain; each cause is said once.
+    let mut line = status.message().to_owned();
+    let mut source = std::error::Error::source(&status);
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !line.ends_with(&text) {
+            line.push_str(&format!(": {text}"));
+        }
+        source = cause.source();
+    }
+    anyhow::anyhow!("{line} ({})", code_name(status.code()))
 }
 
 /// Connects to the first replica of `--control` that accepts a connection;
 /// a host name counts once per address it resolves to.
-async fn connect(args: &AdminArgs) -> anyhow::Result<Admin> {
-    // `--control` was checked and normalized by `parse_control_url`.
+async fn connect(args: &AdminArgs, tls: Option<&TlsConfig>) -> anyhow::Result<Admin> {
+    // `--control` was checked and normalized by `parse_control_url`, and
+    // agrees with the TLS flags (`check_control_tls`).
     let replicas = replicas::expand(&args.control, &replicas::SystemResolver).await;
     let token = match &args.admin_token {
         Some(t) => Some(
@@ -412,18 +429,11 @@ async fn connect(args: &AdminArgs) -> anyhow::Result<Admin> {
     };
     let mut last = None;
     for replica in &replicas {
-        let mut endpoint = Endpoint::from_shared(replica.url.clone())
-            .map_err(|e| bad_input(format!("invalid --control {:?}: {e}", replica.given)))?
+        let endpoint = replica
+            .endpoint(tls)
+            .map_err(|e| bad_input(format!("invalid --control: {e}")))?
             .connect_timeout(Duration::from_secs(5).min(args.timeout))
             .timeout(args.timeout);
-        if replica.resolved() {
-            // Requests name the host as given, not the address dialled.
-            let origin = replica
-                .given
-                .parse()
-                .map_err(|e| bad_input(format!("invalid --control {:?}: {e}", replica.given)))?;
-            endpoint = endpoint.origin(origin);
-        }
         match endpoint.connect().await {
             Ok(channel) => return Ok(AdminClient::with_interceptor(channel, Bearer(token))),
             Err(e) => {
@@ -522,7 +532,21 @@ pub(crate) async fn run_admin(args: AdminArgs) -> anyhow::Result<()> {
     {
         parse_peer(peer)?;
     }
-    let mut admin = connect(&args).await?;
+    let tls = args.tls.load()?;
+    check_control_tls(&args.control, tls.as_ref())?;
+    match call(&args, tls.as_ref(), blob).await {
+        Ok(()) => Ok(()),
+        Err(err) => Err(explain_tls_failure(&args.control, tls.as_ref(), err).await),
+    }
+}
+
+/// Connects and makes the admin call, printing its answer.
+async fn call(
+    args: &AdminArgs,
+    tls: Option<&TlsConfig>,
+    blob: Option<BlobRef>,
+) -> anyhow::Result<()> {
+    let mut admin = connect(args, tls).await?;
     let rpc_error = |status| rpc_error(&args.control, status);
     match &args.command {
         AdminCommand::Peers => {

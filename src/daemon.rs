@@ -16,7 +16,10 @@ use tonic::Code;
 
 use crate::{
     export::Destination,
-    flags::{ServeFlags, parse_control_url, parse_duration, parse_rate},
+    flags::{
+        ServeFlags, ServerTlsFlags, check_control_tls, parse_control_url, parse_duration,
+        parse_rate, tls_hint,
+    },
     output::{
         Interrupted, bad_input, print_json, print_line, print_table, shutdown_signal, stdout_error,
     },
@@ -217,6 +220,8 @@ pub(crate) async fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
     config.max_providers = args.max_providers;
     config.no_provider_timeout = args.no_provider_timeout;
     args.origin.apply(&mut config)?;
+    config.tls = args.serve.tls.load()?;
+    check_control_tls(&args.control, config.tls.as_ref())?;
     config.validate().map_err(bad_input)?;
     let listener = bind(&args.listen, "--listen").await?;
     let http = args.serve.bind_http().await?;
@@ -327,6 +332,9 @@ pub(crate) struct FetchArgs {
     /// One-shot mode: join token for the control plane.
     #[arg(long, env = "NEBULA_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
+    /// One-shot mode: TLS, as for `nebula daemon`.
+    #[command(flatten)]
+    tls: ServerTlsFlags,
     /// Give up after this long with missing chunks that no reachable peer
     /// holds (0: at once).
     #[arg(long, env = "NEBULA_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
@@ -672,6 +680,10 @@ async fn fetch_one_shot(
     config.join_token = args.join_token.clone();
     config.no_provider_timeout = args.timeout;
     args.origin.apply(&mut config)?;
+    config.tls = args.tls.load()?;
+    if let Some(control) = &args.control {
+        check_control_tls(control, config.tls.as_ref())?;
+    }
     config.validate().map_err(bad_input)?;
     let listener = bind(&args.listen, "--listen").await?;
     let node = Node::start(config, listener).await?;
@@ -865,8 +877,11 @@ pub(crate) async fn run_status(args: StatusArgs) -> anyhow::Result<()> {
             s.control
         ))
     } else {
+        let hint = tls_hint(&s.registration_error, None)
+            .map(|h| format!("; {h}"))
+            .unwrap_or_default();
         Err(anyhow!(
-            "the daemon is up but not registered with the control plane at {}: {}",
+            "the daemon is up but not registered with the control plane at {}: {}{hint}",
             s.control,
             s.registration_error
         ))

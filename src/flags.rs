@@ -1,8 +1,14 @@
 //! Flag value types shared by several commands.
 
-use std::time::Duration;
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::Context as _;
+use nebula_proto::tls::{self, PemKind, TlsConfig, TlsError};
+
+use crate::output::bad_input;
 
 /// How servers write their logs on stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -24,6 +30,8 @@ pub(crate) struct ServeFlags {
     /// Log format on stderr: text, or json (one object per line).
     #[arg(long, env = "NEBULA_LOG_FORMAT", value_enum, default_value = "text")]
     pub(crate) log_format: LogFormat,
+    #[command(flatten)]
+    pub(crate) tls: ServerTlsFlags,
 }
 
 impl ServeFlags {
@@ -37,6 +45,222 @@ impl ServeFlags {
             .with_context(|| format!("cannot listen on {addr} (--http-listen)"))?;
         Ok(Some(listener))
     }
+}
+
+/// TLS flags of every command that dials a control plane (`admin`, and the
+/// servers below).
+#[derive(Debug, Default, clap::Args)]
+pub(crate) struct TlsFlags {
+    /// This process's certificate, PEM (leaf first): served by `control` and
+    /// `daemon`, shown to servers that require client certificates.
+    #[arg(long, global = true, env = "NEBULA_TLS_CERT", value_name = "PEM")]
+    pub(crate) tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert, PEM.
+    #[arg(long, global = true, env = "NEBULA_TLS_KEY", value_name = "PEM")]
+    pub(crate) tls_key: Option<PathBuf>,
+    /// The fleet CA, PEM: the only root trusted for the other side's
+    /// certificate. Every https:// URL needs it (for public CAs, give the
+    /// system bundle, e.g. /etc/ssl/certs/ca-certificates.crt).
+    #[arg(long, global = true, env = "NEBULA_TLS_CA", value_name = "PEM")]
+    pub(crate) tls_ca: Option<PathBuf>,
+    /// Check every certificate against this name instead of the host dialed
+    /// (peers are dialed by IP:PORT).
+    #[arg(long, global = true, env = "NEBULA_TLS_DOMAIN", value_name = "NAME")]
+    pub(crate) tls_domain: Option<String>,
+}
+
+/// TLS flags of the commands that serve (`control`, `daemon`, one-shot `fetch`).
+#[derive(Debug, Default, clap::Args)]
+pub(crate) struct ServerTlsFlags {
+    #[command(flatten)]
+    pub(crate) tls: TlsFlags,
+    /// Refuse clients without a certificate signed by --tls-ca (mutual TLS).
+    #[arg(long, env = "NEBULA_TLS_CLIENT_AUTH", action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
+    pub(crate) tls_client_auth: bool,
+}
+
+/// Reads a PEM file named by a flag; a missing or unreadable file is bad input.
+fn read_pem(flag: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path)
+        .map_err(|e| bad_input(format!("cannot read {flag} {}: {e}", path.display())))
+}
+
+impl TlsFlags {
+    fn any(&self) -> bool {
+        self.tls_cert.is_some()
+            || self.tls_key.is_some()
+            || self.tls_ca.is_some()
+            || self.tls_domain.is_some()
+    }
+
+    /// The TLS settings of a client: `None` without any flag; otherwise
+    /// --tls-ca, with --tls-cert and --tls-key together or not at all.
+    /// Every file is read and checked here, before any network call.
+    pub(crate) fn load(&self) -> anyhow::Result<Option<TlsConfig>> {
+        if !self.any() {
+            return Ok(None);
+        }
+        let Some(ca_path) = &self.tls_ca else {
+            return Err(bad_input(
+                "TLS flags need --tls-ca PEM (the fleet CA that signed the other side's certificate)",
+            ));
+        };
+        let files = |kind: PemKind| match kind {
+            PemKind::Ca => ("--tls-ca", Some(ca_path)),
+            PemKind::Certificate => ("--tls-cert", self.tls_cert.as_ref()),
+            PemKind::Key => ("--tls-key", self.tls_key.as_ref()),
+        };
+        let invalid = |e: TlsError| match e.pem_kind().map(files) {
+            Some((flag, Some(path))) => bad_input(format!("{flag} {}: {e}", path.display())),
+            _ => bad_input(format!("TLS: {e}")),
+        };
+        let mut tls = TlsConfig::new(read_pem("--tls-ca", ca_path)?).map_err(invalid)?;
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => {
+                let (cert, key) = (read_pem("--tls-cert", cert)?, read_pem("--tls-key", key)?);
+                tls = tls.with_identity(cert, key).map_err(invalid)?;
+            }
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(bad_input("--tls-cert needs --tls-key (its private key)"));
+            }
+            (None, Some(_)) => {
+                return Err(bad_input("--tls-key needs --tls-cert (its certificate)"));
+            }
+        }
+        if let Some(name) = &self.tls_domain {
+            tls = tls
+                .with_domain(name.clone())
+                .map_err(|e| bad_input(format!("--tls-domain: {e}")))?;
+        }
+        Ok(Some(tls))
+    }
+}
+
+impl ServerTlsFlags {
+    /// The TLS settings of a server: `None` without any flag; otherwise all
+    /// of --tls-cert, --tls-key and --tls-ca (it serves with the certificate
+    /// and dials with the CA), checked before anything binds.
+    pub(crate) fn load(&self) -> anyhow::Result<Option<TlsConfig>> {
+        if !self.tls.any() {
+            if self.tls_client_auth {
+                return Err(bad_input(
+                    "--tls-client-auth needs --tls-cert, --tls-key and --tls-ca",
+                ));
+            }
+            return Ok(None);
+        }
+        let missing: Vec<&str> = [
+            ("--tls-cert", self.tls.tls_cert.is_none()),
+            ("--tls-key", self.tls.tls_key.is_none()),
+            ("--tls-ca", self.tls.tls_ca.is_none()),
+        ]
+        .into_iter()
+        .filter_map(|(flag, absent)| absent.then_some(flag))
+        .collect();
+        if !missing.is_empty() {
+            return Err(bad_input(format!(
+                "TLS on a server needs --tls-cert, --tls-key and --tls-ca (missing: {})",
+                missing.join(", ")
+            )));
+        }
+        Ok(self
+            .tls
+            .load()?
+            .map(|t| t.with_client_auth(self.tls_client_auth)))
+    }
+}
+
+/// Checks that every `--control` URL agrees with the TLS flags, before any
+/// call: `https://` needs --tls-ca, and with TLS on, `http://` would send the
+/// tokens in clear.
+pub(crate) fn check_control_tls(control: &str, tls: Option<&TlsConfig>) -> anyhow::Result<()> {
+    for url in control.split(',') {
+        match (tls::is_https(url), tls) {
+            (true, None) => {
+                return Err(bad_input(format!(
+                    "--control {url} is https:// but TLS is not configured: pass --tls-ca PEM \
+                     (the CA that signed the control plane's certificate)"
+                )));
+            }
+            (false, Some(_)) => {
+                return Err(bad_input(format!(
+                    "--control {url} is plaintext but TLS is configured (--tls-*): use https://"
+                )));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// What a failed call means, when TLS explains it: the hint for a TLS alert
+/// or certificate error in `text`.
+pub(crate) fn tls_hint(text: &str, tls: Option<&TlsConfig>) -> Option<&'static str> {
+    if text.contains("CertificateRequired") {
+        Some(
+            "the server requires a client certificate: pass --tls-cert and --tls-key issued by the fleet CA",
+        )
+    } else if text.contains("UnknownIssuer") {
+        Some("the server's certificate is not signed by the CA given with --tls-ca")
+    } else if text.contains("not valid for name") {
+        Some("a certificate must name the host dialed (a SAN), or pass --tls-domain NAME")
+    } else if text.contains("Expired") {
+        Some("a certificate has expired")
+    } else {
+        // Under TLS 1.3 the server checks a client certificate after the
+        // client has finished its handshake: its refusal reaches the client
+        // as an alert, or, when the client writes first, as a closed pipe.
+        let refused = [
+            "broken pipe",
+            "BadCertificate",
+            "UnknownCA",
+            "reset by peer",
+            "canceled",
+        ]
+        .iter()
+        .any(|t| text.contains(t));
+        match tls.map(TlsConfig::has_identity) {
+            Some(true) if refused => {
+                Some("the server may have refused --tls-cert: is it issued by the fleet CA?")
+            }
+            Some(false) if refused => Some(
+                "the server may require a client certificate: pass --tls-cert and --tls-key issued by the fleet CA",
+            ),
+            _ => None,
+        }
+    }
+}
+
+/// Adds what TLS says about a failed call to the control plane: the hint of
+/// [`tls_hint`], or, for a transport failure over `http://`, that the server
+/// answers with TLS (a plaintext client gets only an HTTP/2 protocol error).
+/// Bad input and failures that are not the transport's are left alone.
+pub(crate) async fn explain_tls_failure(
+    control: &str,
+    tls: Option<&TlsConfig>,
+    err: anyhow::Error,
+) -> anyhow::Error {
+    if err.chain().any(|e| e.is::<crate::output::BadInput>()) {
+        return err;
+    }
+    let line = crate::output::chain_line(&err);
+    if let Some(hint) = tls_hint(&line, tls) {
+        return anyhow::anyhow!("{line}; {hint}");
+    }
+    let transport = ["h2 protocol error", "transport error", "connection"]
+        .iter()
+        .any(|t| line.contains(t));
+    if tls.is_none() && transport {
+        for url in control.split(',') {
+            if tls::speaks_tls(url, Duration::from_secs(2)).await {
+                return anyhow::anyhow!(
+                    "{line}; {url} answers with TLS: use --control https://… with --tls-ca PEM"
+                );
+            }
+        }
+    }
+    err
 }
 
 /// Parses a duration such as `500ms`, `10s`, `2m` or a bare number of seconds.

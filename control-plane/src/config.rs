@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+use nebula_proto::tls::TlsConfig;
+
 /// The largest `limit` a `FindProviders` call may ask for, whatever the config says.
 pub const HARD_MAX_DISCOVERY_LIMIT: u32 = 10_000;
 
@@ -69,6 +71,11 @@ pub struct Config {
     /// An origin lease lapses this long after its holder last renewed it;
     /// then the next asker takes over. Default 6 s.
     pub origin_lease_ttl: Duration,
+    /// TLS on the gRPC server (which then needs a certificate and key) and on
+    /// the health probes, which dial peers with `https://` and check their
+    /// certificates against the fleet CA (showing this certificate when the
+    /// peers require client certificates). `None`: plaintext. Default `None`.
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for Config {
@@ -97,6 +104,7 @@ impl Default for Config {
             url_ttl: Duration::from_secs(600),
             url_ignore_query: Vec::new(),
             origin_lease_ttl: Duration::from_secs(6),
+            tls: None,
         }
     }
 }
@@ -132,6 +140,7 @@ impl std::fmt::Debug for Config {
             .field("url_ttl", &self.url_ttl)
             .field("url_ignore_query", &self.url_ignore_query)
             .field("origin_lease_ttl", &self.origin_lease_ttl)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -181,6 +190,9 @@ pub enum ConfigError {
         /// `join_token` or `admin_token`.
         field: &'static str,
     },
+    /// TLS is on but no certificate and key are set for the server.
+    #[error("TLS needs the server's certificate and private key")]
+    TlsWithoutIdentity,
     /// The message size cannot hold even a small request.
     #[error("max message size {size} is below the minimum of {min} bytes")]
     MessageTooSmall {
@@ -260,6 +272,9 @@ impl Config {
             {
                 return Err(ConfigError::BadToken { field });
             }
+        }
+        if self.tls.as_ref().is_some_and(|t| !t.has_identity()) {
+            return Err(ConfigError::TlsWithoutIdentity);
         }
         const MIN_MESSAGE: usize = 64 << 10;
         if self.max_message_size < MIN_MESSAGE {

@@ -14,9 +14,10 @@ use std::{
 };
 
 use futures::StreamExt as _;
+use nebula_proto::tls::{self, TlsConfig};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
@@ -43,6 +44,8 @@ pub trait HealthCheck: Send + Sync + 'static {
 #[derive(Debug)]
 pub struct GrpcHealthCheck {
     timeout: Duration,
+    /// With TLS, peers are dialed with `https://` and their certificates checked.
+    tls: Option<TlsConfig>,
     channels: Mutex<HashMap<Arc<str>, Channel>>,
 }
 
@@ -51,8 +54,15 @@ impl GrpcHealthCheck {
     pub fn new(timeout: Duration) -> Self {
         Self {
             timeout,
+            tls: None,
             channels: Mutex::default(),
         }
+    }
+
+    /// Probes over TLS when `tls` is given (a fleet that serves with TLS).
+    pub fn with_tls(mut self, tls: Option<TlsConfig>) -> Self {
+        self.tls = tls;
+        self
     }
 
     fn channel(&self, address: &str) -> Option<Channel> {
@@ -61,7 +71,9 @@ impl GrpcHealthCheck {
         if let Some(ch) = channels.get(address) {
             return Some(ch.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        let tls = self.tls.as_ref();
+        let endpoint = tls::endpoint(&format!("{}://{address}", tls::scheme(tls)), tls)
+            .map_err(|e| tracing::debug!(%address, error = %e, "cannot probe this address"))
             .ok()?
             .connect_timeout(self.timeout)
             .timeout(self.timeout)

@@ -36,6 +36,9 @@ pub enum ServeError {
     /// The reflection service could not be built from the descriptors.
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The TLS settings cannot serve.
+    #[error("TLS: {0}")]
+    Tls(#[from] nebula_proto::tls::TlsError),
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -129,7 +132,11 @@ impl<S: StateStore> ControlPlane<S> {
                 .max_encoding_message_size(max),
             AdminAuth::new(config.admin_token.as_deref()),
         );
-        let router = Server::builder()
+        let mut server = Server::builder();
+        if let Some(tls) = &config.tls {
+            server = server.tls_config(tls.server_config()?)?;
+        }
+        let router = server
             .layer(RpcMetricsLayer(Arc::clone(registry.metrics())))
             .timeout(config.request_timeout)
             .max_concurrent_streams(config.max_concurrent_streams)
@@ -177,7 +184,7 @@ impl<S: StateStore> ControlPlane<S> {
         ));
         let prober = Prober::new(
             registry.clone(),
-            GrpcHealthCheck::new(config.probe_timeout),
+            GrpcHealthCheck::new(config.probe_timeout).with_tls(config.tls.clone()),
             &config,
         )
         .with_replica(replica.clone());

@@ -13,8 +13,8 @@
 //! - `hash`: `nebula hash` against `b3sum`.
 //! - `transfer`: `single_stream` (against a raw TCP copy) and `multi_source` (against 4U).
 //! - `swarm`: `swarm` (against the lower bound T*), `swarm_observed` (scraped every second,
-//!   against the same run unscraped), `swarm_unlimited`, `churn` (against the same run without
-//!   faults).
+//!   against the same run unscraped), `swarm_tls` (TLS everywhere, against the same run in
+//!   plaintext), `swarm_unlimited`, `churn` (against the same run without faults).
 //! - `memory`: peak resident memory of a daemon serving a small and a large blob.
 //! - `origin`: `origin_fanout`, N daemons fetching one URL from a rate-limited HTTP origin
 //!   (against F/U_o and one copy), beside the same N fetches straight from the origin.
@@ -37,12 +37,13 @@ use clap::Parser;
 use serde_json::{Value, json};
 
 /// Every case, in the order they run.
-const CASES: [&str; 10] = [
+const CASES: [&str; 11] = [
     "hash",
     "single_stream",
     "multi_source",
     "swarm",
     "swarm_observed",
+    "swarm_tls",
     "swarm_unlimited",
     "churn",
     "control_plane",
@@ -58,7 +59,7 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Run only these cases (comma-separated or repeated): hash, single_stream, multi_source,
-    /// swarm, swarm_observed, swarm_unlimited, churn, control_plane, memory.
+    /// swarm, swarm_observed, swarm_tls, swarm_unlimited, churn, control_plane, memory.
     #[arg(long = "case", value_delimiter = ',')]
     cases: Vec<String>,
 }
@@ -182,6 +183,7 @@ async fn run_case(bench: &Bench, case: &str) -> anyhow::Result<Value> {
         "multi_source" => transfer::multi_source(bench).await,
         "swarm" => swarm::swarm(bench).await,
         "swarm_observed" => swarm::swarm_observed(bench).await,
+        "swarm_tls" => swarm::swarm_tls(bench).await,
         "swarm_unlimited" => swarm::swarm_unlimited(bench).await,
         "churn" => swarm::churn(bench).await,
         "control_plane" => Ok(control_plane::run(bench.quick).await),

@@ -9,6 +9,8 @@
 //!   without faults; the surviving fetchers must complete.
 //! - `swarm_observed`: the `swarm` run with `--http-listen` on the control plane and every
 //!   daemon, each `/metrics` scraped every second, against the same run without, back to back.
+//! - `swarm_tls`: the `swarm` run with TLS on every gRPC connection (a fleet CA made for the
+//!   run), against the same run in plaintext, back to back.
 
 use std::time::Duration;
 
@@ -17,7 +19,7 @@ use serde_json::{Value, json};
 
 use crate::{
     Bench, MIB,
-    cluster::{self, Cluster, PeerOptions},
+    cluster::{self, Cluster, ClusterOptions, PeerOptions},
     ratio, round,
     transfer::RawCopy,
     transfer_limit,
@@ -39,6 +41,8 @@ struct Spec {
     raw_reference: bool,
     /// Serve `/metrics` everywhere and scrape it every second meanwhile.
     scraped: bool,
+    /// TLS on every gRPC connection.
+    tls: bool,
 }
 
 /// What a swarm run measured.
@@ -68,6 +72,7 @@ impl Spec {
             kill_after: Duration::ZERO,
             raw_reference: false,
             scraped: false,
+            tls: false,
         }
     }
 
@@ -80,7 +85,11 @@ impl Spec {
 }
 
 async fn run(bench: &Bench, spec: Spec) -> anyhow::Result<Run> {
-    let mut cluster = Cluster::start_with_http(&bench.bin, "bench", false, spec.scraped).await?;
+    let options = ClusterOptions {
+        http: spec.scraped,
+        tls: spec.tls,
+    };
+    let mut cluster = Cluster::start_with(&bench.bin, "bench", false, options).await?;
     let options = vec![
         PeerOptions {
             upload_limit: spec.upload_limit,
@@ -220,26 +229,55 @@ pub(crate) async fn swarm(bench: &Bench) -> anyhow::Result<Value> {
     Ok(line)
 }
 
-pub(crate) async fn swarm_observed(bench: &Bench) -> anyhow::Result<Value> {
+/// Runs the `swarm` spec as is, then changed by `variant`, back to back: the line of `case`
+/// gives the second's time against the first's (`reference` says what the first was), and the
+/// second run itself.
+async fn beside_plain(
+    bench: &Bench,
+    case: &str,
+    reference: &str,
+    variant: impl FnOnce(&mut Spec),
+) -> anyhow::Result<(Value, Run)> {
     let plain = limited_spec(bench);
-    let mut observed = plain;
-    observed.scraped = true;
+    let mut changed = plain;
+    variant(&mut changed);
     let without = run(bench, plain).await?;
-    let with = run(bench, observed).await?;
-    ensure!(with.scrapes > 0, "no scrape of /metrics succeeded");
+    let with = run(bench, changed).await?;
     let mut line = json!({
-        "case": "swarm_observed",
+        "case": case,
         "fetchers": plain.fetchers,
         "bytes": plain.size,
         "upload_limit_mib_s": plain.upload_limit.map(|u| u as f64 / MIB as f64),
         "time_s": round(with.time.as_secs_f64(), 3),
-        "scrapes": with.scrapes,
-        "reference": "the same swarm without --http-listen, run just before",
+        "reference": reference,
         "reference_s": round(without.time.as_secs_f64(), 3),
         "ratio": ratio(with.time.as_secs_f64(), Some(without.time.as_secs_f64())),
     });
-    let failures: Vec<String> = without.failures.into_iter().chain(with.failures).collect();
+    let failures: Vec<String> = without
+        .failures
+        .iter()
+        .chain(&with.failures)
+        .cloned()
+        .collect();
     note_failures(&mut line, &failures);
+    Ok((line, with))
+}
+
+pub(crate) async fn swarm_observed(bench: &Bench) -> anyhow::Result<Value> {
+    let reference = "the same swarm without --http-listen, run just before";
+    let (mut line, with) = beside_plain(bench, "swarm_observed", reference, |spec| {
+        spec.scraped = true
+    })
+    .await?;
+    ensure!(with.scrapes > 0, "no scrape of /metrics succeeded");
+    line["scrapes"] = with.scrapes.into();
+    Ok(line)
+}
+
+/// The `swarm` run with TLS on every gRPC connection, against the same run in plaintext.
+pub(crate) async fn swarm_tls(bench: &Bench) -> anyhow::Result<Value> {
+    let reference = "the same swarm without TLS, run just before";
+    let (line, _) = beside_plain(bench, "swarm_tls", reference, |spec| spec.tls = true).await?;
     Ok(line)
 }
 

@@ -331,36 +331,105 @@ pub(crate) struct Cluster {
     http: bool,
     /// The control plane's `--http-listen` address, when it serves HTTP.
     control_http: Option<String>,
+    /// The certificate every process serves and the CA they trust, when TLS is on.
+    tls: Option<TlsFiles>,
+}
+
+/// What every process of a [`Cluster`] runs with.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct ClusterOptions {
+    /// The control plane and every daemon serve `/metrics` on a loopback port of their own.
+    pub(crate) http: bool,
+    /// Every gRPC server and client speaks TLS (a fleet CA made for the cluster).
+    pub(crate) tls: bool,
+}
+
+/// A fleet CA made for one cluster and one certificate for 127.0.0.1 that every process
+/// serves and shows (they all run on loopback), as PEM files in the cluster's directory.
+#[derive(Debug, Clone)]
+struct TlsFiles {
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
+}
+
+impl TlsFiles {
+    fn make(dir: &Path) -> anyhow::Result<Self> {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa,
+            KeyPair, KeyUsagePurpose,
+        };
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate()?)?;
+        let key = KeyPair::generate()?;
+        let mut leaf = CertificateParams::new(vec!["127.0.0.1".to_owned()])?;
+        leaf.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = leaf.signed_by(&key, &ca)?;
+        let files = Self {
+            cert: dir.join("tls-cert.pem"),
+            key: dir.join("tls-key.pem"),
+            ca: dir.join("tls-ca.pem"),
+        };
+        for (path, pem) in [
+            (&files.cert, cert.pem()),
+            (&files.key, key.serialize_pem()),
+            (&files.ca, ca.pem()),
+        ] {
+            std::fs::write(path, pem).with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(files)
+    }
+
+    /// `--tls-cert`, `--tls-key` and `--tls-ca`.
+    fn flags(&self) -> [OsString; 6] {
+        [
+            "--tls-cert".into(),
+            self.cert.clone().into(),
+            "--tls-key".into(),
+            self.key.clone().into(),
+            "--tls-ca".into(),
+            self.ca.clone().into(),
+        ]
+    }
 }
 
 impl Cluster {
     /// Starts a control plane; add daemons with [`Cluster::add_peers`]. With `survive_us`,
     /// the children are started so that [`Cluster::keep`] can leave them running.
     pub(crate) async fn start(bin: &Path, label: &str, survive_us: bool) -> anyhow::Result<Self> {
-        Self::start_with_http(bin, label, survive_us, false).await
+        Self::start_with(bin, label, survive_us, ClusterOptions::default()).await
     }
 
-    /// Like [`Cluster::start`]; with `http`, the control plane and every daemon
-    /// serve `/metrics` on a loopback port of their own.
-    pub(crate) async fn start_with_http(
+    /// Like [`Cluster::start`], with the options of every process.
+    pub(crate) async fn start_with(
         bin: &Path,
         label: &str,
         survive_us: bool,
-        http: bool,
+        options: ClusterOptions,
     ) -> anyhow::Result<Self> {
+        let ClusterOptions { http, tls } = options;
         let dir = tempfile::Builder::new()
             .prefix(&format!("nebula-{label}-"))
             .tempdir()
             .context("cannot create a temporary directory")?;
         let root = dir.path().to_path_buf();
-        let mut control_args: Vec<&OsStr> = vec![
-            OsStr::new("control"),
-            "--listen".as_ref(),
-            "127.0.0.1:0".as_ref(),
-        ];
+        let tls = if tls {
+            Some(TlsFiles::make(&root)?)
+        } else {
+            None
+        };
+        let mut control_args: Vec<OsString> =
+            vec!["control".into(), "--listen".into(), "127.0.0.1:0".into()];
         if http {
-            control_args.extend([OsStr::new("--http-listen"), "127.0.0.1:0".as_ref()]);
+            control_args.extend(["--http-listen".into(), "127.0.0.1:0".into()]);
         }
+        control_args.extend(tls.iter().flat_map(TlsFiles::flags));
+        let control_args: Vec<&OsStr> = control_args.iter().map(OsString::as_os_str).collect();
         let (control, address) =
             spawn_listening(bin, &root, "control", &control_args, survive_us).await?;
         let control_http = if http {
@@ -368,13 +437,15 @@ impl Cluster {
         } else {
             None
         };
+        let scheme = if tls.is_some() { "https" } else { "http" };
         Ok(Self {
             http,
             control_http,
             bin: bin.to_path_buf(),
             peers: Vec::new(),
             control,
-            control_url: format!("http://{address}"),
+            control_url: format!("{scheme}://{address}"),
+            tls,
             root,
             dir: Some(dir),
             survive_us,
@@ -420,6 +491,7 @@ impl Cluster {
         if self.http {
             args.extend(["--http-listen".into(), "127.0.0.1:0".into()]);
         }
+        args.extend(self.tls.iter().flat_map(TlsFiles::flags));
         if let Some(rate) = opts.upload_limit {
             args.extend(["--upload-limit".into(), rate.to_string().into()]);
         }
@@ -500,7 +572,7 @@ impl Cluster {
             .collect()
     }
 
-    /// The control plane's URL (`http://127.0.0.1:PORT`).
+    /// The control plane's URL (`http://127.0.0.1:PORT`, `https://` with TLS).
     pub(crate) fn control_url(&self) -> &str {
         &self.control_url
     }

@@ -2,6 +2,8 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
+use nebula_proto::tls::{self, TlsConfig};
+
 /// Everything a [`Node`](crate::Node) needs besides its listener.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -52,6 +54,12 @@ pub struct Config {
     /// Extra CA certificates (PEM) trusted for https origins, beside the
     /// system's roots.
     pub origin_ca: Option<Vec<u8>>,
+    /// TLS for everything over TCP: the peer server serves with this
+    /// certificate (requiring client certificates when asked), other peers
+    /// are dialed with `https://`, and every control-plane URL must be
+    /// `https://`. `None`: plaintext everywhere (the local API, a private
+    /// Unix socket, is plaintext either way).
+    pub tls: Option<TlsConfig>,
 }
 
 impl Config {
@@ -78,6 +86,7 @@ impl Config {
             origin_connections: 4,
             origin_timeout: Duration::from_secs(30),
             origin_ca: None,
+            tls: None,
         }
     }
 
@@ -110,6 +119,13 @@ impl Config {
             {
                 return Err(format!("control plane URL {url:?} must start with http://"));
             }
+            // Refused here, before any call: the scheme must match the TLS settings.
+            for url in crate::replicas::split_urls(urls) {
+                tls::endpoint(url, self.tls.as_ref()).map_err(|e| e.to_string())?;
+            }
+        }
+        if self.tls.as_ref().is_some_and(|t| !t.has_identity()) {
+            return Err("TLS needs this peer's certificate and private key".into());
         }
         Ok(())
     }

@@ -12,13 +12,13 @@ use std::{
 
 use dashmap::DashMap;
 use nebula_common::BlobId;
+use nebula_proto::tls::{self, EndpointError, TlsConfig};
 use nebula_proto::v1::{
     self as pb, ExchangeRequest, ExchangeResponse, exchange_request::Kind as Req,
     exchange_response::Kind as Resp, peer_exchange_client::PeerExchangeClient,
 };
 use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
 
 /// Largest gRPC message accepted: a 1 MiB piece plus framing, with room.
 pub(crate) const MAX_MESSAGE: usize = 4 << 20;
@@ -49,7 +49,7 @@ pub(crate) enum ConnectError {
         /// The address.
         addr: String,
         /// The cause.
-        source: tonic::transport::Error,
+        source: EndpointError,
     },
     /// Dialing or opening the stream failed.
     #[error("cannot reach peer {addr}: {status}")]
@@ -74,13 +74,15 @@ pub(crate) struct Connection {
 }
 
 impl Connection {
-    /// Dials `addr` (`host:port`) and opens the exchange stream.
+    /// Dials `addr` (`host:port`), over TLS when `tls` is given, and opens
+    /// the exchange stream.
     pub(crate) async fn open(
         addr: &str,
         hello: pb::Hello,
         connect_timeout: Duration,
+        tls: Option<&TlsConfig>,
     ) -> Result<Arc<Self>, ConnectError> {
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        let endpoint = tls::endpoint(&format!("{}://{addr}", tls::scheme(tls)), tls)
             .map_err(|source| ConnectError::Address {
                 addr: addr.into(),
                 source,
@@ -252,6 +254,7 @@ impl Pool {
         addr: &str,
         hello: pb::Hello,
         connect_timeout: Duration,
+        tls: Option<&TlsConfig>,
     ) -> Result<Arc<Connection>, ConnectError> {
         if let Some(c) = self.conns.lock().await.get(addr)
             && !c.is_closed()
@@ -259,7 +262,7 @@ impl Pool {
             return Ok(Arc::clone(c));
         }
         // Dial without the lock: a dead peer must not hold up the others.
-        let conn = Connection::open(addr, hello, connect_timeout).await?;
+        let conn = Connection::open(addr, hello, connect_timeout, tls).await?;
         let mut conns = self.conns.lock().await;
         match conns.get(addr) {
             // Another download dialed the same peer meanwhile: keep one stream.

@@ -20,13 +20,15 @@ use std::{
     time::Duration,
 };
 
-use nebula_proto::v1::{self as pb, control_plane_client::ControlPlaneClient};
+use nebula_proto::{
+    tls::{self, EndpointError, TlsConfig},
+    v1::{self as pb, control_plane_client::ControlPlaneClient},
+};
 use tonic::{
     Code, Response, Status,
-    codegen::http::Uri,
     metadata::{Ascii, MetadataValue},
     service::interceptor::InterceptedService,
-    transport::{Channel, Endpoint},
+    transport::Channel,
 };
 
 use crate::replicas::{self, Replica as Address, Resolver, SystemResolver, split_urls};
@@ -63,6 +65,8 @@ struct Inner {
     list: String,
     token: Option<MetadataValue<Ascii>>,
     timeout: Duration,
+    /// TLS to every replica (then every URL is `https://`).
+    tls: Option<TlsConfig>,
     resolver: Resolver,
     /// The replicas of the last resolution; `None` before the first call.
     replicas: RwLock<Option<Arc<[Replica]>>>,
@@ -84,14 +88,9 @@ pub(crate) enum ControlUrlError {
     /// The list is empty.
     #[error("no control plane URL given")]
     Empty,
-    /// One URL is malformed.
-    #[error("control plane URL {url:?}: {source}")]
-    Invalid {
-        /// The URL.
-        url: String,
-        /// What is wrong with it.
-        source: tonic::transport::Error,
-    },
+    /// One URL is malformed, or its scheme disagrees with the TLS settings.
+    #[error("control plane URL: {0}")]
+    Invalid(#[from] EndpointError),
 }
 
 /// Whether another replica might answer where this one did not.
@@ -145,14 +144,16 @@ macro_rules! failover {
 }
 
 impl ControlClient {
-    /// Clients of every URL in `list` (comma-separated); names are resolved
-    /// by the system's resolver before the first call.
+    /// Clients of every URL in `list` (comma-separated), over TLS when `tls`
+    /// is given (then every URL must be `https://`); names are resolved by
+    /// the system's resolver before the first call.
     pub(crate) fn new(
         list: &str,
         token: Option<MetadataValue<Ascii>>,
         timeout: Duration,
+        tls: Option<&TlsConfig>,
     ) -> Result<Self, ControlUrlError> {
-        Self::with_resolver(list, token, timeout, Arc::new(SystemResolver))
+        Self::with_resolver(list, token, timeout, tls, Arc::new(SystemResolver))
     }
 
     /// [`ControlClient::new`] resolving names through `resolver`.
@@ -160,14 +161,12 @@ impl ControlClient {
         list: &str,
         token: Option<MetadataValue<Ascii>>,
         timeout: Duration,
+        tls: Option<&TlsConfig>,
         resolver: Resolver,
     ) -> Result<Self, ControlUrlError> {
         let mut any = false;
         for url in split_urls(list) {
-            Endpoint::from_shared(url.to_owned()).map_err(|source| ControlUrlError::Invalid {
-                url: url.to_owned(),
-                source,
-            })?;
+            tls::endpoint(url, tls)?;
             any = true;
         }
         if !any {
@@ -178,11 +177,24 @@ impl ControlClient {
                 list: list.to_owned(),
                 token,
                 timeout,
+                tls: tls.cloned(),
                 resolver,
                 replicas: RwLock::new(None),
                 current: AtomicUsize::new(0),
             }),
         })
+    }
+
+    /// The first `http://` replica that answers with TLS: a plaintext call
+    /// to it fails with an HTTP/2 protocol error that does not say why.
+    pub(crate) async fn serving_tls(&self) -> Option<String> {
+        let wait = self.inner.timeout.min(Duration::from_secs(2));
+        for replica in self.replicas().await.iter() {
+            if tls::speaks_tls(&replica.address.url, wait).await {
+                return Some(replica.address.url.clone());
+            }
+        }
+        None
     }
 
     /// The longest one call may take: each replica tried once, twice when
@@ -244,11 +256,7 @@ impl ControlClient {
     fn client(&self, address: &Address) -> Option<Client> {
         // Every URL of the list was checked by `with_resolver`, and one with
         // its host replaced by an address parses as well.
-        let mut endpoint = Endpoint::from_shared(address.url.clone()).ok()?;
-        if address.resolved() {
-            // Requests name the host as given, not the address dialled.
-            endpoint = endpoint.origin(address.given.parse::<Uri>().ok()?);
-        }
+        let endpoint = address.endpoint(self.inner.tls.as_ref()).ok()?;
         let timeout = self.inner.timeout;
         let endpoint = endpoint
             .connect_timeout(Duration::from_secs(2).min(timeout))
@@ -317,7 +325,7 @@ mod tests {
 
     /// Whether the replica at `addr` knows `id` (asked directly, no failover).
     async fn knows(addr: std::net::SocketAddr, id: &str) -> bool {
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .unwrap()
             .connect()
             .await
@@ -345,7 +353,7 @@ mod tests {
         table.set("cp.nebula.test", &["127.0.0.2", "127.0.0.3"]);
         let url = format!("http://cp.nebula.test:{}", addrs[0].port());
         let client =
-            ControlClient::with_resolver(&url, None, Duration::from_secs(2), table.clone())
+            ControlClient::with_resolver(&url, None, Duration::from_secs(2), None, table.clone())
                 .unwrap();
 
         // The first address answers while it is up.

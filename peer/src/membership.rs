@@ -10,7 +10,7 @@ use nebula_common::{BlobId, store::BlobInfo};
 use nebula_proto::v1 as pb;
 use tokio::time::Instant;
 
-use crate::node::Shared;
+use crate::{control::ControlClient, node::Shared};
 
 /// What the control plane was last told of one blob: enough to see that
 /// it changed, read off the store's listing.
@@ -48,16 +48,30 @@ fn announcement(shared: &Shared, info: &BlobInfo) -> pb::BlobAnnouncement {
 }
 
 /// Records why registering failed, in words for `nebula status`: a server
-/// that is not a control plane answers `unimplemented` with no message.
-fn set_registration_error(shared: &Shared, status: &tonic::Status) {
-    let control = shared.config.control.as_deref().unwrap_or_default();
-    let why = match status.code() {
+/// that is not a control plane answers `unimplemented` with no message; a
+/// plaintext call to a control plane serving TLS fails with an HTTP/2
+/// protocol error, and says so.
+async fn set_registration_error(shared: &Shared, control: &ControlClient, status: &tonic::Status) {
+    let urls = shared.config.control.as_deref().unwrap_or_default();
+    let mut why = match status.code() {
         tonic::Code::Unimplemented => {
-            format!("{control} does not serve the control-plane API: not a Nebula control plane")
+            format!("{urls} does not serve the control-plane API: not a Nebula control plane")
         }
         code if status.message().is_empty() => format!("{code:?}"),
         code => format!("{} ({code:?})", status.message()),
     };
+    let transport = matches!(
+        status.code(),
+        tonic::Code::Internal | tonic::Code::Unknown | tonic::Code::Unavailable
+    );
+    if shared.config.tls.is_none()
+        && transport
+        && let Some(url) = control.serving_tls().await
+    {
+        why.push_str(&format!(
+            "; {url} answers with TLS: dial it with https:// and the fleet CA"
+        ));
+    }
     *shared
         .registration_error
         .lock()
@@ -87,7 +101,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             Ok(r) => Duration::from_millis(r.into_inner().heartbeat_interval_ms.clamp(100, 60_000)),
             Err(status) => {
                 tracing::warn!(code = ?status.code(), message = status.message(), "cannot register with the control plane; retrying");
-                set_registration_error(&shared, &status);
+                set_registration_error(&shared, &control, &status).await;
                 tokio::select! {
                     _ = shared.shutdown.cancelled() => return,
                     _ = tokio::time::sleep(backoff) => {}

@@ -96,7 +96,14 @@ impl Shared {
             peer_id: self.peer_id.clone(),
             address: self.address.clone(),
         };
-        self.pool.get(addr, hello, Duration::from_secs(3)).await
+        self.pool
+            .get(
+                addr,
+                hello,
+                Duration::from_secs(3),
+                self.config.tls.as_ref(),
+            )
+            .await
     }
 }
 
@@ -131,7 +138,7 @@ impl Node {
                     None => None,
                 };
                 Some(
-                    ControlClient::new(urls, token, config.control_timeout)
+                    ControlClient::new(urls, token, config.control_timeout, config.tls.as_ref())
                         .map_err(|e| StartError::Config(e.to_string()))?,
                 )
             }
@@ -179,7 +186,16 @@ impl Node {
         let exchange = PeerExchangeServer::new(ExchangeService::new(Arc::clone(&shared)))
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
-        let router = Server::builder()
+        let mut server = Server::builder();
+        if let Some(tls) = &shared.config.tls {
+            let tls = tls
+                .server_config()
+                .map_err(|e| StartError::Config(e.to_string()))?;
+            server = server
+                .tls_config(tls)
+                .map_err(|e| StartError::Config(format!("TLS: {e}")))?;
+        }
+        let router = server
             .tcp_nodelay(true)
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)

@@ -13,7 +13,8 @@ use std::{
 };
 
 use futures::future::BoxFuture;
-use tonic::codegen::http::Uri;
+use nebula_proto::tls::{EndpointError, TlsConfig};
+use tonic::{codegen::http::Uri, transport::Endpoint};
 
 /// Turns a host name into addresses.
 pub trait Resolve: Send + Sync + 'static {
@@ -53,6 +54,32 @@ impl Replica {
     /// Whether it came from a name (dialled by address).
     pub fn resolved(&self) -> bool {
         self.url != self.given
+    }
+
+    /// A client endpoint dialing it, over TLS exactly when `tls` is given.
+    /// A replica found through a name is dialed by address, but its requests
+    /// name the host as given and its certificate is checked against that
+    /// name (unless the TLS settings name one for every certificate).
+    pub fn endpoint(&self, tls: Option<&TlsConfig>) -> Result<Endpoint, EndpointError> {
+        let mut endpoint = nebula_proto::tls::endpoint(&self.url, tls)?;
+        if !self.resolved() {
+            return Ok(endpoint);
+        }
+        let invalid = |source| EndpointError::Invalid {
+            url: self.given.clone(),
+            source,
+        };
+        let given = Endpoint::from_shared(self.given.clone()).map_err(invalid)?;
+        if let (Some(tls), Some(host)) = (tls.filter(|t| t.domain().is_none()), given.uri().host())
+        {
+            endpoint = endpoint
+                .tls_config(tls.client_config().domain_name(host.to_owned()))
+                .map_err(|source| EndpointError::Tls {
+                    url: self.given.clone(),
+                    source,
+                })?;
+        }
+        Ok(endpoint.origin(given.uri().clone()))
     }
 }
 

@@ -6,13 +6,16 @@
 //! - `nebula/v1/peer.proto`: `PeerExchange`, the peer-to-peer chunk stream.
 //! - `nebula/v1/local.proto`: `LocalApi`, the CLI to its own daemon.
 //!
-//! [`FILE_DESCRIPTOR_SET`] feeds the gRPC reflection service.
+//! [`FILE_DESCRIPTOR_SET`] feeds the gRPC reflection service. [`tls`] holds the
+//! transport security every server and client of the protocol shares.
 
 /// Generated messages, clients and servers of `nebula.v1`.
 #[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
 pub mod v1 {
     tonic::include_proto!("nebula.v1");
 }
+
+pub mod tls;
 
 /// The encoded descriptors of every `nebula.v1` file, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

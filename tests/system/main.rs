@@ -11,4 +11,5 @@ mod replicas;
 mod store;
 mod store_checks;
 mod support;
+mod tls;
 mod trust;

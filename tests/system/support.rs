@@ -191,6 +191,8 @@ pub(crate) struct Control {
     pub(crate) proc: Proc,
     pub(crate) addr: SocketAddr,
     dir: PathBuf,
+    /// Started with `--tls-cert`: it serves TLS, its URL is `https://`.
+    tls: bool,
 }
 
 impl Control {
@@ -227,11 +229,13 @@ impl Control {
             proc,
             addr,
             dir: dir.to_owned(),
+            tls: extra.contains(&"--tls-cert"),
         }
     }
 
     pub(crate) fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Kills it and starts a new one on the same port.
