@@ -6,6 +6,7 @@
 use std::{
     path::Path,
     process::{Child, Output, Stdio},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -32,6 +33,54 @@ impl TestOrigin {
             .unwrap();
         let origin = rt.block_on(origin_server::Origin::start(data)).unwrap();
         Self { origin, _rt: rt }
+    }
+}
+
+impl TestOrigin {
+    /// An `https://` front for this origin on another loopback port: TLS with
+    /// `cert`/`key` (PEM files), the plain HTTP behind it. Answers its URL base.
+    fn https_front(&self, cert: &str, key: &str) -> String {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let key = PrivateKeyDer::from_pem_file(key).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let backend = self
+            .origin
+            .url("")
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_owned();
+        let listener = self
+            ._rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let front = listener.local_addr().unwrap();
+        self._rt.spawn(async move {
+            // Bounded by the runtime: it ends with the test's origin.
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, backend) = (acceptor.clone(), backend.clone());
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let Ok(mut up) = tokio::net::TcpStream::connect(&backend).await else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
+                });
+            }
+        });
+        format!("https://localhost:{}", front.port())
     }
 }
 
@@ -499,4 +548,45 @@ fn a_leaseholder_that_lies_is_caught_reported_and_the_bytes_are_right() {
             .get("nebula_chunks_rejected_total")
             >= 1.0
     );
+}
+
+#[test]
+fn an_https_origin_is_trusted_through_origin_ca_and_refused_without() {
+    let data = random_bytes(3 * MIB, 130);
+    let id = blake3::hash(&data).to_hex().to_string();
+    let origin = TestOrigin::start(data);
+    let dir = tempfile::tempdir().unwrap();
+    let pki = crate::tls::Pki::new(dir.path(), "origin");
+    let (cert, key) = pki.issue("origin");
+    let base = origin.https_front(&cert, &key);
+    let ca: &'static str = Box::leak(pki.ca().into_boxed_str());
+    let fleet = Cluster::start_flagged(2, &[], move |i| {
+        let flags = if i == 0 {
+            vec!["--origin-ca", ca]
+        } else {
+            vec![]
+        };
+        (flags, vec![])
+    });
+    let url = format!("{base}/secure.bin");
+    // Trusted through --origin-ca: the bytes arrive over TLS.
+    let r = report(&wait_output(
+        spawn_url_fetch(&fleet.daemons[0], &url, &fleet.path("s0"), &[]),
+        Duration::from_secs(60),
+    ));
+    assert_eq!(r["id"], id.as_str());
+    assert_eq!(r["origin_bytes"], 3 * MIB as u64);
+    // Without it, the certificate is refused, and nothing is written.
+    let o = wait_output(
+        spawn_url_fetch(
+            &fleet.daemons[1],
+            &format!("{base}/other.bin"),
+            &fleet.path("s1"),
+            &[],
+        ),
+        Duration::from_secs(60),
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("certificate"), "{}", stderr(&o));
+    assert!(!fleet.path("s1").exists());
 }

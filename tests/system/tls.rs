@@ -31,14 +31,14 @@ const JOIN: &str = "join-token-that-must-not-leak";
 const ADMIN: &str = "admin-token-that-must-not-leak";
 
 /// A certificate authority of one test, writing PEM files into its directory.
-struct Pki {
+pub(crate) struct Pki {
     dir: PathBuf,
     name: &'static str,
     ca: CertifiedIssuer<'static, KeyPair>,
 }
 
 impl Pki {
-    fn new(dir: &Path, name: &'static str) -> Self {
+    pub(crate) fn new(dir: &Path, name: &'static str) -> Self {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params
             .distinguished_name
@@ -54,7 +54,7 @@ impl Pki {
         }
     }
 
-    fn ca(&self) -> String {
+    pub(crate) fn ca(&self) -> String {
         self.path("ca.pem")
     }
 
@@ -65,7 +65,7 @@ impl Pki {
 
     /// Issues `who` a certificate for 127.0.0.1 and localhost, for serving
     /// and for client auth alike; returns the certificate and key files.
-    fn issue(&self, who: &str) -> (String, String) {
+    pub(crate) fn issue(&self, who: &str) -> (String, String) {
         let key = KeyPair::generate().unwrap();
         let mut params =
             CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
