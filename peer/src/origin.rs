@@ -21,15 +21,17 @@ pub(crate) mod http;
 pub(crate) mod session;
 
 use std::{
+    collections::HashMap,
     sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
 use bytes::Bytes;
-use nebula_common::{Blob, BlobId, BlobRef};
+use nebula_common::{Blob, BlobId, BlobRef, ChunkSet};
 use nebula_proto::v1::{
     self as pb, exchange_request::Kind as Req, exchange_response::Kind as Resp,
 };
+use rand::seq::SliceRandom as _;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use tokio::{
     sync::{mpsc, watch},
@@ -60,8 +62,13 @@ const FOLLOW_POLL: Duration = Duration::from_millis(50);
 /// A holder that sends nothing new for this long is stalled: the follower
 /// asks the control plane again (the lease may have passed on).
 const FOLLOW_STALL: Duration = Duration::from_secs(5);
-/// Chunks one follower request asks for.
+/// Chunks one follower request asks one peer for.
 const FOLLOW_BATCH: usize = 16;
+/// Chunks one follower request asks the holder for: few, so that the
+/// followers spread what the holder sends among themselves.
+const FOLLOW_HOLDER_BATCH: usize = 4;
+/// Other followers a follower fetches from at once.
+const FOLLOW_PEERS: usize = 3;
 /// A finished download stays available to followers this long.
 const SESSION_GRACE: Duration = Duration::from_secs(30);
 
@@ -333,14 +340,10 @@ async fn by_url(
                     s
                 }
             };
-            match follow(&shared, &session, &answer.holder_address, &progress).await {
-                Followed::Complete(from_holder) => {
-                    let source = SourceBytes {
-                        peer_id: answer.holder.clone(),
-                        address: answer.holder_address.clone(),
-                        bytes: from_holder,
-                    };
-                    return finish(&shared, &req, &session, 0, vec![source], &progress).await;
+            let holder = (answer.holder.as_str(), answer.holder_address.as_str());
+            match follow(&shared, &session, holder, &progress).await {
+                Followed::Complete(sources) => {
+                    return finish(&shared, &req, &session, 0, sources, &progress).await;
                 }
                 Followed::Wait => {}
                 Followed::Stalled => continue,
@@ -411,8 +414,8 @@ impl Drop for Serving {
 
 /// How a follower's turn ended.
 enum Followed {
-    /// Every chunk is here, with this many bytes from the holder.
-    Complete(u64),
+    /// Every chunk is here; the bytes each peer sent.
+    Complete(Vec<SourceBytes>),
     /// Nothing to follow yet (the holder has not begun, or the blob is one
     /// chunk, which only its id can check): wait for the record.
     Wait,
@@ -422,57 +425,78 @@ enum Followed {
     Lied(String),
 }
 
-/// Fetches the chunks of the holder's download under way into `session`,
-/// each checked against the holder's chaining value, until all are here.
+/// A peer a follower fetches chunks from: the holder, or another follower.
+struct Feed {
+    peer_id: String,
+    address: String,
+    conn: Arc<Connection>,
+    /// The chunks it holds (the holder's: those it offered).
+    held: ChunkSet,
+}
+
+/// Fetches the holder's download under way into `session` as it arrives,
+/// from the holder and from the other peers following it (sparing the
+/// holder's upload), each chunk checked against the holder's chaining value.
 async fn follow(
     shared: &Arc<Shared>,
     session: &Arc<Session>,
-    holder: &str,
+    holder: (&str, &str),
     progress: &watch::Sender<Progress>,
 ) -> Followed {
-    let Ok(conn) = shared.connect(holder).await else {
+    let Ok(conn) = shared.connect(holder.1).await else {
         return Followed::Stalled;
     };
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let _serving = Serving::start(shared, session);
     let mut last_progress = Instant::now();
-    let mut from_holder = 0u64;
+    // Every peer that sent something, by address; the holder first.
+    let mut sent: Vec<(String, String, u64)> = vec![(holder.0.to_owned(), holder.1.to_owned(), 0)];
+    let mut banned: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut round = 0usize;
     loop {
         if shared.shutdown.is_cancelled() {
             return Followed::Stalled;
         }
+        round += 1;
         let get = Req::GetSession(pb::GetSession {
             key: session.key.clone(),
         });
-        let Some(offer) = ask(&conn, get, &tx, &mut rx).await else {
-            return Followed::Stalled;
-        };
-        let Resp::Session(state) = offer else {
+        let Some(Resp::Session(state)) = ask(&conn, get).await else {
             return Followed::Stalled;
         };
         let Some(offer) = Offer::read(&state) else {
             return Followed::Lied("a malformed session answer".into());
         };
-        if offer.validators.size == 0 && offer.chunks.is_empty() {
+        let size = offer.validators.size;
+        if size == 0 && offer.chunks.is_empty() {
             if last_progress.elapsed() > FOLLOW_STALL {
                 return Followed::Stalled;
             }
             tokio::time::sleep(FOLLOW_POLL).await;
             continue;
         }
-        if nebula_common::Geometry::new(offer.validators.size).chunk_count() <= 1 {
+        let count = nebula_common::Geometry::new(size).chunk_count();
+        if count <= 1 {
             return Followed::Wait;
         }
         session.begin(&offer.validators);
-        let wanted: Vec<(u32, [u8; 32])> = offer
+        let cvs: HashMap<u32, [u8; 32]> = offer
             .chunks
             .iter()
-            .filter(|(i, _)| !session.has(*i))
-            .take(FOLLOW_BATCH)
             .copied()
+            .filter(|(i, _)| !session.has(*i))
             .collect();
-        if wanted.is_empty() {
+        if cvs.is_empty() {
             if session.is_complete() {
-                return Followed::Complete(from_holder);
+                let sources = sent
+                    .into_iter()
+                    .filter(|s| s.2 > 0)
+                    .map(|(peer_id, address, bytes)| SourceBytes {
+                        peer_id,
+                        address,
+                        bytes,
+                    })
+                    .collect();
+                return Followed::Complete(sources);
             }
             if last_progress.elapsed() > FOLLOW_STALL {
                 return Followed::Stalled;
@@ -480,85 +504,185 @@ async fn follow(
             tokio::time::sleep(FOLLOW_POLL).await;
             continue;
         }
-        let get = Req::GetChunks(pb::GetChunks {
-            chunks: wanted.iter().map(|(i, _)| *i).collect(),
-            session: session.key.clone(),
-            ..pb::GetChunks::default()
+        // The other followers, and what they hold of this version.
+        let mut sources = Vec::new();
+        for (peer_id, address) in offer
+            .peers
+            .iter()
+            .filter(|(_, a)| !banned.contains(a) && *a != shared.address)
+            .take(FOLLOW_PEERS)
+        {
+            let Ok(Ok(c)) = tokio::time::timeout(FOLLOW_POLL * 20, shared.connect(address)).await
+            else {
+                continue;
+            };
+            let get = Req::GetSession(pb::GetSession {
+                key: session.key.clone(),
+            });
+            if let Some(Resp::Session(theirs)) = ask(&c, get).await
+                && theirs.etag == offer.validators.etag
+                && theirs.last_modified == offer.validators.last_modified
+            {
+                sources.push(Feed {
+                    peer_id: peer_id.clone(),
+                    address: address.clone(),
+                    conn: c,
+                    held: Session::held(&theirs, size),
+                });
+            }
+        }
+        let mut all = ChunkSet::new(count);
+        for &i in cvs.keys() {
+            all.insert(i);
+        }
+        sources.push(Feed {
+            peer_id: holder.0.to_owned(),
+            address: holder.1.to_owned(),
+            conn: Arc::clone(&conn),
+            held: all,
         });
-        let Some(rid) = conn.request(get, &tx).await else {
-            return Followed::Stalled;
-        };
-        let mut pieces: Vec<Bytes> = Vec::new();
-        let mut next = 0;
-        while next < wanted.len() {
-            let reply = tokio::time::timeout(FOLLOW_STALL, rx.recv()).await;
-            match reply {
-                Ok(Some(Reply::Answer(id, Resp::Piece(p)))) if id == rid => {
-                    let (index, cv) = wanted[next];
-                    if p.chunk != index {
-                        conn.finish(rid);
-                        return Followed::Lied(format!("chunk {} sent for {index}", p.chunk));
-                    }
-                    pieces.push(p.data);
-                    if !p.last {
-                        continue;
-                    }
-                    let data = std::mem::take(&mut pieces).concat();
-                    let len = data.len() as u64;
-                    let s = Arc::clone(session);
-                    let accepted = tokio::task::spawn_blocking(move || s.accept(index, &data, cv))
-                        .await
-                        .unwrap_or(Err(session::Refused::Malformed));
-                    match accepted {
-                        Ok(()) => {
-                            shared.metrics.chunk_received(
-                                Source::Peer,
-                                len,
-                                last_progress.elapsed(),
-                            );
-                            shared.downloaded_bytes.fetch_add(len, Ordering::Relaxed);
-                            from_holder += len;
-                            last_progress = Instant::now();
-                            progress.send_modify(|p| {
-                                p.bytes_done = session.bytes_held();
-                                p.total = offer.validators.size;
-                                p.providers = 1;
-                            });
-                        }
-                        Err(why) => {
-                            shared.metrics.chunk_rejected();
-                            conn.finish(rid);
-                            return Followed::Lied(format!("chunk {index}: {why:?}"));
-                        }
-                    }
-                    next += 1;
-                }
-                Ok(Some(Reply::Answer(id, _))) if id == rid => {
-                    // Busy, or not there after all: ask again shortly.
-                    break;
-                }
-                Ok(Some(_)) => {}
-                Ok(None) | Err(_) => {
-                    conn.finish(rid);
-                    return Followed::Stalled;
+        // Each chunk to a follower that holds it, in turn, else to the holder.
+        let holder_ix = sources.len() - 1;
+        let mut batches: Vec<Vec<(u32, [u8; 32])>> = vec![Vec::new(); sources.len()];
+        // In random order: followers then ask the holder for different
+        // chunks and pass them on to each other (as rarest-first does).
+        let mut wanted: Vec<(u32, [u8; 32])> = cvs.into_iter().collect();
+        wanted.shuffle(&mut rand::rng());
+        for (k, (i, cv)) in wanted.into_iter().enumerate() {
+            let with: Vec<usize> = (0..holder_ix)
+                .filter(|&j| sources[j].held.contains(i))
+                .collect();
+            let (j, cap) = match with.len() {
+                0 => (holder_ix, FOLLOW_HOLDER_BATCH),
+                n => (with[(k + round) % n], FOLLOW_BATCH),
+            };
+            if batches[j].len() < cap {
+                batches[j].push((i, cv));
+            }
+        }
+        let jobs = sources
+            .iter()
+            .zip(&batches)
+            .filter(|(_, b)| !b.is_empty())
+            .map(|(source, batch)| async move {
+                (
+                    source.address.clone(),
+                    fetch_batch(shared, &source.conn, session, batch, size, progress).await,
+                )
+            });
+        for (address, (bytes, end)) in futures::future::join_all(jobs).await {
+            if bytes > 0 {
+                last_progress = Instant::now();
+            }
+            let peer_id = sources
+                .iter()
+                .find(|s| s.address == address)
+                .map(|s| s.peer_id.clone())
+                .unwrap_or_default();
+            match sent.iter_mut().find(|s| s.1 == address) {
+                Some(s) => s.2 += bytes,
+                None => sent.push((peer_id.clone(), address.clone(), bytes)),
+            }
+            match end {
+                BatchEnd::Done => {}
+                BatchEnd::Broken if address == holder.1 => return Followed::Stalled,
+                BatchEnd::Broken => {}
+                BatchEnd::Lied(why) if address == holder.1 => return Followed::Lied(why),
+                BatchEnd::Lied(why) => {
+                    tracing::warn!(peer = %peer_id, %why, "a peer following the same origin download sent bad data; reporting it");
+                    report(shared, &peer_id, &why).await;
+                    banned.insert(address);
                 }
             }
         }
-        conn.finish(rid);
-        if next < wanted.len() {
-            tokio::time::sleep(FOLLOW_POLL).await;
+        if last_progress.elapsed() > FOLLOW_STALL {
+            return Followed::Stalled;
         }
     }
 }
 
-/// One request and its first answer.
-async fn ask(
+/// How one batch of chunk requests ended.
+enum BatchEnd {
+    Done,
+    /// The peer stopped answering, was busy, or lacked a chunk after all.
+    Broken,
+    /// A chunk failed its chaining value.
+    Lied(String),
+}
+
+/// Fetches `batch` from one peer into `session`, each chunk checked against
+/// its chaining value; answers the bytes stored and how it ended.
+async fn fetch_batch(
+    shared: &Arc<Shared>,
     conn: &Connection,
-    req: Req,
-    tx: &mpsc::UnboundedSender<Reply>,
-    rx: &mut mpsc::UnboundedReceiver<Reply>,
-) -> Option<Resp> {
-    let rid = conn.request(req, tx).await?;
+    session: &Arc<Session>,
+    batch: &[(u32, [u8; 32])],
+    size: u64,
+    progress: &watch::Sender<Progress>,
+) -> (u64, BatchEnd) {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let get = Req::GetChunks(pb::GetChunks {
+        chunks: batch.iter().map(|(i, _)| *i).collect(),
+        session: session.key.clone(),
+        ..pb::GetChunks::default()
+    });
+    let Some(rid) = conn.request(get, &tx).await else {
+        return (0, BatchEnd::Broken);
+    };
+    let started = Instant::now();
+    let mut pieces: Vec<Bytes> = Vec::new();
+    let mut stored = 0u64;
+    let mut next = 0;
+    let end = loop {
+        if next == batch.len() {
+            break BatchEnd::Done;
+        }
+        match tokio::time::timeout(FOLLOW_STALL, rx.recv()).await {
+            Ok(Some(Reply::Answer(id, Resp::Piece(p)))) if id == rid => {
+                let (index, cv) = batch[next];
+                if p.chunk != index {
+                    break BatchEnd::Lied(format!("chunk {} sent for {index}", p.chunk));
+                }
+                pieces.push(p.data);
+                if !p.last {
+                    continue;
+                }
+                let data = std::mem::take(&mut pieces).concat();
+                let len = data.len() as u64;
+                let s = Arc::clone(session);
+                let accepted = tokio::task::spawn_blocking(move || s.accept(index, &data, cv))
+                    .await
+                    .unwrap_or(Err(session::Refused::Malformed));
+                if let Err(why) = accepted {
+                    shared.metrics.chunk_rejected();
+                    break BatchEnd::Lied(format!("chunk {index}: {why:?}"));
+                }
+                shared
+                    .metrics
+                    .chunk_received(Source::Peer, len, started.elapsed());
+                shared.downloaded_bytes.fetch_add(len, Ordering::Relaxed);
+                stored += len;
+                next += 1;
+                progress.send_modify(|p| {
+                    p.bytes_done = session.bytes_held();
+                    p.total = size;
+                    p.providers = 1;
+                });
+            }
+            // Busy, or not there after all: asked again next round.
+            Ok(Some(Reply::Answer(id, _))) if id == rid => break BatchEnd::Broken,
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => break BatchEnd::Broken,
+        }
+    };
+    conn.finish(rid);
+    (stored, end)
+}
+
+/// One request and its first answer.
+async fn ask(conn: &Connection, req: Req) -> Option<Resp> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let rid = conn.request(req, &tx).await?;
     let deadline = Instant::now() + FOLLOW_STALL;
     let answer = loop {
         match tokio::time::timeout_at(deadline, rx.recv()).await {

@@ -53,8 +53,9 @@ impl ExchangeService {
 enum Work {
     Outboard(u64, BlobId),
     Chunk(u64, BlobId, u32),
-    /// A `GetSession`: the state of an origin download under way.
-    Session(u64, String),
+    /// A `GetSession`: the state of an origin download under way, and the
+    /// asking peer's id and the address it serves on (from its `Hello`).
+    Session(u64, String, Option<(String, String)>),
     /// A chunk of an origin download under way.
     SessionChunk(u64, String, u32),
     Answer(ExchangeResponse),
@@ -200,6 +201,8 @@ async fn read_requests(
 ) {
     // Upload slots this stream holds.
     let stream_slots = Arc::new(AtomicU32::new(0));
+    // Where the dialing peer serves, once it said (its `Hello`).
+    let mut asker: Option<(String, String)> = None;
     let watch = |blob: BlobId| {
         let mut watched = watched.lock().unwrap_or_else(|e| e.into_inner());
         if watched.len() < MAX_WATCHED {
@@ -230,6 +233,7 @@ async fn read_requests(
             Some(Req::Hello(hello)) => {
                 tracing::Span::current().record("peer", hello.peer_id.as_str());
                 tracing::debug!(address = %hello.address, "exchange stream opened");
+                asker = (!hello.address.is_empty()).then_some((hello.peer_id, hello.address));
                 continue;
             }
             Some(Req::GetOutboard(get)) => match parse(&get.blob) {
@@ -252,7 +256,7 @@ async fn read_requests(
                 );
                 vec![(Work::Answer(error(id, pb::error::Code::Invalid, msg)), None)]
             }
-            Some(Req::GetSession(get)) => vec![(Work::Session(id, get.key), None)],
+            Some(Req::GetSession(get)) => vec![(Work::Session(id, get.key, asker.clone()), None)],
             Some(Req::GetChunks(get)) if !get.session.is_empty() => get
                 .chunks
                 .iter()
@@ -342,9 +346,9 @@ async fn serve_work(
                         return;
                     }
                     Work::Outboard(id, blob) => send(outboard(&shared, id, blob)).await,
-                    Work::Session(id, key) => {
+                    Work::Session(id, key, asker) => {
                         let msg = match shared.sessions.get(&key) {
-                            Some(s) => answer(id, Resp::Session(s.to_wire())),
+                            Some(s) => answer(id, Resp::Session(s.to_wire_for(asker.as_ref()))),
                             None => error(id, pb::error::Code::NotFound, "no such origin download here".into()),
                         };
                         send(msg).await

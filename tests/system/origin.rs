@@ -590,3 +590,59 @@ fn an_https_origin_is_trusted_through_origin_ca_and_refused_without() {
     assert!(stderr(&o).contains("certificate"), "{}", stderr(&o));
     assert!(!fleet.path("s1").exists());
 }
+
+#[test]
+fn followers_fetch_from_each_other_when_the_holders_upload_is_limited() {
+    let size = 32 * MIB;
+    let data = random_bytes(size, 131);
+    let id = blake3::hash(&data).to_hex().to_string();
+    let origin = TestOrigin::start(data);
+    origin.set_rate(16 << 20);
+    let fleet = fleet(6, &[], &["--upload-limit", "8MiB/s"]);
+    let url = origin.url("mesh.bin");
+    let fetches: Vec<_> = fleet
+        .daemons
+        .iter()
+        .enumerate()
+        .map(|(i, d)| spawn_url_fetch(d, &url, &fleet.path(&format!("m{i}")), &[]))
+        .collect();
+    let reports: Vec<serde_json::Value> = fetches
+        .into_iter()
+        .map(|f| report(&wait_output(f, Duration::from_secs(120))))
+        .collect();
+    let ids: Vec<String> = fleet
+        .daemons
+        .iter()
+        .map(|d| d.status()["peer_id"].as_str().unwrap().to_owned())
+        .collect();
+    let holder = reports
+        .iter()
+        .position(|r| r["origin_bytes"].as_u64().unwrap() > 0)
+        .expect("one daemon went to the origin");
+    let (mut from_holder, mut from_followers) = (0, 0);
+    for (i, r) in reports.iter().enumerate() {
+        assert_eq!(r["id"], id.as_str());
+        let out = std::fs::read(fleet.path(&format!("m{i}"))).unwrap();
+        assert_eq!(blake3::hash(&out).to_hex().as_str(), id, "daemon {i}");
+        for s in r["sources"].as_array().unwrap() {
+            let bytes = s["bytes"].as_u64().unwrap();
+            if s["peer_id"] == ids[holder].as_str() {
+                from_holder += bytes;
+            } else {
+                from_followers += bytes;
+            }
+        }
+    }
+    println!(
+        "origin sent {:.2} copies; followers got {:.2} copies from the holder, {:.2} from each other",
+        origin.sent() as f64 / size as f64,
+        from_holder as f64 / size as f64,
+        from_followers as f64 / size as f64
+    );
+    assert!(origin.sent() as f64 <= 1.05 * size as f64);
+    assert_eq!(from_holder + from_followers, 5 * size as u64);
+    assert!(
+        from_followers >= size as u64,
+        "followers should carry at least one copy among themselves"
+    );
+}

@@ -11,10 +11,12 @@
 //! its chunks and asks the origin only for the rest.
 
 use std::{
+    collections::HashMap,
     fs::File,
     os::unix::fs::FileExt,
     path::Path,
     sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -30,7 +32,16 @@ pub(crate) struct Session {
     pub(crate) key: String,
     scratch: Scratch,
     layout: Mutex<Option<Layout>>,
+    /// Peers that asked for this session lately, by the address they serve
+    /// on, so that followers find each other.
+    followers: Mutex<HashMap<String, (String, Instant)>>,
 }
+
+/// A follower that has not asked for this long is no longer offered.
+const FOLLOWER_FRESH: Duration = Duration::from_secs(10);
+/// Followers remembered; followers offered per answer.
+const MAX_FOLLOWERS: usize = 256;
+const OFFERED_FOLLOWERS: usize = 8;
 
 /// What is known once the origin has said what it sends.
 #[derive(Debug)]
@@ -75,6 +86,7 @@ impl Session {
             key,
             scratch,
             layout: Mutex::new(None),
+            followers: Mutex::new(HashMap::new()),
         })
     }
 
@@ -193,6 +205,15 @@ impl Session {
         Some(Bytes::from(data))
     }
 
+    /// The chunks held, for a blob of `size` bytes (empty when another size).
+    pub(crate) fn held(s: &pb::Session, size: u64) -> ChunkSet {
+        let count = Geometry::new(size).chunk_count();
+        if s.size != size {
+            return ChunkSet::new(count);
+        }
+        ChunkSet::from_bitmap(&s.chunks, count)
+    }
+
     /// Whether chunk `index` is held.
     pub(crate) fn has(&self, index: u32) -> bool {
         self.layout()
@@ -234,7 +255,38 @@ impl Session {
         ranges
     }
 
-    /// What a `GetSession` answers.
+    /// What a `GetSession` from `asker` (its peer id and the address it
+    /// serves on) answers: the session, with the other peers following it.
+    pub(crate) fn to_wire_for(&self, asker: Option<&(String, String)>) -> pb::Session {
+        let now = Instant::now();
+        let others: Vec<(String, String)> = {
+            let mut followers = self.followers.lock().unwrap_or_else(|e| e.into_inner());
+            followers.retain(|_, (_, seen)| now.duration_since(*seen) < FOLLOWER_FRESH);
+            if let Some((id, addr)) = asker
+                && (followers.len() < MAX_FOLLOWERS || followers.contains_key(addr))
+            {
+                followers.insert(addr.clone(), (id.clone(), now));
+            }
+            let mut others: Vec<(&String, &(String, Instant))> = followers
+                .iter()
+                .filter(|(a, _)| Some(*a) != asker.map(|(_, a)| a))
+                .collect();
+            // The most recent first: they are the likeliest to hold new chunks.
+            others.sort_by_key(|o| std::cmp::Reverse(o.1.1));
+            others
+                .into_iter()
+                .take(OFFERED_FOLLOWERS)
+                .map(|(addr, (id, _))| (id.clone(), addr.clone()))
+                .collect()
+        };
+        pb::Session {
+            peer_ids: others.iter().map(|(id, _)| id.clone()).collect(),
+            peers: others.into_iter().map(|(_, addr)| addr).collect(),
+            ..self.to_wire()
+        }
+    }
+
+    /// What a `GetSession` answers, without peers.
     pub(crate) fn to_wire(&self) -> pb::Session {
         let guard = self.layout();
         let Some(l) = guard.as_ref() else {
@@ -248,6 +300,8 @@ impl Session {
             chunks: Bytes::from(l.have.to_bitmap()),
             chaining_values: Bytes::from(cvs),
             complete: l.have.count() == l.geometry.chunk_count(),
+            peers: Vec::new(),
+            peer_ids: Vec::new(),
         }
     }
 }
@@ -258,6 +312,8 @@ impl Session {
 pub(crate) struct Offer {
     pub(crate) validators: Validators,
     pub(crate) chunks: Vec<(u32, [u8; 32])>,
+    /// Other followers to fetch from: (peer id, address).
+    pub(crate) peers: Vec<(String, String)>,
 }
 
 impl Offer {
@@ -279,7 +335,17 @@ impl Offer {
             .zip(s.chaining_values.chunks_exact(32))
             .map(|(i, cv)| (i, cv.try_into().unwrap_or([0; 32])))
             .collect();
-        Some(Self { validators, chunks })
+        Some(Self {
+            validators,
+            chunks,
+            peers: s
+                .peer_ids
+                .iter()
+                .zip(&s.peers)
+                .take(OFFERED_FOLLOWERS)
+                .map(|(id, addr)| (id.clone(), addr.clone()))
+                .collect(),
+        })
     }
 }
 
