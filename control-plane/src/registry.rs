@@ -442,6 +442,20 @@ impl<S: StateStore> Registry<S> {
     ) -> Result<(), RegistryError> {
         self.live(peer).await?;
         let key = UrlKey::of(&urls::normalize(url, &self.url_ignore_query)?);
+        // Only the peer that went to the origin records what it found (or
+        // any peer, once no download is under way).
+        if let OriginLease::HeldBy(holder) = self
+            .store
+            .origin_lease(&key, peer, self.origin_lease_ttl)
+            .await?
+        {
+            return Err(RegistryError::Field {
+                field: "url",
+                reason: format!(
+                    "peer {holder} holds the URL's origin lease; only it records the URL"
+                ),
+            });
+        }
         record.checked_at_ms = unix_ms();
         // Kept well past its freshness, so a later fetch can revalidate it
         // with a conditional request instead of downloading it again.

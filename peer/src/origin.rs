@@ -112,7 +112,8 @@ impl UrlFetch {
     /// Parses the CLI's URL, `Name: value` headers and optional digest.
     pub fn parse(url: &str, headers: &[String], digest: &str) -> Result<Self, UrlFetchError> {
         let url =
-            Url::parse(url.trim()).map_err(|e| UrlFetchError::Url(format!("{url:?}: {e}")))?;
+            // The URL itself is not repeated: it may carry credentials.
+            Url::parse(url.trim()).map_err(|e| UrlFetchError::Url(format!("not a valid URL: {e}")))?;
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
             return Err(UrlFetchError::Url(
                 "only http:// and https:// URLs with a host can be fetched".into(),
@@ -185,12 +186,11 @@ fn shown_header(h: &str) -> String {
     }
 }
 
+/// Userinfo as the user meant it (`%40` is `@`; `+` stays `+`).
 fn decode(s: &str) -> String {
-    let bytes: Vec<u8> = url::form_urlencoded::parse(format!("x={s}").as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned().into_bytes())
-        .unwrap_or_default();
-    String::from_utf8(bytes).unwrap_or_default()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// Fetches `req` into the store: from the swarm when the fleet already has
@@ -320,9 +320,10 @@ async fn by_url(
                 ..Counters::default()
             });
             let _serving = Serving::start(&shared, &session);
-            let _renewing = renew_lease(&shared, &key, answer.lease_ttl_ms, &counters);
+            let renewing = renew_lease(&shared, &key, answer.lease_ttl_ms, &counters);
             let (outcome, validators) =
                 lease_holder(&shared, &req, known, &session, &counters, &progress).await?;
+            drop(renewing);
             record(&shared, &key, outcome.blob.id(), &validators).await;
             return Ok(outcome);
         }
@@ -345,8 +346,7 @@ async fn by_url(
                 Followed::Complete(sources) => {
                     return finish(&shared, &req, &session, 0, sources, &progress).await;
                 }
-                Followed::Wait => {}
-                Followed::Stalled => continue,
+                Followed::Wait | Followed::Stalled => {}
                 Followed::Lied(why) => {
                     tracing::warn!(peer = %answer.holder, %why, "the peer fetching from the origin sent bad data; reporting it and asking the origin directly");
                     report(&shared, &answer.holder, &why).await;
@@ -387,6 +387,7 @@ struct Serving {
 
 impl Serving {
     fn start(shared: &Arc<Shared>, session: &Arc<Session>) -> Self {
+        session.serving.fetch_add(1, Ordering::AcqRel);
         shared
             .sessions
             .insert(session.key.clone(), Arc::clone(session));
@@ -405,9 +406,12 @@ impl Drop for Serving {
                 () = tokio::time::sleep(SESSION_GRACE) => {}
                 () = shared.shutdown.cancelled() => {}
             }
-            shared
-                .sessions
-                .remove_if(&session.key, |_, s| Arc::ptr_eq(s, &session));
+            // Unless it is offered again meanwhile (a follower taking the lease over).
+            if session.serving.fetch_sub(1, Ordering::AcqRel) == 1 {
+                shared.sessions.remove_if(&session.key, |_, s| {
+                    Arc::ptr_eq(s, &session) && s.serving.load(Ordering::Acquire) == 0
+                });
+            }
         });
     }
 }
@@ -640,8 +644,12 @@ async fn fetch_batch(
         match tokio::time::timeout(FOLLOW_STALL, rx.recv()).await {
             Ok(Some(Reply::Answer(id, Resp::Piece(p)))) if id == rid => {
                 let (index, cv) = batch[next];
-                if p.chunk != index {
-                    break BatchEnd::Lied(format!("chunk {} sent for {index}", p.chunk));
+                let so_far: usize = pieces.iter().map(Bytes::len).sum();
+                if p.chunk != index
+                    || p.offset != so_far as u64
+                    || (so_far + p.data.len()) as u64 > session.chunk_len(index)
+                {
+                    break BatchEnd::Lied(format!("chunk {index} sent out of shape"));
                 }
                 pieces.push(p.data);
                 if !p.last {

@@ -373,7 +373,8 @@ fn broken_connections_resume_and_changed_content_is_never_mixed() {
 
 #[test]
 fn credentials_stay_with_the_origin_and_out_of_logs() {
-    let data = random_bytes(MIB, 126);
+    // Several 8 MiB ranges: the later ones go straight to the redirect target.
+    let data = random_bytes(20 * MIB, 126);
     let origin = TestOrigin::start(data.clone());
     let other = TestOrigin::start(data);
     origin.redirect_elsewhere(&other.url("x.bin"));

@@ -592,6 +592,11 @@ async fn check_urls_and_origin_leases<S: StateStore>(r: &Registry<S>) {
         last_modified: String::new(),
         checked_at_ms: 0,
     };
+    let refused = r.record_url(&b, url, record.clone()).await;
+    assert!(
+        matches!(refused, Err(RegistryError::Field { .. })),
+        "only the lease holder records: {refused:?}"
+    );
     r.record_url(&a, url, record).await.unwrap();
     let fresh = r.resolve_url(&b, url, false).await.unwrap();
     assert!(fresh.fresh && fresh.lease.is_none());

@@ -33,6 +33,9 @@ use super::session::Session;
 
 /// Redirects followed before giving up.
 pub(crate) const MAX_REDIRECTS: usize = 10;
+/// The largest object fetched from an origin (4 TiB): a bigger size announced
+/// by an origin or a peer is refused before anything is sized by it.
+pub(crate) const MAX_SIZE: u64 = 1 << 42;
 /// Attempts at one piece (the first plus resumes) before the download fails.
 const PIECE_ATTEMPTS: u32 = 5;
 /// Buffered before one positioned write.
@@ -140,6 +143,10 @@ pub(crate) struct Counters {
     pub(crate) total: AtomicU64,
     /// Shares the download with other peers as it arrives.
     pub(crate) session: Option<Arc<Session>>,
+    /// Bumped when a download starts over: writes of the abandoned attempt
+    /// still on their way to the file (already handed to a blocking thread)
+    /// find it changed and are dropped, under its read lock.
+    pub(crate) epoch: Arc<std::sync::RwLock<u64>>,
 }
 
 /// The HTTP client of origin downloads.
@@ -210,6 +217,7 @@ impl OriginClient {
         match self.attempt(target, known, file, counters).await {
             Err(OriginError::Changed { .. }) => {
                 tracing::info!(url = %redacted(&target.url), "origin content changed midway; starting over");
+                *counters.epoch.write().unwrap_or_else(|e| e.into_inner()) += 1;
                 counters.written.store(0, Ordering::Relaxed);
                 if let Some(s) = &counters.session {
                     s.reset();
@@ -232,6 +240,9 @@ impl OriginClient {
         file: &Arc<File>,
         counters: &Counters,
     ) -> Result<Validators, OriginError> {
+        if v.size > MAX_SIZE {
+            return Err(too_large(&redacted(&target.url), v.size));
+        }
         counters.total.store(v.size, Ordering::Relaxed);
         file_len(file, v.size)?;
         let mut pieces = Vec::new();
@@ -263,7 +274,9 @@ impl OriginClient {
         counters: &Counters,
     ) -> Result<Downloaded, OriginError> {
         let first_end = self.piece - 1;
-        let (url, resp) = self.get(target, Some((0, Some(first_end))), known).await?;
+        let (url, resp) = self
+            .get(target, &target.url, Some((0, Some(first_end))), known)
+            .await?;
         let shown = redacted(&url);
         match resp.status() {
             StatusCode::NOT_MODIFIED if known.is_some() => Ok(Downloaded::NotModified),
@@ -273,6 +286,9 @@ impl OriginClient {
                     ..validators_of(resp.headers())
                 };
                 let end = resp.content_length();
+                if let Some(n) = end.filter(|&n| n > MAX_SIZE) {
+                    return Err(too_large(&shown, n));
+                }
                 counters.total.store(end.unwrap_or(0), Ordering::Relaxed);
                 if let (Some(s), Some(_)) = (&counters.session, end) {
                     s.begin(&validators);
@@ -299,6 +315,9 @@ impl OriginClient {
                         url: shown,
                         reason: format!("asked for bytes from 0, got them from {start}"),
                     });
+                }
+                if total > MAX_SIZE {
+                    return Err(too_large(&shown, total));
                 }
                 let validators = Validators {
                     size: total,
@@ -330,13 +349,22 @@ impl OriginClient {
                 if reached <= first.1 {
                     pieces.push((reached, first.1));
                 }
+                // Without a strong validator a change between two ranges
+                // would go unseen: the rest comes in one range.
+                let strong = (!validators.etag.is_empty() && !validators.etag.starts_with("W/"))
+                    || !validators.last_modified.is_empty();
+                let (piece_len, connections) = if strong {
+                    (self.piece, self.connections)
+                } else {
+                    (total, 1)
+                };
                 let mut start = first.1 + 1;
                 while start < total {
-                    let end = (start + self.piece - 1).min(total - 1);
+                    let end = start.saturating_add(piece_len - 1).min(total - 1);
                     pieces.push((start, end));
                     start = end + 1;
                 }
-                piece.run_all(pieces, self.connections).await?;
+                piece.run_all(pieces, connections).await?;
                 Ok(Downloaded::Complete(validators))
             }
             StatusCode::RANGE_NOT_SATISFIABLE if content_range_total(resp.headers()) == Some(0) => {
@@ -359,10 +387,11 @@ impl OriginClient {
     async fn get(
         &self,
         target: &Target,
+        from: &Url,
         range: Option<(u64, Option<u64>)>,
         known: Option<&Validators>,
     ) -> Result<(Url, reqwest::Response), OriginError> {
-        let mut url = target.url.clone();
+        let mut url = from.clone();
         for _ in 0..=MAX_REDIRECTS {
             let mut req = self.client.get(url.clone());
             if target.same_origin(&url) {
@@ -456,14 +485,12 @@ impl Piece<'_> {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(100 << attempt.min(4))).await;
             }
-            let to_origin = Target {
-                url: self.url.clone(),
-                ..self.target.clone()
-            };
             let shown = redacted(self.url);
+            // From where the first request ended up, with the user's headers
+            // only while that is still the origin they named.
             let resp = match self
                 .client
-                .get(&to_origin, Some((at, Some(end))), None)
+                .get(self.target, self.url, Some((at, Some(end))), None)
                 .await
             {
                 Ok((_, r)) => r,
@@ -589,7 +616,7 @@ async fn stream_into(
         counters
             .received
             .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-        if end.is_some_and(|end| at + (buf.len() + chunk.len()) as u64 > end) {
+        if at + (buf.len() + chunk.len()) as u64 > end.unwrap_or(MAX_SIZE) {
             return Err((at, BodyError::TooLong));
         }
         buf.extend_from_slice(&chunk);
@@ -618,11 +645,19 @@ async fn flush(
     let len = data.len() as u64;
     let file = Arc::clone(file);
     let session = counters.session.clone();
+    let guard = Arc::clone(&counters.epoch);
+    let epoch = *guard.read().unwrap_or_else(|e| e.into_inner());
     tokio::task::spawn_blocking(move || {
+        let now = guard.read().unwrap_or_else(|e| e.into_inner());
+        if *now != epoch {
+            // The download started over meanwhile: these bytes are stale.
+            return Ok(());
+        }
         file.write_all_at(&data, at)?;
         if let Some(s) = session {
             s.wrote(at, len);
         }
+        drop(now);
         Ok::<(), std::io::Error>(())
     })
     .await
@@ -630,6 +665,13 @@ async fn flush(
     .map_err(|e| BodyError::Io(e.to_string()))?;
     counters.written.fetch_add(len, Ordering::Relaxed);
     Ok(at + len)
+}
+
+fn too_large(url: &str, size: u64) -> OriginError {
+    OriginError::Transport {
+        url: url.to_owned(),
+        reason: format!("{size} bytes announced, more than the {MAX_SIZE} this daemon fetches"),
+    }
 }
 
 fn file_len(file: &File, len: u64) -> Result<(), OriginError> {

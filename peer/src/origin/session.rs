@@ -32,6 +32,10 @@ pub(crate) struct Session {
     pub(crate) key: String,
     scratch: Scratch,
     layout: Mutex<Option<Layout>>,
+    /// Layouts made so far.
+    generations: std::sync::atomic::AtomicU64,
+    /// `Serving` guards alive: the session is offered while any is.
+    pub(crate) serving: std::sync::atomic::AtomicUsize,
     /// Peers that asked for this session lately, by the address they serve
     /// on, so that followers find each other.
     followers: Mutex<HashMap<String, (String, Instant)>>,
@@ -46,6 +50,8 @@ const OFFERED_FOLLOWERS: usize = 8;
 /// What is known once the origin has said what it sends.
 #[derive(Debug)]
 struct Layout {
+    /// Which layout this is: updates computed against an older one are dropped.
+    generation: u64,
     validators: Validators,
     geometry: Geometry,
     have: ChunkSet,
@@ -57,10 +63,11 @@ struct Layout {
 }
 
 impl Layout {
-    fn new(validators: Validators) -> Self {
+    fn new(validators: Validators, generation: u64) -> Self {
         let geometry = Geometry::new(validators.size);
         let n = geometry.chunk_count() as usize;
         Self {
+            generation,
             validators,
             geometry,
             have: ChunkSet::new(n as u32),
@@ -86,6 +93,8 @@ impl Session {
             key,
             scratch,
             layout: Mutex::new(None),
+            generations: std::sync::atomic::AtomicU64::new(0),
+            serving: std::sync::atomic::AtomicUsize::new(0),
             followers: Mutex::new(HashMap::new()),
         })
     }
@@ -112,7 +121,12 @@ impl Session {
         if layout.as_ref().is_some_and(|l| l.validators == *v) {
             return true;
         }
-        *layout = Some(Layout::new(v.clone()));
+        let generation = self
+            .generations
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // A shorter version must not keep the longer one's tail.
+        let _ = self.file().set_len(v.size);
+        *layout = Some(Layout::new(v.clone(), generation));
         false
     }
 
@@ -129,7 +143,7 @@ impl Session {
     /// The holder wrote `len` bytes at `at`: chunks that are now whole are
     /// read back and get their chaining values. Blocking.
     pub(crate) fn wrote(&self, at: u64, len: u64) {
-        let whole: Vec<(u32, Geometry)> = {
+        let (generation, whole): (u64, Vec<(u32, Geometry)>) = {
             let mut guard = self.layout();
             let Some(l) = guard.as_mut() else { return };
             let size = l.geometry.chunk_size();
@@ -143,7 +157,7 @@ impl Session {
                     whole.push((i as u32, l.geometry));
                 }
             }
-            whole
+            (l.generation, whole)
         };
         for (i, geometry) in whole {
             let r = geometry.chunk_range(i);
@@ -153,7 +167,7 @@ impl Session {
             }
             let cv = Outboard::chunk_chaining_value(&geometry, i, &data);
             if let Some(l) = self.layout().as_mut()
-                && l.geometry == geometry
+                && l.generation == generation
             {
                 l.cvs[i as usize] = cv;
                 l.have.insert(i);
@@ -164,8 +178,8 @@ impl Session {
     /// A follower took `data` as chunk `index` from a holder that gave `cv`:
     /// checked, written, and held. Blocking.
     pub(crate) fn accept(&self, index: u32, data: &[u8], cv: [u8; 32]) -> Result<(), Refused> {
-        let geometry = match self.layout().as_ref() {
-            Some(l) if index < l.geometry.chunk_count() => l.geometry,
+        let (generation, geometry) = match self.layout().as_ref() {
+            Some(l) if index < l.geometry.chunk_count() => (l.generation, l.geometry),
             _ => return Err(Refused::Malformed),
         };
         let r = geometry.chunk_range(index);
@@ -181,7 +195,7 @@ impl Session {
             return Err(Refused::Malformed);
         }
         if let Some(l) = self.layout().as_mut()
-            && l.geometry == geometry
+            && l.generation == generation
         {
             l.cvs[index as usize] = cv;
             l.have.insert(index);
@@ -212,6 +226,14 @@ impl Session {
             return ChunkSet::new(count);
         }
         ChunkSet::from_bitmap(&s.chunks, count)
+    }
+
+    /// The length of chunk `index` of the version held (0 when none).
+    pub(crate) fn chunk_len(&self, index: u32) -> u64 {
+        self.layout()
+            .as_ref()
+            .filter(|l| index < l.geometry.chunk_count())
+            .map_or(0, |l| l.geometry.chunk_len(index))
     }
 
     /// Whether chunk `index` is held.
@@ -319,6 +341,9 @@ pub(crate) struct Offer {
 impl Offer {
     /// `None` when the answer is malformed (a chaining value per chunk held).
     pub(crate) fn read(s: &pb::Session) -> Option<Self> {
+        if s.size > super::http::MAX_SIZE {
+            return None;
+        }
         let validators = Validators {
             size: s.size,
             etag: s.etag.clone(),
