@@ -10,8 +10,8 @@ use std::{
 use anyhow::Context as _;
 use nebula_common::{BlobRef, rate::format_bytes};
 use nebula_control::{
-    Config, ControlPlane, PeerId, RedisClientCert, RedisConfig, RedisSetupError, RedisStore,
-    RedisTls, StateStore,
+    Config, ControlPlane, InventoryCaps, PeerId, RedisClientCert, RedisConfig, RedisSetupError,
+    RedisStore, RedisTls, StateStore,
 };
 use nebula_peer::replicas;
 use nebula_proto::tls::TlsConfig;
@@ -85,6 +85,15 @@ pub(crate) struct ControlArgs {
     /// Most blobs one announce may carry [default: 100000].
     #[arg(long, env = "NEBULA_MAX_ANNOUNCE_BLOBS")]
     max_announce_blobs: Option<usize>,
+    /// Most blobs one peer may hold in the control plane [default: 100000].
+    #[arg(long, env = "NEBULA_MAX_PEER_BLOBS")]
+    max_peer_blobs: Option<u64>,
+    /// Most blobs one peer may hold in part (each with a chunk bitmap) [default: 1024].
+    #[arg(long, env = "NEBULA_MAX_PEER_PARTIAL")]
+    max_peer_partial: Option<u64>,
+    /// Most (blob, provider) entries in all [default: 20000000].
+    #[arg(long, env = "NEBULA_MAX_ENTRIES")]
+    max_entries: Option<u64>,
     /// HTTP/2 streams per connection [default: 1024].
     #[arg(long, env = "NEBULA_MAX_CONCURRENT_STREAMS")]
     max_concurrent_streams: Option<u32>,
@@ -148,7 +157,7 @@ pub(crate) struct ControlArgs {
 #[derive(Debug)]
 enum State {
     Memory,
-    Redis(RedisConfig),
+    Redis(Box<RedisConfig>),
 }
 
 impl ControlArgs {
@@ -178,6 +187,13 @@ impl ControlArgs {
             request_timeout: self.request_timeout.unwrap_or(d.request_timeout),
             max_message_size,
             max_announce_blobs: self.max_announce_blobs.unwrap_or(d.max_announce_blobs),
+            inventory_caps: InventoryCaps {
+                peer_blobs: self.max_peer_blobs.unwrap_or(d.inventory_caps.peer_blobs),
+                peer_partial: self
+                    .max_peer_partial
+                    .unwrap_or(d.inventory_caps.peer_partial),
+                entries: self.max_entries.unwrap_or(d.inventory_caps.entries),
+            },
             max_concurrent_streams: self
                 .max_concurrent_streams
                 .unwrap_or(d.max_concurrent_streams),
@@ -224,7 +240,7 @@ impl ControlArgs {
             }
             redis.op_timeout = t;
         }
-        Ok(State::Redis(redis))
+        Ok(State::Redis(Box::new(redis)))
     }
 }
 
@@ -249,8 +265,9 @@ pub(crate) async fn run_control(args: ControlArgs) -> anyhow::Result<()> {
                 .context("cannot start the control plane")?;
             serve_until_signal(control, http, shutdown).await
         }
-        State::Redis(redis) => {
-            let store = RedisStore::new(redis).context("cannot use the Redis store")?;
+        State::Redis(mut redis) => {
+            redis.caps = config.inventory_caps;
+            let store = RedisStore::new(*redis).context("cannot use the Redis store")?;
             // A Redis that is down may come up later; one that refuses our
             // TLS or credentials will not: stop now, in one line (exit 1).
             store.check_setup().await.map_err(|e| match e {

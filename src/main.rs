@@ -31,7 +31,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the control plane.
-    Control(control::ControlArgs),
+    Control(Box<control::ControlArgs>),
     /// Operate the control plane: peers, swarms, drain, ban, stats.
     Admin(control::AdminArgs),
     /// Run the peer daemon.
@@ -109,7 +109,7 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Hash(args) => hash::run(args),
-        Command::Control(args) => output::block_on(control::run_control(args)),
+        Command::Control(args) => output::block_on(control::run_control(*args)),
         Command::Admin(args) => output::block_on(control::run_admin(args)),
         Command::Daemon(args) => output::block_on(daemon::run_daemon(args)),
         Command::Add(args) => output::block_on(daemon::run_add(args)),

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use crate::store::InventoryCaps;
 use nebula_proto::tls::TlsConfig;
 
 /// The largest `limit` a `FindProviders` call may ask for, whatever the config says.
@@ -50,6 +51,10 @@ pub struct Config {
     pub max_message_size: usize,
     /// Blobs (added plus removed) one announce may carry. Default 100,000.
     pub max_announce_blobs: usize,
+    /// How much inventory the state store takes, per peer and in all (see
+    /// [`InventoryCaps`]); an announce past a cap is refused whole with
+    /// `RESOURCE_EXHAUSTED`.
+    pub inventory_caps: InventoryCaps,
     /// HTTP/2 streams one connection may open at once. Default 1,024.
     pub max_concurrent_streams: u32,
     /// Streams a connection may make the server reset before it is closed
@@ -96,6 +101,7 @@ impl Default for Config {
             request_timeout: Duration::from_secs(10),
             max_message_size: 32 << 20,
             max_announce_blobs: 100_000,
+            inventory_caps: InventoryCaps::default(),
             max_concurrent_streams: 1024,
             max_local_error_reset_streams: 1024,
             keepalive_interval: Duration::from_secs(30),
@@ -129,6 +135,7 @@ impl std::fmt::Debug for Config {
             .field("request_timeout", &self.request_timeout)
             .field("max_message_size", &self.max_message_size)
             .field("max_announce_blobs", &self.max_announce_blobs)
+            .field("inventory_caps", &self.inventory_caps)
             .field("max_concurrent_streams", &self.max_concurrent_streams)
             .field(
                 "max_local_error_reset_streams",
@@ -233,6 +240,12 @@ impl Config {
             ("max_discovery_limit", u64::from(self.max_discovery_limit)),
             ("quarantine_after", u64::from(self.quarantine_after)),
             ("max_announce_blobs", self.max_announce_blobs as u64),
+            ("inventory_caps.peer_blobs", self.inventory_caps.peer_blobs),
+            (
+                "inventory_caps.peer_partial",
+                self.inventory_caps.peer_partial,
+            ),
+            ("inventory_caps.entries", self.inventory_caps.entries),
             (
                 "max_concurrent_streams",
                 u64::from(self.max_concurrent_streams),

@@ -85,7 +85,9 @@ impl From<RegistryError> for Status {
             RegistryError::UnknownPeer { .. } | RegistryError::UnknownAlias { .. } => {
                 Code::NotFound
             }
-            RegistryError::Store(StoreError::Full(_)) => Code::ResourceExhausted,
+            RegistryError::Store(StoreError::Full(_) | StoreError::Cap { .. }) => {
+                Code::ResourceExhausted
+            }
             RegistryError::Store(StoreError::Unavailable { .. }) => Code::Unavailable,
         };
         if code == Code::Unavailable {

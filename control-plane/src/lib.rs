@@ -49,8 +49,8 @@ pub use error::RegistryError;
 pub use registry::{ProviderQuery, Providers, Registry, Stats};
 pub use server::{ControlPlane, ServeError, serve};
 pub use store::{
-    Health, Load, MemoryStore, PeerId, RedisClientCert, RedisConfig, RedisSetupError, RedisStore,
-    RedisTls, Standing, StateStore,
+    Health, InventoryCaps, Load, MemoryStore, PeerId, RedisClientCert, RedisConfig,
+    RedisSetupError, RedisStore, RedisTls, Standing, StateStore,
 };
 /// The `grpc.health.v1` implementation the prober speaks, re-exported so
 /// peers and tests serve exactly what the control plane checks.

@@ -77,8 +77,9 @@ impl ControlPlane<RedisStore> {
     pub async fn spawn_redis(
         listener: TcpListener,
         config: Config,
-        redis: RedisConfig,
+        mut redis: RedisConfig,
     ) -> Result<Self, ServeError> {
+        redis.caps = config.inventory_caps;
         let store = RedisStore::new(redis).map_err(ServeError::Store)?;
         Self::spawn_with_store(listener, config, store).await
     }
@@ -88,7 +89,8 @@ impl ControlPlane<MemoryStore> {
     /// Starts a control plane with the in-memory store on an already-bound
     /// listener. Must be called inside a Tokio runtime.
     pub async fn spawn(listener: TcpListener, config: Config) -> Result<Self, ServeError> {
-        Self::spawn_with_store(listener, config, MemoryStore::new()).await
+        let store = MemoryStore::with_caps(config.inventory_caps);
+        Self::spawn_with_store(listener, config, store).await
     }
 }
 

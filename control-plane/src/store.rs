@@ -331,6 +331,90 @@ pub enum StoreError {
     /// The store cannot take more peers.
     #[error("state store is full: {0}")]
     Full(&'static str),
+    /// An announce would take an inventory past its cap; nothing of it was applied.
+    #[error("{what}: {count} would pass the cap of {max} ({flag})")]
+    Cap {
+        /// What is capped, e.g. `blobs held by this peer`.
+        what: &'static str,
+        /// The count the announce would reach.
+        count: u64,
+        /// The cap.
+        max: u64,
+        /// The `nebula control` flag that sets it.
+        flag: &'static str,
+    },
+}
+
+/// How much inventory the store accepts, so that no peer (or set of peers)
+/// can grow the control plane without bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InventoryCaps {
+    /// Blobs one peer may hold in the store. Default 100,000.
+    pub peer_blobs: u64,
+    /// Partly held blobs (entries with a chunk bitmap, up to 1 KiB each) one
+    /// peer may have at once. Default 1,024.
+    pub peer_partial: u64,
+    /// (blob, provider) entries in the whole store. Default 20,000,000.
+    pub entries: u64,
+}
+
+impl Default for InventoryCaps {
+    fn default() -> Self {
+        Self {
+            peer_blobs: 100_000,
+            peer_partial: 1_024,
+            entries: 20_000_000,
+        }
+    }
+}
+
+impl InventoryCaps {
+    /// Checks a peer's projected inventory against the caps.
+    pub fn check(
+        &self,
+        blobs: u64,
+        partial: u64,
+        new_entries: u64,
+        entries: u64,
+    ) -> Result<(), StoreError> {
+        let cap = |what, count, max, flag| {
+            (count > max).then_some(StoreError::Cap {
+                what,
+                count,
+                max,
+                flag,
+            })
+        };
+        match cap(
+            "blobs held by this peer",
+            blobs,
+            self.peer_blobs,
+            "--max-peer-blobs",
+        )
+        .or_else(|| {
+            cap(
+                "partly held blobs of this peer",
+                partial,
+                self.peer_partial,
+                "--max-peer-partial",
+            )
+        })
+        .or_else(|| {
+            (new_entries > 0)
+                .then(|| {
+                    cap(
+                        "provider entries in the store",
+                        entries + new_entries,
+                        self.entries,
+                        "--max-entries",
+                    )
+                })
+                .flatten()
+        }) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
 }
 
 /// The control plane's state. Leases are TTLs: a peer whose lease lapsed is

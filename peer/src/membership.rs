@@ -127,6 +127,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         match control.announce(full).await {
             Ok(r) if r.get_ref().unknown_peer => continue 'register,
             Ok(_) => {}
+            Err(status) if status.code() == tonic::Code::ResourceExhausted => refused(&status),
             Err(status) => {
                 tracing::warn!(
                     message = status.message(),
@@ -222,6 +223,11 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                     match control.announce(request).await {
                         Ok(r) if r.get_ref().unknown_peer => continue 'register,
                         Ok(_) => announced = current,
+                        Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                            // Not sent again: the next change is tried on its own.
+                            refused(&status);
+                            announced = current;
+                        }
                         Err(status) => {
                             tracing::debug!(message = status.message(), "announcement failed; will retry");
                             dirty = true;
@@ -231,4 +237,14 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             }
         }
     }
+}
+
+/// The control plane's inventory caps refused an announce: the peer stays
+/// registered (it fetches and serves as before), and what it announced is
+/// not discoverable until a later announce or registration is taken.
+fn refused(status: &tonic::Status) {
+    tracing::warn!(
+        message = status.message(),
+        "the control plane refused this peer's inventory; its blobs are not all discoverable"
+    );
 }

@@ -7,10 +7,13 @@ use std::{collections::BTreeMap, time::Duration};
 use bytes::Bytes;
 use nebula_common::{BlobId, BlobRef, Sha256Digest};
 use nebula_control::{
-    Config, Health, Load, MemoryStore, PeerId, RedisConfig, RedisStore, Registry, RegistryError,
-    Standing, StateStore,
+    Config, Health, InventoryCaps, Load, MemoryStore, PeerId, RedisConfig, RedisStore, Registry,
+    RegistryError, Standing, StateStore,
     registry::ProviderQuery,
-    store::{Announcement, BlobAnnouncement, OriginLease, PeerRegistration, Registered, UrlRecord},
+    store::{
+        Announcement, BlobAnnouncement, OriginLease, PeerRegistration, Registered, StoreError,
+        UrlRecord,
+    },
 };
 
 use crate::support::RedisServer;
@@ -28,13 +31,21 @@ fn config() -> Config {
     }
 }
 
+/// Caps small enough for a check to reach.
+const CAPS: InventoryCaps = InventoryCaps {
+    peer_blobs: 30_000,
+    peer_partial: 8,
+    entries: 60_000,
+};
+
 fn memory() -> Registry<MemoryStore> {
-    Registry::new(MemoryStore::new(), &config())
+    Registry::new(MemoryStore::with_caps(CAPS), &config())
 }
 
 fn redis(server: &RedisServer) -> Registry<RedisStore> {
-    let store = RedisStore::new(RedisConfig::new(&server.url()).unwrap()).unwrap();
-    Registry::new(store, &config())
+    let mut redis = RedisConfig::new(&server.url()).unwrap();
+    redis.caps = CAPS;
+    Registry::new(RedisStore::new(redis).unwrap(), &config())
 }
 
 /// Runs each check on a fresh memory store and a fresh Redis store.
@@ -64,6 +75,7 @@ on_every_store!(
     check_bans_and_drains,
     check_partial_bitmaps_and_full_inventory,
     check_large_inventories,
+    check_inventory_caps,
     check_urls_and_origin_leases,
 );
 
@@ -490,6 +502,85 @@ async fn check_large_inventories<S: StateStore>(r: &Registry<S>) {
     assert!(r.deregister(&a).await.unwrap());
     let st = r.stats().await.unwrap().store;
     assert_eq!((st.blobs, st.provider_entries), (0, 0));
+}
+
+/// Blob `i` of peer `p`'s made-up inventory, partly held or not.
+fn numbered(p: u32, i: u32, partial: bool) -> BlobAnnouncement {
+    BlobAnnouncement {
+        id: BlobId::from(blake3::hash(&[p.to_le_bytes(), i.to_le_bytes()].concat())),
+        size: 64 << 20,
+        sha256: None,
+        chunks: partial.then(|| Bytes::from_static(&[0b1010_0001])),
+    }
+}
+
+/// Whether an announce was refused by the cap that `flag` sets.
+fn capped(r: Result<bool, RegistryError>, flag: &str) -> bool {
+    matches!(r, Err(RegistryError::Store(StoreError::Cap { flag: f, .. })) if f == flag)
+}
+
+async fn check_inventory_caps<S: StateStore>(r: &Registry<S>) {
+    // Registered (again) at each step: big announces under load may take
+    // longer than a lease.
+    let renew = || async {
+        for (name, port) in [("a", 1001), ("b", 1002), ("c", 1003)] {
+            r.register(reg(name, port, "")).await.unwrap();
+        }
+    };
+    renew().await;
+    let (a, b, c) = (id("a"), id("b"), id("c"));
+    let range = |p, from, to| {
+        (from..to)
+            .map(|i| numbered(p, i, false))
+            .collect::<Vec<_>>()
+    };
+    let count = |p: PeerId| async move { r.store().peer(&p).await.unwrap().unwrap().blob_count };
+    // Up to the per-peer cap, then not one more, and nothing of the refused
+    // announce is applied.
+    assert!(r.announce(&a, adds(range(1, 0, 30_000))).await.unwrap());
+    let over = adds(vec![numbered(1, 0, false), numbered(1, 30_000, false)]);
+    assert!(capped(r.announce(&a, over).await, "--max-peer-blobs"));
+    assert_eq!(count(a.clone()).await, 30_000);
+    let refused = numbered(1, 30_000, false).id;
+    assert!(r.store().swarm(&refused).await.unwrap().is_none());
+    // Announcing what it holds, or one out and one in, stays within it.
+    renew().await;
+    assert!(r.announce(&a, adds(range(1, 0, 10))).await.unwrap());
+    let swap = Announcement {
+        blobs: vec![numbered(1, 30_000, false)],
+        removed: vec![numbered(1, 0, false).id],
+        ..Announcement::default()
+    };
+    assert!(r.announce(&a, swap).await.unwrap());
+    assert_eq!(count(a.clone()).await, 30_000);
+
+    // Partly held blobs have a cap of their own; completing one frees a place.
+    renew().await;
+    let parts = (0..8).map(|i| numbered(2, i, true)).collect();
+    assert!(r.announce(&b, adds(parts)).await.unwrap());
+    let ninth = || adds(vec![numbered(2, 8, true)]);
+    assert!(capped(r.announce(&b, ninth()).await, "--max-peer-partial"));
+    assert!(
+        r.announce(&b, adds(vec![numbered(2, 0, false)]))
+            .await
+            .unwrap()
+    );
+    assert!(r.announce(&b, ninth()).await.unwrap());
+
+    // The store-wide cap: 60,000 entries in all.
+    renew().await;
+    assert!(
+        r.announce(&b, adds(range(2, 100, 100 + 29_991)))
+            .await
+            .unwrap()
+    );
+    assert_eq!(r.stats().await.unwrap().store.provider_entries, 60_000);
+    renew().await;
+    let one = || adds(vec![numbered(3, 0, false)]);
+    assert!(capped(r.announce(&c, one()).await, "--max-entries"));
+    // A peer leaving frees its entries for others.
+    assert!(r.deregister(&a).await.unwrap());
+    assert!(r.announce(&c, one()).await.unwrap());
 }
 
 /// Two replicas on one Redis: what one writes, the other answers within its

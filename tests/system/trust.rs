@@ -41,8 +41,9 @@ fn sha256_hex(path: &std::path::Path) -> String {
     hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
 }
 
-/// A made-up peer registers and claims `id` under `sha256` (it holds nothing).
-async fn claim_alias(url: &str, id: &str, size: u64, sha256: &str) {
+/// A client registered as the made-up peer `mallory` (the join token is all
+/// it needs).
+async fn mallory(url: &str) -> ControlPlaneClient<Channel> {
     let mut c = client(url);
     c.register(pb::RegisterRequest {
         peer_id: "mallory".into(),
@@ -52,6 +53,12 @@ async fn claim_alias(url: &str, id: &str, size: u64, sha256: &str) {
     })
     .await
     .unwrap();
+    c
+}
+
+/// A made-up peer registers and claims `id` under `sha256` (it holds nothing).
+async fn claim_alias(url: &str, id: &str, size: u64, sha256: &str) {
+    let mut c = mallory(url).await;
     c.announce(pb::AnnounceRequest {
         peer_id: "mallory".into(),
         blobs: vec![pb::BlobAnnouncement {
@@ -574,4 +581,102 @@ fn trust_store_plants_and_swaps_are_refused() {
         .filter(|e| e.file_name().to_string_lossy().contains(".nebula-"))
         .collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+}
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Row 11: a join-token holder floods the control plane with made-up
+/// announcements, partly held ones with full chunk bitmaps and whole ones.
+/// Past the per-peer caps every announce is refused whole with
+/// `RESOURCE_EXHAUSTED` naming the flag, the control plane's memory stays
+/// within a small budget (uncapped, this flood is some 300 MiB), and honest
+/// peers announce and fetch as before.
+#[test]
+fn trust_an_inventory_flood_is_capped() {
+    let rt = runtime();
+    let c = Cluster::start(2);
+    let url = c.control.url();
+    let pid = c.control.proc.pid();
+    let before = rss_kib(pid);
+    let made_up = |round: u32, i: u32| {
+        hex::encode(blake3::hash(&[round, i].map(u32::to_le_bytes).concat()).as_bytes())
+    };
+    let (accepted, refusals) = rt.block_on(async {
+        let mut m = mallory(&url).await;
+        let started = std::time::Instant::now();
+        let (mut accepted, mut refusals) = (0u32, Vec::new());
+        // 40 rounds of 500 partly held 8 GiB blobs (1 KiB bitmaps each),
+        // then 20 rounds of 20,000 whole ones; bounded in time too.
+        for round in 0..60u32 {
+            if started.elapsed() > Duration::from_secs(90) {
+                break;
+            }
+            let partial = round < 40;
+            let n = if partial { 500 } else { 20_000 };
+            let blobs = (0..n)
+                .map(|i| pb::BlobAnnouncement {
+                    id: made_up(round, i),
+                    size: if partial { 8 << 30 } else { 1 << 20 },
+                    sha256: String::new(),
+                    complete: !partial,
+                    chunks: if partial {
+                        bytes::Bytes::from(vec![0x55; 1024])
+                    } else {
+                        Default::default()
+                    },
+                })
+                .collect();
+            let ann = pb::AnnounceRequest {
+                peer_id: "mallory".into(),
+                blobs,
+                removed: Vec::new(),
+                full_inventory: false,
+            };
+            match m.announce(ann).await {
+                Ok(_) => accepted += 1,
+                Err(s) => {
+                    assert_eq!(s.code(), tonic::Code::ResourceExhausted, "{s:?}");
+                    refusals.push(s.message().to_owned());
+                }
+            }
+        }
+        (accepted, refusals)
+    });
+    // 2 partial rounds (1,000 of at most 1,024) and 4 whole rounds (81,000
+    // blobs in all, of at most 100,000) were taken; the rest refused by the
+    // cap its message names.
+    assert_eq!(accepted, 6, "{refusals:?}");
+    assert_eq!(refusals.len(), 54);
+    assert!(
+        refusals[..38]
+            .iter()
+            .all(|m| m.contains("--max-peer-partial")),
+        "{refusals:?}"
+    );
+    assert!(
+        refusals[38..]
+            .iter()
+            .all(|m| m.contains("--max-peer-blobs")),
+        "{refusals:?}"
+    );
+    let grown = rss_kib(pid).saturating_sub(before);
+    assert!(grown < 96 * 1024, "the control plane grew by {grown} KiB");
+
+    // Honest peers are unaffected.
+    let src = c.path("src.bin");
+    let id = random_file(&src, 4 * MIB, 53).to_string();
+    c.daemons[0].add(&src);
+    assert!(c.wait_providers(&id, 1));
+    let out = c.path("out.bin");
+    let done = wait_output(c.daemons[1].spawn_fetch(&id, &out), Duration::from_secs(30));
+    fetch_report(&done);
+    assert_eq!(file_id(&out).to_string(), id);
 }

@@ -28,9 +28,9 @@ use nebula_common::{BlobId, Sha256Digest};
 use tokio::time::Instant;
 
 use super::{
-    Announcement, BlobAnnouncement, BlobMeta, Health, Holding, Load, OriginLease, PeerId,
-    PeerRegistration, PeerSnapshot, Registered, ReportOutcome, Standing, StateStore, StoreError,
-    StoreStats, Swarm, UrlKey, UrlRecord,
+    Announcement, BlobAnnouncement, BlobMeta, Health, Holding, InventoryCaps, Load, OriginLease,
+    PeerId, PeerRegistration, PeerSnapshot, Registered, ReportOutcome, Standing, StateStore,
+    StoreError, StoreStats, Swarm, UrlKey, UrlRecord,
 };
 
 type Key = [u8; 32];
@@ -42,6 +42,7 @@ const MAX_REPORTERS: usize = 1024;
 /// (peers then re-register and re-announce on their next heartbeat).
 #[derive(Debug)]
 pub struct MemoryStore {
+    caps: InventoryCaps,
     /// Peer id → interned index. Invariant: `index[id] = i` exactly when
     /// `peers[i]` exists; both change under the `index` shard lock.
     index: DashMap<PeerId, u32>,
@@ -93,6 +94,8 @@ struct Held {
     /// The peer was removed and its entries purged: announces must not add more.
     purged: bool,
     blobs: HashSet<Key>,
+    /// The blobs held only in part (announced with a bitmap).
+    partial: HashSet<Key>,
 }
 
 #[derive(Debug, Clone)]
@@ -156,7 +159,13 @@ fn refused_alias(sha: Key, claimed: Key, holder: Option<Key>) {
 impl MemoryStore {
     /// An empty store.
     pub fn new() -> Self {
+        Self::with_caps(InventoryCaps::default())
+    }
+
+    /// An empty store that accepts inventories up to `caps`.
+    pub fn with_caps(caps: InventoryCaps) -> Self {
         Self {
+            caps,
             index: DashMap::new(),
             peers: DashMap::new(),
             blobs: DashMap::new(),
@@ -167,6 +176,53 @@ impl MemoryStore {
             urls: DashMap::new(),
             origin_leases: DashMap::new(),
         }
+    }
+
+    /// What the peer's inventory would be after `ann`, against the caps
+    /// (counted, in the announce's size: the inventory is not copied).
+    fn check_caps(&self, held: &Held, ann: &Announcement) -> Result<(), StoreError> {
+        let full = ann.full_inventory;
+        let removed: HashSet<&Key> = ann.removed.iter().map(|id| id.as_bytes()).collect();
+        // What is left of the inventory before the additions.
+        let kept =
+            |set: &HashSet<Key>, key: &Key| !full && set.contains(key) && !removed.contains(key);
+        let (mut blobs, mut partial) = if full {
+            (0, 0)
+        } else {
+            (
+                held.blobs.len() - removed.iter().filter(|k| held.blobs.contains(**k)).count(),
+                held.partial.len()
+                    - removed
+                        .iter()
+                        .filter(|k| held.partial.contains(**k))
+                        .count(),
+            )
+        };
+        let mut seen = HashSet::with_capacity(ann.blobs.len());
+        let mut new_entries = 0u64;
+        for b in &ann.blobs {
+            let key = b.id.as_bytes();
+            if !seen.insert(key) {
+                continue;
+            }
+            if !held.blobs.contains(key) {
+                new_entries += 1;
+            }
+            if !kept(&held.blobs, key) {
+                blobs += 1;
+            }
+            match (b.chunks.is_some(), kept(&held.partial, key)) {
+                (true, false) => partial += 1,
+                (false, true) => partial -= 1,
+                _ => {}
+            }
+        }
+        self.caps.check(
+            blobs as u64,
+            partial as u64,
+            new_entries,
+            self.entries.load(Ordering::Relaxed),
+        )
     }
 
     fn live_index(&self, id: &PeerId, now: Instant) -> Option<u32> {
@@ -418,6 +474,7 @@ impl StateStore for MemoryStore {
         if held.purged {
             return Ok(false);
         }
+        self.check_caps(&held, &ann)?;
         if ann.full_inventory && !held.blobs.is_empty() {
             let keep: HashSet<Key> = ann.blobs.iter().map(|b| *b.id.as_bytes()).collect();
             let stale: Vec<Key> = held
@@ -428,18 +485,26 @@ impl StateStore for MemoryStore {
                 .collect();
             for key in stale {
                 held.blobs.remove(&key);
+                held.partial.remove(&key);
                 self.drop_holder(key, idx);
             }
         }
         for id in &ann.removed {
             let key = *id.as_bytes();
+            held.partial.remove(&key);
             if held.blobs.remove(&key) {
                 self.drop_holder(key, idx);
             }
         }
         for blob in &ann.blobs {
             self.upsert_holder(blob, idx);
-            held.blobs.insert(*blob.id.as_bytes());
+            let key = *blob.id.as_bytes();
+            held.blobs.insert(key);
+            if blob.chunks.is_some() {
+                held.partial.insert(key);
+            } else {
+                held.partial.remove(&key);
+            }
         }
         inventory
             .count

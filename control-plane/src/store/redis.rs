@@ -12,6 +12,7 @@
 //! | `P:{p:ID}:peer` | hash, TTL = lease | address, zone, labels, health, load, last seen, epoch |
 //! | `P:{p:ID}:gen` | string | the epoch of the peer's current registration (outlives the lease until swept) |
 //! | `P:{p:ID}:inv` | set | blob ids the peer announced |
+//! | `P:{p:ID}:part` | set | the announced blobs it holds only in part |
 //! | `P:{p:ID}:sanction` | hash | standing and reason (outlive the lease) |
 //! | `P:{p:ID}:reporters` | set | distinct reporters |
 //! | `P:{b:HEX}:meta` | hash | size, sha256 |
@@ -67,9 +68,9 @@ pub use target::{RedisClientCert, RedisTls, RedisUrlError};
 use target::{Target, redact_url};
 
 use super::{
-    Announcement, BlobMeta, Health, Holding, Load, OriginLease, PeerId, PeerRegistration,
-    PeerSnapshot, Registered, ReportOutcome, Standing, StateStore, StoreError, StoreStats, Swarm,
-    UrlKey, UrlRecord,
+    Announcement, BlobMeta, Health, Holding, InventoryCaps, Load, OriginLease, PeerId,
+    PeerRegistration, PeerSnapshot, Registered, ReportOutcome, Standing, StateStore, StoreError,
+    StoreStats, Swarm, UrlKey, UrlRecord,
 };
 
 /// Reporters remembered per provider, as in the memory store.
@@ -107,6 +108,8 @@ pub struct RedisConfig {
     /// other replicas' writes, heartbeats' load figures and lapsed leases show
     /// after at most this long. Zero: no cache. Default 500 ms.
     pub swarm_cache: Duration,
+    /// How much inventory the store takes (per peer and in all).
+    pub caps: InventoryCaps,
 }
 
 // The URL may carry a password.
@@ -120,6 +123,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("entry_horizon", &self.entry_horizon)
             .field("swarm_cache", &self.swarm_cache)
+            .field("caps", &self.caps)
             .finish()
     }
 }
@@ -136,6 +140,7 @@ impl RedisConfig {
             connect_timeout: Duration::from_millis(500),
             entry_horizon: Duration::from_secs(600),
             swarm_cache: Duration::from_millis(500),
+            caps: InventoryCaps::default(),
         })
     }
 
@@ -174,6 +179,9 @@ pub enum RedisStoreError {
         /// The operation.
         op: &'static str,
     },
+    /// Redis answered, and the answer is a refusal (an inventory cap).
+    #[error(transparent)]
+    Refused(#[from] StoreError),
 }
 
 /// Why Redis, reached at start-up, can never serve as configured.
@@ -227,6 +235,9 @@ fn tls_failure(err: &RedisError) -> Option<&rustls::Error> {
 
 impl From<RedisStoreError> for StoreError {
     fn from(err: RedisStoreError) -> Self {
+        if let RedisStoreError::Refused(refusal) = err {
+            return refusal;
+        }
         StoreError::Unavailable {
             source: Box::new(err) as Box<dyn StdError + Send + Sync>,
         }
@@ -311,26 +322,66 @@ redis.call('HSET', KEYS[1], 'hz', now + tonumber(ARGV[2]))
 return 1
 "#,
             ),
-            // KEYS: peer, inv. ARGV: full (0/1), number added, added..., removed...
-            // Returns false if not alive, else {epoch, {dropped blobs}}.
+            // KEYS: peer, inv, part. ARGV: full (0/1), number added, most
+            // blobs, most partial, a partial flag ('1'/'0') per added blob,
+            // added..., removed... Returns false if not alive, {'cap', what,
+            // count} (nothing changed) when the inventory would pass a cap,
+            // else {epoch, {dropped blobs}}.
             inventory: script(
                 r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local full = ARGV[1] == '1'
 local n = tonumber(ARGV[2])
-local dropped = {}
-if ARGV[1] == '1' then
-  local keep = {}
-  for i = 3, 2 + n do keep[ARGV[i]] = true end
-  for _, b in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-    if not keep[b] then table.insert(dropped, b) end
+local flags = ARGV[5]
+local first = 6
+local removed = {}
+for i = first + n, #ARGV do removed[ARGV[i]] = true end
+-- The inventory after the announce, counted before anything changes.
+local blobs, partial = 0, 0
+if not full then
+  blobs = redis.call('SCARD', KEYS[2])
+  partial = redis.call('SCARD', KEYS[3])
+  for b, _ in pairs(removed) do
+    blobs = blobs - redis.call('SISMEMBER', KEYS[2], b)
+    partial = partial - redis.call('SISMEMBER', KEYS[3], b)
   end
 end
-for i = 3 + n, #ARGV do
+local seen = {}
+for i = first, first + n - 1 do
+  local b = ARGV[i]
+  if not seen[b] then
+    seen[b] = true
+    local kept = (not full) and (not removed[b])
+    if not (kept and redis.call('SISMEMBER', KEYS[2], b) == 1) then blobs = blobs + 1 end
+    local was = kept and redis.call('SISMEMBER', KEYS[3], b) == 1
+    local is = string.sub(flags, i - first + 1, i - first + 1) == '1'
+    if is and not was then partial = partial + 1 elseif was and not is then partial = partial - 1 end
+  end
+end
+if blobs > tonumber(ARGV[3]) then return {'cap', 'blobs', blobs} end
+if partial > tonumber(ARGV[4]) then return {'cap', 'partial', partial} end
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local dropped = {}
+if full then
+  for _, b in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+    if not seen[b] then table.insert(dropped, b) end
+  end
+end
+for i = first + n, #ARGV do
   if redis.call('SISMEMBER', KEYS[2], ARGV[i]) == 1 then table.insert(dropped, ARGV[i]) end
 end
-for _, b in ipairs(dropped) do redis.call('SREM', KEYS[2], b) end
-for i = 3, 2 + n do redis.call('SADD', KEYS[2], ARGV[i]) end
+for _, b in ipairs(dropped) do
+  redis.call('SREM', KEYS[2], b)
+  redis.call('SREM', KEYS[3], b)
+end
+for i = first, first + n - 1 do
+  redis.call('SADD', KEYS[2], ARGV[i])
+  if string.sub(flags, i - first + 1, i - first + 1) == '1' then
+    redis.call('SADD', KEYS[3], ARGV[i])
+  else
+    redis.call('SREM', KEYS[3], ARGV[i])
+  end
+end
 return {epoch, dropped}
 "#,
             ),
@@ -452,23 +503,23 @@ if ttl > 0 then return {1, now + ttl} end
 return {0, redis.call('GET', KEYS[2]), redis.call('SMEMBERS', KEYS[3])}
 "#,
             ),
-            // KEYS: peer, gen, inv. ARGV: epoch. Forgets the lapsed registration
-            // unless the peer registered again meanwhile.
+            // KEYS: peer, gen, inv, part. ARGV: epoch. Forgets the lapsed
+            // registration unless the peer registered again meanwhile.
             purge_end: script(
                 r#"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local g = redis.call('GET', KEYS[2])
 if g and g ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
 return 1
 "#,
             ),
-            // KEYS: peer, gen, inv. Returns {known, {blobs}}.
+            // KEYS: peer, gen, inv, part. Returns {known, {blobs}}.
             deregister: script(
                 r#"
 local known = redis.call('EXISTS', KEYS[1]) + redis.call('EXISTS', KEYS[2])
 local blobs = redis.call('SMEMBERS', KEYS[3])
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
 return {known > 0 and 1 or 0, blobs}
 "#,
             ),
@@ -851,7 +902,7 @@ impl RedisStore {
             Err(_) => Err(RedisStoreError::Timeout { timeout }),
         };
         match &outcome {
-            Ok(_) => {
+            Ok(_) | Err(RedisStoreError::Refused(_)) => {
                 if self.down.swap(false, Ordering::Relaxed) {
                     tracing::info!("Redis answers again");
                 }
@@ -1341,7 +1392,7 @@ impl StateStore for RedisStore {
     async fn deregister(&self, peer: &PeerId) -> Result<bool, StoreError> {
         self.forget_swarms();
         self.run_bulk("deregister", 0, async {
-            let keys = self.peer_keys(peer.as_str(), &["peer", "gen", "inv"]);
+            let keys = self.peer_keys(peer.as_str(), &["peer", "gen", "inv", "part"]);
             let v = self.eval(&self.scripts.deregister, &keys, &[]).await?;
             let a = as_array(&v).ok_or_else(|| reply("deregister"))?;
             let known = a.first().and_then(as_int) == Some(1);
@@ -1370,12 +1421,35 @@ impl StateStore for RedisStore {
         let items = ann.blobs.len() + ann.removed.len();
         self.run_bulk("announce", items, async {
             let id = peer.as_str();
-            let keys = self.peer_keys(id, &["peer", "inv"]);
+            let caps = self.config.caps;
+            if !ann.blobs.is_empty() {
+                // The store-wide cap, read before: concurrent announces may
+                // pass it by at most one announce each.
+                let mut conn = self.primary.conn().await?;
+                let entries: Option<i64> = redis::cmd("HGET")
+                    .arg(self.stats_key())
+                    .arg("entries")
+                    .query_async(&mut conn)
+                    .await?;
+                caps.check(0, 0, 1, entries.unwrap_or(0).max(0) as u64)?;
+            }
+            let keys = self.peer_keys(id, &["peer", "inv", "part"]);
             let added: Vec<String> = ann.blobs.iter().map(|b| b.id.to_string()).collect();
             let removed: Vec<String> = ann.removed.iter().map(ToString::to_string).collect();
             let n = added.len().to_string();
-            let mut args: Vec<&[u8]> =
-                vec![if ann.full_inventory { b"1" } else { b"0" }, n.as_bytes()];
+            let (most, most_partial) = (caps.peer_blobs.to_string(), caps.peer_partial.to_string());
+            let flags: Vec<u8> = ann
+                .blobs
+                .iter()
+                .map(|b| if b.chunks.is_some() { b'1' } else { b'0' })
+                .collect();
+            let mut args: Vec<&[u8]> = vec![
+                if ann.full_inventory { b"1" } else { b"0" },
+                n.as_bytes(),
+                most.as_bytes(),
+                most_partial.as_bytes(),
+                &flags,
+            ];
             args.extend(added.iter().map(|a| a.as_bytes()));
             args.extend(removed.iter().map(|a| a.as_bytes()));
             let v = self.eval(&self.scripts.inventory, &keys, &args).await?;
@@ -1383,6 +1457,30 @@ impl StateStore for RedisStore {
                 return Ok(false);
             }
             let a = as_array(&v).ok_or_else(|| reply("announce"))?;
+            if a.first().and_then(as_str) == Some("cap") {
+                let count = a.get(2).and_then(as_int).unwrap_or(0).max(0) as u64;
+                let partial = a.get(1).and_then(as_str) == Some("partial");
+                let (what, max, flag) = if partial {
+                    (
+                        "partly held blobs of this peer",
+                        caps.peer_partial,
+                        "--max-peer-partial",
+                    )
+                } else {
+                    (
+                        "blobs held by this peer",
+                        caps.peer_blobs,
+                        "--max-peer-blobs",
+                    )
+                };
+                return Err(StoreError::Cap {
+                    what,
+                    count,
+                    max,
+                    flag,
+                }
+                .into());
+            }
             let epoch = a
                 .first()
                 .and_then(as_str)
@@ -1583,8 +1681,10 @@ impl StateStore for RedisStore {
                 .await?;
             let mut removed = Vec::new();
             for id in lapsed {
-                let keys = self.peer_keys(&id, &["peer", "gen", "inv"]);
-                let v = self.eval(&self.scripts.purge_begin, &keys, &[]).await?;
+                let keys = self.peer_keys(&id, &["peer", "gen", "inv", "part"]);
+                let v = self
+                    .eval(&self.scripts.purge_begin, &keys[..3], &[])
+                    .await?;
                 let a = as_array(&v).ok_or_else(|| reply("expire"))?;
                 if a.first().and_then(as_int) == Some(1) {
                     // Renewed, but the index missed it (a replica died between
