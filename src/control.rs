@@ -209,6 +209,7 @@ impl ControlArgs {
                 .filter(|q| !q.is_empty())
                 .collect(),
             origin_lease_ttl: self.origin_lease_ttl.unwrap_or(d.origin_lease_ttl),
+            handshake_timeout: self.serve.handshake_timeout,
             tls: self.serve.tls.load()?,
         };
         config.validate().map_err(|e| bad_input(e.to_string()))?;

@@ -221,6 +221,7 @@ pub(crate) async fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
     config.no_provider_timeout = args.no_provider_timeout;
     args.origin.apply(&mut config)?;
     config.tls = args.serve.tls.load()?;
+    config.handshake_timeout = args.serve.handshake_timeout;
     check_control_tls(&args.control, config.tls.as_ref())?;
     config.validate().map_err(bad_input)?;
     let listener = bind(&args.listen, "--listen").await?;

@@ -30,6 +30,9 @@ pub(crate) struct ServeFlags {
     /// Log format on stderr: text, or json (one object per line).
     #[arg(long, env = "NEBULA_LOG_FORMAT", value_enum, default_value = "text")]
     pub(crate) log_format: LogFormat,
+    /// Close a connection that sends no TLS or HTTP/2 greeting within this long.
+    #[arg(long, env = "NEBULA_HANDSHAKE_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
+    pub(crate) handshake_timeout: std::time::Duration,
     #[command(flatten)]
     pub(crate) tls: ServerTlsFlags,
 }

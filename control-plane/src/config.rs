@@ -55,6 +55,9 @@ pub struct Config {
     /// [`InventoryCaps`]); an announce past a cap is refused whole with
     /// `RESOURCE_EXHAUSTED`.
     pub inventory_caps: InventoryCaps,
+    /// A connection that has not sent its greeting (TLS or HTTP/2) within
+    /// this long is closed. Default 10 s.
+    pub handshake_timeout: Duration,
     /// HTTP/2 streams one connection may open at once. Default 1,024.
     pub max_concurrent_streams: u32,
     /// Streams a connection may make the server reset before it is closed
@@ -102,6 +105,7 @@ impl Default for Config {
             max_message_size: 32 << 20,
             max_announce_blobs: 100_000,
             inventory_caps: InventoryCaps::default(),
+            handshake_timeout: Duration::from_secs(10),
             max_concurrent_streams: 1024,
             max_local_error_reset_streams: 1024,
             keepalive_interval: Duration::from_secs(30),
@@ -136,6 +140,7 @@ impl std::fmt::Debug for Config {
             .field("max_message_size", &self.max_message_size)
             .field("max_announce_blobs", &self.max_announce_blobs)
             .field("inventory_caps", &self.inventory_caps)
+            .field("handshake_timeout", &self.handshake_timeout)
             .field("max_concurrent_streams", &self.max_concurrent_streams)
             .field(
                 "max_local_error_reset_streams",
@@ -224,6 +229,7 @@ impl Config {
             ("store_check_interval", self.store_check_interval),
             ("url_ttl", self.url_ttl),
             ("origin_lease_ttl", self.origin_lease_ttl),
+            ("handshake_timeout", self.handshake_timeout),
         ] {
             if d.is_zero() {
                 return Err(ConfigError::ZeroDuration { field });

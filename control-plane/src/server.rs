@@ -7,10 +7,7 @@ use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
 use nebula_proto::v1::{admin_server::AdminServer, control_plane_server::ControlPlaneServer};
 use tokio::{net::TcpListener, task::JoinSet};
 use tokio_util::sync::CancellationToken;
-use tonic::{
-    service::interceptor::InterceptedService,
-    transport::{Server, server::TcpIncoming},
-};
+use tonic::{service::interceptor::InterceptedService, transport::Server};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
@@ -154,12 +151,17 @@ impl<S: StateStore> ControlPlane<S> {
         let mut tasks = JoinSet::new();
         let stop = cancel.clone();
         // The builder's `tcp_nodelay`/`tcp_keepalive` apply only to listeners
-        // tonic binds itself; accepted sockets of a given listener get them
-        // here. Without NODELAY, Nagle and delayed ACKs hold small answers
-        // back for milliseconds.
-        let incoming = TcpIncoming::from(listener)
-            .with_nodelay(Some(true))
-            .with_keepalive(Some(config.keepalive_interval));
+        // tonic binds itself; accepted sockets get them here (without NODELAY,
+        // Nagle and delayed ACKs hold small answers back for milliseconds),
+        // accept backs off when out of descriptors, and a connection silent
+        // past the handshake timeout is closed.
+        let incoming = nebula_proto::incoming::incoming(
+            listener,
+            nebula_proto::incoming::IncomingOptions {
+                handshake_timeout: config.handshake_timeout,
+                keepalive: config.keepalive_interval,
+            },
+        );
         tasks.spawn(async move {
             // However the server ends, the sweeper and prober end with it.
             let _stop_siblings = stop.clone().drop_guard();

@@ -54,6 +54,9 @@ pub struct Config {
     /// Extra CA certificates (PEM) trusted for https origins, beside the
     /// system's roots.
     pub origin_ca: Option<Vec<u8>>,
+    /// A connection to the peer server that has not sent its greeting (TLS
+    /// or HTTP/2) within this long is closed. Default 10 s.
+    pub handshake_timeout: Duration,
     /// TLS for everything over TCP: the peer server serves with this
     /// certificate (requiring client certificates when asked), other peers
     /// are dialed with `https://`, and every control-plane URL must be
@@ -86,6 +89,7 @@ impl Config {
             origin_connections: 4,
             origin_timeout: Duration::from_secs(30),
             origin_ca: None,
+            handshake_timeout: Duration::from_secs(10),
             tls: None,
         }
     }
@@ -106,6 +110,9 @@ impl Config {
         }
         if self.origin_connections == 0 || self.origin_timeout.is_zero() {
             return Err("origin connections and the origin timeout must be above zero".into());
+        }
+        if self.handshake_timeout.is_zero() {
+            return Err("the handshake timeout must be above zero".into());
         }
         if self.max_providers == 0 {
             return Err("max providers must be at least 1".into());

@@ -207,12 +207,17 @@ impl Node {
             .add_service(health_service)
             .add_service(reflection)
             .add_service(exchange);
-        // Accepted sockets need TCP_NODELAY set here: the builder's flag only
-        // reaches listeners tonic binds itself, and Nagle plus delayed ACKs
-        // would stall every pipelined piece by tens of milliseconds.
-        let incoming = tonic::transport::server::TcpIncoming::from(listener)
-            .with_nodelay(Some(true))
-            .with_keepalive(Some(Duration::from_secs(30)));
+        // Accepted sockets get TCP_NODELAY there (the builder's flag only
+        // reaches listeners tonic binds itself; Nagle plus delayed ACKs would
+        // stall every pipelined piece by tens of milliseconds), accept backs
+        // off when out of descriptors, and silent connections are closed.
+        let incoming = nebula_proto::incoming::incoming(
+            listener,
+            nebula_proto::incoming::IncomingOptions {
+                handshake_timeout: shared.config.handshake_timeout,
+                keepalive: Duration::from_secs(30),
+            },
+        );
         let stop = shared.shutdown.clone();
         tasks.spawn(async move {
             if let Err(e) = router

@@ -15,6 +15,7 @@ pub mod v1 {
     tonic::include_proto!("nebula.v1");
 }
 
+pub mod incoming;
 pub mod tls;
 
 /// The encoded descriptors of every `nebula.v1` file, for server reflection.

@@ -684,3 +684,85 @@ fn trust_an_inventory_flood_is_capped() {
     fetch_report(&done);
     assert_eq!(file_id(&out).to_string(), id);
 }
+
+/// CPU time a process has used, in clock ticks (user and system).
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which may hold spaces: state is the first.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// Row 10: silent TCP connections by the hundred, past the daemon's file
+/// descriptor limit. While it is out of descriptors the daemon does not spin
+/// (accept backs off), every silent connection is closed after the handshake
+/// timeout, and the daemon answers its CLI and serves fetches as before.
+#[test]
+fn trust_silent_connections_are_closed_and_accept_backs_off() {
+    use std::io::Read;
+    let c = Cluster::start_with(2, |i| {
+        let flags = if i == 0 {
+            vec!["--handshake-timeout", "2s"]
+        } else {
+            Vec::new()
+        };
+        (flags, Vec::new())
+    });
+    let src = c.path("src.bin");
+    let id = random_file(&src, 4 * MIB, 59).to_string();
+    c.daemons[0].add(&src);
+    assert!(c.wait_providers(&id, 1));
+    let (pid, addr) = (c.daemons[0].proc.pid(), c.daemons[0].addr);
+    let limited = std::process::Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), "--nofile=200:200"])
+        .status()
+        .unwrap();
+    assert!(limited.success(), "prlimit failed");
+
+    // 400 silent connections: more than the daemon has descriptors for.
+    let conns: Vec<std::net::TcpStream> = (0..400)
+        .map(|_| std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks(pid) - before;
+    // A spinning accept loop burns a whole core: 100 ticks a second.
+    assert!(
+        used < 40,
+        "the daemon used {used} ticks in 1 s while out of descriptors"
+    );
+
+    // Each is closed by the daemon: accepted as descriptors free up, then
+    // dropped at the handshake timeout (after the server's own greeting).
+    let mut closed = 0;
+    for mut conn in conns {
+        conn.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut buf = [0u8; 256];
+        for _ in 0..64 {
+            match conn.read(&mut buf) {
+                Ok(0) => {}
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+                Err(e) => panic!("a silent connection was not closed: {e}"),
+            }
+            closed += 1;
+            break;
+        }
+    }
+    assert_eq!(closed, 400);
+
+    // Honest traffic is unaffected.
+    let status = c.daemons[0].status();
+    assert_eq!(status["registered"], true, "{status}");
+    let out = c.path("out.bin");
+    let done = wait_output(c.daemons[1].spawn_fetch(&id, &out), Duration::from_secs(30));
+    fetch_report(&done);
+    assert_eq!(file_id(&out).to_string(), id);
+}
