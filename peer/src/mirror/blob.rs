@@ -234,11 +234,25 @@ async fn size_of(inflight: &Inflight) -> Result<u64, Arc<FetchError>> {
         if total > 0 {
             return Ok(total);
         }
-        // Both senders live in the download task, which always ends with a result.
-        tokio::select! {
-            _ = progress.changed() => {}
-            _ = result.changed() => {}
-        }
+        news(&mut progress, &mut result).await;
+    }
+}
+
+/// Waits for news of a download: progress, its result, or a poll interval.
+async fn news(
+    progress: &mut watch::Receiver<Progress>,
+    result: &mut watch::Receiver<Option<Result<Arc<Blob>, Arc<FetchError>>>>,
+) {
+    // Progress ends first (the download consumed its sender); then only
+    // the result, which always follows, is news.
+    if progress.has_changed().is_err() {
+        let _ = tokio::time::timeout(POLL, result.changed()).await;
+        return;
+    }
+    tokio::select! {
+        _ = progress.changed() => {}
+        _ = result.changed() => {}
+        () = tokio::time::sleep(POLL) => {}
     }
 }
 
@@ -334,11 +348,7 @@ async fn feed(
                 return abort(&m, &tx, "nothing to read from").await;
             };
             let before = p.borrow().bytes_done;
-            tokio::select! {
-                _ = p.changed() => {}
-                _ = r.changed() => {}
-                () = tokio::time::sleep(POLL) => {}
-            }
+            news(p, r).await;
             if p.borrow().bytes_done != before {
                 waited = tokio::time::Instant::now();
             }
