@@ -9,7 +9,7 @@ use std::{
     net::{SocketAddr, TcpStream},
     path::Path,
     process::Command,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use sha2::Digest as _;
@@ -376,7 +376,6 @@ fn mirror_aborts_when_the_registry_dies_mid_layer_and_serves_whole_layers_from_p
     let mirror = mirror_of(d0);
     let path = big.clone();
     let client = std::thread::spawn(move || request(mirror, "GET", &path, &[]));
-    let started = Instant::now();
     assert!(
         wait_until(Duration::from_secs(30), || up.proxy.registry_sent()
             > before + 8 * MIB as u64),
@@ -398,7 +397,6 @@ fn mirror_aborts_when_the_registry_dies_mid_layer_and_serves_whole_layers_from_p
     );
     let layer = layer_bytes(&up.image, 1);
     assert_eq!(r.body, &layer[..r.body.len()]);
-    assert!(started.elapsed() < Duration::from_secs(90));
     assert!(metric(d0, "nebula_mirror_aborted_total") >= 1.0);
 
     // With the registry gone, a layer the fleet holds whole still comes, from the peer.
@@ -410,24 +408,36 @@ fn mirror_aborts_when_the_registry_dies_mid_layer_and_serves_whole_layers_from_p
 
 #[test]
 fn mirror_answers_the_registry_token_flow_with_docker_config_credentials() {
+    token_flow(true);
+}
+
+#[test]
+fn mirror_answers_the_registry_token_flow_anonymously() {
+    token_flow(false);
+}
+
+/// A registry that wants a bearer token from its realm (behind basic
+/// credentials from `--mirror-auth` when `credentials`): the pull works, a
+/// token is fetched and reused, and no secret reaches a log.
+fn token_flow(credentials: bool) {
     let dir = tempfile::tempdir().unwrap();
     let token = format!("tok-{}", rand::random::<u64>());
     let password = format!("pw-{}", rand::random::<u64>());
     let auth = TokenAuth {
         token: token.clone(),
-        basic: Some(("puller".into(), password.clone())),
+        basic: credentials.then(|| ("puller".into(), password.clone())),
     };
     let up = Upstream::start(dir.path(), &[2 * MIB, 300], Some(auth));
-    let config = dir.path().join("config.json");
-    {
+    let mut flags = up.mirror_flags();
+    if credentials {
         use base64::Engine as _;
+        let config = dir.path().join("config.json");
         let auth = base64::engine::general_purpose::STANDARD.encode(format!("puller:{password}"));
         let json = serde_json::json!({ "auths": { up.proxy.addr.to_string(): { "auth": auth } } });
         std::fs::write(&config, json.to_string()).unwrap();
+        flags.push("--mirror-auth");
+        flags.push(Box::leak(config.display().to_string().into_boxed_str()));
     }
-    let mut flags = up.mirror_flags();
-    flags.push("--mirror-auth");
-    flags.push(Box::leak(config.display().to_string().into_boxed_str()));
     let fleet = Cluster::start_with(1, |_| (flags.clone(), Vec::new()));
     let d0 = &fleet.daemons[0];
 
