@@ -273,12 +273,31 @@ fn mirror_pulls_an_image_by_tag_then_a_second_daemon_pulls_it_from_the_first() {
 fn mirror_head_starts_no_download_and_ranges_of_a_fresh_blob_stream() {
     let dir = tempfile::tempdir().unwrap();
     let up = Upstream::start(dir.path(), &[6 * MIB + 77], None);
-    let flags = up.mirror_flags();
+    let mut flags = up.mirror_flags();
+    flags.extend(["--mirror-tag-ttl", "10m"]);
     let fleet = Cluster::start_with(1, |_| (flags.clone(), Vec::new()));
     let d0 = &fleet.daemons[0];
     let mirror = mirror_of(d0);
     let layer = layer_bytes(&up.image, 0);
     let path = format!("/v2/{NAME}/blobs/{}", up.image.layers[0].digest);
+
+    // A tag within --mirror-tag-ttl: the registry is asked once.
+    let manifest = format!("/v2/{NAME}/manifests/v1");
+    let accept = [("Accept", "application/vnd.oci.image.manifest.v1+json")];
+    let first = request(mirror, "GET", &manifest, &accept);
+    assert_eq!((first.status, &first.body), (200, &up.image.manifest));
+    let asked = up.proxy.registry_sent();
+    let again = request(mirror, "GET", &manifest, &accept);
+    assert_eq!(again.body, up.image.manifest);
+    assert_eq!(
+        again.header("docker-content-digest"),
+        Some(up.image.manifest_digest.clone())
+    );
+    assert_eq!(
+        up.proxy.registry_sent(),
+        asked,
+        "a cached tag went to the registry"
+    );
 
     let before = up.proxy.registry_sent();
     let r = request(mirror, "HEAD", &path, &[]);
@@ -428,7 +447,8 @@ fn token_flow(credentials: bool) {
         basic: credentials.then(|| ("puller".into(), password.clone())),
     };
     let up = Upstream::start(dir.path(), &[2 * MIB, 300], Some(auth));
-    let mut flags = up.mirror_flags();
+    let plain = up.mirror_flags();
+    let mut flags = plain.clone();
     if credentials {
         use base64::Engine as _;
         let config = dir.path().join("config.json");
@@ -438,7 +458,13 @@ fn token_flow(credentials: bool) {
         flags.push("--mirror-auth");
         flags.push(Box::leak(config.display().to_string().into_boxed_str()));
     }
-    let fleet = Cluster::start_with(1, |_| (flags.clone(), Vec::new()));
+    // The second daemon has no credentials.
+    let fleet = Cluster::start_with(2, |i| {
+        (
+            if i == 0 { flags.clone() } else { plain.clone() },
+            Vec::new(),
+        )
+    });
     let d0 = &fleet.daemons[0];
 
     pull(mirror_of(d0), ":v1", &fleet.path("pulled"));
@@ -451,7 +477,19 @@ fn token_flow(credentials: bool) {
     assert!(up.proxy.authorized() >= 3);
     // Cached: not one token per request.
     assert!(up.proxy.tokens_issued() < up.proxy.authorized());
-    for log in [d0.proc.log_text(), fleet.control.proc.log_text()] {
+    if credentials {
+        // Without them, the registry's refusal is the client's answer.
+        let path = format!("/v2/{NAME}/manifests/v1");
+        let r = request(mirror_of(&fleet.daemons[1]), "GET", &path, &[]);
+        assert_eq!(r.status, 401);
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(body["errors"][0]["code"], "UNAUTHORIZED");
+    }
+    for log in [
+        d0.proc.log_text(),
+        fleet.daemons[1].proc.log_text(),
+        fleet.control.proc.log_text(),
+    ] {
         assert!(
             !log.contains(&token) && !log.contains(&password),
             "a secret was logged"

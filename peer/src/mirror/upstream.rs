@@ -210,7 +210,8 @@ impl Upstream {
 
     /// Sends `method url` for repository `name` of registry `base`, with the
     /// `Authorization` the registry wants; a 401 is answered once (a token
-    /// fetched, or credentials sent) and the request made again.
+    /// fetched, or credentials sent) and the request made again. A realm
+    /// that gives no token leaves the registry's 401 as the answer.
     pub(crate) async fn send(
         &self,
         base: &Url,
@@ -219,9 +220,9 @@ impl Upstream {
         url: Url,
         headers: HeaderMap,
     ) -> Result<Response, String> {
+        let mut auth = self.authorization(base, name, false).await?;
         let mut retried = false;
         loop {
-            let auth = self.authorization(base, name, false).await?;
             let mut req = self
                 .http
                 .request(method.clone(), url.clone())
@@ -242,6 +243,13 @@ impl Upstream {
             retried = true;
             self.forget_token(base, name);
             lock(&self.challenges).insert(base.to_string(), Some(challenge));
+            auth = match self.authorization(base, name, false).await {
+                Ok(a) => a,
+                Err(why) => {
+                    tracing::warn!(registry = %authority(base), %why, "the registry's token realm gave no token");
+                    return Ok(resp);
+                }
+            };
         }
     }
 
