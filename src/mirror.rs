@@ -33,8 +33,15 @@ enum MirrorCommand {
 #[derive(Debug, clap::Args)]
 struct ContainerdArgs {
     /// A registry to pull through the mirror, as containerd names it
-    /// (`docker.io`, `ghcr.io`, `HOST:PORT`); repeat for several.
-    #[arg(long = "registry", value_name = "HOST", required = true)]
+    /// (`docker.io`, `ghcr.io`, `HOST:PORT`); repeat (or separate with
+    /// commas) for several.
+    #[arg(
+        long = "registry",
+        env = "NEBULA_REGISTRY",
+        value_name = "HOST",
+        value_delimiter = ',',
+        required = true
+    )]
     registries: Vec<String>,
     /// containerd's hosts directory (its `config_path`).
     #[arg(
@@ -47,7 +54,7 @@ struct ContainerdArgs {
     #[arg(long, env = "NEBULA_MIRROR", default_value = "http://127.0.0.1:5000")]
     mirror: String,
     /// Print the files instead of writing them.
-    #[arg(long)]
+    #[arg(long, env = "NEBULA_PRINT", action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
     print: bool,
 }
 
