@@ -154,6 +154,23 @@ impl Outboard {
         Ok(Self { id, geometry, cvs })
     }
 
+    /// The outboard of a blob of `size` bytes whose chunks' chaining values
+    /// were computed from the chunks themselves as they were written (an
+    /// origin download): the id is their merge, so no byte is read again.
+    /// `None` for a blob of one chunk (its id is the hash of the bytes) or
+    /// when the count does not match the geometry.
+    pub fn from_chunk_values(size: u64, cvs: Vec<ChainingValue>) -> Option<Self> {
+        let geometry = Geometry::new(size);
+        if geometry.chunk_count() < 2 || cvs.len() != geometry.chunk_count() as usize {
+            return None;
+        }
+        Some(Self {
+            id: merge_root(&cvs).into(),
+            geometry,
+            cvs,
+        })
+    }
+
     /// The outboard of a blob of at most one chunk: nothing to check until the
     /// chunk arrives. `None` when `size` needs more than one chunk.
     pub fn single_chunk(id: BlobId, size: u64) -> Option<Self> {

@@ -23,7 +23,7 @@
 use std::{
     fs::{self, File, OpenOptions},
     io::{self, Read, Write},
-    os::unix::fs::{FileExt, OpenOptionsExt},
+    os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -313,15 +313,7 @@ impl Blob {
             .write_all_at(data, start)
             .map_err(|e| StoreError::io("writing", self.dir.join("data"), e))?;
         // Start writeback now, so the sync at completion has little left to do.
-        // SAFETY: a hint about our own descriptor; no memory is involved.
-        unsafe {
-            libc::sync_file_range(
-                std::os::fd::AsRawFd::as_raw_fd(&self.data),
-                start as libc::off64_t,
-                data.len() as libc::off64_t,
-                libc::SYNC_FILE_RANGE_WRITE,
-            )
-        };
+        start_writeback(&self.data, start, data.len() as u64);
         let mut state = self.lock_state();
         if state.have.contains(index) {
             return Ok(WriteOutcome::AlreadyHad);
@@ -678,8 +670,8 @@ impl Store {
 
     /// A file for bytes that are not a blob yet (an origin download), in the
     /// staging area: removed when the [`Scratch`] is dropped, and at the next
-    /// open if the daemon dies first. Hand it to [`Store::add_file`] when
-    /// complete. Blocking.
+    /// open if the daemon dies first. Hand it to [`Store::adopt`] (or
+    /// [`Store::add_file`]) when complete. Blocking.
     pub fn scratch(&self) -> Result<Scratch> {
         let dir = self.staging_dir()?;
         let path = dir.join("download");
@@ -797,6 +789,46 @@ impl Store {
         self.publish(
             &staged,
             Blob::complete(digest.outboard, staged.clone(), data, digest.sha256),
+        )
+    }
+
+    /// Publishes a finished [`Scratch`] whose chunks were hashed as they were
+    /// written, under `outboard` (made from those chaining values): the file
+    /// moves into the store instead of being copied and hashed again. Its
+    /// SHA-256 is computed when first asked for. The scratch's open file
+    /// stays readable. Blocking.
+    pub fn adopt(&self, scratch: &Scratch, outboard: Outboard) -> Result<Arc<Blob>> {
+        let data = scratch
+            .file
+            .try_clone()
+            .map_err(|e| StoreError::io("opening", &scratch.path, e))?;
+        if data
+            .metadata()
+            .map_err(|e| StoreError::io("reading", &scratch.path, e))?
+            .len()
+            != outboard.size()
+        {
+            return Err(StoreError::io(
+                "adding",
+                &scratch.path,
+                io::Error::other("the download's size is not its outboard's"),
+            ));
+        }
+        if let Some(existing) = self.get(&outboard.id()) {
+            fill_from(&existing, &data)?;
+            return Ok(existing);
+        }
+        let data_path = scratch.dir.join("data");
+        let place = || -> io::Result<()> {
+            fs::rename(&scratch.path, &data_path)?;
+            data.set_permissions(fs::Permissions::from_mode(0o644))?;
+            data.sync_all()
+        };
+        place().map_err(|e| StoreError::io("adding", &data_path, e))?;
+        self.stage_files(&scratch.dir, &outboard, true, None)?;
+        self.publish(
+            &scratch.dir,
+            Blob::complete(outboard, scratch.dir.clone(), data, None),
         )
     }
 
@@ -1014,18 +1046,25 @@ fn copy_with_writeback(src: &File, dst: &File, size: u64) -> io::Result<()> {
                 "the file shrank while it was being added",
             ));
         }
-        // SAFETY: a hint to the kernel about our own descriptor; no memory involved.
-        unsafe {
-            libc::sync_file_range(
-                d,
-                done as libc::off64_t,
-                n as libc::off64_t,
-                libc::SYNC_FILE_RANGE_WRITE,
-            )
-        };
+        start_writeback(dst, done, n as u64);
         done += n;
     }
     Ok(())
+}
+
+/// Asks the kernel to start writing `len` bytes at `at` of `file` to disk,
+/// without waiting: bytes written as they arrive are mostly on disk by the
+/// time the whole file is synced.
+pub fn start_writeback(file: &File, at: u64, len: u64) {
+    // SAFETY: a hint about our own descriptor; no memory is involved.
+    unsafe {
+        libc::sync_file_range(
+            std::os::fd::AsRawFd::as_raw_fd(file),
+            at as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        )
+    };
 }
 
 /// Creates `dir` (mode 0700) if missing and checks that no other user can
@@ -1033,7 +1072,7 @@ fn copy_with_writeback(src: &File, dst: &File, size: u64) -> io::Result<()> {
 /// false), a real directory rather than a symbolic link. The root itself may
 /// be a link to where the operator keeps the store.
 fn private_dir(dir: &Path, root: bool) -> Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    use std::os::unix::fs::DirBuilderExt;
     let insecure = |reason: String| StoreError::Insecure {
         path: dir.to_owned(),
         reason,

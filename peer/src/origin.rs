@@ -852,8 +852,8 @@ fn not_modified(req: &UrlFetch) -> FetchError {
     })
 }
 
-/// Adds a whole download to the store (which hashes it into its id) and
-/// checks `--digest`; a mismatch keeps nothing.
+/// Adds a whole download to the store and checks `--digest`; a mismatch
+/// keeps nothing.
 async fn finish(
     shared: &Arc<Shared>,
     req: &UrlFetch,
@@ -863,9 +863,14 @@ async fn finish(
     progress: &watch::Sender<Progress>,
 ) -> Result<FetchOutcome, FetchError> {
     let (store, s) = (Arc::clone(&shared.store), Arc::clone(session));
-    let blob = tokio::task::spawn_blocking(move || store.add_file(s.path()))
-        .await
-        .map_err(|_| FetchError::Cancelled)??;
+    // Every chunk was hashed as it arrived: the store takes the file as it
+    // is. A blob of one chunk is hashed whole (its id is that hash).
+    let blob = tokio::task::spawn_blocking(move || match s.outboard() {
+        Some(outboard) => store.adopt(s.scratch(), outboard),
+        None => store.add_file(s.path()),
+    })
+    .await
+    .map_err(|_| FetchError::Cancelled)??;
     if let Err(e) = check_digest(req, &blob).await {
         // Nothing is kept from content the user did not ask for.
         let _ = shared.store.remove(&blob.id());

@@ -337,18 +337,6 @@ impl OriginClient {
                     file,
                     counters,
                 };
-                // The first piece resumes on its own like the others.
-                let reached = match stream_into(resp, file, 0, Some(first.1 + 1), counters).await {
-                    Ok(n) => n,
-                    Err((n, e)) => {
-                        tracing::debug!(error = %e.at(&shown), "origin piece broke; resuming");
-                        n
-                    }
-                };
-                let mut pieces = Vec::new();
-                if reached <= first.1 {
-                    pieces.push((reached, first.1));
-                }
                 // Without a strong validator a change between two ranges
                 // would go unseen: the rest comes in one range.
                 let strong = (!validators.etag.is_empty() && !validators.etag.starts_with("W/"))
@@ -358,13 +346,40 @@ impl OriginClient {
                 } else {
                     (total, 1)
                 };
+                let mut pieces = Vec::new();
                 let mut start = first.1 + 1;
                 while start < total {
                     let end = start.saturating_add(piece_len - 1).min(total - 1);
                     pieces.push((start, end));
                     start = end + 1;
                 }
-                piece.run_all(pieces, connections).await?;
+                // The first answer streams while the other connections fetch
+                // the rest; where it broke, it is resumed like any piece.
+                let first_body = async {
+                    match stream_into(resp, file, 0, Some(first.1 + 1), counters).await {
+                        Ok(n) => n,
+                        Err((n, e)) => {
+                            tracing::debug!(error = %e.at(&shown), "origin piece broke; resuming");
+                            n
+                        }
+                    }
+                };
+                // One connection, or no strong validator: one range after
+                // the other.
+                let (parallel, serial) = if strong && connections > 1 {
+                    (pieces, Vec::new())
+                } else {
+                    (Vec::new(), pieces)
+                };
+                let rest = piece.run_all(parallel, connections.saturating_sub(1).max(1));
+                let (reached, rest) = tokio::join!(first_body, rest);
+                rest?;
+                let mut after = Vec::new();
+                if reached <= first.1 {
+                    after.push((reached, first.1));
+                }
+                after.extend(serial);
+                piece.run_all(after, 1).await?;
                 Ok(Downloaded::Complete(validators))
             }
             StatusCode::RANGE_NOT_SATISFIABLE if content_range_total(resp.headers()) == Some(0) => {
@@ -654,6 +669,7 @@ async fn flush(
             return Ok(());
         }
         file.write_all_at(&data, at)?;
+        nebula_common::store::start_writeback(&file, at, len);
         if let Some(s) = session {
             s.wrote(at, len);
         }

@@ -57,9 +57,10 @@ struct Layout {
     have: ChunkSet,
     /// Chaining values of the chunks held; zero elsewhere.
     cvs: Vec<[u8; 32]>,
-    /// Bytes written into each chunk (the holder's count, to know when a
-    /// chunk is whole).
-    filled: Vec<u64>,
+    /// The byte ranges written into each chunk not yet whole (the holder's
+    /// record, to know when one is: a range written twice, by a resumed or
+    /// abandoned request, counts once).
+    written: Vec<Vec<(u64, u64)>>,
 }
 
 impl Layout {
@@ -72,7 +73,7 @@ impl Layout {
             geometry,
             have: ChunkSet::new(n as u32),
             cvs: vec![[0; 32]; n],
-            filled: vec![0; n],
+            written: vec![Vec::new(); n],
         }
     }
 }
@@ -114,6 +115,23 @@ impl Session {
         self.scratch.path()
     }
 
+    /// The scratch, for the store to adopt once complete.
+    pub(crate) fn scratch(&self) -> &Scratch {
+        &self.scratch
+    }
+
+    /// The blob's outboard from the chunks' chaining values, once every
+    /// chunk is held; `None` before, and for a blob of one chunk (whose id
+    /// is the hash of its bytes).
+    pub(crate) fn outboard(&self) -> Option<Outboard> {
+        let guard = self.layout();
+        let l = guard.as_ref()?;
+        if l.have.count() != l.geometry.chunk_count() {
+            return None;
+        }
+        Outboard::from_chunk_values(l.validators.size, l.cvs.clone())
+    }
+
     /// The origin is sending the version `v`: chunks of another version are
     /// forgotten. Answers whether the chunks held were kept.
     pub(crate) fn begin(&self, v: &Validators) -> bool {
@@ -146,14 +164,21 @@ impl Session {
         let (generation, whole): (u64, Vec<(u32, Geometry)>) = {
             let mut guard = self.layout();
             let Some(l) = guard.as_mut() else { return };
+            if len == 0 || l.written.is_empty() {
+                return;
+            }
             let size = l.geometry.chunk_size();
-            let (first, last) = (at / size, (at + len).saturating_sub(1) / size);
+            let (first, last) = (at / size, (at + len - 1) / size);
             let mut whole = Vec::new();
-            for i in first..=last.min(l.filled.len() as u64 - 1) {
+            for i in first..=last.min(l.written.len() as u64 - 1) {
                 let r = l.geometry.chunk_range(i as u32);
-                let overlap = (at + len).min(r.end).saturating_sub(at.max(r.start));
-                l.filled[i as usize] += overlap;
-                if l.filled[i as usize] >= r.end - r.start && !l.have.contains(i as u32) {
+                let (from, to) = (at.max(r.start), (at + len).min(r.end));
+                if from >= to || l.have.contains(i as u32) {
+                    continue;
+                }
+                let ranges = &mut l.written[i as usize];
+                if cover(ranges, from, to) >= r.end - r.start {
+                    ranges.clear();
                     whole.push((i as u32, l.geometry));
                 }
             }
@@ -194,12 +219,13 @@ impl Session {
         if self.file().write_all_at(data, r.start).is_err() {
             return Err(Refused::Malformed);
         }
+        nebula_common::store::start_writeback(self.file(), r.start, r.end - r.start);
         if let Some(l) = self.layout().as_mut()
             && l.generation == generation
         {
             l.cvs[index as usize] = cv;
             l.have.insert(index);
-            l.filled[index as usize] = r.end - r.start;
+            l.written[index as usize].clear();
         }
         Ok(())
     }
@@ -328,6 +354,22 @@ impl Session {
     }
 }
 
+/// Adds `from..to` to `ranges` (kept sorted and disjoint) and answers how
+/// many bytes they cover.
+fn cover(ranges: &mut Vec<(u64, u64)>, from: u64, to: u64) -> u64 {
+    ranges.push((from, to));
+    ranges.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for &(a, b) in ranges.iter() {
+        match merged.last_mut() {
+            Some(last) if a <= last.1 => last.1 = last.1.max(b),
+            _ => merged.push((a, b)),
+        }
+    }
+    *ranges = merged;
+    ranges.iter().map(|(a, b)| b - a).sum()
+}
+
 /// A holder's `GetSession` answer, read: its version and the chaining value
 /// of each chunk it holds.
 #[derive(Debug)]
@@ -378,16 +420,17 @@ impl Offer {
 mod tests {
     use super::*;
 
-    fn session(dir: &Path) -> Arc<Session> {
+    fn session(dir: &Path) -> (nebula_common::Store, Arc<Session>) {
         let store = nebula_common::Store::open(dir).unwrap();
-        Session::new("k".into(), store.scratch().unwrap())
+        let session = Session::new("k".into(), store.scratch().unwrap());
+        (store, session)
     }
 
     #[test]
     fn a_holders_chunks_check_out_at_a_follower() {
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-        let (holder, follower) = (session(&a), session(&b));
+        let ((_, holder), (store, follower)) = (session(&a), session(&b));
         let size = 3 * (1 << 20) + 12345;
         let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
         let v = Validators {
@@ -421,12 +464,52 @@ mod tests {
         assert!(follower.is_complete());
         assert_eq!(std::fs::read(follower.path()).unwrap(), data);
         assert!(follower.missing().is_empty());
+
+        // The id from the chaining values is the hash of the bytes, and the
+        // store takes the file as that blob without reading it again.
+        let outboard = follower.outboard().unwrap();
+        assert_eq!(outboard.id(), nebula_common::BlobId::of(&data));
+        let blob = store.adopt(follower.scratch(), outboard).unwrap();
+        assert!(blob.is_complete());
+        let out = dir.path().join("out");
+        store.export(&blob.id(), &out).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), data);
+        // The session still reads what it served from.
+        assert_eq!(follower.read_chunk(0).unwrap()[..], data[..1 << 20]);
+    }
+
+    #[test]
+    fn a_range_written_twice_counts_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, s) = session(dir.path());
+        let mib = 1u64 << 20;
+        let data: Vec<u8> = (0..2 * mib).map(|i| (i % 253) as u8).collect();
+        s.begin(&Validators {
+            size: 2 * mib,
+            ..Validators::default()
+        });
+        let write = |at: u64, len: u64| {
+            s.file()
+                .write_all_at(&data[at as usize..(at + len) as usize], at)
+                .unwrap();
+            s.wrote(at, len);
+        };
+        // A request that broke after 600 KiB, resumed from the start: the
+        // first chunk is not whole until its last byte is written.
+        write(0, 600 << 10);
+        write(0, 600 << 10);
+        assert!(!s.has(0));
+        write(600 << 10, mib - (600 << 10) - 1);
+        assert!(!s.has(0));
+        write(mib - 1, mib + 1);
+        assert!(s.is_complete());
+        assert_eq!(s.outboard().unwrap().id(), nebula_common::BlobId::of(&data));
     }
 
     #[test]
     fn missing_ranges_merge_and_a_new_version_forgets() {
         let dir = tempfile::tempdir().unwrap();
-        let s = session(dir.path());
+        let (_store, s) = session(dir.path());
         let mib = 1u64 << 20;
         let v = Validators {
             size: 4 * mib,
