@@ -7,8 +7,10 @@
 //! download's scratch file. Neither is checked against the digest until the
 //! download ends, so the last chunk of every answer waits for that check: a
 //! download that fails, or whose bytes are not the digest's, aborts the
-//! connection, and the client never sees a clean short or wrong body. Bytes
-//! already sent from one partial source are never continued from another.
+//! connection, and the client never sees a clean short or wrong body. The
+//! chaining value of every chunk sent before that check is kept, and must be
+//! the verified blob's: the download may move between sources midway (another
+//! peer's origin download, the swarm), but the bytes sent are the blob's.
 
 use std::{io, ops::RangeInclusive, sync::Arc, time::Duration};
 
@@ -18,7 +20,7 @@ use axum::{
     response::Response,
 };
 use bytes::Bytes;
-use nebula_common::{Blob, BlobRef, Geometry, Sha256Digest};
+use nebula_common::{Blob, BlobRef, Geometry, Outboard, Sha256Digest};
 use tokio::sync::{mpsc, watch};
 use url::Url;
 
@@ -279,13 +281,6 @@ enum Source {
     Download(Arc<Inflight>),
 }
 
-/// Which partial source sent bytes: they are never continued from another.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Partial {
-    Scratch(usize),
-    Store(nebula_common::BlobId),
-}
-
 /// Sends the bytes of `wanted` in order, each chunk as soon as it is held;
 /// ends with an error (the connection aborts) when the download fails.
 async fn feed(
@@ -310,7 +305,9 @@ async fn feed(
         None => (None, None),
     };
     let stall = (m.shared.config.origin_timeout + m.shared.config.no_provider_timeout) * 2;
-    let mut used: Option<Partial> = None;
+    // The chaining value of each chunk sent from a download under way:
+    // checked against the verified blob before the last chunk goes.
+    let mut unchecked: Vec<(u32, [u8; 32])> = Vec::new();
     let mut sent = 0u64;
     for i in first..=last {
         let mut waited = tokio::time::Instant::now();
@@ -319,7 +316,10 @@ async fn feed(
                 && let Some(r) = result.as_ref().and_then(|r| r.borrow().clone())
             {
                 match r {
-                    Ok(b) => complete = Some(b),
+                    Ok(b) if sent_match(&b, size, &unchecked) => complete = Some(b),
+                    Ok(_) => {
+                        return abort(&m, &tx, "the bytes sent are not the verified blob's").await;
+                    }
                     Err(e) => return abort(&m, &tx, &format!("the download failed: {e}")).await,
                 }
             }
@@ -333,12 +333,9 @@ async fn feed(
             // The last chunk waits for the digest check.
             if i != last
                 && let Some(f) = &inflight
-                && let Some((from, d)) = read_partial(&m, f, size, i).await
+                && let Some((cv, d)) = read_partial(&m, f, size, i).await
             {
-                if used.is_some_and(|u| u != from) {
-                    return abort(&m, &tx, "the download started over from another source").await;
-                }
-                used = Some(from);
+                unchecked.push((i, cv));
                 break d;
             }
             if waited.elapsed() > stall {
@@ -366,9 +363,27 @@ async fn feed(
     m.shared.metrics.mirror_served(sent);
 }
 
-/// Chunk `i` from the download under way, if it holds it (and the blob it
-/// holds has the size the answer promised).
-async fn read_partial(m: &Mirror, f: &Inflight, size: u64, i: u32) -> Option<(Partial, Bytes)> {
+/// Whether `blob` is the blob whose chunks were sent: its size, and the
+/// chaining value of each chunk sent. The download may have moved between
+/// sources (another peer's origin download, the swarm) midway; what counts
+/// is that every byte sent is the verified blob's.
+fn sent_match(blob: &Blob, size: u64, sent: &[(u32, [u8; 32])]) -> bool {
+    if blob.outboard().size() != size {
+        return false;
+    }
+    if sent.is_empty() {
+        return true;
+    }
+    let cvs = blob.outboard().chaining_values();
+    sent.iter().all(|(i, cv)| {
+        let at = *i as usize * 32;
+        cvs.get(at..at + 32) == Some(&cv[..])
+    })
+}
+
+/// Chunk `i` from the download under way, with its chaining value, if it
+/// holds it (and the blob it holds has the size the answer promised).
+async fn read_partial(m: &Mirror, f: &Inflight, size: u64, i: u32) -> Option<([u8; 32], Bytes)> {
     let (scratch, id) = {
         let p = f.progress.borrow();
         (p.scratch.clone(), p.id)
@@ -377,12 +392,16 @@ async fn read_partial(m: &Mirror, f: &Inflight, size: u64, i: u32) -> Option<(Pa
         && s.validators().is_some_and(|v| v.size == size)
         && s.has(i)
     {
-        let from = Partial::Scratch(Arc::as_ptr(&s) as usize);
-        return tokio::task::spawn_blocking(move || s.read_chunk(i))
-            .await
-            .ok()
-            .flatten()
-            .map(|d| (from, d));
+        return tokio::task::spawn_blocking(move || {
+            let d = s.read_chunk(i)?;
+            Some((
+                Outboard::chunk_chaining_value(&Geometry::new(size), i, &d),
+                d,
+            ))
+        })
+        .await
+        .ok()
+        .flatten();
     }
     // A complete blob here is being checked against the digest: wait for it.
     let b = m
@@ -390,12 +409,13 @@ async fn read_partial(m: &Mirror, f: &Inflight, size: u64, i: u32) -> Option<(Pa
         .store
         .get(&id?)
         .filter(|b| !b.is_complete() && b.outboard().size() == size && b.has_chunk(i))?;
-    let from = Partial::Store(b.id());
-    tokio::task::spawn_blocking(move || b.read_verified_chunk(i))
-        .await
-        .ok()?
-        .ok()
-        .map(|d| (from, d))
+    tokio::task::spawn_blocking(move || {
+        let d = b.read_verified_chunk(i).ok()?;
+        Some((Outboard::chunk_chaining_value(b.geometry(), i, &d), d))
+    })
+    .await
+    .ok()
+    .flatten()
 }
 
 /// Ends the body with an error: the server aborts the connection.
