@@ -99,6 +99,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         PeerOptions {
             upload_limit: args.upload_limit,
             download_limit: None,
+            mirror_upstream: None,
         };
         args.peers
     ];

@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context as _, anyhow};
 use clap::{ArgAction, builder::BoolishValueParser};
 use nebula_common::{BlobId, BlobRef, rate::format_bytes};
-use nebula_peer::{Config, Node, Progress, UrlFetch, connect_local};
+use nebula_peer::{Config, Credentials, MirrorConfig, Node, Progress, UrlFetch, connect_local};
 use nebula_proto::v1 as pb;
 use tonic::Code;
 
@@ -136,7 +136,55 @@ pub(crate) struct DaemonArgs {
     #[command(flatten)]
     origin: OriginFlags,
     #[command(flatten)]
+    mirror: MirrorFlags,
+    #[command(flatten)]
     pub(crate) serve: ServeFlags,
+}
+
+/// The registry mirror of `nebula daemon`.
+#[derive(Debug, Clone, clap::Args)]
+struct MirrorFlags {
+    /// Serve a registry mirror (the pull side of the OCI distribution API,
+    /// plain HTTP) on `HOST:PORT`, for containerd and Docker.
+    #[arg(long, env = "NEBULA_REGISTRY_MIRROR", value_name = "HOST:PORT")]
+    registry_mirror: Option<String>,
+    /// The registry pulled from when the client does not name one (containerd
+    /// names it with `?ns=`).
+    #[arg(
+        long,
+        env = "NEBULA_MIRROR_UPSTREAM",
+        value_name = "URL",
+        default_value = "https://registry-1.docker.io"
+    )]
+    mirror_upstream: String,
+    /// A Docker `config.json` whose `auths` hold registry credentials (never
+    /// sent to peers).
+    #[arg(long, env = "NEBULA_MIRROR_AUTH", value_name = "FILE")]
+    mirror_auth: Option<PathBuf>,
+    /// How long a manifest by tag is reused before the registry is asked
+    /// again (0: every time).
+    #[arg(long, env = "NEBULA_MIRROR_TAG_TTL", default_value = "0s", value_parser = parse_duration)]
+    mirror_tag_ttl: Duration,
+}
+
+impl MirrorFlags {
+    /// The mirror's settings, when one is asked for; bad input exits 2.
+    fn config(&self) -> anyhow::Result<Option<MirrorConfig>> {
+        if self.registry_mirror.is_none() {
+            return Ok(None);
+        }
+        let mut config = MirrorConfig::new();
+        config.upstream = MirrorConfig::parse_upstream(&self.mirror_upstream)
+            .map_err(|e| bad_input(format!("--mirror-upstream: {e}")))?;
+        config.tag_ttl = self.mirror_tag_ttl;
+        if let Some(path) = &self.mirror_auth {
+            let json = std::fs::read(path)
+                .map_err(|e| bad_input(format!("--mirror-auth {}: {e}", path.display())))?;
+            config.credentials = Credentials::from_docker_config(&json)
+                .map_err(|e| bad_input(format!("--mirror-auth {}: {e}", path.display())))?;
+        }
+        Ok(Some(config))
+    }
 }
 
 /// How the daemon (or a one-shot fetch) talks to HTTP origins.
@@ -224,8 +272,13 @@ pub(crate) async fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
     config.handshake_timeout = args.serve.handshake_timeout;
     check_control_tls(&args.control, config.tls.as_ref())?;
     config.validate().map_err(bad_input)?;
+    let mirror = args.mirror.config()?;
     let listener = bind(&args.listen, "--listen").await?;
     let http = args.serve.bind_http().await?;
+    let mirror_listener = match &args.mirror.registry_mirror {
+        Some(addr) => Some(bind(addr, "--registry-mirror").await?),
+        None => None,
+    };
     // Watched before the address is printed: whoever reads it may signal at once.
     let signal = shutdown_signal()?;
     let mut node = Node::start(config, listener).await?;
@@ -236,6 +289,11 @@ pub(crate) async fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
         node.serve_http(http);
         // Tests and scripts read the HTTP port from this line.
         println!("http on {addr}");
+    }
+    if let (Some(listener), Some(config)) = (mirror_listener, mirror) {
+        let addr = listener.local_addr().context("--registry-mirror")?;
+        node.serve_mirror(listener, config);
+        println!("registry mirror on {addr}");
     }
     let _ = std::io::stdout().flush();
     tracing::info!(socket = %socket.display(), store = %store.display(), "daemon ready");

@@ -7,6 +7,7 @@
 //! - `hash`: `nebula hash`.
 //! - `control`: `nebula control` and `nebula admin …`.
 //! - `daemon`: `nebula daemon` and the client commands (`add`, `fetch`, `ls`, `rm`, `status`).
+//! - `mirror`: `nebula mirror containerd` (hosts.toml for the registry mirror).
 //! - `export`: writing a fetched blob to `fetch -o PATH` as the calling user.
 
 use std::process::ExitCode;
@@ -18,6 +19,7 @@ mod daemon;
 mod export;
 mod flags;
 mod hash;
+mod mirror;
 mod output;
 
 /// Nebula Stream: a peer-to-peer content delivery network.
@@ -48,6 +50,8 @@ enum Command {
     Rm(daemon::RmArgs),
     /// Show the local daemon's state; exits 0 once it is up and registered.
     Status(daemon::StatusArgs),
+    /// Point containerd at the daemon's registry mirror.
+    Mirror(mirror::MirrorArgs),
 }
 
 /// A usage error as one `error:` line plus at most one hint line: clap's own
@@ -109,6 +113,7 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Hash(args) => hash::run(args),
+        Command::Mirror(args) => mirror::run(args),
         Command::Control(args) => output::block_on(control::run_control(*args)),
         Command::Admin(args) => output::block_on(control::run_admin(args)),
         Command::Daemon(args) => output::block_on(daemon::run_daemon(args)),

@@ -15,6 +15,9 @@ need redis-server redis-server
 need redis-cli redis-tools
 need chromium chromium
 need chromedriver chromium-driver
+need docker-registry docker-registry
+need skopeo skopeo
+need containerd containerd
 
 if [ -z "$missing" ]; then
     exit 0

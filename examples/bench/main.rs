@@ -18,16 +18,22 @@
 //! - `memory`: peak resident memory of a daemon serving a small and a large blob.
 //! - `origin`: `origin_fanout`, N daemons fetching one URL from a rate-limited HTTP origin
 //!   (against F/U_o and one copy), beside the same N fetches straight from the origin.
+//! - `image_pull`: N daemons pulling one 5-layer image through their registry mirrors from a
+//!   rate-limited `docker-registry` (against size/U_r and one copy), beside the same N pulls
+//!   straight from the registry.
 //! - `control_plane`: discovery throughput and memory per entry, in process.
 
 #[path = "../common/cluster.rs"]
 mod cluster;
 mod control_plane;
 mod hash;
+mod image_pull;
 mod memory;
 mod origin;
 #[path = "../common/origin.rs"]
 mod origin_server;
+#[path = "../common/registry.rs"]
+mod registry;
 mod swarm;
 mod transfer;
 
@@ -37,7 +43,7 @@ use clap::Parser;
 use serde_json::{Value, json};
 
 /// Every case, in the order they run.
-const CASES: [&str; 11] = [
+const CASES: [&str; 12] = [
     "hash",
     "single_stream",
     "multi_source",
@@ -49,6 +55,7 @@ const CASES: [&str; 11] = [
     "control_plane",
     "memory",
     "origin_fanout",
+    "image_pull",
 ];
 
 /// Measures Nebula Stream against references taken in the same run; prints JSON lines.
@@ -59,7 +66,8 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Run only these cases (comma-separated or repeated): hash, single_stream, multi_source,
-    /// swarm, swarm_observed, swarm_tls, swarm_unlimited, churn, control_plane, memory.
+    /// swarm, swarm_observed, swarm_tls, swarm_unlimited, churn, control_plane, memory,
+    /// origin_fanout, image_pull.
     #[arg(long = "case", value_delimiter = ',')]
     cases: Vec<String>,
 }
@@ -188,6 +196,7 @@ async fn run_case(bench: &Bench, case: &str) -> anyhow::Result<Value> {
         "churn" => swarm::churn(bench).await,
         "control_plane" => Ok(control_plane::run(bench.quick).await),
         "origin_fanout" => origin::origin_fanout(bench).await,
+        "image_pull" => image_pull::image_pull(bench).await,
         "memory" => memory::run(bench).await,
         other => anyhow::bail!("unknown case {other}"),
     }

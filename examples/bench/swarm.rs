@@ -94,6 +94,7 @@ async fn run(bench: &Bench, spec: Spec) -> anyhow::Result<Run> {
         PeerOptions {
             upload_limit: spec.upload_limit,
             download_limit: None,
+            mirror_upstream: None,
         };
         spec.fetchers + 1
     ];

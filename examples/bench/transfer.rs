@@ -73,6 +73,7 @@ pub(crate) async fn multi_source(bench: &Bench) -> anyhow::Result<Value> {
         PeerOptions {
             upload_limit: Some(limit),
             download_limit: None,
+            mirror_upstream: None,
         };
         PROVIDERS
     ];

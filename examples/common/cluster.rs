@@ -255,6 +255,8 @@ pub(crate) struct Peer {
     pub(crate) peer_id: String,
     /// Its `--http-listen` address, when the cluster serves HTTP.
     pub(crate) http: Option<String>,
+    /// Its `--registry-mirror` address, when started with one.
+    pub(crate) mirror: Option<String>,
     proc: Proc,
 }
 
@@ -272,6 +274,8 @@ pub(crate) struct PeerOptions {
     pub(crate) upload_limit: Option<u64>,
     /// `--download-limit` in bytes per second.
     pub(crate) download_limit: Option<u64>,
+    /// Serve a registry mirror (on a free port) whose `--mirror-upstream` is this registry.
+    pub(crate) mirror_upstream: Option<std::net::SocketAddr>,
 }
 
 /// The outcome of one `nebula fetch … --json` process.
@@ -433,7 +437,7 @@ impl Cluster {
         let (control, address) =
             spawn_listening(bin, &root, "control", &control_args, survive_us).await?;
         let control_http = if http {
-            Some(http_address(&root, "control")?)
+            Some(printed_address(&root, "control", "http on ")?)
         } else {
             None
         };
@@ -498,6 +502,14 @@ impl Cluster {
         if let Some(rate) = opts.download_limit {
             args.extend(["--download-limit".into(), rate.to_string().into()]);
         }
+        if let Some(registry) = opts.mirror_upstream {
+            args.extend([
+                "--registry-mirror".into(),
+                "127.0.0.1:0".into(),
+                "--mirror-upstream".into(),
+                format!("http://{registry}").into(),
+            ]);
+        }
         let args: Vec<&OsStr> = args.iter().map(OsString::as_os_str).collect();
         let name = format!("peer{index}");
         let (mut proc, address) =
@@ -548,9 +560,13 @@ impl Cluster {
             .with_context(|| format!("{name}: no peer_id in `nebula status --json`: {status}"))?
             .to_owned();
         let http = if self.http {
-            Some(http_address(&dir, &name)?)
+            Some(printed_address(&dir, &name, "http on ")?)
         } else {
             None
+        };
+        let mirror = match opts.mirror_upstream {
+            Some(_) => Some(printed_address(&dir, &name, "registry mirror on ")?),
+            None => None,
         };
         Ok(Peer {
             dir,
@@ -558,6 +574,7 @@ impl Cluster {
             address,
             peer_id,
             http,
+            mirror,
             proc,
         })
     }
@@ -872,14 +889,15 @@ impl Drop for Cluster {
 
 /// Spawns a server (`nebula control` or `nebula daemon`) with stdout and stderr in files under
 /// `dir`, and waits for its `listening on ADDR` line.
-/// The `http on ADDR` line a process started with `--http-listen` printed
-/// after its `listening on` line (stdout goes to `<name>.out`).
-fn http_address(dir: &Path, name: &str) -> anyhow::Result<String> {
+/// The address a process printed after its `listening on` line, on the line
+/// starting with `prefix` (`http on `, `registry mirror on `; stdout goes to
+/// `<name>.out`).
+fn printed_address(dir: &Path, name: &str, prefix: &str) -> anyhow::Result<String> {
     let out = dir.join(format!("{name}.out"));
     let deadline = Instant::now() + START_TIMEOUT;
     for _ in 0..10_000 {
         let text = std::fs::read_to_string(&out).unwrap_or_default();
-        if let Some(addr) = text.lines().find_map(|l| l.strip_prefix("http on ")) {
+        if let Some(addr) = text.lines().find_map(|l| l.strip_prefix(prefix)) {
             return Ok(addr.trim().to_owned());
         }
         if Instant::now() >= deadline {
@@ -888,7 +906,7 @@ fn http_address(dir: &Path, name: &str) -> anyhow::Result<String> {
         std::thread::sleep(Duration::from_millis(20));
     }
     Err(anyhow!(
-        "{name} printed no `http on ADDR` within {START_TIMEOUT:?}"
+        "{name} printed no `{prefix}ADDR` within {START_TIMEOUT:?}"
     ))
 }
 

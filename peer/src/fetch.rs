@@ -147,6 +147,9 @@ pub struct Progress {
     pub origin_bytes: u64,
     /// Something the user should be told once, sent with `done`.
     pub notice: Option<String>,
+    /// An origin download under way, readable as it grows (the registry
+    /// mirror streams from it); its bytes are checked only at the end.
+    pub(crate) scratch: Option<Arc<crate::origin::Session>>,
 }
 
 /// A finished fetch.

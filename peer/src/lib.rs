@@ -9,6 +9,7 @@
 //! - `connection`: the dialing side of `PeerExchange` (one stream per peer).
 //! - [`fetch`]: the multi-source downloader and its scheduler.
 //! - [`origin`]: fetches by URL, one origin download for the fleet.
+//! - [`mirror`]: the registry mirror (OCI distribution, pull side).
 //! - `membership`: registration, heartbeats, announcements.
 //! - `control`: the control-plane client, failing over between replicas.
 //! - [`replicas`]: the replicas a `--control` list names, a DNS name once per address.
@@ -26,6 +27,7 @@ pub mod limit;
 pub mod local;
 mod membership;
 mod metrics;
+pub mod mirror;
 pub mod node;
 pub mod origin;
 pub mod replicas;
@@ -34,5 +36,6 @@ mod server;
 pub use config::Config;
 pub use fetch::{FetchError, FetchOutcome, Progress, SourceBytes};
 pub use local::connect_local;
+pub use mirror::{Credentials, MirrorConfig};
 pub use node::{Node, StartError};
 pub use origin::{UrlFetch, UrlFetchError};

@@ -77,6 +77,32 @@ impl FetchResult {
     }
 }
 
+/// What a registry-mirror request asked for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum MirrorKind {
+    /// `/v2/`.
+    Ping,
+    /// A manifest.
+    Manifest,
+    /// A blob.
+    Blob,
+}
+
+/// How a registry-mirror request was answered.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum MirrorResult {
+    /// Answered (a blob answer may still abort midway: see `aborted`).
+    Ok,
+    /// The registry does not know it.
+    NotFound,
+    /// A malformed name, digest or range.
+    BadRequest,
+    /// The registry refused the mirror's credentials.
+    Denied,
+    /// The registry failed, or could not be reached.
+    Upstream,
+}
+
 /// Every metric a daemon exports. Cloning a metric handle is cheap; the
 /// registry keeps the other end.
 #[derive(Debug)]
@@ -95,6 +121,10 @@ pub(crate) struct Metrics {
     streams: Family<Label, Gauge>,
     store_bytes: Family<Label, Gauge>,
     store_blobs: Family<Label, Gauge>,
+    mirror_requests: Family<[(&'static str, &'static str); 2], Counter>,
+    mirror_aborted: Counter,
+    mirror_fetched: Family<Label, Counter>,
+    mirror_served: Counter,
 }
 
 impl Default for Metrics {
@@ -189,6 +219,35 @@ impl Default for Metrics {
             "Blobs in the store, by state (complete, partial)",
             store_blobs.clone(),
         );
+        let mirror_requests = Family::<[(&'static str, &'static str); 2], Counter>::default();
+        registry.register(
+            "mirror_requests",
+            "Registry-mirror requests, by kind (ping, manifest, blob) and result (ok, not_found, bad_request, denied, upstream)",
+            mirror_requests.clone(),
+        );
+        let mirror_aborted = Counter::default();
+        registry.register(
+            "mirror_aborted",
+            "Registry-mirror blob answers aborted midway (the download failed or its bytes were not the digest's)",
+            mirror_aborted.clone(),
+        );
+        let mirror_fetched = Family::<Label, Counter>::default();
+        registry.register_with_unit(
+            "mirror_fetched",
+            "Blob bytes the registry mirror downloaded, by source (peer, upstream)",
+            Unit::Bytes,
+            mirror_fetched.clone(),
+        );
+        let mirror_served = Counter::default();
+        registry.register_with_unit(
+            "mirror_served",
+            "Blob bytes the registry mirror sent to its clients",
+            Unit::Bytes,
+            mirror_served.clone(),
+        );
+        for source in ["peer", "upstream"] {
+            drop(mirror_fetched.get_or_create(&[("source", source)]));
+        }
         // Series that exist from the start, so dashboards and rate() see zeros.
         for source in ["peer", "origin"] {
             drop(received_bytes.get_or_create(&[("source", source)]));
@@ -212,6 +271,10 @@ impl Default for Metrics {
             streams,
             store_bytes,
             store_blobs,
+            mirror_requests,
+            mirror_aborted,
+            mirror_fetched,
+            mirror_served,
         }
     }
 }
@@ -271,6 +334,46 @@ impl Metrics {
             .get_or_create(&[("result", result.label())])
             .inc();
         self.fetch_duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// A registry-mirror request was answered.
+    pub(crate) fn mirror_request(&self, kind: MirrorKind, result: MirrorResult) {
+        let kind = match kind {
+            MirrorKind::Ping => "ping",
+            MirrorKind::Manifest => "manifest",
+            MirrorKind::Blob => "blob",
+        };
+        let result = match result {
+            MirrorResult::Ok => "ok",
+            MirrorResult::NotFound => "not_found",
+            MirrorResult::BadRequest => "bad_request",
+            MirrorResult::Denied => "denied",
+            MirrorResult::Upstream => "upstream",
+        };
+        self.mirror_requests
+            .get_or_create(&[("kind", kind), ("result", result)])
+            .inc();
+    }
+
+    /// A registry-mirror blob answer was aborted midway.
+    pub(crate) fn mirror_aborted(&self) {
+        self.mirror_aborted.inc();
+    }
+
+    /// The registry mirror downloaded a blob: `peers` bytes from the fleet,
+    /// `upstream` from the registry.
+    pub(crate) fn mirror_fetched(&self, peers: u64, upstream: u64) {
+        self.mirror_fetched
+            .get_or_create(&[("source", "peer")])
+            .inc_by(peers);
+        self.mirror_fetched
+            .get_or_create(&[("source", "upstream")])
+            .inc_by(upstream);
+    }
+
+    /// The registry mirror sent `len` blob bytes to a client.
+    pub(crate) fn mirror_served(&self, len: u64) {
+        self.mirror_served.inc_by(len);
     }
 
     /// A serving stream opened; the guard closes it.

@@ -285,6 +285,18 @@ impl Node {
         });
     }
 
+    /// Serves the registry mirror (`--registry-mirror`) on `listener`.
+    pub fn serve_mirror(&mut self, listener: TcpListener, config: crate::MirrorConfig) {
+        let shared = Arc::clone(&self.shared);
+        let stop = self.shared.shutdown.clone();
+        self.tasks.spawn(async move {
+            if let Err(e) = crate::mirror::serve(listener, shared, config, stop.clone()).await {
+                tracing::error!(error = %e, "registry mirror failed");
+                stop.cancel();
+            }
+        });
+    }
+
     /// The address the peer server listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr

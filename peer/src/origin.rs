@@ -451,6 +451,7 @@ async fn follow(
         return Followed::Stalled;
     };
     let _serving = Serving::start(shared, session);
+    progress.send_modify(|p| p.scratch = Some(Arc::clone(session)));
     let mut last_progress = Instant::now();
     // Every peer that sent something, by address; the holder first.
     let mut sent: Vec<(String, String, u64)> = vec![(holder.0.to_owned(), holder.1.to_owned(), 0)];
@@ -917,7 +918,11 @@ async fn from_origin(
     progress: &watch::Sender<Progress>,
 ) -> Result<FetchOutcome, FetchError> {
     let session = new_session(shared, "").await?;
-    let counters = Arc::new(Counters::default());
+    // The session tracks whole chunks, for the registry mirror's stream.
+    let counters = Arc::new(Counters {
+        session: Some(Arc::clone(&session)),
+        ..Counters::default()
+    });
     let ticker = publish_progress(
         Arc::clone(&session),
         Arc::clone(&counters),
@@ -979,6 +984,7 @@ fn publish_progress(
     counters: Arc<Counters>,
     progress: watch::Sender<Progress>,
 ) -> tokio::task::JoinHandle<()> {
+    progress.send_modify(|p| p.scratch = Some(Arc::clone(&session)));
     tokio::spawn(async move {
         let mut last = (Instant::now(), 0u64);
         loop {

@@ -4,6 +4,7 @@ mod control;
 mod daemon;
 mod download;
 mod hash;
+mod mirror;
 mod observe;
 mod origin;
 mod redis_state;

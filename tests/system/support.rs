@@ -69,13 +69,17 @@ pub(crate) struct Proc {
     pub(crate) log: PathBuf,
     /// Its `--http-listen` endpoint, when it was started with one.
     pub(crate) http: Option<SocketAddr>,
+    /// Its `--registry-mirror` endpoint, when it was started with one.
+    pub(crate) mirror: Option<SocketAddr>,
 }
 
 impl Proc {
     /// Starts `cmd` with stderr to `log`, waits for its `listening on ADDR`
-    /// line (and its `http on ADDR` line when given `--http-listen`).
+    /// line (and its `http on ADDR` line when given `--http-listen`, and
+    /// its `registry mirror on ADDR` line when given `--registry-mirror`).
     pub(crate) fn spawn(mut cmd: Command, log: PathBuf) -> (Self, SocketAddr) {
         let with_http = cmd.get_args().any(|a| a == "--http-listen");
+        let with_mirror = cmd.get_args().any(|a| a == "--registry-mirror");
         let err = File::create(&log).unwrap();
         let mut child = cmd
             .stdout(Stdio::piped())
@@ -87,7 +91,7 @@ impl Proc {
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
-            for _ in 0..2 {
+            for _ in 0..3 {
                 if let Some(Ok(line)) = lines.next() {
                     let _ = tx.send(line);
                 }
@@ -99,6 +103,7 @@ impl Proc {
             child,
             log,
             http: None,
+            mirror: None,
         };
         let next = |prefix: &str| {
             let line = match rx.recv_timeout(Duration::from_secs(30)) {
@@ -114,7 +119,9 @@ impl Proc {
         };
         let addr = next("listening on ");
         let http = with_http.then(|| next("http on "));
+        let mirror = with_mirror.then(|| next("registry mirror on "));
         proc.http = http;
+        proc.mirror = mirror;
         (proc, addr)
     }
 
@@ -705,6 +712,7 @@ fn spawn_redis(args: &[String], log: PathBuf) -> Proc {
         child,
         log,
         http: None,
+        mirror: None,
     }
 }
 

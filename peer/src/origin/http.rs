@@ -739,7 +739,7 @@ fn status_line(status: StatusCode) -> String {
 
 /// A client error in words, without the URL it carries (its query may hold
 /// credentials).
-fn describe(e: &reqwest::Error) -> String {
+pub(crate) fn describe(e: &reqwest::Error) -> String {
     if e.is_timeout() {
         return "timed out".into();
     }

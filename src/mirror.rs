@@ -1,0 +1,222 @@
+//! `nebula mirror containerd`: points containerd at the daemon's registry
+//! mirror, one `hosts.toml` per registry.
+
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+
+use crate::output::{bad_input, print_line};
+
+/// The first line of every file this command writes: a file that starts
+/// with it is ours, and is replaced without a backup.
+const MARKER: &str = "# Written by `nebula mirror containerd`";
+/// Backups tried before giving up (`hosts.toml.bak`, `.bak.1`, …).
+const MAX_BACKUPS: usize = 100;
+
+/// Flags of `nebula mirror`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct MirrorArgs {
+    #[command(subcommand)]
+    command: MirrorCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum MirrorCommand {
+    /// Write containerd's hosts.toml for each registry: the daemon's mirror
+    /// first, the registry itself as the fallback.
+    Containerd(ContainerdArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ContainerdArgs {
+    /// A registry to pull through the mirror, as containerd names it
+    /// (`docker.io`, `ghcr.io`, `HOST:PORT`); repeat (or separate with
+    /// commas) for several.
+    #[arg(
+        long = "registry",
+        env = "NEBULA_REGISTRY",
+        value_name = "HOST",
+        value_delimiter = ',',
+        required = true
+    )]
+    registries: Vec<String>,
+    /// containerd's hosts directory (its `config_path`).
+    #[arg(
+        long,
+        env = "NEBULA_CONTAINERD_DIR",
+        default_value = "/etc/containerd/certs.d"
+    )]
+    dir: PathBuf,
+    /// The daemon's `--registry-mirror`, as containerd should reach it.
+    #[arg(long, env = "NEBULA_MIRROR", default_value = "http://127.0.0.1:5000")]
+    mirror: String,
+    /// Print the files instead of writing them.
+    #[arg(long, env = "NEBULA_PRINT", action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
+    print: bool,
+}
+
+pub(crate) fn run(args: MirrorArgs) -> anyhow::Result<()> {
+    match args.command {
+        MirrorCommand::Containerd(args) => containerd(args),
+    }
+}
+
+fn containerd(args: ContainerdArgs) -> anyhow::Result<()> {
+    let mirror = mirror_url(&args.mirror).map_err(bad_input)?;
+    let mut files = Vec::new();
+    for registry in &args.registries {
+        let registry = registry_host(registry).map_err(bad_input)?;
+        let path = args.dir.join(&registry).join("hosts.toml");
+        files.push((path, hosts_toml(&registry, &mirror)));
+    }
+    for (path, text) in files {
+        if args.print {
+            print_line(format!("# {}\n{text}", path.display()))?;
+            continue;
+        }
+        match write(&path, &text)? {
+            Some(backup) => print_line(format!(
+                "wrote {} (the file it replaced is {})",
+                path.display(),
+                backup.display()
+            ))?,
+            None => print_line(format!("wrote {}", path.display()))?,
+        }
+    }
+    Ok(())
+}
+
+/// `http(s)://HOST:PORT`, as containerd's `[host."…"]` key.
+fn mirror_url(s: &str) -> Result<String, String> {
+    let url = nebula_peer::MirrorConfig::parse_upstream(s).map_err(|e| format!("--mirror: {e}"))?;
+    Ok(url.as_str().trim_end_matches('/').to_owned())
+}
+
+/// A registry as containerd's directory names it: `host[:port]`, lowercase.
+fn registry_host(s: &str) -> Result<String, String> {
+    let host = s.trim().to_ascii_lowercase();
+    let valid = !host.is_empty()
+        && !host.starts_with('.')
+        && host != ".."
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '_'));
+    if !valid {
+        return Err(format!(
+            "--registry {s:?}: give the registry host as containerd names it, e.g. docker.io or registry.example:5000"
+        ));
+    }
+    Ok(host)
+}
+
+/// The registry's own endpoint: Docker Hub's API lives on registry-1.docker.io.
+fn server_of(registry: &str) -> String {
+    match registry {
+        "docker.io" => nebula_peer::mirror::upstream::DOCKER_HUB.to_owned(),
+        other => format!("https://{other}"),
+    }
+}
+
+fn hosts_toml(registry: &str, mirror: &str) -> String {
+    format!(
+        "{MARKER}: pulls go to the Nebula mirror first,\n\
+         # and to the registry itself when the mirror fails.\n\
+         server = \"{server}\"\n\
+         \n\
+         [host.\"{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+        server = server_of(registry)
+    )
+}
+
+/// Writes `text` to `path` atomically; a file it replaces that this command
+/// did not write is kept as a backup, whose path is answered.
+fn write(path: &Path, text: &str) -> anyhow::Result<Option<PathBuf>> {
+    let dir = path.parent().context("hosts.toml has a directory")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut backup = None;
+    match std::fs::read_to_string(path) {
+        Ok(old) if old == text => return Ok(None),
+        Ok(old) if old.starts_with(MARKER) => {}
+        Ok(_) => {
+            let name = |n: usize| match n {
+                0 => path.with_extension("toml.bak"),
+                n => path.with_extension(format!("toml.bak.{n}")),
+            };
+            let free = (0..MAX_BACKUPS)
+                .map(name)
+                .find(|p| !p.exists())
+                .with_context(|| format!("too many backups of {} already", path.display()))?;
+            std::fs::copy(path, &free)
+                .with_context(|| format!("cannot back up {}", path.display()))?;
+            backup = Some(free);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+    let mut tmp = tempfile_in(dir)?;
+    tmp.1
+        .write_all(text.as_bytes())
+        .and_then(|()| tmp.1.sync_all())
+        .with_context(|| format!("cannot write {}", tmp.0.display()))?;
+    std::fs::rename(&tmp.0, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(backup)
+}
+
+/// A new file beside the destination, for an atomic rename.
+fn tempfile_in(dir: &Path) -> anyhow::Result<(PathBuf, std::fs::File)> {
+    let path = dir.join(format!(".hosts.toml.{}.tmp", std::process::id()));
+    let file = std::fs::File::create(&path)
+        .with_context(|| format!("cannot write in {}", dir.display()))?;
+    Ok((path, file))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_files_name_the_mirror_first_and_the_registry_as_server() {
+        let t = hosts_toml("docker.io", "http://127.0.0.1:5000");
+        assert!(
+            t.contains("server = \"https://registry-1.docker.io\""),
+            "{t}"
+        );
+        assert!(t.contains(
+            "[host.\"http://127.0.0.1:5000\"]\n  capabilities = [\"pull\", \"resolve\"]"
+        ));
+        assert_eq!(server_of("ghcr.io"), "https://ghcr.io");
+        assert!(registry_host("https://ghcr.io").is_err());
+        assert!(registry_host("..").is_err());
+        assert_eq!(
+            registry_host("Reg.example:5000").unwrap(),
+            "reg.example:5000"
+        );
+        assert_eq!(
+            mirror_url("http://127.0.0.1:5000").unwrap(),
+            "http://127.0.0.1:5000"
+        );
+    }
+
+    #[test]
+    fn replaced_files_are_backed_up_once() {
+        let dir = std::env::temp_dir().join(format!("nebula-hosts-{}", std::process::id()));
+        let path = dir.join("docker.io/hosts.toml");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, "server = \"https://mine\"\n").unwrap();
+        let text = hosts_toml("docker.io", "http://127.0.0.1:5000");
+        let backup = write(&path, &text).unwrap().unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&backup).unwrap(),
+            "server = \"https://mine\"\n"
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+        // Ours again: replaced with no second backup.
+        let text2 = hosts_toml("docker.io", "http://127.0.0.1:5001");
+        assert_eq!(write(&path, &text2).unwrap(), None);
+        assert!(!path.with_extension("toml.bak.1").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
