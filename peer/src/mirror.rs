@@ -391,10 +391,18 @@ async fn manifest(
             MirrorResult::BadRequest,
         );
     }
-    let accept = headers
-        .get(header::ACCEPT)
-        .cloned()
-        .unwrap_or_else(|| HeaderValue::from_static(MANIFEST_TYPES));
+    // Clients send one Accept line per media type: all of them go on (the
+    // registry answers a multi-platform index only to a client that takes one).
+    let accepted: Vec<&str> = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let accept = match accepted.as_slice() {
+        [] => HeaderValue::from_static(MANIFEST_TYPES),
+        many => HeaderValue::try_from(many.join(", "))
+            .unwrap_or_else(|_| HeaderValue::from_static(MANIFEST_TYPES)),
+    };
     let cache_key = format!(
         "{base}{name}:{reference}|{}",
         accept.to_str().unwrap_or_default()

@@ -353,6 +353,9 @@ async fn feed(
         let start = geometry.chunk_range(i).start;
         let lo = wanted.start().saturating_sub(start) as usize;
         let hi = ((wanted.end() + 1).min(start + data.len() as u64) - start) as usize;
+        if lo > hi {
+            return abort(&m, &tx, "a chunk shorter than the blob's geometry").await;
+        }
         let piece = data.slice(lo..hi);
         sent += piece.len() as u64;
         if tx.send(Ok(piece)).await.is_err() {

@@ -28,6 +28,10 @@ pub const DOCKER_HUB: &str = "https://registry-1.docker.io";
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 /// Tokens are dropped this much before they expire.
 const TOKEN_MARGIN: Duration = Duration::from_secs(5);
+/// A token is reused at most this long, whatever its realm says.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+/// The largest token answer read.
+const MAX_TOKEN_ANSWER: u64 = 64 << 10;
 /// Tokens kept at most (one per registry and repository).
 const MAX_TOKENS: usize = 1024;
 
@@ -351,10 +355,22 @@ impl Upstream {
         if !resp.status().is_success() {
             return Err(format!("the token realm answered {}", resp.status()));
         }
-        let body = resp
-            .bytes()
+        // A token answer is small: a realm may not fill memory.
+        if resp.content_length().is_some_and(|n| n > MAX_TOKEN_ANSWER) {
+            return Err("the token realm's answer is too large".into());
+        }
+        let mut body = Vec::new();
+        let mut resp = resp;
+        while let Some(piece) = resp
+            .chunk()
             .await
-            .map_err(|e| format!("token realm: {}", crate::origin::http::describe(&e)))?;
+            .map_err(|e| format!("token realm: {}", crate::origin::http::describe(&e)))?
+        {
+            if (body.len() + piece.len()) as u64 > MAX_TOKEN_ANSWER {
+                return Err("the token realm's answer is too large".into());
+            }
+            body.extend_from_slice(&piece);
+        }
         let answer: Answer =
             serde_json::from_slice(&body).map_err(|_| "the token realm's answer is not a token")?;
         let raw = if answer.token.is_empty() {
@@ -370,7 +386,7 @@ impl Upstream {
         value.set_sensitive(true);
         let lifetime = match answer.expires_in {
             0 => DEFAULT_TOKEN_LIFETIME,
-            s => Duration::from_secs(s),
+            s => Duration::from_secs(s).min(MAX_TOKEN_LIFETIME),
         };
         Ok(Token {
             value,
