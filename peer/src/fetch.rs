@@ -226,7 +226,7 @@ impl Download {
 }
 
 /// Asks the control plane who holds `blob`.
-async fn discover(
+pub(crate) async fn discover(
     shared: &Shared,
     blob: &BlobRef,
 ) -> Result<pb::FindProvidersResponse, FetchError> {

@@ -232,7 +232,16 @@ async fn by_url(
             BlobRef::Blake3(id) => shared.store.get(&id),
             BlobRef::Sha256(d) => shared.store.find_sha256(&d),
         };
-        if local.is_some_and(|b| b.is_complete()) || shared.control.is_some() {
+        let held = local.is_some_and(|b| b.is_complete());
+        // Nobody in the fleet holds it: straight on to the URL (whose origin
+        // download another peer may have started), without waiting for
+        // providers that are not there.
+        let in_fleet = !held
+            && shared.control.is_some()
+            && crate::fetch::discover(&shared, &digest)
+                .await
+                .map_or(true, |r| !r.providers.is_empty());
+        if held || in_fleet {
             match crate::fetch::download(
                 Arc::clone(&shared),
                 digest,
@@ -243,6 +252,10 @@ async fn by_url(
             {
                 Ok(outcome) => return Ok(outcome),
                 Err(FetchError::NoProviders { .. } | FetchError::NoControlPlane(_)) => {}
+                // A false alias in the fleet: the URL still names the content.
+                Err(e @ FetchError::DigestMismatch { .. }) => {
+                    tracing::warn!(error = %e, "the fleet's blob for the digest is another; asking the origin");
+                }
                 Err(e @ FetchError::Control(_)) => {
                     tracing::debug!(error = %e, "digest not found through the control plane")
                 }
