@@ -119,9 +119,11 @@ pub(crate) struct Mirror {
     upstream: upstream::Upstream,
     /// Manifests by tag, when cached: by registry, name, tag and `Accept`.
     tags: Mutex<HashMap<String, (Instant, Manifest)>>,
-    /// Blob downloads under way, by digest: every client of one blob
-    /// streams from the same download.
-    inflight: Mutex<HashMap<Sha256Digest, Arc<blob::Inflight>>>,
+    /// Blob downloads under way, by blob URL (registry, repository and
+    /// digest): every client of one blob there streams from the same
+    /// download, and a client naming another repository or registry does
+    /// not share (or spoil) its answer.
+    inflight: Mutex<HashMap<String, Arc<blob::Inflight>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -201,12 +203,14 @@ enum Resource<'a> {
 }
 
 fn parse_resource(rest: &str) -> Option<Resource<'_>> {
-    let (name, kind, last) = if let Some((n, r)) = rest.rsplit_once("/manifests/") {
-        (n, "m", r)
-    } else {
-        let (n, d) = rest.rsplit_once("/blobs/")?;
-        (n, "b", d)
+    // The split whose last part is one path segment: a repository may have
+    // a component named `manifests` or `blobs`.
+    let split = |kind, sep| {
+        rest.rsplit_once(sep)
+            .filter(|(_, last)| !last.contains('/'))
+            .map(|(n, last)| (n, kind, last))
     };
+    let (name, kind, last) = split("m", "/manifests/").or_else(|| split("b", "/blobs/"))?;
     // Repository names: lowercase components of [a-z0-9._-], split by '/'.
     let valid_name = !name.is_empty()
         && name.split('/').all(|c| {
@@ -536,6 +540,14 @@ mod tests {
         assert_eq!(parse_resource("A/manifests/x"), None);
         assert_eq!(parse_resource("a/tags/list"), None);
         assert_eq!(parse_resource("/manifests/x"), None);
+        // A component named like a resource kind is part of the name.
+        assert_eq!(
+            parse_resource(&format!("x/manifests/y/blobs/{d}")),
+            Some(Resource::Blob {
+                name: "x/manifests/y",
+                digest: &d
+            })
+        );
     }
 
     #[test]

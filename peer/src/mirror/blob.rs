@@ -54,7 +54,7 @@ pub(super) async fn head(
     let size = match local(m, digest).await {
         Some(b) => Some(b.outboard().size()),
         None => lock(&m.inflight)
-            .get(&digest)
+            .get(blob_url(base, name, digest).as_str())
             .map(|f| f.progress.borrow().total)
             .filter(|&n| n > 0),
     };
@@ -191,18 +191,19 @@ async fn local(m: &Mirror, digest: Sha256Digest) -> Option<Arc<Blob>> {
         .flatten()
 }
 
-/// Joins the download of `digest` under way, or starts it. It runs to its
+/// Joins the download of `req`'s blob under way, or starts it. It runs to its
 /// end even when every client leaves: the blob is then in the store for
 /// the next pull, here and across the fleet.
 fn start(m: &Arc<Mirror>, digest: Sha256Digest, req: UrlFetch) -> Arc<Inflight> {
+    let key = req.url.to_string();
     let mut map = lock(&m.inflight);
-    if let Some(f) = map.get(&digest) {
+    if let Some(f) = map.get(&key) {
         return Arc::clone(f);
     }
     let (progress_tx, progress) = watch::channel(Progress::default());
     let (result_tx, result) = watch::channel(None);
     let inflight = Arc::new(Inflight { progress, result });
-    map.insert(digest, Arc::clone(&inflight));
+    map.insert(key.clone(), Arc::clone(&inflight));
     let m = Arc::clone(m);
     tokio::spawn(async move {
         let shared = Arc::clone(&m.shared);
@@ -220,7 +221,7 @@ fn start(m: &Arc<Mirror>, digest: Sha256Digest, req: UrlFetch) -> Arc<Inflight> 
             }
         };
         result_tx.send_replace(Some(result));
-        lock(&m.inflight).remove(&digest);
+        lock(&m.inflight).remove(&key);
     });
     inflight
 }
