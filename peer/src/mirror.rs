@@ -55,6 +55,8 @@ pub use upstream::Credentials;
 const MAX_MANIFEST: usize = 4 << 20;
 /// Manifests by tag kept at most when `--mirror-tag-ttl` is set.
 const MAX_CACHED_TAGS: usize = 1024;
+/// Bytes of manifests kept at most by that cache.
+const MAX_CACHED_TAG_BYTES: usize = 64 << 20;
 /// What a client that sends no `Accept` gets: every manifest type.
 const MANIFEST_TYPES: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
 const DIGEST_HEADER: &str = "docker-content-digest";
@@ -482,10 +484,17 @@ async fn manifest(
     };
     if !by_digest && !m.config.tag_ttl.is_zero() {
         let mut tags = lock(&m.tags);
-        if tags.len() >= MAX_CACHED_TAGS {
+        let bytes = |tags: &HashMap<String, (Instant, Manifest)>| -> usize {
+            tags.values().map(|(_, m)| m.bytes.len()).sum()
+        };
+        let full = |tags: &HashMap<String, (Instant, Manifest)>| {
+            tags.len() >= MAX_CACHED_TAGS
+                || bytes(tags) + manifest.bytes.len() > MAX_CACHED_TAG_BYTES
+        };
+        if full(&tags) {
             let ttl = m.config.tag_ttl;
             tags.retain(|_, (at, _)| at.elapsed() < ttl);
-            if tags.len() >= MAX_CACHED_TAGS {
+            if full(&tags) {
                 tags.clear();
             }
         }
