@@ -187,22 +187,11 @@ impl Upstream {
         extra_ca: Option<&[u8]>,
         credentials: Credentials,
     ) -> Result<Self, String> {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut builder = reqwest::Client::builder()
+        let builder = crate::origin::http::client_builder(timeout, extra_ca)
+            .map_err(|e| e.to_string())?
             .redirect(reqwest::redirect::Policy::limited(
                 crate::origin::http::MAX_REDIRECTS,
-            ))
-            .connect_timeout(timeout)
-            .read_timeout(timeout)
-            .no_proxy()
-            .user_agent(concat!("nebula/", env!("CARGO_PKG_VERSION")));
-        if let Some(pem) = extra_ca {
-            for cert in reqwest::Certificate::from_pem_bundle(pem)
-                .map_err(|e| format!("--origin-ca: {e}"))?
-            {
-                builder = builder.add_root_certificate(cert);
-            }
-        }
+            ));
         let http = builder.build().map_err(|e| e.to_string())?;
         Ok(Self {
             http,

@@ -164,6 +164,36 @@ pub(crate) struct OriginClient {
 #[error("origin client: {0}")]
 pub struct OriginClientError(String);
 
+/// The HTTP client set-up every outbound request shares (origins and
+/// registries): `timeout` for connecting and for each read, no proxy, and
+/// `extra_ca` (PEM, `--origin-ca`) trusted beside the system's roots. The
+/// caller picks the redirect policy.
+pub(crate) fn client_builder(
+    timeout: Duration,
+    extra_ca: Option<&[u8]>,
+) -> Result<reqwest::ClientBuilder, OriginClientError> {
+    // One crypto provider in the whole tree; installing it twice is harmless.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(timeout)
+        .read_timeout(timeout)
+        .no_proxy()
+        .user_agent(concat!("nebula/", env!("CARGO_PKG_VERSION")));
+    if let Some(pem) = extra_ca {
+        let certs = reqwest::Certificate::from_pem_bundle(pem)
+            .map_err(|e| OriginClientError(format!("--origin-ca: {e}")))?;
+        if certs.is_empty() {
+            return Err(OriginClientError(
+                "--origin-ca: no certificate in the file".into(),
+            ));
+        }
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    Ok(builder)
+}
+
 impl OriginClient {
     /// A client with `connections` range requests at once per download,
     /// `timeout` for connecting and for each read, and `extra_ca` (PEM)
@@ -173,26 +203,8 @@ impl OriginClient {
         timeout: Duration,
         extra_ca: Option<&[u8]>,
     ) -> Result<Self, OriginClientError> {
-        // One crypto provider in the whole tree; installing it twice is harmless.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut builder = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(timeout)
-            .read_timeout(timeout)
-            .no_proxy()
-            .user_agent(concat!("nebula/", env!("CARGO_PKG_VERSION")));
-        if let Some(pem) = extra_ca {
-            let certs = reqwest::Certificate::from_pem_bundle(pem)
-                .map_err(|e| OriginClientError(format!("--origin-ca: {e}")))?;
-            if certs.is_empty() {
-                return Err(OriginClientError(
-                    "--origin-ca: no certificate in the file".into(),
-                ));
-            }
-            for cert in certs {
-                builder = builder.add_root_certificate(cert);
-            }
-        }
+        let builder =
+            client_builder(timeout, extra_ca)?.redirect(reqwest::redirect::Policy::none());
         let client = builder
             .build()
             .map_err(|e| OriginClientError(describe(&e)))?;
