@@ -4,11 +4,16 @@ use std::{
     io::Write as _,
     path::{Path, PathBuf},
     str::FromStr,
+    sync::Arc,
     time::Duration,
 };
 
 use anyhow::Context as _;
-use nebula_common::{BlobRef, rate::format_bytes};
+use nebula_common::{
+    BlobRef,
+    credential::{PublicKey, SigningKey},
+    rate::format_bytes,
+};
 use nebula_control::{
     Config, ControlPlane, InventoryCaps, PeerId, RedisClientCert, RedisConfig, RedisSetupError,
     RedisStore, RedisTls, StateStore,
@@ -115,6 +120,41 @@ pub(crate) struct ControlArgs {
     /// it last renewed it; a waiting peer then takes over [default: 6s].
     #[arg(long, env = "NEBULA_ORIGIN_LEASE_TTL", value_parser = parse_duration)]
     origin_lease_ttl: Option<Duration>,
+    /// Key that signs peer credentials, made there (mode 0600) when the file
+    /// does not exist; give every replica the same file [default: a key made
+    /// at start, so credentials lapse on restart].
+    #[arg(long, env = "NEBULA_SIGNING_KEY", value_name = "FILE")]
+    signing_key: Option<PathBuf>,
+    /// A previous key (its file, or its public key's 64 hex digits in a file)
+    /// whose credentials are still accepted during a rotation; repeatable.
+    #[arg(
+        long = "verify-key",
+        env = "NEBULA_VERIFY_KEYS",
+        value_name = "FILE",
+        value_delimiter = ','
+    )]
+    verify_keys: Vec<PathBuf>,
+    /// How long a peer credential is valid; heartbeats renew it [default: 15m].
+    #[arg(long, env = "NEBULA_CREDENTIAL_TTL", value_parser = parse_duration)]
+    credential_ttl: Option<Duration>,
+    /// Accept registrations whose address is not the caller's own IP (peers
+    /// behind NAT or a proxy).
+    #[arg(long, env = "NEBULA_ALLOW_FOREIGN_ADDRESSES")]
+    allow_foreign_addresses: bool,
+    /// Registrations one source IP may make per minute [default: 600].
+    #[arg(long, env = "NEBULA_REGISTRATIONS_PER_MINUTE")]
+    registrations_per_minute: Option<u32>,
+    /// Reports one peer may file per minute [default: 60].
+    #[arg(long, env = "NEBULA_REPORTS_PER_MINUTE")]
+    reports_per_minute: Option<u32>,
+    /// A report counts only from a peer discovery sent to the provider within
+    /// this long [default: 10m].
+    #[arg(long, env = "NEBULA_REPORT_WINDOW", value_parser = parse_duration)]
+    report_window: Option<Duration>,
+    /// A quarantine lapses this long after the last report unless renewed by
+    /// another [default: 1h].
+    #[arg(long, env = "NEBULA_QUARANTINE_TTL", value_parser = parse_duration)]
+    quarantine_ttl: Option<Duration>,
     #[command(flatten)]
     pub(crate) serve: ServeFlags,
     /// Where the state lives: `memory` (this process only), or Redis, shared
@@ -211,6 +251,28 @@ impl ControlArgs {
             origin_lease_ttl: self.origin_lease_ttl.unwrap_or(d.origin_lease_ttl),
             handshake_timeout: self.serve.handshake_timeout,
             tls: self.serve.tls.load()?,
+            signing_key: match &self.signing_key {
+                Some(path) => Some(Arc::new(
+                    SigningKey::load_or_create(path)
+                        .map_err(|e| bad_input(format!("--signing-key: {e}")))?,
+                )),
+                None => None,
+            },
+            verify_keys: self
+                .verify_keys
+                .iter()
+                .map(|path| {
+                    PublicKey::read(path).map_err(|e| bad_input(format!("--verify-key: {e}")))
+                })
+                .collect::<anyhow::Result<_>>()?,
+            credential_ttl: self.credential_ttl.unwrap_or(d.credential_ttl),
+            allow_foreign_addresses: self.allow_foreign_addresses,
+            registrations_per_minute: self
+                .registrations_per_minute
+                .unwrap_or(d.registrations_per_minute),
+            reports_per_minute: self.reports_per_minute.unwrap_or(d.reports_per_minute),
+            report_window: self.report_window.unwrap_or(d.report_window),
+            quarantine_ttl: self.quarantine_ttl.unwrap_or(d.quarantine_ttl),
         };
         config.validate().map_err(|e| bad_input(e.to_string()))?;
         Ok(config)
@@ -253,6 +315,11 @@ fn read_pem(path: &Path) -> anyhow::Result<Vec<u8>> {
 pub(crate) async fn run_control(args: ControlArgs) -> anyhow::Result<()> {
     let config = args.config()?;
     let state = args.state()?;
+    if matches!(state, State::Redis(_)) && args.signing_key.is_none() {
+        return Err(bad_input(
+            "--state: replicas must sign peer credentials with one key: give each the same --signing-key FILE",
+        ));
+    }
     // Watched before the address is printed: whoever reads it may signal at once.
     let shutdown = shutdown_signal()?;
     let listener = tokio::net::TcpListener::bind(&args.listen)

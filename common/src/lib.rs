@@ -10,6 +10,7 @@
 //! - [`rate`]: byte rates such as `20MiB/s`.
 
 pub mod chunks;
+pub mod credential;
 pub mod id;
 pub mod outboard;
 pub mod rate;

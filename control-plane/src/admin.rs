@@ -190,7 +190,9 @@ mod tests {
                 }],
                 ..Default::default()
             };
-            cp.announce(Request::new(ann)).await.unwrap();
+            cp.announce(crate::identity::signed(registry.identity(), id, ann))
+                .await
+                .unwrap();
         }
         AdminService::new(registry)
     }

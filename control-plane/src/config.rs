@@ -3,9 +3,10 @@
 //! The listen address is not here: [`crate::serve`] takes an already-bound
 //! listener, so tests bind `127.0.0.1:0` and the CLI binds what the operator asked.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use crate::store::InventoryCaps;
+use nebula_common::credential::{PublicKey, SigningKey};
 use nebula_proto::tls::TlsConfig;
 
 /// The largest `limit` a `FindProviders` call may ask for, whatever the config says.
@@ -84,6 +85,30 @@ pub struct Config {
     /// certificates against the fleet CA (showing this certificate when the
     /// peers require client certificates). `None`: plaintext. Default `None`.
     pub tls: Option<TlsConfig>,
+    /// Signs peer credentials. Replicas share one (`--signing-key`); `None`:
+    /// a key made at start, so credentials lapse with the process.
+    pub signing_key: Option<Arc<SigningKey>>,
+    /// Further public keys whose credentials are still accepted (and handed to
+    /// peers), during a key rotation. Default none.
+    pub verify_keys: Vec<PublicKey>,
+    /// A credential is valid this long; heartbeats renew it past half its
+    /// life. Default 15 min.
+    pub credential_ttl: Duration,
+    /// Accept registrations whose address is not the caller's source IP
+    /// (peers behind a NAT or a proxy). Default false.
+    pub allow_foreign_addresses: bool,
+    /// Registrations one source IP may make per minute (as a burst, then
+    /// refilled evenly). Default 600.
+    pub registrations_per_minute: u32,
+    /// Reports one peer may file per minute. Default 60.
+    pub reports_per_minute: u32,
+    /// A report counts only from a peer that discovery gave the reported
+    /// provider to within this long. Default 10 min.
+    pub report_window: Duration,
+    /// A quarantine (and the reports that led to it) lapses this long after
+    /// the last report, unless renewed by another. Bans and drains do not
+    /// lapse. Default 1 h.
+    pub quarantine_ttl: Duration,
 }
 
 impl Default for Config {
@@ -115,6 +140,14 @@ impl Default for Config {
             url_ignore_query: Vec::new(),
             origin_lease_ttl: Duration::from_secs(6),
             tls: None,
+            signing_key: None,
+            verify_keys: Vec::new(),
+            credential_ttl: Duration::from_secs(15 * 60),
+            allow_foreign_addresses: false,
+            registrations_per_minute: 600,
+            reports_per_minute: 60,
+            report_window: Duration::from_secs(600),
+            quarantine_ttl: Duration::from_secs(3600),
         }
     }
 }
@@ -153,6 +186,14 @@ impl std::fmt::Debug for Config {
             .field("url_ignore_query", &self.url_ignore_query)
             .field("origin_lease_ttl", &self.origin_lease_ttl)
             .field("tls", &self.tls)
+            .field("signing_key", &self.signing_key)
+            .field("verify_keys", &self.verify_keys)
+            .field("credential_ttl", &self.credential_ttl)
+            .field("allow_foreign_addresses", &self.allow_foreign_addresses)
+            .field("registrations_per_minute", &self.registrations_per_minute)
+            .field("reports_per_minute", &self.reports_per_minute)
+            .field("report_window", &self.report_window)
+            .field("quarantine_ttl", &self.quarantine_ttl)
             .finish()
     }
 }
@@ -179,6 +220,16 @@ pub enum ConfigError {
     LeaseShorterThanHeartbeat {
         /// The configured lease TTL.
         lease_ttl: Duration,
+        /// The configured heartbeat interval.
+        heartbeat_interval: Duration,
+    },
+    /// Credentials would lapse before a heartbeat could renew them.
+    #[error(
+        "credential TTL ({credential_ttl:?}) must be at least four heartbeat intervals ({heartbeat_interval:?})"
+    )]
+    CredentialTtl {
+        /// The configured credential TTL.
+        credential_ttl: Duration,
         /// The configured heartbeat interval.
         heartbeat_interval: Duration,
     },
@@ -230,6 +281,8 @@ impl Config {
             ("url_ttl", self.url_ttl),
             ("origin_lease_ttl", self.origin_lease_ttl),
             ("handshake_timeout", self.handshake_timeout),
+            ("report_window", self.report_window),
+            ("quarantine_ttl", self.quarantine_ttl),
         ] {
             if d.is_zero() {
                 return Err(ConfigError::ZeroDuration { field });
@@ -260,6 +313,11 @@ impl Config {
                 "max_local_error_reset_streams",
                 self.max_local_error_reset_streams as u64,
             ),
+            (
+                "registrations_per_minute",
+                u64::from(self.registrations_per_minute),
+            ),
+            ("reports_per_minute", u64::from(self.reports_per_minute)),
         ] {
             if n == 0 {
                 return Err(ConfigError::ZeroCount { field });
@@ -268,6 +326,12 @@ impl Config {
         if self.lease_ttl <= self.heartbeat_interval {
             return Err(ConfigError::LeaseShorterThanHeartbeat {
                 lease_ttl: self.lease_ttl,
+                heartbeat_interval: self.heartbeat_interval,
+            });
+        }
+        if self.credential_ttl < self.heartbeat_interval * 4 {
+            return Err(ConfigError::CredentialTtl {
+                credential_ttl: self.credential_ttl,
                 heartbeat_interval: self.heartbeat_interval,
             });
         }

@@ -67,6 +67,9 @@ pub enum RegistryError {
     /// An origin URL cannot be used.
     #[error("url: {0}")]
     Url(#[from] crate::urls::UrlError),
+    /// The caller may not do this as the peer it is (or is not).
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
     /// The state store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -75,6 +78,7 @@ pub enum RegistryError {
 impl From<RegistryError> for Status {
     fn from(err: RegistryError) -> Self {
         let code = match &err {
+            RegistryError::Identity(err) => return err.clone().into(),
             RegistryError::PeerId { .. }
             | RegistryError::BlobId { .. }
             | RegistryError::Address { .. }

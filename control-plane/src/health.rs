@@ -1,5 +1,7 @@
 //! Active health checks: every registered peer is probed with the standard
-//! `grpc.health.v1.Health/Check` (service `""`, the whole server) on a timer.
+//! `grpc.health.v1.Health/Check` for the service `nebula.peer.<peer id>` on a
+//! timer, so only the registered peer itself passes (not another peer, the
+//! control plane's own port, or any other gRPC server at that address).
 //! `unhealthy_after` consecutive failures take it out of discovery,
 //! `healthy_after` consecutive passes bring it back.
 //!
@@ -30,9 +32,9 @@ use crate::{
 
 /// One probe of one peer.
 pub trait HealthCheck: Send + Sync + 'static {
-    /// Whether the peer at `address` (`host:port`) answers that it is serving,
-    /// within the checker's own deadline.
-    fn check(&self, address: &str) -> impl Future<Output = bool> + Send;
+    /// Whether the peer at `address` (`host:port`) answers that it is
+    /// serving as `peer`, within the checker's own deadline.
+    fn check(&self, peer: &PeerId, address: &str) -> impl Future<Output = bool> + Send;
 
     /// Forgets cached state (connections) of every address not in `live`.
     fn retain(&self, live: &HashSet<Arc<str>>) {
@@ -85,12 +87,15 @@ impl GrpcHealthCheck {
 }
 
 impl HealthCheck for GrpcHealthCheck {
-    async fn check(&self, address: &str) -> bool {
+    async fn check(&self, peer: &PeerId, address: &str) -> bool {
         let Some(channel) = self.channel(address) else {
             return false;
         };
+        // Only the registered peer answers SERVING for its own id: another
+        // peer, the control plane itself or any other gRPC server answers
+        // NOT_FOUND for it.
         let request = HealthCheckRequest {
-            service: String::new(),
+            service: format!("nebula.peer.{peer}"),
         };
         let answer =
             tokio::time::timeout(self.timeout, HealthClient::new(channel).check(request)).await;
@@ -273,7 +278,7 @@ impl<S: StateStore, C: HealthCheck> Prober<S, C> {
         let checker = &self.checker;
         let outcomes: Vec<_> = futures::stream::iter(peers)
             .map(|p| async move {
-                let passed = checker.check(&p.address).await;
+                let passed = checker.check(&p.id, &p.address).await;
                 (p, passed)
             })
             .buffer_unordered(self.concurrency)
@@ -406,7 +411,7 @@ mod tests {
     }
 
     impl HealthCheck for Arc<FakeCheck> {
-        async fn check(&self, address: &str) -> bool {
+        async fn check(&self, _peer: &PeerId, address: &str) -> bool {
             self.up.lock().unwrap().contains(address)
         }
     }

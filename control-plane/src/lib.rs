@@ -37,6 +37,7 @@ pub mod discovery;
 pub mod error;
 pub mod health;
 pub mod http;
+pub mod identity;
 pub mod metrics;
 pub mod registry;
 pub mod server;

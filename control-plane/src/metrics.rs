@@ -105,6 +105,7 @@ pub struct Metrics {
     lease_expiries: Counter,
     probe_failures: Counter,
     reports: Counter,
+    reports_refused: Counter,
     quarantines: Counter,
     peers: Family<Labels1, Gauge>,
     blobs: Gauge,
@@ -148,6 +149,12 @@ impl Default for Metrics {
             "Reports of providers that sent bad data",
             reports.clone(),
         );
+        let reports_refused = Counter::default();
+        registry.register(
+            "reports_refused",
+            "Reports not counted: the reporter was not sent to the provider by discovery",
+            reports_refused.clone(),
+        );
         let quarantines = Counter::default();
         registry.register(
             "quarantines",
@@ -175,6 +182,7 @@ impl Default for Metrics {
             lease_expiries,
             probe_failures,
             reports,
+            reports_refused,
             quarantines,
             peers,
             blobs,
@@ -213,6 +221,11 @@ impl Metrics {
         if quarantined {
             self.quarantines.inc();
         }
+    }
+
+    /// A report was refused (see [`crate::Registry::admit_report`]).
+    pub fn report_refused(&self) {
+        self.reports_refused.inc();
     }
 
     /// The text exposition, with the fleet gauges set from `peers` and `stats`.

@@ -9,13 +9,14 @@ use std::{
     time::Duration,
 };
 
-use nebula_common::{BlobId, BlobRef, ChunkSet, Geometry};
+use nebula_common::{BlobId, BlobRef, ChunkSet, Geometry, credential::Claims};
 use tokio::time::Instant;
 
 use crate::{
     config::Config,
     discovery,
     error::RegistryError,
+    identity::{Admission, Grants, Identity, IdentityError},
     metrics::Metrics,
     store::{
         Announcement, BlobMeta, Health, Holding, Load, OriginLease, PeerId, PeerRegistration,
@@ -89,6 +90,10 @@ pub struct Registry<S> {
     default_limit: u32,
     max_limit: u32,
     quarantine_after: u32,
+    quarantine_ttl: Duration,
+    identity: Arc<Identity>,
+    admission: Admission,
+    grants: Grants,
     max_announce_blobs: usize,
     url_ttl: Duration,
     url_ignore_query: Vec<String>,
@@ -211,6 +216,10 @@ impl<S: StateStore> Registry<S> {
             default_limit: config.default_discovery_limit,
             max_limit: config.max_discovery_limit,
             quarantine_after: config.quarantine_after,
+            quarantine_ttl: config.quarantine_ttl,
+            identity: Arc::new(Identity::new(config)),
+            admission: Admission::new(config),
+            grants: Grants::new(config.report_window),
             max_announce_blobs: config.max_announce_blobs,
             url_ttl: config.url_ttl,
             url_ignore_query: config.url_ignore_query.clone(),
@@ -224,6 +233,56 @@ impl<S: StateStore> Registry<S> {
     /// The metrics its operations feed.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// Signs and checks peer credentials.
+    pub fn identity(&self) -> &Arc<Identity> {
+        &self.identity
+    }
+
+    /// Admits a registration of `reg` from `caller` (its source IP; `None`
+    /// in process), presenting `credential`: the address must be the
+    /// caller's own (unless allowed otherwise), registrations from one source
+    /// are rate-limited, and a live peer id moves to another address only
+    /// with that peer's credential.
+    pub async fn admit_registration(
+        &self,
+        reg: &PeerRegistration,
+        caller: Option<std::net::IpAddr>,
+        credential: Option<&Claims>,
+    ) -> Result<(), RegistryError> {
+        check_address(&reg.address)?;
+        self.admission.register(caller, &reg.address)?;
+        let own = credential.is_some_and(|c| c.sub == reg.id.as_str());
+        if !own
+            && let Some(live) = self.store.peer(&reg.id).await?
+            && *live.address != *reg.address
+        {
+            tracing::warn!(peer = %reg.id, address = %live.address, claimed = %shorten(&reg.address, 80), ?caller, "refused to move a peer id without its credential");
+            return Err(IdentityError::Taken { id: reg.id.clone() }.into());
+        }
+        Ok(())
+    }
+
+    /// Records that discovery gave `providers` to `asker`.
+    pub fn granted<'a>(&self, asker: &PeerId, providers: impl IntoIterator<Item = &'a PeerId>) {
+        self.grants.give(asker, providers);
+    }
+
+    /// Admits a report: `reporter` may file it (rate) and was recently sent
+    /// to `provider` by discovery.
+    pub fn admit_report(&self, reporter: &PeerId, provider: &PeerId) -> Result<(), RegistryError> {
+        self.admission.report(reporter)?;
+        if !self.grants.given(reporter, provider) {
+            self.metrics.report_refused();
+            tracing::warn!(peer = %provider, %reporter, "report refused: discovery did not send the reporter to this peer");
+            return Err(IdentityError::NotGranted {
+                reporter: reporter.clone(),
+                provider: provider.clone(),
+            }
+            .into());
+        }
+        Ok(())
     }
 
     /// The underlying store.
@@ -497,7 +556,13 @@ impl<S: StateStore> Registry<S> {
         };
         let outcome = self
             .store
-            .report(provider, reporter, &reason, self.quarantine_after)
+            .report(
+                provider,
+                reporter,
+                &reason,
+                self.quarantine_after,
+                self.quarantine_ttl,
+            )
             .await?
             .ok_or_else(|| RegistryError::UnknownPeer {
                 id: provider.clone(),

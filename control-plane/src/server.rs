@@ -15,6 +15,7 @@ use crate::{
     auth::{AdminAuth, JoinAuth},
     config::{Config, ConfigError},
     health::{GrpcHealthCheck, Prober},
+    identity::PeerAuth,
     metrics::RpcMetricsLayer,
     registry::Registry,
     service::ControlPlaneService,
@@ -123,7 +124,10 @@ impl<S: StateStore> ControlPlane<S> {
             ControlPlaneServer::new(ControlPlaneService::new(registry.clone()))
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
-            JoinAuth::new(config.join_token.as_deref()),
+            PeerAuth::new(
+                JoinAuth::new(config.join_token.as_deref()),
+                Arc::clone(registry.identity()),
+            ),
         );
         let admin = InterceptedService::new(
             AdminServer::new(AdminService::new(registry.clone()))
@@ -198,6 +202,11 @@ impl<S: StateStore> ControlPlane<S> {
             Ok(())
         });
         tracing::info!(%local_addr, %replica, ?config, "control plane serving");
+        if config.join_token.is_none() {
+            tracing::warn!(
+                "open cluster: no join token is set, so anyone who reaches this control plane can join the fleet and fetch its blobs (set --join-token)"
+            );
+        }
         Ok(Self {
             local_addr,
             registry,

@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     error::RegistryError,
+    identity::{bound, caller},
     registry::{ProviderQuery, Registry, parse_blob_id, parse_blob_ref, parse_peer_id},
     store::{
         Announcement, BlobAnnouncement, Load, OriginLease, PeerRegistration, StateStore, UrlRecord,
@@ -105,6 +106,8 @@ impl<S: StateStore> ControlPlane for ControlPlaneService<S> {
         &self,
         req: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
+        let source = req.remote_addr().map(|a| a.ip());
+        let presented = caller(&req).cloned();
         let req = req.into_inner();
         let reg = PeerRegistration {
             id: parse_peer_id("peer_id", &req.peer_id)?,
@@ -112,10 +115,17 @@ impl<S: StateStore> ControlPlane for ControlPlaneService<S> {
             zone: req.zone,
             labels: req.labels.into_iter().collect(),
         };
+        self.registry
+            .admit_registration(&reg, source, presented.as_ref())
+            .await?;
+        let (id, address) = (reg.id.clone(), reg.address.clone());
         let reply = self.registry.register(reg).await?;
+        let identity = self.registry.identity();
         Ok(Response::new(RegisterResponse {
             lease_ttl_ms: reply.lease_ttl.as_millis() as u64,
             heartbeat_interval_ms: reply.heartbeat_interval.as_millis() as u64,
+            credential: identity.issue(&id, &address),
+            verify_keys: identity.wire_keys(),
         }))
     }
 
@@ -124,17 +134,24 @@ impl<S: StateStore> ControlPlane for ControlPlaneService<S> {
         &self,
         req: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
-        let req = req.into_inner();
-        let id = parse_peer_id("peer_id", &req.peer_id)?;
+        let id = parse_peer_id("peer_id", &req.get_ref().peer_id)?;
+        let held = bound(&req, &id).map_err(RegistryError::from)?;
         let known = self
             .registry
-            .heartbeat(&id, load_from_wire(req.load))
+            .heartbeat(&id, load_from_wire(req.into_inner().load))
             .await?;
         if !known {
             tracing::debug!(peer = %id, "heartbeat from an unknown peer; asking it to register");
+            return Ok(Response::new(HeartbeatResponse {
+                unknown_peer: true,
+                ..Default::default()
+            }));
         }
+        let identity = self.registry.identity();
         Ok(Response::new(HeartbeatResponse {
-            unknown_peer: !known,
+            unknown_peer: false,
+            credential: identity.renewal(&held).unwrap_or_default(),
+            verify_keys: identity.wire_keys(),
         }))
     }
 
@@ -143,8 +160,9 @@ impl<S: StateStore> ControlPlane for ControlPlaneService<S> {
         &self,
         req: Request<AnnounceRequest>,
     ) -> Result<Response<AnnounceResponse>, Status> {
+        let id = parse_peer_id("peer_id", &req.get_ref().peer_id)?;
+        bound(&req, &id).map_err(RegistryError::from)?;
         let req = req.into_inner();
-        let id = parse_peer_id("peer_id", &req.peer_id)?;
         let ann = parse_announcement(self.registry.max_announce_blobs(), req)?;
         let known = self.registry.announce(&id, ann).await?;
         Ok(Response::new(AnnounceResponse {
@@ -157,6 +175,7 @@ impl<S: StateStore> ControlPlane for ControlPlaneService<S> {
         &self,
         req: Request<FindProvidersRequest>,
     ) -> Result<Response<FindProvidersResponse>, Status> {
+        let asker = caller(&req).and_then(|c| c.sub.parse().ok());
         let req = req.into_inner();
         let query = ProviderQuery {
             blob: parse_blob_ref("blob", &req.blob)?,
@@ -168,6 +187,10 @@ impl<S: StateStore> ControlPlane for ControlPlaneService<S> {
             limit: req.limit,
         };
         let found = self.registry.find_providers(&query).await?;
+        if let Some(asker) = &asker {
+            self.registry
+                .granted(asker, found.providers.iter().map(|h| &h.peer.id));
+        }
         let providers = found
             .providers
             .into_iter()
@@ -192,9 +215,13 @@ impl<S: StateStore> ControlPlane for ControlPlaneService<S> {
         &self,
         req: Request<ReportPeerRequest>,
     ) -> Result<Response<ReportPeerResponse>, Status> {
+        let reporter = parse_peer_id("reporter_id", &req.get_ref().reporter_id)?;
+        bound(&req, &reporter).map_err(RegistryError::from)?;
         let req = req.into_inner();
-        let reporter = parse_peer_id("reporter_id", &req.reporter_id)?;
         let provider = parse_peer_id("peer_id", &req.peer_id)?;
+        if reporter != provider {
+            self.registry.admit_report(&reporter, &provider)?;
+        }
         let blob = match req.blob.as_str() {
             "" => None,
             s => Some(parse_blob_id("blob", s)?),
@@ -214,6 +241,7 @@ impl<S: StateStore> ControlPlane for ControlPlaneService<S> {
         req: Request<DeregisterRequest>,
     ) -> Result<Response<DeregisterResponse>, Status> {
         let id = parse_peer_id("peer_id", &req.get_ref().peer_id)?;
+        bound(&req, &id).map_err(RegistryError::from)?;
         // Deregistering twice (or after the lease lapsed) is not an error: the
         // peer wants to be gone, and it is.
         self.registry.deregister(&id).await?;
@@ -226,12 +254,19 @@ impl<S: StateStore> ControlPlane for ControlPlaneService<S> {
         &self,
         req: Request<ResolveUrlRequest>,
     ) -> Result<Response<ResolveUrlResponse>, Status> {
+        let peer = parse_peer_id("peer_id", &req.get_ref().peer_id)?;
+        bound(&req, &peer).map_err(RegistryError::from)?;
         let req = req.into_inner();
-        let peer = parse_peer_id("peer_id", &req.peer_id)?;
         let answer = self
             .registry
             .resolve_url(&peer, &req.url, req.refresh)
             .await?;
+        // A follower fetches from the holder: it may report it.
+        if let Some(OriginLease::HeldBy(holder)) = &answer.lease
+            && let Ok(holder) = holder.parse()
+        {
+            self.registry.granted(&peer, [&holder]);
+        }
         let (lease, holder) = match answer.lease {
             Some(OriginLease::Granted) => (true, String::new()),
             Some(OriginLease::HeldBy(h)) => (false, h),
@@ -265,8 +300,9 @@ impl<S: StateStore> ControlPlane for ControlPlaneService<S> {
         &self,
         req: Request<RecordUrlRequest>,
     ) -> Result<Response<RecordUrlResponse>, Status> {
+        let peer = parse_peer_id("peer_id", &req.get_ref().peer_id)?;
+        bound(&req, &peer).map_err(RegistryError::from)?;
         let req = req.into_inner();
-        let peer = parse_peer_id("peer_id", &req.peer_id)?;
         let v = req.validators.unwrap_or_default();
         let record = UrlRecord {
             blob: parse_blob_id("blob", &req.blob)?,
@@ -304,6 +340,10 @@ mod tests {
             MemoryStore::new(),
             &Config::default(),
         )))
+    }
+
+    fn signed<T>(svc: &ControlPlaneService<MemoryStore>, peer: &str, msg: T) -> Request<T> {
+        crate::identity::signed(svc.registry.identity(), peer, msg)
     }
 
     fn register_req(id: &str, address: &str) -> Request<RegisterRequest> {
@@ -347,7 +387,11 @@ mod tests {
                 }],
                 ..Default::default()
             };
-            let resp = svc.announce(Request::new(ann)).await.unwrap().into_inner();
+            let resp = svc
+                .announce(signed(&svc, peer, ann))
+                .await
+                .unwrap()
+                .into_inner();
             assert!(!resp.unknown_peer);
         }
         let find = |blob: String| {
@@ -398,7 +442,7 @@ mod tests {
             load: None,
         };
         assert!(
-            svc.heartbeat(Request::new(hb))
+            svc.heartbeat(signed(&svc, "ghost", hb))
                 .await
                 .unwrap()
                 .into_inner()
@@ -409,7 +453,7 @@ mod tests {
             ..Default::default()
         };
         assert!(
-            svc.announce(Request::new(ann))
+            svc.announce(signed(&svc, "ghost", ann))
                 .await
                 .unwrap()
                 .into_inner()
@@ -437,12 +481,16 @@ mod tests {
             .await
             .unwrap();
         let ann = |blobs: Vec<pb::BlobAnnouncement>, removed: Vec<String>| {
-            Request::new(AnnounceRequest {
-                peer_id: "p".into(),
-                blobs,
-                removed,
-                full_inventory: false,
-            })
+            signed(
+                &svc,
+                "p",
+                AnnounceRequest {
+                    peer_id: "p".into(),
+                    blobs,
+                    removed,
+                    full_inventory: false,
+                },
+            )
         };
         let bad_id = pb::BlobAnnouncement {
             id: "zz".into(),
@@ -473,9 +521,31 @@ mod tests {
             blob: String::new(),
             reason: String::new(),
         };
+        // A report about a peer discovery never gave the reporter is refused.
         assert_eq!(
-            code(svc.report_peer(Request::new(report)).await.unwrap_err()),
-            Code::NotFound
+            code(
+                svc.report_peer(signed(&svc, "p", report.clone()))
+                    .await
+                    .unwrap_err()
+            ),
+            Code::PermissionDenied
+        );
+        // Without a credential, or with another peer's, nothing counts.
+        assert_eq!(
+            code(
+                svc.report_peer(Request::new(report.clone()))
+                    .await
+                    .unwrap_err()
+            ),
+            Code::Unauthenticated
+        );
+        assert_eq!(
+            code(
+                svc.report_peer(signed(&svc, "q", report))
+                    .await
+                    .unwrap_err()
+            ),
+            Code::PermissionDenied
         );
     }
 }

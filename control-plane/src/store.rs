@@ -488,13 +488,15 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Records that `reporter` caught `provider` serving bad data; once
     /// `quarantine_after` distinct reporters did, an active or draining provider
-    /// becomes quarantined. `None` if the provider is not live.
+    /// becomes quarantined. The reports, and a quarantine, lapse `ttl` after the
+    /// last one (an operator's ban or drain stays). `None` if the provider is not live.
     fn report(
         &self,
         provider: &PeerId,
         reporter: &PeerId,
         reason: &str,
         quarantine_after: u32,
+        ttl: Duration,
     ) -> impl Future<Output = Result<Option<ReportOutcome>, StoreError>> + Send;
 
     /// Removes peers whose lease lapsed, with their announcements, and returns

@@ -297,7 +297,7 @@ async fn hammer_on_thread(urls: Vec<String>, plan: &Plan) -> anyhow::Result<(u64
 /// Registers every peer and announces every inventory through `channels`.
 async fn load(channels: &[Channel], plan: &Plan) -> anyhow::Result<()> {
     let client = |i: usize| ControlPlaneClient::new(channels[i % channels.len()].clone());
-    let results: Vec<Result<(), tonic::Status>> = stream::iter(0..plan.peers)
+    let results: Vec<Result<(usize, String), tonic::Status>> = stream::iter(0..plan.peers)
         .map(|i| {
             let mut c = client(i);
             async move {
@@ -307,13 +307,20 @@ async fn load(channels: &[Channel], plan: &Plan) -> anyhow::Result<()> {
                     zone: format!("zone-{}", i % 4),
                     labels: Default::default(),
                 };
-                c.register(req).await.map(|_| ())
+                c.register(req)
+                    .await
+                    .map(|r| (i, r.into_inner().credential))
             }
         })
         .buffer_unordered(64)
         .collect()
         .await;
-    results.into_iter().collect::<Result<Vec<_>, _>>()?;
+    // Each peer's later calls carry the credential it was given.
+    let mut credentials = vec![String::new(); plan.peers];
+    for result in results {
+        let (i, credential) = result?;
+        credentials[i] = credential;
+    }
 
     // Each peer announces all its blobs in one batch, built just before it is
     // sent so the load's own buffers stay small next to what is measured.
@@ -327,6 +334,7 @@ async fn load(channels: &[Channel], plan: &Plan) -> anyhow::Result<()> {
         stream::iter(inventories.into_iter().enumerate())
             .map(|(i, held)| {
                 let mut c = client(i);
+                let credential = std::mem::take(&mut credentials[i]);
                 async move {
                     let blobs = held
                         .into_iter()
@@ -338,6 +346,13 @@ async fn load(channels: &[Channel], plan: &Plan) -> anyhow::Result<()> {
                         removed: Vec::new(),
                         full_inventory: true,
                     };
+                    let mut req = tonic::Request::new(req);
+                    req.metadata_mut().insert(
+                        "nebula-credential",
+                        credential.parse().map_err(|_| {
+                            tonic::Status::internal("the control plane sent an unusable credential")
+                        })?,
+                    );
                     c.announce(req).await.map(|r| r.into_inner().unknown_peer)
                 }
             })
@@ -395,6 +410,10 @@ async fn measure_on(
         heartbeat_interval: Duration::from_secs(600),
         probe_interval: Duration::from_secs(3600),
         max_concurrent_streams: 4096,
+        credential_ttl: Duration::from_secs(4 * 3600),
+        // Made-up peers at made-up loopback addresses, all from here.
+        allow_foreign_addresses: true,
+        registrations_per_minute: u32::MAX,
         ..Config::default()
     };
     // Spawned from the server runtime, so every server task runs on its threads.
@@ -580,12 +599,19 @@ async fn redis_on(
     redis_pid: u32,
     runtimes: &[tokio::runtime::Runtime; 2],
 ) -> anyhow::Result<Value> {
+    // The replicas sign credentials with one key.
+    let key = Arc::new(nebula_common::credential::SigningKey::generate());
     let spawn = |rt: &tokio::runtime::Runtime| {
         let config = Config {
             lease_ttl: Duration::from_secs(3600),
             heartbeat_interval: Duration::from_secs(600),
             probe_interval: Duration::from_secs(3600),
             max_concurrent_streams: 4096,
+            credential_ttl: Duration::from_secs(4 * 3600),
+            // Made-up peers at made-up loopback addresses, all from here.
+            allow_foreign_addresses: true,
+            registrations_per_minute: u32::MAX,
+            signing_key: Some(Arc::clone(&key)),
             ..Config::default()
         };
         let mut state = RedisConfig::new(url);

@@ -11,7 +11,7 @@ use std::{
 };
 
 use dashmap::DashMap;
-use nebula_common::BlobId;
+use nebula_common::{BlobId, credential::METADATA_KEY};
 use nebula_proto::tls::{self, EndpointError, TlsConfig};
 use nebula_proto::v1::{
     self as pb, ExchangeRequest, ExchangeResponse, exchange_request::Kind as Req,
@@ -19,6 +19,7 @@ use nebula_proto::v1::{
 };
 use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
+use tonic::metadata::{Ascii, MetadataValue};
 
 /// Largest gRPC message accepted: a 1 MiB piece plus framing, with room.
 pub(crate) const MAX_MESSAGE: usize = 4 << 20;
@@ -79,6 +80,7 @@ impl Connection {
     pub(crate) async fn open(
         addr: &str,
         hello: pb::Hello,
+        credential: Option<MetadataValue<Ascii>>,
         connect_timeout: Duration,
         tls: Option<&TlsConfig>,
     ) -> Result<Arc<Self>, ConnectError> {
@@ -118,13 +120,14 @@ impl Connection {
         })
         .await
         .map_err(|_| unreachable("stream closed".into()))?;
-        let response = tokio::time::timeout(
-            connect_timeout,
-            client.exchange(tokio_stream::wrappers::ReceiverStream::new(rx)),
-        )
-        .await
-        .map_err(|_| unreachable("timed out opening the stream".into()))?
-        .map_err(|s| unreachable(s.message().to_owned()))?;
+        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        if let Some(credential) = credential {
+            request.metadata_mut().insert(METADATA_KEY, credential);
+        }
+        let response = tokio::time::timeout(connect_timeout, client.exchange(request))
+            .await
+            .map_err(|_| unreachable("timed out opening the stream".into()))?
+            .map_err(|s| unreachable(s.message().to_owned()))?;
         let conn = Arc::new(Self {
             tx,
             routes: DashMap::new(),
@@ -253,6 +256,7 @@ impl Pool {
         &self,
         addr: &str,
         hello: pb::Hello,
+        credential: Option<MetadataValue<Ascii>>,
         connect_timeout: Duration,
         tls: Option<&TlsConfig>,
     ) -> Result<Arc<Connection>, ConnectError> {
@@ -262,7 +266,7 @@ impl Pool {
             return Ok(Arc::clone(c));
         }
         // Dial without the lock: a dead peer must not hold up the others.
-        let conn = Connection::open(addr, hello, connect_timeout, tls).await?;
+        let conn = Connection::open(addr, hello, credential, connect_timeout, tls).await?;
         let mut conns = self.conns.lock().await;
         match conns.get(addr) {
             // Another download dialed the same peer meanwhile: keep one stream.

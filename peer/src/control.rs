@@ -31,16 +31,25 @@ use tonic::{
     transport::Channel,
 };
 
-use crate::replicas::{self, Replica as Address, Resolver, SystemResolver, split_urls};
-/// Adds `authorization: Bearer <token>` to every control-plane call.
+use crate::{
+    identity::{self, Identity},
+    replicas::{self, Replica as Address, Resolver, SystemResolver, split_urls},
+};
+
+/// Adds `authorization: Bearer <token>` and this peer's credential (once it
+/// has one) to every control-plane call.
 #[derive(Debug, Clone)]
-pub(crate) struct BearerAuth(pub(crate) Option<MetadataValue<Ascii>>);
+pub(crate) struct BearerAuth {
+    token: Option<MetadataValue<Ascii>>,
+    identity: Arc<Identity>,
+}
 
 impl tonic::service::Interceptor for BearerAuth {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(token) = &self.0 {
+        if let Some(token) = &self.token {
             req.metadata_mut().insert("authorization", token.clone());
         }
+        identity::present(&self.identity, &mut req);
         Ok(req)
     }
 }
@@ -64,6 +73,7 @@ struct Inner {
     /// The `--control` list as given (checked: at least one URL, each valid).
     list: String,
     token: Option<MetadataValue<Ascii>>,
+    identity: Arc<Identity>,
     timeout: Duration,
     /// TLS to every replica (then every URL is `https://`).
     tls: Option<TlsConfig>,
@@ -150,16 +160,25 @@ impl ControlClient {
     pub(crate) fn new(
         list: &str,
         token: Option<MetadataValue<Ascii>>,
+        identity: Arc<Identity>,
         timeout: Duration,
         tls: Option<&TlsConfig>,
     ) -> Result<Self, ControlUrlError> {
-        Self::with_resolver(list, token, timeout, tls, Arc::new(SystemResolver))
+        Self::with_resolver(
+            list,
+            token,
+            identity,
+            timeout,
+            tls,
+            Arc::new(SystemResolver),
+        )
     }
 
     /// [`ControlClient::new`] resolving names through `resolver`.
     pub(crate) fn with_resolver(
         list: &str,
         token: Option<MetadataValue<Ascii>>,
+        identity: Arc<Identity>,
         timeout: Duration,
         tls: Option<&TlsConfig>,
         resolver: Resolver,
@@ -176,6 +195,7 @@ impl ControlClient {
             inner: Arc::new(Inner {
                 list: list.to_owned(),
                 token,
+                identity,
                 timeout,
                 tls: tls.cloned(),
                 resolver,
@@ -264,7 +284,10 @@ impl ControlClient {
             .tcp_nodelay(true);
         Some(ControlPlaneClient::with_interceptor(
             endpoint.connect_lazy(),
-            BearerAuth(self.inner.token.clone()),
+            BearerAuth {
+                token: self.inner.token.clone(),
+                identity: Arc::clone(&self.inner.identity),
+            },
         ))
     }
 
@@ -323,21 +346,32 @@ mod tests {
         }
     }
 
-    /// Whether the replica at `addr` knows `id` (asked directly, no failover).
-    async fn knows(addr: std::net::SocketAddr, id: &str) -> bool {
+    /// Registers `id` through `client`, keeping its credential as membership does.
+    async fn join(client: &ControlClient, identity: &Identity, id: &str) {
+        let answer = client.register(register(id)).await.unwrap().into_inner();
+        identity.update(&answer.credential, &answer.verify_keys);
+    }
+
+    /// Whether the replica at `addr` knows `id` (asked directly, no failover,
+    /// with the credential `identity` got last: another replica's is refused).
+    async fn knows(addr: std::net::SocketAddr, identity: &Identity, id: &str) -> bool {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .unwrap()
             .connect()
             .await
             .unwrap();
-        let answer = ControlPlaneClient::new(channel)
-            .heartbeat(pb::HeartbeatRequest {
-                peer_id: id.into(),
-                load: None,
-            })
-            .await
-            .unwrap();
-        !answer.into_inner().unknown_peer
+        let mut beat = tonic::Request::new(pb::HeartbeatRequest {
+            peer_id: id.into(),
+            load: None,
+        });
+        identity::present(identity, &mut beat);
+        match ControlPlaneClient::new(channel).heartbeat(beat).await {
+            Ok(answer) => !answer.into_inner().unknown_peer,
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+                false
+            }
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -352,29 +386,36 @@ mod tests {
         let table = Arc::new(Table::default());
         table.set("cp.nebula.test", &["127.0.0.2", "127.0.0.3"]);
         let url = format!("http://cp.nebula.test:{}", addrs[0].port());
-        let client =
-            ControlClient::with_resolver(&url, None, Duration::from_secs(2), None, table.clone())
-                .unwrap();
+        let identity = Arc::new(Identity::default());
+        let client = ControlClient::with_resolver(
+            &url,
+            None,
+            Arc::clone(&identity),
+            Duration::from_secs(2),
+            None,
+            table.clone(),
+        )
+        .unwrap();
 
         // The first address answers while it is up.
-        client.register(register("p1")).await.unwrap();
-        assert!(knows(addrs[0], "p1").await);
-        assert!(!knows(addrs[1], "p1").await);
+        join(&client, &identity, "p1").await;
+        assert!(knows(addrs[0], &identity, "p1").await);
+        assert!(!knows(addrs[1], &identity, "p1").await);
 
         // It dies: calls move to the name's second address and stay there.
         running.remove(0).shutdown().await.unwrap();
-        client.register(register("p2")).await.unwrap();
-        assert!(knows(addrs[1], "p2").await);
-        client.register(register("p3")).await.unwrap();
-        assert!(knows(addrs[1], "p3").await);
+        join(&client, &identity, "p2").await;
+        assert!(knows(addrs[1], &identity, "p2").await);
+        join(&client, &identity, "p3").await;
+        assert!(knows(addrs[1], &identity, "p3").await);
 
         // Both known addresses dead and the name now resolving elsewhere: the
         // call that found none answering resolves again and reaches it.
         table.set("cp.nebula.test", &["127.0.0.4"]);
         running.push(ControlPlane::spawn(later, Config::default()).await.unwrap());
         running.remove(0).shutdown().await.unwrap();
-        client.register(register("p4")).await.unwrap();
-        assert!(knows(addrs[2], "p4").await);
+        join(&client, &identity, "p4").await;
+        assert!(knows(addrs[2], &identity, "p4").await);
 
         // Nothing answers at all: UNAVAILABLE within the client's deadline.
         running.remove(0).shutdown().await.unwrap();

@@ -23,6 +23,7 @@ mod connection;
 mod control;
 mod fault;
 pub mod fetch;
+mod identity;
 pub mod limit;
 pub mod local;
 mod membership;

@@ -98,7 +98,11 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             r = control.register(request) => r,
         };
         let interval = match registered {
-            Ok(r) => Duration::from_millis(r.into_inner().heartbeat_interval_ms.clamp(100, 60_000)),
+            Ok(r) => {
+                let r = r.into_inner();
+                shared.identity.update(&r.credential, &r.verify_keys);
+                Duration::from_millis(r.heartbeat_interval_ms.clamp(100, 60_000))
+            }
             Err(status) => {
                 tracing::warn!(code = ?status.code(), message = status.message(), "cannot register with the control plane; retrying");
                 set_registration_error(&shared, &control, &status).await;
@@ -180,9 +184,16 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                             tracing::info!("control plane does not know this peer; registering again");
                             continue 'register;
                         }
-                        Ok(_) => {
+                        Ok(r) => {
+                            let r = r.into_inner();
+                            shared.identity.update(&r.credential, &r.verify_keys);
                             last_ok = now;
                             shared.registered.store(true, Ordering::Release);
+                        }
+                        Err(status) if status.code() == tonic::Code::Unauthenticated => {
+                            tracing::info!(message = status.message(), "the control plane refused this peer's credential; registering again");
+                            shared.identity.forget();
+                            continue 'register;
                         }
                         Err(status) => {
                             tracing::debug!(message = status.message(), "heartbeat failed");
@@ -228,6 +239,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                             refused(&status);
                             announced = current;
                         }
+                        Err(status) if status.code() == tonic::Code::Unauthenticated => continue 'register,
                         Err(status) => {
                             tracing::debug!(message = status.message(), "announcement failed; will retry");
                             dirty = true;

@@ -20,7 +20,7 @@ use tokio::{
     time::Instant,
 };
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Server;
+use tonic::{service::interceptor::InterceptedService, transport::Server};
 
 use crate::{
     Config,
@@ -28,6 +28,7 @@ use crate::{
         CONNECTION_WINDOW, ConnectError, Connection, MAX_FRAME, MAX_MESSAGE, Pool, STREAM_WINDOW,
     },
     control::ControlClient,
+    identity::{ExchangeAuth, Identity},
     limit::RateLimiter,
     local::LocalService,
     membership,
@@ -59,6 +60,8 @@ pub(crate) struct Shared {
     /// The address other peers dial.
     pub(crate) address: String,
     pub(crate) control: Option<ControlClient>,
+    /// This peer's credential, and the keys that check other peers'.
+    pub(crate) identity: Arc<Identity>,
     /// The HTTP client of fetches by URL.
     pub(crate) origin: OriginClient,
     /// Origin downloads under way that other peers may fetch from, by key.
@@ -100,6 +103,7 @@ impl Shared {
             .get(
                 addr,
                 hello,
+                self.identity.credential(),
                 Duration::from_secs(3),
                 self.config.tls.as_ref(),
             )
@@ -129,6 +133,7 @@ impl Node {
             .local_addr()
             .map_err(|e| StartError::Io(e.to_string()))?;
         let advertised = config.advertise.unwrap_or(local_addr);
+        let identity = Arc::new(Identity::new(Some(store.root().join("credential"))));
         let control = match &config.control {
             Some(urls) => {
                 let token = match &config.join_token {
@@ -138,8 +143,14 @@ impl Node {
                     None => None,
                 };
                 Some(
-                    ControlClient::new(urls, token, config.control_timeout, config.tls.as_ref())
-                        .map_err(|e| StartError::Config(e.to_string()))?,
+                    ControlClient::new(
+                        urls,
+                        token,
+                        Arc::clone(&identity),
+                        config.control_timeout,
+                        config.tls.as_ref(),
+                    )
+                    .map_err(|e| StartError::Config(e.to_string()))?,
                 )
             }
             None => None,
@@ -157,6 +168,7 @@ impl Node {
             store: Arc::new(store),
             address: advertised.to_string(),
             control,
+            identity,
             upload_limiter: RateLimiter::optional(config.upload_limit),
             download_limiter: RateLimiter::optional(config.download_limit),
             active_uploads: AtomicU32::new(0),
@@ -179,13 +191,23 @@ impl Node {
         health
             .set_serving::<PeerExchangeServer<ExchangeService>>()
             .await;
+        // What the control plane's probe asks: only this peer answers for its id.
+        health
+            .set_service_status(
+                format!("nebula.peer.{}", shared.peer_id),
+                tonic_health::ServingStatus::Serving,
+            )
+            .await;
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(nebula_proto::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| StartError::Io(e.to_string()))?;
-        let exchange = PeerExchangeServer::new(ExchangeService::new(Arc::clone(&shared)))
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE);
+        let exchange = InterceptedService::new(
+            PeerExchangeServer::new(ExchangeService::new(Arc::clone(&shared)))
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+            ExchangeAuth(Arc::clone(&shared.identity)),
+        );
         let mut server = Server::builder();
         if let Some(tls) = &shared.config.tls {
             let tls = tls

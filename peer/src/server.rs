@@ -14,7 +14,7 @@ use std::{
 
 use bytes::Bytes;
 use futures::Stream;
-use nebula_common::{BlobId, StoreError};
+use nebula_common::{BlobId, StoreError, credential::Claims};
 use nebula_proto::v1::{
     self as pb, ExchangeRequest, ExchangeResponse, exchange_request::Kind as Req,
     exchange_response::Kind as Resp, peer_exchange_server::PeerExchange,
@@ -138,7 +138,13 @@ impl PeerExchange for ExchangeService {
         request: Request<Streaming<ExchangeRequest>>,
     ) -> Result<Response<Self::ExchangeStream>, Status> {
         let remote = request.remote_addr();
-        let span = tracing::info_span!("exchange", peer = tracing::field::Empty, ?remote);
+        // Put there by `ExchangeAuth`, which admits no stream without it.
+        let caller = request
+            .extensions()
+            .get::<Claims>()
+            .map(|c| c.sub.clone())
+            .ok_or_else(|| Status::unauthenticated("no peer credential"))?;
+        let span = tracing::info_span!("exchange", peer = %caller, ?remote);
         let inbound = request.into_inner();
         // A few pieces of slack: a receiver that stops reading stalls only
         // its own stream, and memory stays at a few MiB per stream.
@@ -152,6 +158,7 @@ impl PeerExchange for ExchangeService {
         tokio::spawn(
             read_requests(
                 Arc::clone(&self.shared),
+                caller,
                 inbound,
                 work_tx,
                 Arc::clone(&cancelled),
@@ -194,6 +201,7 @@ fn refusal(status: &Status) -> Option<Status> {
 
 async fn read_requests(
     shared: Arc<Shared>,
+    caller: String,
     mut inbound: Streaming<ExchangeRequest>,
     work: mpsc::Sender<(Work, Option<Slot>)>,
     cancelled: Arc<Mutex<HashSet<u64>>>,
@@ -203,6 +211,7 @@ async fn read_requests(
     let stream_slots = Arc::new(AtomicU32::new(0));
     // Where the dialing peer serves, once it said (its `Hello`).
     let mut asker: Option<(String, String)> = None;
+    let mut greeted = false;
     let watch = |blob: BlobId| {
         let mut watched = watched.lock().unwrap_or_else(|e| e.into_inner());
         if watched.len() < MAX_WATCHED {
@@ -227,11 +236,29 @@ async fn read_requests(
                 return;
             }
         };
+        // The first message, and only the first, is a Hello naming the peer
+        // the credential names.
+        let refused = match &msg.kind {
+            Some(Req::Hello(_)) if greeted => Some(Status::invalid_argument("Hello sent twice")),
+            Some(Req::Hello(hello)) if hello.peer_id != caller => Some(Status::unauthenticated(
+                "Hello names another peer than the credential",
+            )),
+            Some(Req::Hello(_)) => None,
+            _ if !greeted => Some(Status::unauthenticated(
+                "the first message of a stream must be Hello",
+            )),
+            _ => None,
+        };
+        if let Some(status) = refused {
+            tracing::debug!(%status, "exchange stream refused");
+            let _ = work.send((Work::Fail(status), None)).await;
+            return;
+        }
         let id = msg.request_id;
         let parse = |blob: &str| blob.parse::<BlobId>();
         let items: Vec<(Work, Option<Slot>)> = match msg.kind {
             Some(Req::Hello(hello)) => {
-                tracing::Span::current().record("peer", hello.peer_id.as_str());
+                greeted = true;
                 tracing::debug!(address = %hello.address, "exchange stream opened");
                 asker = (!hello.address.is_empty()).then_some((hello.peer_id, hello.address));
                 continue;

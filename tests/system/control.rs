@@ -103,13 +103,20 @@ impl ControlProc {
 // ---------------------------------------------------------------------------
 // Clients.
 
-/// Adds `authorization: Bearer <token>` when a token is given.
+/// The credential a fake peer got at registration, shared with its client.
+type Slot = Arc<std::sync::Mutex<Option<AsciiMetadataValue>>>;
+
+/// Adds `authorization: Bearer <token>` when a token is given, and the
+/// peer's credential once it has one.
 #[derive(Clone)]
-struct Bearer(Option<AsciiMetadataValue>);
+struct Bearer(Option<AsciiMetadataValue>, Slot);
 
 impl Bearer {
     fn new(token: Option<&str>) -> Self {
-        Self(token.map(|t| format!("Bearer {t}").parse().unwrap()))
+        Self(
+            token.map(|t| format!("Bearer {t}").parse().unwrap()),
+            Slot::default(),
+        )
     }
 }
 
@@ -117,6 +124,9 @@ impl Interceptor for Bearer {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
         if let Some(v) = &self.0 {
             req.metadata_mut().insert("authorization", v.clone());
+        }
+        if let Some(c) = self.1.lock().unwrap().clone() {
+            req.metadata_mut().insert("nebula-credential", c);
         }
         Ok(req)
     }
@@ -134,8 +144,16 @@ fn channel(url: &str) -> Channel {
 }
 
 fn cp_client(url: &str, token: Option<&str>) -> Cp {
-    ControlPlaneClient::with_interceptor(channel(url), Bearer::new(token))
-        .max_decoding_message_size(64 << 20)
+    cp_client_with_slot(url, token).0
+}
+
+/// A client and the slot its credential goes in.
+fn cp_client_with_slot(url: &str, token: Option<&str>) -> (Cp, Slot) {
+    let bearer = Bearer::new(token);
+    let slot = Arc::clone(&bearer.1);
+    let client = ControlPlaneClient::with_interceptor(channel(url), bearer)
+        .max_decoding_message_size(64 << 20);
+    (client, slot)
 }
 
 fn admin_client(url: &str, token: Option<&str>) -> Adm {
@@ -237,6 +255,7 @@ struct FakePeer {
     id: String,
     addr: SocketAddr,
     client: Cp,
+    slot: Slot,
     inventory: Vec<BlobAnnouncement>,
     health_stop: Option<oneshot::Sender<()>>,
     health_task: Option<JoinHandle<()>>,
@@ -255,7 +274,14 @@ impl FakePeer {
     ) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (_reporter, health) = tonic_health::server::health_reporter();
+        let (reporter, health) = tonic_health::server::health_reporter();
+        // What the control plane's probe asks: this peer, by its id.
+        reporter
+            .set_service_status(
+                format!("nebula.peer.{id}"),
+                tonic_health::ServingStatus::Serving,
+            )
+            .await;
         let (tx, rx) = oneshot::channel::<()>();
         let health_task = tokio::spawn(async move {
             let _ = Server::builder()
@@ -265,26 +291,36 @@ impl FakePeer {
                 })
                 .await;
         });
+        let (client, slot) = cp_client_with_slot(url, token);
         let mut peer = Self {
             id: id.into(),
             addr,
-            client: cp_client(url, token),
+            client,
+            slot,
             inventory,
             health_stop: Some(tx),
             health_task: Some(health_task),
             beats: None,
             reregistered: Arc::default(),
         };
-        join(&mut peer.client, &peer.id, addr, zone, &peer.inventory)
-            .await
-            .unwrap();
+        join(
+            &mut peer.client,
+            &peer.slot,
+            &peer.id,
+            addr,
+            zone,
+            &peer.inventory,
+        )
+        .await
+        .unwrap();
         peer
     }
 
     /// Heartbeats every `every` until stopped.
     fn start_heartbeats(&mut self, every: Duration, zone: &str) {
-        let (mut client, id, addr, zone) = (
+        let (mut client, slot, id, addr, zone) = (
             self.client.clone(),
+            Arc::clone(&self.slot),
             self.id.clone(),
             self.addr,
             zone.to_owned(),
@@ -299,10 +335,15 @@ impl FakePeer {
                     peer_id: id.clone(),
                     load: Some(Load::default()),
                 };
-                // The control plane may be down for a while: try again next tick.
-                if let Ok(resp) = client.heartbeat(beat).await
-                    && resp.get_ref().unknown_peer
-                    && join(&mut client, &id, addr, &zone, &inventory)
+                // The control plane may be down for a while: try again next
+                // tick. One that forgot this peer, or restarted with another
+                // signing key, is joined again.
+                let forgotten = match client.heartbeat(beat).await {
+                    Ok(resp) => resp.get_ref().unknown_peer,
+                    Err(status) => status.code() == Code::Unauthenticated,
+                };
+                if forgotten
+                    && join(&mut client, &slot, &id, addr, &zone, &inventory)
                         .await
                         .is_ok()
                 {
@@ -358,6 +399,7 @@ impl Drop for FakePeer {
 /// after `unknown_peer`.
 async fn join(
     client: &mut Cp,
+    slot: &Slot,
     id: &str,
     addr: SocketAddr,
     zone: &str,
@@ -369,7 +411,8 @@ async fn join(
         zone: zone.into(),
         labels: [("role".to_owned(), "test".to_owned())].into(),
     };
-    client.register(reg).await?;
+    let registered = client.register(reg).await?.into_inner();
+    *slot.lock().unwrap() = Some(registered.credential.parse().unwrap());
     let ann = AnnounceRequest {
         peer_id: id.into(),
         blobs: inventory.to_vec(),
@@ -770,9 +813,17 @@ async fn control_drain_and_ban_change_discovery() {
 
     // A ban survives re-registration.
     let d2_addr = peers[1].addr;
-    join(&mut peers[1].client, "d2", d2_addr, "z1", &[complete(6)])
-        .await
-        .unwrap();
+    let slot = Arc::clone(&peers[1].slot);
+    join(
+        &mut peers[1].client,
+        &slot,
+        "d2",
+        d2_addr,
+        "z1",
+        &[complete(6)],
+    )
+    .await
+    .unwrap();
     assert_eq!(providers(&mut client, &blob).await, ["d3"]);
 
     for id in ["d1", "d2"] {
@@ -797,6 +848,7 @@ async fn control_two_reports_quarantine_one_does_not() {
     )
     .await;
     let mut client = peers[1].client.clone();
+    let mut rep2 = peers[2].client.clone();
     let blob = blob_id(7);
     let report = |reporter: &str| ReportPeerRequest {
         reporter_id: reporter.into(),
@@ -804,6 +856,14 @@ async fn control_two_reports_quarantine_one_does_not() {
         blob: blob_id(7),
         reason: "chunk 3 failed verification".into(),
     };
+    // A report counts only once discovery sent the reporter to the provider.
+    let status = client.report_peer(report("rep1")).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    // And a peer reports only as itself.
+    let status = client.report_peer(report("rep2")).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    find(&mut client, "rep1", &blob).await.unwrap();
+    find(&mut rep2, "rep2", &blob).await.unwrap();
     assert!(
         !client
             .report_peer(report("rep1"))
@@ -828,8 +888,7 @@ async fn control_two_reports_quarantine_one_does_not() {
     );
 
     assert!(
-        client
-            .report_peer(report("rep2"))
+        rep2.report_peer(report("rep2"))
             .await
             .unwrap()
             .into_inner()

@@ -261,12 +261,18 @@ fn a_stalled_receiver_does_not_block_others() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     // Open a stream, ask for every chunk, read nothing; keep it open.
     let (stalled_tx, stalled_rx) = tokio::sync::oneshot::channel::<()>();
+    let url = c.control.url();
     let stalled = rt.spawn(async move {
+        // A fleet member (registered with the join token) that stops reading.
+        let member = crate::support::RawPeer::register(&url, "staller", "127.0.0.1:9")
+            .await
+            .unwrap();
         let mut client =
             pb::peer_exchange_client::PeerExchangeClient::connect(format!("http://{addr}"))
                 .await
                 .unwrap();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tx.send(member.hello()).await.unwrap();
         tx.send(pb::ExchangeRequest {
             request_id: 1,
             kind: Some(pb::exchange_request::Kind::GetChunks(pb::GetChunks {
@@ -277,10 +283,11 @@ fn a_stalled_receiver_does_not_block_others() {
         })
         .await
         .unwrap();
-        let response = client
-            .exchange(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .unwrap();
+        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        request
+            .metadata_mut()
+            .insert("nebula-credential", member.credential.parse().unwrap());
+        let response = client.exchange(request).await.unwrap();
         let _hold = (response, tx);
         let _ = stalled_rx.await;
     });

@@ -12,8 +12,10 @@ use crate::support::{
 
 /// `nebula control` with `args` that must stop at once: its exit code and its stderr.
 fn refused(args: &[&str]) -> (Option<i32>, String) {
+    let key = tempfile::tempdir().unwrap();
     let mut cmd = nebula();
     cmd.args(["control", "--listen", "127.0.0.1:0"]).args(args);
+    cmd.arg("--signing-key").arg(key.path().join("signing.key"));
     let out = run_bounded(cmd, Duration::from_secs(20));
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(err.starts_with("error: "), "{err}");
@@ -89,6 +91,22 @@ fn bad_state_values_exit_2_before_any_network_call() {
         assert_eq!(code, Some(2), "{args:?}: {err}");
         assert!(err.contains(says), "{args:?}: {err}");
     }
+    // Replicas must sign peer credentials with one key.
+    let mut cmd = nebula();
+    cmd.args([
+        "control",
+        "--listen",
+        "127.0.0.1:0",
+        "--state",
+        "redis://127.0.0.1:6379",
+    ]);
+    let out = run_bounded(cmd, Duration::from_secs(20));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.starts_with("error:") && err.contains("--signing-key"),
+        "{err}"
+    );
 }
 
 #[test]

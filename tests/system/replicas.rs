@@ -4,9 +4,11 @@
 
 use std::{
     net::SocketAddr,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
+use nebula_common::credential::SigningKey;
 use nebula_control::{
     Config, ControlPlane, RedisConfig, RedisStore,
     tonic_health::{
@@ -28,8 +30,17 @@ use crate::support::{
     Control, Daemon, RedisServer, file_id, random_file, swarm_members, wait_output, wait_until,
 };
 
+/// Every replica of a test signs with this one key.
+fn fleet_key() -> Option<Arc<SigningKey>> {
+    static KEY: std::sync::OnceLock<Arc<SigningKey>> = std::sync::OnceLock::new();
+    Some(Arc::clone(
+        KEY.get_or_init(|| Arc::new(SigningKey::generate())),
+    ))
+}
+
 fn fast() -> Config {
     Config {
+        signing_key: fleet_key(),
         lease_ttl: Duration::from_millis(3000),
         heartbeat_interval: Duration::from_millis(500),
         probe_interval: Duration::from_millis(300),
@@ -56,10 +67,17 @@ fn channel(addr: SocketAddr) -> Channel {
 }
 
 /// A peer's health server on its own port; aborting the task kills it.
-async fn health_server() -> (SocketAddr, JoinHandle<()>) {
+async fn health_server(id: &str) -> (SocketAddr, JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (_reporter, service) = tonic_health::server::health_reporter();
+    let (reporter, service) = tonic_health::server::health_reporter();
+    // The control plane's probe asks for the peer by its id.
+    reporter
+        .set_service_status(
+            format!("nebula.peer.{id}"),
+            tonic_health::ServingStatus::Serving,
+        )
+        .await;
     let task = tokio::spawn(async move {
         let _ = tonic::transport::Server::builder()
             .add_service(service)
@@ -73,6 +91,17 @@ fn blob_hex(n: u8) -> String {
     blake3::hash(&[n]).to_hex().to_string()
 }
 
+/// `msg` with `id`'s credential, signed with the replicas' key.
+fn as_peer<T>(id: &str, msg: T) -> tonic::Request<T> {
+    let credential = fleet_key()
+        .unwrap()
+        .issue(id, "127.0.0.1:1", Duration::from_secs(600));
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut()
+        .insert("nebula-credential", credential.parse().unwrap());
+    req
+}
+
 async fn join(addr: SocketAddr, id: &str, peer: SocketAddr, blob: u8) {
     let mut cp = ControlPlaneClient::new(channel(addr));
     cp.register(RegisterRequest {
@@ -82,17 +111,20 @@ async fn join(addr: SocketAddr, id: &str, peer: SocketAddr, blob: u8) {
     })
     .await
     .unwrap();
-    cp.announce(AnnounceRequest {
-        peer_id: id.into(),
-        blobs: vec![BlobAnnouncement {
-            id: blob_hex(blob),
-            size: 1 << 20,
-            complete: true,
-            ..Default::default()
-        }],
-        removed: Vec::new(),
-        full_inventory: true,
-    })
+    cp.announce(as_peer(
+        id,
+        AnnounceRequest {
+            peer_id: id.into(),
+            blobs: vec![BlobAnnouncement {
+                id: blob_hex(blob),
+                size: 1 << 20,
+                complete: true,
+                ..Default::default()
+            }],
+            removed: Vec::new(),
+            full_inventory: true,
+        },
+    ))
     .await
     .unwrap();
 }
@@ -149,10 +181,13 @@ fn keep_alive(addr: SocketAddr, id: &'static str) -> JoinHandle<()> {
         // Bounded: the test aborts it long before.
         for _ in 0..1000 {
             let _ = cp
-                .heartbeat(HeartbeatRequest {
-                    peer_id: id.into(),
-                    load: None,
-                })
+                .heartbeat(as_peer(
+                    id,
+                    HeartbeatRequest {
+                        peer_id: id.into(),
+                        load: None,
+                    },
+                ))
                 .await;
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
@@ -164,7 +199,7 @@ async fn redis_down_answers_unavailable_at_once_and_reports_not_serving() {
     let mut redis = RedisServer::start();
     let cp = replica(&redis).await;
     let addr = cp.local_addr();
-    let (peer, _server) = health_server().await;
+    let (peer, _server) = health_server("p1").await;
     join(addr, "p1", peer, 1).await;
     assert_eq!(providers(addr, 1).await.unwrap(), ["p1"]);
     assert_eq!(serving(addr).await, Some(ServingStatus::Serving));
@@ -183,10 +218,13 @@ async fn redis_down_answers_unavailable_at_once_and_reports_not_serving() {
     let mut cp_client = ControlPlaneClient::new(channel(addr));
     let start = Instant::now();
     let err = cp_client
-        .heartbeat(HeartbeatRequest {
-            peer_id: "p1".into(),
-            load: None,
-        })
+        .heartbeat(as_peer(
+            "p1",
+            HeartbeatRequest {
+                peer_id: "p1".into(),
+                load: None,
+            },
+        ))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
@@ -207,10 +245,13 @@ async fn redis_down_answers_unavailable_at_once_and_reports_not_serving() {
     )
     .await;
     let answer = cp_client
-        .heartbeat(HeartbeatRequest {
-            peer_id: "p1".into(),
-            load: None,
-        })
+        .heartbeat(as_peer(
+            "p1",
+            HeartbeatRequest {
+                peer_id: "p1".into(),
+                load: None,
+            },
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -235,7 +276,7 @@ async fn redis_replicas_are_one_service_and_take_over_probing() {
     let mut servers = Vec::new();
     let mut beats = Vec::new();
     for (i, name) in names.into_iter().enumerate() {
-        let (peer, server) = health_server().await;
+        let (peer, server) = health_server(name).await;
         join(addrs[i % 3], name, peer, 9).await;
         servers.push(server);
         // Heartbeats through the replica that stays up.
@@ -269,10 +310,13 @@ async fn redis_replicas_are_one_service_and_take_over_probing() {
     // They still hold leases (heartbeats go on): only probing removed them.
     let mut cp = ControlPlaneClient::new(channel(addrs[2]));
     let beat = cp
-        .heartbeat(HeartbeatRequest {
-            peer_id: "p0".into(),
-            load: None,
-        })
+        .heartbeat(as_peer(
+            "p0",
+            HeartbeatRequest {
+                peer_id: "p0".into(),
+                load: None,
+            },
+        ))
         .await
         .unwrap()
         .into_inner();

@@ -27,9 +27,13 @@ fn config() -> Config {
         url_ttl: Duration::from_millis(1000),
         origin_lease_ttl: Duration::from_millis(1000),
         url_ignore_query: vec!["sig".into()],
+        quarantine_ttl: QUARANTINE_TTL,
         ..Config::default()
     }
 }
+
+/// Reports and quarantines lapse this long after the last report.
+const QUARANTINE_TTL: Duration = Duration::from_secs(3);
 
 /// Caps small enough for a check to reach.
 const CAPS: InventoryCaps = InventoryCaps {
@@ -71,6 +75,7 @@ on_every_store!(
     check_expiry,
     check_ranking,
     check_reports_and_quarantine,
+    check_quarantines_lapse,
     check_aliases,
     check_bans_and_drains,
     check_partial_bitmaps_and_full_inventory,
@@ -339,6 +344,48 @@ async fn check_reports_and_quarantine<S: StateStore>(r: &Registry<S>) {
         .unwrap();
     assert_eq!((snap.standing, snap.reports), (Standing::Active, 0));
     assert_eq!(ranked(r, None, 4).await, ["bad"]);
+}
+
+/// A quarantine lapses `QUARANTINE_TTL` after the last report (Redis: the
+/// keys expire; memory: the sweep lifts it); an operator's ban stays.
+async fn check_quarantines_lapse<S: StateStore>(r: &Registry<S>) {
+    for (n, name) in ["bad", "banned", "r1", "r2"].into_iter().enumerate() {
+        r.register(reg(name, 3100 + n as u16, "")).await.unwrap();
+    }
+    r.set_standing(&id("banned"), Standing::Banned, "op")
+        .await
+        .unwrap();
+    for reporter in ["r1", "r2"] {
+        r.report(&id(reporter), &id("bad"), None, "bad")
+            .await
+            .unwrap();
+        r.report(&id(reporter), &id("banned"), None, "bad")
+            .await
+            .unwrap();
+    }
+    let standing =
+        |name: &'static str| async move { r.store().peer(&id(name)).await.unwrap().unwrap() };
+    assert_eq!(standing("bad").await.standing, Standing::Quarantined);
+    // Bounded: the lapse is due after 3 s; look for 8 s at most.
+    let start = std::time::Instant::now();
+    loop {
+        for name in ["bad", "banned"] {
+            assert!(r.heartbeat(&id(name), Default::default()).await.unwrap());
+        }
+        r.expire().await.unwrap();
+        let snap = standing("bad").await;
+        if snap.standing == Standing::Active {
+            assert_eq!(snap.reports, 0);
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(8),
+            "the quarantine did not lapse"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(start.elapsed() >= QUARANTINE_TTL - Duration::from_millis(500));
+    assert_eq!(standing("banned").await.standing, Standing::Banned);
 }
 
 async fn check_aliases<S: StateStore>(r: &Registry<S>) {

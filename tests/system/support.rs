@@ -221,6 +221,7 @@ impl Control {
     }
 
     /// Starts `nebula control` with the fast timings and extra flags.
+    /// Replicas on Redis started with the same `dir` share one signing key.
     pub(crate) fn start_with(dir: &Path, listen: SocketAddr, extra: &[&str]) -> Self {
         let mut cmd = nebula();
         cmd.arg("control")
@@ -229,6 +230,9 @@ impl Control {
             .args(["--http-listen", "127.0.0.1:0"])
             .args(FAST_CONTROL)
             .args(extra);
+        if extra.contains(&"--state") && !extra.contains(&"--signing-key") {
+            cmd.arg("--signing-key").arg(dir.join("signing.key"));
+        }
         cmd.env("RUST_LOG", "info");
         let log = dir.join(format!("control-{}.log", rand::random::<u32>()));
         let (proc, addr) = Proc::spawn(cmd, log);
@@ -943,4 +947,81 @@ pub(crate) fn swarm_members(control: &str, id: &str) -> usize {
     let out = run_bounded(cmd, Duration::from_secs(10));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     v["members"].as_array().map_or(0, Vec::len)
+}
+
+/// Adds a peer credential (`nebula-credential`) to every call, as a daemon does.
+#[derive(Debug, Clone)]
+pub(crate) struct Credential(pub(crate) Option<tonic::metadata::AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for Credential {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(c) = &self.0 {
+            req.metadata_mut().insert("nebula-credential", c.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A control-plane client whose calls carry `credential`.
+pub(crate) type SignedClient = nebula_proto::v1::control_plane_client::ControlPlaneClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Credential>,
+>;
+
+/// A made-up peer playing the attacker (or a bystander) with a raw gRPC
+/// client: registered with the control plane like any join-token holder,
+/// its later calls carry the credential Register returned.
+#[derive(Debug)]
+pub(crate) struct RawPeer {
+    pub(crate) id: String,
+    pub(crate) credential: String,
+    pub(crate) client: SignedClient,
+}
+
+impl RawPeer {
+    /// Registers `id` at `address` with the control plane at `url`.
+    pub(crate) async fn register(
+        url: &str,
+        id: &str,
+        address: &str,
+    ) -> Result<Self, tonic::Status> {
+        let answer = Self::client(url, None)
+            .register(nebula_proto::v1::RegisterRequest {
+                peer_id: id.into(),
+                address: address.into(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        Ok(Self {
+            id: id.into(),
+            client: Self::client(url, Some(&answer.credential)),
+            credential: answer.credential,
+        })
+    }
+
+    /// A client of `url` presenting `credential`.
+    pub(crate) fn client(url: &str, credential: Option<&str>) -> SignedClient {
+        let channel = tonic::transport::Channel::from_shared(url.to_owned())
+            .unwrap()
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(10))
+            .connect_lazy();
+        nebula_proto::v1::control_plane_client::ControlPlaneClient::with_interceptor(
+            channel,
+            Credential(credential.map(|c| c.parse().unwrap())),
+        )
+    }
+
+    /// The Hello that must open its exchange streams.
+    pub(crate) fn hello(&self) -> nebula_proto::v1::ExchangeRequest {
+        nebula_proto::v1::ExchangeRequest {
+            request_id: 0,
+            kind: Some(nebula_proto::v1::exchange_request::Kind::Hello(
+                nebula_proto::v1::Hello {
+                    peer_id: self.id.clone(),
+                    address: String::new(),
+                },
+            )),
+        }
+    }
 }

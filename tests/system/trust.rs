@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status, transport::Channel};
 
 use crate::{
     daemon::fetch_report,
-    support::{Cluster, Daemon, file_id, random_file, wait_output},
+    support::{Cluster, Daemon, RawPeer, file_id, random_file, wait_output},
 };
 
 const MIB: usize = 1 << 20;
@@ -41,24 +41,16 @@ fn sha256_hex(path: &std::path::Path) -> String {
     hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
 }
 
-/// A client registered as the made-up peer `mallory` (the join token is all
-/// it needs).
-async fn mallory(url: &str) -> ControlPlaneClient<Channel> {
-    let mut c = client(url);
-    c.register(pb::RegisterRequest {
-        peer_id: "mallory".into(),
-        address: "127.0.0.1:9".into(),
-        zone: String::new(),
-        labels: Default::default(),
-    })
-    .await
-    .unwrap();
-    c
+/// The made-up peer `mallory`, registered (the join token is all it needs).
+async fn mallory(url: &str) -> RawPeer {
+    RawPeer::register(url, "mallory", "127.0.0.1:9")
+        .await
+        .unwrap()
 }
 
 /// A made-up peer registers and claims `id` under `sha256` (it holds nothing).
 async fn claim_alias(url: &str, id: &str, size: u64, sha256: &str) {
-    let mut c = mallory(url).await;
+    let mut c = mallory(url).await.client;
     c.announce(pb::AnnounceRequest {
         peer_id: "mallory".into(),
         blobs: vec![pb::BlobAnnouncement {
@@ -152,6 +144,12 @@ fn trust_a_false_sha256_alias_never_yields_other_bytes() {
     assert_eq!(file_id(&ok).to_string(), other_id);
 }
 
+/// A call passed on with its metadata (the caller's credential).
+fn forward<T>(r: Request<T>) -> Request<T> {
+    let (metadata, _, message) = r.into_parts();
+    Request::from_parts(metadata, Default::default(), message)
+}
+
 /// A relay between a daemon and its control plane that forwards every call
 /// but asks FindProviders about `swap_to` instead (a tampering middlebox).
 struct SwappingRelay {
@@ -165,51 +163,51 @@ impl ControlPlane for SwappingRelay {
         &self,
         r: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
-        self.upstream.clone().register(r.into_inner()).await
+        self.upstream.clone().register(forward(r)).await
     }
     async fn heartbeat(
         &self,
         r: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        self.upstream.clone().heartbeat(r.into_inner()).await
+        self.upstream.clone().heartbeat(forward(r)).await
     }
     async fn announce(
         &self,
         r: Request<pb::AnnounceRequest>,
     ) -> Result<Response<pb::AnnounceResponse>, Status> {
-        self.upstream.clone().announce(r.into_inner()).await
+        self.upstream.clone().announce(forward(r)).await
     }
     async fn find_providers(
         &self,
         r: Request<pb::FindProvidersRequest>,
     ) -> Result<Response<pb::FindProvidersResponse>, Status> {
-        let mut req = r.into_inner();
-        req.blob = self.swap_to.clone();
+        let mut req = forward(r);
+        req.get_mut().blob = self.swap_to.clone();
         self.upstream.clone().find_providers(req).await
     }
     async fn report_peer(
         &self,
         r: Request<pb::ReportPeerRequest>,
     ) -> Result<Response<pb::ReportPeerResponse>, Status> {
-        self.upstream.clone().report_peer(r.into_inner()).await
+        self.upstream.clone().report_peer(forward(r)).await
     }
     async fn deregister(
         &self,
         r: Request<pb::DeregisterRequest>,
     ) -> Result<Response<pb::DeregisterResponse>, Status> {
-        self.upstream.clone().deregister(r.into_inner()).await
+        self.upstream.clone().deregister(forward(r)).await
     }
     async fn resolve_url(
         &self,
         r: Request<pb::ResolveUrlRequest>,
     ) -> Result<Response<pb::ResolveUrlResponse>, Status> {
-        self.upstream.clone().resolve_url(r.into_inner()).await
+        self.upstream.clone().resolve_url(forward(r)).await
     }
     async fn record_url(
         &self,
         r: Request<pb::RecordUrlRequest>,
     ) -> Result<Response<pb::RecordUrlResponse>, Status> {
-        self.upstream.clone().record_url(r.into_inner()).await
+        self.upstream.clone().record_url(forward(r)).await
     }
 }
 
@@ -319,23 +317,27 @@ impl tonic::codec::Decoder for RawCodec {
 
 /// Opens an exchange stream to `addr`, sends `messages` as they are, and
 /// returns how the stream ended.
-async fn raw_exchange(addr: SocketAddr, messages: Vec<bytes::Bytes>) -> Result<(), Status> {
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect_timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .unwrap();
+async fn raw_exchange(
+    addr: SocketAddr,
+    peer: &RawPeer,
+    messages: Vec<bytes::Bytes>,
+) -> Result<(), Status> {
+    use prost::Message as _;
+    let channel = dial(addr).await;
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.unwrap();
     let path =
         tonic::codegen::http::uri::PathAndQuery::from_static("/nebula.v1.PeerExchange/Exchange");
     // Keep the request stream open: the answer must come from the server.
     let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
+    tx.send(peer.hello().encode_to_vec().into()).await.unwrap();
     for m in messages {
         tx.send(m).await.unwrap();
     }
-    let request = Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let mut request = Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    request
+        .metadata_mut()
+        .insert("nebula-credential", peer.credential.parse().unwrap());
     let mut answers = grpc.streaming(request, path, RawCodec).await?.into_inner();
     let ended = tokio::time::timeout(Duration::from_secs(10), async {
         // Bounded: the server answers nothing to these but the final status.
@@ -362,15 +364,13 @@ fn trust_unreadable_exchange_input_gets_an_error_status() {
     use prost::Message as _;
     let rt = runtime();
     let c = Cluster::start(2);
-    let src = c.path("src.bin");
-    let id = random_file(&src, 2 * MIB, 46).to_string();
-    c.daemons[0].add(&src);
-    assert!(c.wait_providers(&id, 1));
+    let id = seed(&c, 2 * MIB, 46);
     let target = c.daemons[0].addr;
+    let m = rt.block_on(mallory(&c.control.url()));
 
     // A truncated varint: not a protobuf message.
     let garbage = bytes::Bytes::from_static(&[0x0a, 0xff, 0xff, 0xff]);
-    let ended = rt.block_on(raw_exchange(target, vec![garbage]));
+    let ended = rt.block_on(raw_exchange(target, &m, vec![garbage]));
     let status = ended.expect_err("undecodable input ended the stream with OK");
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
 
@@ -383,7 +383,7 @@ fn trust_unreadable_exchange_input_gets_an_error_status() {
             ..pb::GetChunks::default()
         })),
     };
-    let ended = rt.block_on(raw_exchange(target, vec![huge.encode_to_vec().into()]));
+    let ended = rt.block_on(raw_exchange(target, &m, vec![huge.encode_to_vec().into()]));
     let status = ended.expect_err("oversized input ended the stream with OK");
     assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
 
@@ -400,24 +400,21 @@ fn trust_unreadable_exchange_input_gets_an_error_status() {
 /// and the stream of answers.
 async fn exchange_stream(
     addr: SocketAddr,
+    peer: &RawPeer,
 ) -> (
     tokio::sync::mpsc::Sender<pb::ExchangeRequest>,
     tonic::Streaming<pb::ExchangeResponse>,
 ) {
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect_timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .unwrap();
+    let channel = dial(addr).await;
     let mut client = pb::peer_exchange_client::PeerExchangeClient::new(channel)
         .max_decoding_message_size(8 << 20);
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
-    let answers = client
-        .exchange(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    tx.send(peer.hello()).await.unwrap();
+    let mut request = Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    request
+        .metadata_mut()
+        .insert("nebula-credential", peer.credential.parse().unwrap());
+    let answers = client.exchange(request).await.unwrap().into_inner();
     (tx, answers)
 }
 
@@ -440,14 +437,12 @@ fn get_chunks(request_id: u64, blob: &str, chunks: Vec<u32>) -> pb::ExchangeRequ
 fn trust_a_receiver_that_never_reads_cannot_hold_every_upload_slot() {
     let rt = runtime();
     let c = Cluster::start(2);
-    let src = c.path("src.bin");
-    let id = random_file(&src, 8 * MIB, 47).to_string();
-    c.daemons[0].add(&src);
-    assert!(c.wait_providers(&id, 1));
+    let id = seed(&c, 8 * MIB, 47);
     let target = c.daemons[0].addr;
 
     // The hog: 64 one-chunk requests on one stream, and it never reads.
-    let (hog, _unread) = rt.block_on(exchange_stream(target));
+    let attacker = rt.block_on(mallory(&c.control.url()));
+    let (hog, _unread) = rt.block_on(exchange_stream(target, &attacker));
     for n in 0..64u64 {
         rt.block_on(hog.send(get_chunks(n + 1, &id, vec![(n % 8) as u32])))
             .unwrap();
@@ -472,7 +467,7 @@ fn trust_a_receiver_that_never_reads_cannot_hold_every_upload_slot() {
     assert_eq!(file_id(&out).to_string(), id);
 
     // A flood of indexes in one request is answered with an error at once.
-    let (tx, mut answers) = rt.block_on(exchange_stream(target));
+    let (tx, mut answers) = rt.block_on(exchange_stream(target, &attacker));
     rt.block_on(tx.send(get_chunks(7, &id, (0..100_000).collect())))
         .unwrap();
     let first = rt
@@ -614,7 +609,7 @@ fn trust_an_inventory_flood_is_capped() {
         hex::encode(blake3::hash(&[round, i].map(u32::to_le_bytes).concat()).as_bytes())
     };
     let (accepted, refusals) = rt.block_on(async {
-        let mut m = mallory(&url).await;
+        let mut m = mallory(&url).await.client;
         let started = std::time::Instant::now();
         let (mut accepted, mut refusals) = (0u32, Vec::new());
         // 40 rounds of 500 partly held 8 GiB blobs (1 KiB bitmaps each),
@@ -675,10 +670,7 @@ fn trust_an_inventory_flood_is_capped() {
     assert!(grown < 96 * 1024, "the control plane grew by {grown} KiB");
 
     // Honest peers are unaffected.
-    let src = c.path("src.bin");
-    let id = random_file(&src, 4 * MIB, 53).to_string();
-    c.daemons[0].add(&src);
-    assert!(c.wait_providers(&id, 1));
+    let id = seed(&c, 4 * MIB, 53);
     let out = c.path("out.bin");
     let done = wait_output(c.daemons[1].spawn_fetch(&id, &out), Duration::from_secs(30));
     fetch_report(&done);
@@ -713,10 +705,7 @@ fn trust_silent_connections_are_closed_and_accept_backs_off() {
         };
         (flags, Vec::new())
     });
-    let src = c.path("src.bin");
-    let id = random_file(&src, 4 * MIB, 59).to_string();
-    c.daemons[0].add(&src);
-    assert!(c.wait_providers(&id, 1));
+    let id = seed(&c, 4 * MIB, 59);
     let (pid, addr) = (c.daemons[0].proc.pid(), c.daemons[0].addr);
     let limited = std::process::Command::new("prlimit")
         .args(["--pid", &pid.to_string(), "--nofile=200:200"])
@@ -765,4 +754,455 @@ fn trust_silent_connections_are_closed_and_accept_backs_off() {
     let done = wait_output(c.daemons[1].spawn_fetch(&id, &out), Duration::from_secs(30));
     fetch_report(&done);
     assert_eq!(file_id(&out).to_string(), id);
+}
+
+/// A connection to the daemon serving at `addr`.
+async fn dial(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// Adds a random blob of `size` bytes to `c`'s first daemon and waits until
+/// the control plane offers it; its id.
+fn seed(c: &Cluster, size: usize, seed: u64) -> String {
+    let src = c.path("src.bin");
+    let id = random_file(&src, size, seed).to_string();
+    c.daemons[0].add(&src);
+    assert!(c.wait_providers(&id, 1));
+    id
+}
+
+/// The providers the control plane at `url` offers for `id` (none on error).
+fn offered(rt: &tokio::runtime::Runtime, url: &str, id: &str) -> Vec<pb::Provider> {
+    rt.block_on(async {
+        RawPeer::client(url, None)
+            .find_providers(pb::FindProvidersRequest {
+                blob: id.into(),
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner().providers)
+            .unwrap_or_default()
+    })
+}
+
+/// Daemon `i` of `c` still fetches `id`, byte for byte.
+fn honest_fetch_works(c: &Cluster, i: usize, id: &str) {
+    let out = c.path(&format!("honest-{i}.bin"));
+    fetch_report(&wait_output(
+        c.daemons[i].spawn_fetch(id, &out),
+        Duration::from_secs(60),
+    ));
+    assert_eq!(file_id(&out).to_string(), id);
+}
+
+/// An exchange stream opened with `credential` (if any) that sends
+/// `messages` as they are: what its answers end with.
+async fn exchange_as(
+    addr: SocketAddr,
+    credential: Option<&str>,
+    messages: Vec<pb::ExchangeRequest>,
+) -> Result<Vec<pb::ExchangeResponse>, Status> {
+    let channel = dial(addr).await;
+    let mut client = pb::peer_exchange_client::PeerExchangeClient::new(channel);
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    for m in messages {
+        tx.send(m).await.unwrap();
+    }
+    let mut request = Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    if let Some(c) = credential {
+        request
+            .metadata_mut()
+            .insert("nebula-credential", c.parse().unwrap());
+    }
+    let mut answers = client.exchange(request).await?.into_inner();
+    let mut got = Vec::new();
+    // Bounded: a few answers, or the stream's end, within 10 s.
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        while got.len() < 4 {
+            match answers.message().await? {
+                Some(m) => got.push(m),
+                None => break,
+            }
+        }
+        Ok::<_, Status>(())
+    })
+    .await;
+    drop(tx);
+    match end {
+        Ok(result) => result.map(|()| got),
+        Err(_) => Ok(got),
+    }
+}
+
+fn hello_as(peer_id: &str) -> pb::ExchangeRequest {
+    pb::ExchangeRequest {
+        request_id: 0,
+        kind: Some(pb::exchange_request::Kind::Hello(pb::Hello {
+            peer_id: peer_id.into(),
+            address: String::new(),
+        })),
+    }
+}
+
+/// Row 3: PeerExchange serves only fleet members. A stream with no
+/// credential, a credential signed by another key, no Hello first, a Hello
+/// naming another peer, or a second Hello gets no chunk, only an error
+/// status; a member (even a made-up one, holding the join token) is served,
+/// and honest fetches go on.
+#[test]
+fn trust_only_fleet_members_get_chunks() {
+    let rt = runtime();
+    let c = Cluster::start(2);
+    let id = seed(&c, 2 * MIB, 48);
+    let target = c.daemons[0].addr;
+    let m = rt.block_on(mallory(&c.control.url()));
+    let forged = nebula_common::credential::SigningKey::generate().issue(
+        "mallory",
+        "127.0.0.1:9",
+        Duration::from_secs(600),
+    );
+    let ask = get_chunks(1, &id, vec![0]);
+    let refused = |credential: Option<&str>, messages: Vec<pb::ExchangeRequest>| {
+        let answer = rt.block_on(exchange_as(target, credential, messages));
+        match answer {
+            Err(status) => status,
+            Ok(got) => panic!("served: {got:?}"),
+        }
+    };
+    for (what, status) in [
+        (
+            "no credential",
+            refused(None, vec![hello_as("mallory"), ask.clone()]),
+        ),
+        (
+            "a credential of another key",
+            refused(Some(&forged), vec![hello_as("mallory"), ask.clone()]),
+        ),
+        (
+            "no Hello first",
+            refused(Some(&m.credential), vec![ask.clone()]),
+        ),
+        (
+            "a Hello naming another peer",
+            refused(Some(&m.credential), vec![hello_as("d1"), ask.clone()]),
+        ),
+    ] {
+        assert_eq!(
+            status.code(),
+            tonic::Code::Unauthenticated,
+            "{what}: {status:?}"
+        );
+    }
+    let twice = refused(
+        Some(&m.credential),
+        vec![hello_as("mallory"), hello_as("mallory"), ask.clone()],
+    );
+    assert_eq!(twice.code(), tonic::Code::InvalidArgument, "{twice:?}");
+
+    // A member is served: the first answer is a piece of chunk 0.
+    let served = rt
+        .block_on(exchange_as(
+            target,
+            Some(&m.credential),
+            vec![hello_as("mallory"), ask],
+        ))
+        .unwrap();
+    assert!(
+        matches!(
+            served.first().and_then(|a| a.kind.as_ref()),
+            Some(pb::exchange_response::Kind::Piece(p)) if p.chunk == 0
+        ),
+        "{served:?}"
+    );
+    honest_fetch_works(&c, 1, &id);
+}
+
+/// Row 4: a join-token holder cannot act as another peer. Heartbeats,
+/// announcements, deregistration and URL calls for the victim's id are
+/// refused (with its own credential, another's, or none); registering the
+/// victim's id at another address is refused, and so is an address that is
+/// not the caller's own. The victim stays where it is and serves.
+#[test]
+fn trust_a_peer_id_is_bound_to_its_credential() {
+    let rt = runtime();
+    let c = Cluster::start(2);
+    let url = c.control.url();
+    let victim = c.daemons[0].status()["peer_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let victim_addr = c.daemons[0].addr.to_string();
+    let id = seed(&c, 2 * MIB, 49);
+
+    let codes = rt.block_on(async {
+        let mut m = mallory(&url).await.client;
+        let mut anonymous = RawPeer::client(&url, None);
+        let mut codes = Vec::new();
+        let load = pb::Load {
+            active_uploads: 0,
+            upload_bytes_per_sec: u64::MAX,
+            upload_slots: u32::MAX,
+        };
+        for client in [&mut m, &mut anonymous] {
+            let beat = pb::HeartbeatRequest {
+                peer_id: victim.clone(),
+                load: Some(load),
+            };
+            codes.push((
+                "heartbeat",
+                client.heartbeat(beat).await.unwrap_err().code(),
+            ));
+            let ann = pb::AnnounceRequest {
+                peer_id: victim.clone(),
+                full_inventory: true,
+                ..Default::default()
+            };
+            codes.push(("announce", client.announce(ann).await.unwrap_err().code()));
+            let bye = pb::DeregisterRequest {
+                peer_id: victim.clone(),
+            };
+            codes.push((
+                "deregister",
+                client.deregister(bye).await.unwrap_err().code(),
+            ));
+            let url_call = pb::ResolveUrlRequest {
+                peer_id: victim.clone(),
+                url: "http://127.0.0.1:1/x".into(),
+                refresh: false,
+            };
+            codes.push((
+                "resolve_url",
+                client.resolve_url(url_call).await.unwrap_err().code(),
+            ));
+            // Moving the victim's id to the attacker's address.
+            let steal = pb::RegisterRequest {
+                peer_id: victim.clone(),
+                address: "127.0.0.1:9".into(),
+                ..Default::default()
+            };
+            codes.push(("register", client.register(steal).await.unwrap_err().code()));
+        }
+        // An address that is not the caller's own.
+        let foreign = pb::RegisterRequest {
+            peer_id: "elsewhere".into(),
+            address: "127.0.0.2:9".into(),
+            ..Default::default()
+        };
+        codes.push(("foreign", m.register(foreign).await.unwrap_err().code()));
+        codes
+    });
+    for (call, code) in codes {
+        assert!(
+            matches!(
+                code,
+                tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+            ),
+            "{call}: {code:?}"
+        );
+    }
+    // The victim is still registered at its own address and serves.
+    let peers = crate::support::swarm_members(&url, &id);
+    assert_eq!(peers, 1);
+    let listed = offered(&rt, &url, &id);
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].peer_id, victim);
+    assert_eq!(listed[0].address, victim_addr);
+    honest_fetch_works(&c, 1, &id);
+}
+
+/// Row 5: made-up peers cannot quarantine an honest one. Their reports are
+/// refused until discovery has sent them to it; one reporter's flood is
+/// rate-limited; and the quarantine two colluders can then cause lapses
+/// on its own (here after 3 s), so the honest peer serves again.
+#[test]
+fn trust_made_up_reports_neither_count_nor_last() {
+    let rt = runtime();
+    let c = Cluster::start_flagged(
+        2,
+        &["--quarantine-ttl", "3s", "--reports-per-minute", "5"],
+        |_| (Vec::new(), Vec::new()),
+    );
+    let url = c.control.url();
+    let honest = c.daemons[0].status()["peer_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let id = seed(&c, 2 * MIB, 50);
+    let report = |reporter: &str| pb::ReportPeerRequest {
+        reporter_id: reporter.into(),
+        peer_id: honest.clone(),
+        blob: id.clone(),
+        reason: "made up".into(),
+    };
+    let find = |asker: &str| pb::FindProvidersRequest {
+        peer_id: asker.into(),
+        blob: id.clone(),
+        ..Default::default()
+    };
+    rt.block_on(async {
+        let mut a = RawPeer::register(&url, "liar-a", "127.0.0.1:9")
+            .await
+            .unwrap();
+        let mut b = RawPeer::register(&url, "liar-b", "127.0.0.1:10")
+            .await
+            .unwrap();
+        // Not sent to the honest peer by discovery: the reports do not count.
+        for p in [&mut a, &mut b] {
+            let status = p.client.report_peer(report(&p.id)).await.unwrap_err();
+            assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+        }
+        // One reporter cannot report as another.
+        let status = a.client.report_peer(report("liar-b")).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+        // A flood from one reporter is cut at its rate (5 a minute).
+        let mut limited = 0;
+        for _ in 0..20 {
+            if let Err(s) = a.client.report_peer(report("liar-a")).await
+                && s.code() == tonic::Code::ResourceExhausted
+            {
+                limited += 1;
+            }
+        }
+        assert!(limited >= 15, "{limited} of 20 reports were rate-limited");
+
+        // Colluders that asked discovery can quarantine it (two reports)…
+        b.client.find_providers(find("liar-b")).await.unwrap();
+        let c2 = RawPeer::register(&url, "liar-c", "127.0.0.1:11")
+            .await
+            .unwrap();
+        let mut c2 = c2;
+        c2.client.find_providers(find("liar-c")).await.unwrap();
+        b.client.report_peer(report("liar-b")).await.unwrap();
+        let q = c2.client.report_peer(report("liar-c")).await.unwrap();
+        assert!(q.into_inner().quarantined);
+    });
+    assert_eq!(crate::support::swarm_members(&url, &id), 1);
+    let providers = |url: &str| offered(&rt, url, &id).len();
+    assert_eq!(providers(&url), 0, "a quarantined peer is still offered");
+    // …but not for long: without more reports the sanction lapses.
+    assert!(
+        crate::support::wait_until(Duration::from_secs(15), || providers(&url) == 1),
+        "the quarantine did not lapse"
+    );
+    honest_fetch_works(&c, 1, &id);
+}
+
+/// Row 9: the health probe checks that the peer answering is the one
+/// registered. Registrations pointing at the control plane's own port or at
+/// another peer's address never pass as healthy (and are not offered);
+/// hostnames and other hosts' addresses are refused at registration, and
+/// registrations from one source are rate-limited. Honest peers stay healthy.
+#[test]
+fn trust_probes_check_the_peer_and_registrations_their_source() {
+    let rt = runtime();
+    let c = Cluster::start_flagged(2, &["--registrations-per-minute", "30"], |_| {
+        (Vec::new(), Vec::new())
+    });
+    let url = c.control.url();
+    let id = seed(&c, 2 * MIB, 51);
+    let own_port = c.control.addr.to_string();
+    let other_peer = c.daemons[1].addr.to_string();
+
+    let (fakes, refusals) = rt.block_on(async {
+        let mut fakes = Vec::new();
+        for (name, address) in [("at-control", &own_port), ("at-d1", &other_peer)] {
+            let mut p = RawPeer::register(&url, name, address).await.unwrap();
+            p.client
+                .announce(pb::AnnounceRequest {
+                    peer_id: name.into(),
+                    blobs: vec![pb::BlobAnnouncement {
+                        id: id.clone(),
+                        size: 2 * MIB as u64,
+                        complete: true,
+                        ..Default::default()
+                    }],
+                    full_inventory: true,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            fakes.push(p);
+        }
+        let mut refusals = Vec::new();
+        for address in ["localhost:22", "127.0.0.2:22", "example.com:22"] {
+            let status = RawPeer::register(&url, "pointer", address)
+                .await
+                .unwrap_err();
+            refusals.push((address, status.code()));
+        }
+        (fakes, refusals)
+    });
+    for (address, code) in refusals {
+        assert_eq!(code, tonic::Code::PermissionDenied, "{address}");
+    }
+
+    // Keep the fakes' leases alive while the probes judge them.
+    let alive = |fakes: &mut Vec<RawPeer>| {
+        rt.block_on(async {
+            for p in fakes.iter_mut() {
+                let beat = pb::HeartbeatRequest {
+                    peer_id: p.id.clone(),
+                    load: None,
+                };
+                p.client.heartbeat(beat).await.unwrap();
+            }
+        })
+    };
+    let mut fakes = fakes;
+    let state = |peer: &str| {
+        let listed = crate::support::nebula()
+            .args(["admin", "peers", "--json", "--control", &url])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap_or_default();
+        v["peers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["peer_id"] == peer)
+            .map(|p| p["state"].as_str().unwrap_or("").to_owned())
+            .unwrap_or_default()
+    };
+    let judged = crate::support::wait_until(Duration::from_secs(15), || {
+        alive(&mut fakes);
+        state("at-control") == "UNHEALTHY" && state("at-d1") == "UNHEALTHY"
+    });
+    assert!(
+        judged,
+        "fakes: {} and {}",
+        state("at-control"),
+        state("at-d1")
+    );
+    let offered = offered(&rt, &url, &id);
+    let ids: Vec<&str> = offered.iter().map(|p| p.peer_id.as_str()).collect();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    assert!(!ids.contains(&"at-control") && !ids.contains(&"at-d1"));
+    for d in &c.daemons {
+        let me = d.status()["peer_id"].as_str().unwrap().to_owned();
+        assert_eq!(state(&me), "HEALTHY");
+    }
+
+    // A registration flood from one source is cut at its rate (30 a minute).
+    let limited = rt.block_on(async {
+        let mut limited = 0;
+        for i in 0..60 {
+            let id = format!("flood-{i}");
+            if let Err(s) = RawPeer::register(&url, &id, "127.0.0.1:9").await
+                && s.code() == tonic::Code::ResourceExhausted
+            {
+                limited += 1;
+            }
+        }
+        limited
+    });
+    assert!(
+        limited >= 25,
+        "{limited} of 60 registrations were rate-limited"
+    );
+    honest_fetch_works(&c, 1, &id);
 }

@@ -103,6 +103,9 @@ struct Sanction {
     standing: Standing,
     reason: Arc<str>,
     reporters: Vec<PeerId>,
+    /// When reports (and a quarantine they led to) lapse; `None` for an
+    /// operator's verdict, which stays.
+    lapses: Option<Instant>,
 }
 
 impl Default for Sanction {
@@ -111,6 +114,7 @@ impl Default for Sanction {
             standing: Standing::Active,
             reason: Arc::from(""),
             reporters: Vec::new(),
+            lapses: None,
         }
     }
 }
@@ -598,6 +602,7 @@ impl StateStore for MemoryStore {
             let mut sanction = self.sanctions.entry(peer.clone()).or_default();
             sanction.standing = standing;
             sanction.reason = Arc::from(reason);
+            sanction.lapses = None;
             self.mirror(peer, &sanction);
         }
         let Some(idx) = self.live_index(peer, now) else {
@@ -612,11 +617,16 @@ impl StateStore for MemoryStore {
         reporter: &PeerId,
         reason: &str,
         quarantine_after: u32,
+        ttl: Duration,
     ) -> Result<Option<ReportOutcome>, StoreError> {
-        if self.live_index(provider, Instant::now()).is_none() {
+        let now = Instant::now();
+        if self.live_index(provider, now).is_none() {
             return Ok(None);
         }
         let mut sanction = self.sanctions.entry(provider.clone()).or_default();
+        if matches!(sanction.standing, Standing::Active | Standing::Quarantined) {
+            sanction.lapses = Some(now + ttl);
+        }
         if !sanction.reporters.contains(reporter) && sanction.reporters.len() < MAX_REPORTERS {
             sanction.reporters.push(reporter.clone());
         }
@@ -687,6 +697,22 @@ impl StateStore for MemoryStore {
         let now = Instant::now();
         self.urls.retain(|_, e| e.1 > now);
         self.origin_leases.retain(|_, e| e.1 > now);
+        let lifted: Vec<PeerId> = self
+            .sanctions
+            .iter()
+            .filter(|s| s.lapses.is_some_and(|at| at <= now))
+            .map(|s| s.key().clone())
+            .collect();
+        for id in lifted {
+            // Checked again under the entry's guard: a report may have renewed it.
+            if let Some((id, _)) = self
+                .sanctions
+                .remove_if(&id, |_, s| s.lapses.is_some_and(|at| at <= now))
+            {
+                self.mirror(&id, &Sanction::default());
+                tracing::info!(peer = %id, "reports lapsed; the peer is active again");
+            }
+        }
         let lapsed: Vec<PeerId> = self
             .peers
             .iter()
@@ -895,5 +921,44 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(snap.standing, Standing::Active);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn quarantines_lapse_unless_renewed_and_bans_stay() {
+        let s = MemoryStore::new();
+        let (a, b, r1, r2, r3): (PeerId, PeerId, PeerId, PeerId, PeerId) = (
+            "a".parse().unwrap(),
+            "b".parse().unwrap(),
+            "r1".parse().unwrap(),
+            "r2".parse().unwrap(),
+            "r3".parse().unwrap(),
+        );
+        let long = Duration::from_secs(3600);
+        for id in ["a", "b", "r1", "r2", "r3"] {
+            s.register(reg(id), long).await.unwrap();
+        }
+        let ttl = Duration::from_secs(10);
+        s.report(&a, &r1, "bad", 2, ttl).await.unwrap();
+        let q = s.report(&a, &r2, "bad", 2, ttl).await.unwrap().unwrap();
+        assert!(q.quarantined);
+        s.set_standing(&b, Standing::Banned, "op").await.unwrap();
+        s.report(&b, &r1, "bad", 2, ttl).await.unwrap();
+        // A report 8 s in renews the quarantine.
+        tokio::time::advance(Duration::from_secs(8)).await;
+        s.report(&a, &r3, "bad", 2, ttl).await.unwrap();
+        tokio::time::advance(Duration::from_secs(8)).await;
+        s.expire().await.unwrap();
+        let standing = |p: &PeerId| {
+            let p = p.clone();
+            let s = &s;
+            async move { s.peer(&p).await.unwrap().unwrap() }
+        };
+        assert_eq!(standing(&a).await.standing, Standing::Quarantined);
+        // 10 s after the last report it lapses, reports and all; the ban stays.
+        tokio::time::advance(Duration::from_secs(3)).await;
+        s.expire().await.unwrap();
+        let lapsed = standing(&a).await;
+        assert_eq!((lapsed.standing, lapsed.reports), (Standing::Active, 0));
+        assert_eq!(standing(&b).await.standing, Standing::Banned);
     }
 }

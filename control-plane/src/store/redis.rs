@@ -472,12 +472,13 @@ if ARGV[1] == 'active' then
   redis.call('DEL', KEYS[2], KEYS[3])
 else
   redis.call('HSET', KEYS[2], 'standing', ARGV[1], 'reason', ARGV[2])
+  redis.call('PERSIST', KEYS[2])
 end
 return 1
 "#,
             ),
             // KEYS: peer, sanction, reporters. ARGV: reporter, reason,
-            // quarantine after, max reporters. Returns false or {reports, quarantined}.
+            // quarantine after, max reporters, ttl ms. Returns false or {reports, quarantined}.
             report: script(
                 r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
@@ -491,6 +492,12 @@ if reports >= tonumber(ARGV[3]) and (standing == 'active' or standing == 'draini
   redis.call('HSET', KEYS[2], 'standing', standing)
 end
 if standing ~= 'banned' then redis.call('HSET', KEYS[2], 'reason', ARGV[2]) end
+-- Reports lapse ARGV[5] ms after the last one, and with them a quarantine
+-- (the sanction key); an operator's ban or drain stays.
+redis.call('PEXPIRE', KEYS[3], ARGV[5])
+if standing == 'active' or standing == 'quarantined' then
+  redis.call('PEXPIRE', KEYS[2], ARGV[5])
+end
 return {reports, standing == 'quarantined' and 1 or 0}
 "#,
             ),
@@ -1636,11 +1643,13 @@ impl StateStore for RedisStore {
         reporter: &PeerId,
         reason: &str,
         quarantine_after: u32,
+        ttl: Duration,
     ) -> Result<Option<ReportOutcome>, StoreError> {
         self.forget_swarms();
         self.run("report", async {
             let keys = self.peer_keys(provider.as_str(), &["peer", "sanction", "reporters"]);
             let (q, m) = (quarantine_after.to_string(), MAX_REPORTERS.to_string());
+            let ttl = ttl.as_millis().max(1).to_string();
             let v = self
                 .eval(
                     &self.scripts.report,
@@ -1650,6 +1659,7 @@ impl StateStore for RedisStore {
                         reason.as_bytes(),
                         q.as_bytes(),
                         m.as_bytes(),
+                        ttl.as_bytes(),
                     ],
                 )
                 .await?;
