@@ -305,14 +305,13 @@ impl Daemon {
 
     /// Kills it (SIGKILL) and starts it again on the same store and port.
     pub(crate) fn restart(&mut self) {
+        self.restart_on(self.addr);
+    }
+
+    /// Kills it (SIGKILL) and starts it again on the same store, listening on `listen`.
+    pub(crate) fn restart_on(&mut self, listen: SocketAddr) {
         self.proc.kill();
-        let (proc, addr) = spawn_daemon(
-            &self.store,
-            &self.control,
-            &self.args,
-            &self.envs,
-            self.addr,
-        );
+        let (proc, addr) = spawn_daemon(&self.store, &self.control, &self.args, &self.envs, listen);
         self.proc = proc;
         self.addr = addr;
     }

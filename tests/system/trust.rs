@@ -1015,6 +1015,34 @@ fn trust_a_peer_id_is_bound_to_its_credential() {
     honest_fetch_works(&c, 1, &id);
 }
 
+/// Row 4, the honest side: a daemon killed and started again on another port
+/// while its lease is alive moves its own peer id there at once, with the
+/// credential it keeps in its store, and serves from the new address.
+#[test]
+fn trust_a_restarted_daemon_moves_its_own_id_with_its_credential() {
+    let rt = runtime();
+    let mut c = Cluster::start(2);
+    let id = seed(&c, 2 * MIB, 52);
+    let peer = c.daemons[0].status()["peer_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let old = c.daemons[0].addr;
+    c.daemons[0].restart_on("127.0.0.1:0".parse().unwrap());
+    assert_ne!(c.daemons[0].addr, old);
+    c.daemons[0].wait_registered();
+    let url = c.control.url();
+    let moved = crate::support::wait_until(Duration::from_secs(10), || {
+        offered(&rt, &url, &id)
+            .iter()
+            .any(|p| p.peer_id == peer && p.address == c.daemons[0].addr.to_string())
+    });
+    assert!(moved, "{:?}", offered(&rt, &url, &id));
+    let log = c.daemons[0].proc.log_text();
+    assert!(!log.contains("cannot register"), "{log}");
+    honest_fetch_works(&c, 1, &id);
+}
+
 /// Row 5: made-up peers cannot quarantine an honest one. Their reports are
 /// refused until discovery has sent them to it; one reporter's flood is
 /// rate-limited; and the quarantine two colluders can then cause lapses
