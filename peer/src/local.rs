@@ -425,17 +425,7 @@ impl LocalApi for LocalService {
 
 /// Connects to a daemon's local API on the Unix socket at `path`.
 pub async fn connect_local(path: PathBuf) -> Result<LocalApiClient<Channel>, std::io::Error> {
-    // The URI is required by the HTTP/2 layer but unused: the connector dials the socket.
-    let endpoint = tonic::transport::Endpoint::from_static("http://localhost");
-    let channel = endpoint
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
+    let channel = nebula_proto::unix::connect(nebula_proto::unix::endpoint(), path)
         .await
         .map_err(std::io::Error::other)?;
     Ok(LocalApiClient::new(channel)
