@@ -322,11 +322,14 @@ impl LocalApi for LocalService {
         request: Request<pb::ReadRequest>,
     ) -> Result<Response<Self::ReadStream>, Status> {
         let req = request.into_inner();
-        let blob = match parse_ref(&req.blob)? {
+        let wanted = parse_ref(&req.blob)?;
+        let blob = match wanted {
             BlobRef::Blake3(id) => self.shared.store.get(&id),
             BlobRef::Sha256(d) => self.shared.store.find_sha256(&d),
         }
-        .ok_or_else(|| Status::not_found(format!("blob {} is not in the store", req.blob)))?;
+        // The parsed form, not the request's text: that may hold white space
+        // and line breaks around the id.
+        .ok_or_else(|| Status::not_found(format!("blob {wanted} is not in the store")))?;
         if !blob.is_complete() {
             return Err(Status::failed_precondition(format!(
                 "blob {} is incomplete",

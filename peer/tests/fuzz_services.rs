@@ -206,6 +206,7 @@ fn blob_text(seeds: Vec<String>) -> impl Strategy<Value = String> {
         1 => prop::sample::select(upper),
         1 => prop::sample::select(seeds).prop_map(|s| format!("blake3:{s}")),
         1 => "[0-9a-f]{64}",
+        1 => "[ \t\n]{0,2}[0-9a-f]{64}[ \t\n]{0,2}",
         1 => "(sha256:|)[0-9a-fx]{0,66}",
         1 => any::<String>(),
     ]
@@ -517,4 +518,25 @@ fn fuzz_local_api_sequences() {
             },
         )
         .unwrap();
+}
+
+/// Found by `fuzz_local_api_sequences`: a read of an id with a line break
+/// around it (the id parses: white space is trimmed) answered NOT_FOUND with
+/// the request's text, line break and all, in its message.
+#[test]
+fn issue10_fuzz_a_read_of_a_padded_id_answers_in_one_line() {
+    let fixture = Fixture::start();
+    let status = fixture.rt.block_on(async {
+        let mut local = fixture.local().await;
+        let padded = format!("\n{}\n", "0a".repeat(32));
+        match local.read(pb::ReadRequest { blob: padded }).await {
+            Ok(stream) => stream.into_inner().message().await.unwrap_err(),
+            Err(status) => status,
+        }
+    });
+    assert_eq!(status.code(), Code::NotFound);
+    assert_eq!(
+        status.message(),
+        format!("blob {} is not in the store", "0a".repeat(32))
+    );
 }
