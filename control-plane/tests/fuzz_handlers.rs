@@ -51,6 +51,7 @@ fn blob() -> impl Strategy<Value = String> {
         1 => prop::sample::select(BLOBS.to_vec()).prop_map(|b| format!("blake3:{b}")),
         1 => prop::sample::select(SHAS.to_vec()).prop_map(|s| format!("sha256:{s}")),
         1 => "[0-9a-fA-Fgx:]{0,70}",
+        1 => prop::sample::select(BLOBS.to_vec()).prop_map(|b| format!("\n {b}\t")),
         1 => any::<String>(),
     ]
 }
