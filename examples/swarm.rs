@@ -310,6 +310,7 @@ fn print_table(cluster: &Cluster, fetches: &[Fetch], checks: &[bool], size: u64)
 fn print_kept(cluster: Cluster, id: &str) {
     let bin = std::fs::canonicalize(cluster.bin()).unwrap_or_else(|_| cluster.bin().to_path_buf());
     let control = cluster.control_url().to_owned();
+    let admin_socket = cluster.admin_socket().to_path_buf();
     let mut pids = vec![cluster.control_pid().to_string()];
     let sockets: Vec<PathBuf> = cluster.peers().iter().map(|p| p.socket.clone()).collect();
     for peer in cluster.peers() {
@@ -335,7 +336,10 @@ fn print_kept(cluster: Cluster, id: &str) {
         sockets[0].display(),
         sockets[sockets.len() - 1].display()
     );
-    println!("  {bin} admin peers --control {control}");
+    println!(
+        "  {bin} admin peers --admin-socket {}",
+        admin_socket.display()
+    );
     println!("Stop it with:");
     println!("  kill {} && rm -rf {}", pids.join(" "), dir.display());
 }

@@ -48,9 +48,14 @@ pub(crate) struct ControlArgs {
     /// Token every peer call must carry (`authorization: Bearer <token>`).
     #[arg(long, env = "NEBULA_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
-    /// Token every admin call must carry; without it the admin API answers loopback only.
+    /// Token every admin call over TCP must carry; without it the admin API is
+    /// off on TCP and answers only on --admin-socket.
     #[arg(long, env = "NEBULA_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// Serve the admin API on a Unix socket at this path, mode 0600 (only
+    /// this user may connect; no token is asked there). Removed on exit.
+    #[arg(long, env = "NEBULA_ADMIN_SOCKET", value_name = "PATH")]
+    admin_socket: Option<PathBuf>,
     /// A peer's lease lapses this long after its last heartbeat [default: 6s].
     #[arg(long, env = "NEBULA_LEASE_TTL", value_parser = parse_duration)]
     lease_ttl: Option<Duration>,
@@ -326,12 +331,22 @@ pub(crate) async fn run_control(args: ControlArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let http = args.serve.bind_http().await?;
+    // Bound before the address is printed: whoever reads it may call at once.
+    let admin_socket = match &args.admin_socket {
+        Some(path) => Some(
+            nebula_proto::unix::bind_private(path)
+                .await
+                .with_context(|| format!("cannot bind --admin-socket {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let listeners = Listeners { http, admin_socket };
     match state {
         State::Memory => {
             let control = ControlPlane::spawn(listener, config)
                 .await
                 .context("cannot start the control plane")?;
-            serve_until_signal(control, http, shutdown).await
+            serve_until_signal(control, listeners, shutdown).await
         }
         State::Redis(mut redis) => {
             redis.caps = config.inventory_caps;
@@ -347,19 +362,29 @@ pub(crate) async fn run_control(args: ControlArgs) -> anyhow::Result<()> {
             let control = ControlPlane::spawn_with_store(listener, config, store)
                 .await
                 .context("cannot start the control plane")?;
-            serve_until_signal(control, http, shutdown).await
+            serve_until_signal(control, listeners, shutdown).await
         }
     }
 }
 
+/// The control plane's listeners besides its gRPC port.
+#[derive(Debug)]
+struct Listeners {
+    http: Option<tokio::net::TcpListener>,
+    admin_socket: Option<(tokio::net::UnixListener, nebula_proto::unix::SocketFile)>,
+}
+
 async fn serve_until_signal<S: StateStore>(
     mut control: ControlPlane<S>,
-    http: Option<tokio::net::TcpListener>,
+    listeners: Listeners,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    if let Some((listener, socket)) = listeners.admin_socket {
+        control.serve_admin_socket(listener, socket);
+    }
     // Tests and scripts read the ports from these lines.
     println!("listening on {}", control.local_addr());
-    if let Some(http) = http {
+    if let Some(http) = listeners.http {
         let addr = http.local_addr().context("--http-listen")?;
         control.serve_http(http);
         println!("http on {addr}");
@@ -385,7 +410,8 @@ pub(crate) struct AdminArgs {
         value_parser = parse_control_url
     )]
     control: String,
-    /// The control plane's admin token.
+    /// The control plane's admin token (for --control; a control plane
+    /// without one answers admin calls only on its --admin-socket).
     #[arg(
         long,
         global = true,
@@ -393,6 +419,10 @@ pub(crate) struct AdminArgs {
         hide_env_values = true
     )]
     admin_token: Option<String>,
+    /// Reach the control plane on its admin socket (`nebula control
+    /// --admin-socket PATH`) instead of --control; needs no token or TLS.
+    #[arg(long, global = true, env = "NEBULA_ADMIN_SOCKET", value_name = "PATH")]
+    admin_socket: Option<PathBuf>,
     /// Print one JSON object instead of a table.
     #[arg(long, global = true, env = "NEBULA_JSON", action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
     json: bool,
@@ -498,12 +528,10 @@ fn rpc_error(control: &str, status: Status) -> anyhow::Error {
     anyhow::anyhow!("{line} ({})", code_name(status.code()))
 }
 
-/// Connects to the first replica of `--control` that accepts a connection;
-/// a host name counts once per address it resolves to.
+/// Connects to `--admin-socket` when given, else to the first replica of
+/// `--control` that accepts a connection; a host name counts once per
+/// address it resolves to.
 async fn connect(args: &AdminArgs, tls: Option<&TlsConfig>) -> anyhow::Result<Admin> {
-    // `--control` was checked and normalized by `parse_control_url`, and
-    // agrees with the TLS flags (`check_control_tls`).
-    let replicas = replicas::expand(&args.control, &replicas::SystemResolver).await;
     let token = match &args.admin_token {
         Some(t) => Some(
             format!("Bearer {t}")
@@ -512,6 +540,23 @@ async fn connect(args: &AdminArgs, tls: Option<&TlsConfig>) -> anyhow::Result<Ad
         ),
         None => None,
     };
+    if let Some(path) = &args.admin_socket {
+        let endpoint = nebula_proto::unix::endpoint()
+            .connect_timeout(Duration::from_secs(5).min(args.timeout))
+            .timeout(args.timeout);
+        let channel = nebula_proto::unix::connect(endpoint, path.clone())
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot reach the control plane's admin socket {}",
+                    path.display()
+                )
+            })?;
+        return Ok(AdminClient::with_interceptor(channel, Bearer(token)));
+    }
+    // `--control` was checked and normalized by `parse_control_url`, and
+    // agrees with the TLS flags (`check_control_tls`).
+    let replicas = replicas::expand(&args.control, &replicas::SystemResolver).await;
     let mut last = None;
     for replica in &replicas {
         let endpoint = replica
@@ -617,6 +662,10 @@ pub(crate) async fn run_admin(args: AdminArgs) -> anyhow::Result<()> {
     {
         parse_peer(peer)?;
     }
+    if args.admin_socket.is_some() {
+        // A Unix socket: no TLS, and --control is not dialed.
+        return call(&args, None, blob).await;
+    }
     let tls = args.tls.load()?;
     check_control_tls(&args.control, tls.as_ref())?;
     match call(&args, tls.as_ref(), blob).await {
@@ -632,7 +681,11 @@ async fn call(
     blob: Option<BlobRef>,
 ) -> anyhow::Result<()> {
     let mut admin = connect(args, tls).await?;
-    let rpc_error = |status| rpc_error(&args.control, status);
+    let target = match &args.admin_socket {
+        Some(path) => path.display().to_string(),
+        None => args.control.clone(),
+    };
+    let rpc_error = |status| rpc_error(&target, status);
     match &args.command {
         AdminCommand::Peers => {
             let peers = admin

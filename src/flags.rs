@@ -286,10 +286,8 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
             ));
         }
     };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("invalid duration {s:?}"));
-    }
-    Ok(Duration::from_secs_f64(secs))
+    // `try_`: a duration past u64::MAX seconds is an error, not a panic.
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("invalid duration {s:?} (too long)"))
 }
 
 /// Parses `--control`: one control-plane URL or several replicas' as
@@ -373,6 +371,62 @@ mod tests {
             "h:port",
         ] {
             assert!(parse_control_url(bad).is_err(), "{bad:?}");
+        }
+    }
+}
+
+/// Property tests (issue 10, fuzzing): the CLI's own parsers.
+/// `PROPTEST_CASES` sets the cases.
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn fuzz_durations_parse_or_refuse_without_panicking(
+            s in prop_oneof![
+                any::<String>(),
+                "[ ]?[0-9]{0,30}(|\\.[0-9]{0,5})[ ]?(|ms|s|m|h|d|x)[ ]?",
+            ],
+        ) {
+            if let Err(e) = parse_duration(&s) {
+                prop_assert!(e.starts_with("invalid duration"), "{}", e);
+            }
+        }
+
+        #[test]
+        fn fuzz_durations_round_trip_in_every_unit(n in 0u64..10_000_000, unit in 0..4usize) {
+            let (suffix, ms) = [("ms", 1u64), ("s", 1000), ("m", 60_000), ("h", 3_600_000)][unit];
+            let d = parse_duration(&format!("{n}{suffix}")).unwrap();
+            prop_assert_eq!(d.as_millis(), u128::from(n) * u128::from(ms));
+        }
+
+        #[test]
+        fn fuzz_control_urls_parse_or_refuse_clearly(
+            s in prop_oneof![
+                any::<String>(),
+                "(|http://|https://|ftp://|//)[a-z0-9.:\\[\\]@/ -]{0,30}(|,)[a-z0-9.:/]{0,20}",
+            ],
+        ) {
+            match parse_control_url(&s) {
+                Ok(url) => {
+                    // What is accepted is normal: parsing it again changes nothing.
+                    prop_assert_eq!(parse_control_url(&url).unwrap(), url.clone());
+                    for one in url.split(',') {
+                        prop_assert!(one.starts_with("http://") || one.starts_with("https://"));
+                    }
+                }
+                Err(e) => prop_assert!(!e.is_empty() && !e.contains('\n'), "{}", e),
+            }
+        }
+    }
+
+    #[test]
+    fn issue10_fuzz_a_huge_duration_is_refused_not_a_panic() {
+        for s in ["99999999999999999999999h", "1e400", "18446744073709551616s"] {
+            assert!(parse_duration(s).is_err(), "{s}");
         }
     }
 }

@@ -53,7 +53,9 @@ impl Geometry {
     pub fn chunk_range(&self, index: u32) -> Range<u64> {
         assert!(index < self.chunk_count(), "chunk {index} out of range");
         let start = u64::from(index) * self.chunk_size;
-        start..(start + self.chunk_size).min(self.size)
+        // Saturating: the last chunk of a blob near u64::MAX bytes (a size
+        // any peer may announce) would end past u64::MAX.
+        start..start.saturating_add(self.chunk_size).min(self.size)
     }
 
     /// Length of chunk `index` in bytes.
@@ -201,5 +203,69 @@ mod tests {
         assert_eq!(u.count(), 10);
         assert!(u.is_full());
         assert!(ChunkSet::full(3).is_full());
+    }
+}
+
+/// Property tests (issue 10, fuzzing): geometry and bitmaps from any size
+/// and any bytes, as they arrive from the network. `PROPTEST_CASES` sets
+/// the cases.
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn size() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            any::<u64>(),
+            0u64..(64 << 20),
+            (u64::MAX - (64 << 20))..=u64::MAX,
+            (0u32..64).prop_map(|s| 1u64 << s),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn fuzz_chunks_tile_the_blob_for_any_size(size in size(), pick in any::<u32>()) {
+            let g = Geometry::new(size);
+            let n = g.chunk_count();
+            prop_assert!(n >= 1 && u64::from(n) <= MAX_CHUNKS);
+            prop_assert!(g.chunk_size().is_power_of_two() && g.chunk_size() >= MIN_CHUNK_SIZE);
+            // The first, the last and one in between.
+            for i in [0, n - 1, pick % n] {
+                let r = g.chunk_range(i);
+                prop_assert!(r.start <= r.end && r.end <= size);
+                prop_assert_eq!(r.start, u64::from(i) * g.chunk_size());
+                prop_assert_eq!(g.chunk_len(i), r.end - r.start);
+                if i + 1 < n {
+                    prop_assert_eq!(r.end - r.start, g.chunk_size());
+                }
+            }
+            prop_assert_eq!(g.chunk_range(n - 1).end, size);
+        }
+
+        #[test]
+        fn fuzz_bitmaps_from_the_wire(bitmap in proptest::collection::vec(any::<u8>(), 0..300), len in 0u32..2000) {
+            let set = ChunkSet::from_bitmap(&bitmap, len);
+            prop_assert_eq!(set.len(), len);
+            prop_assert!(set.count() <= len);
+            prop_assert_eq!(set.iter().count() as u32, set.count());
+            prop_assert!(set.iter().all(|i| i < len));
+            prop_assert_eq!(set.as_bitmap().len(), (len as usize).div_ceil(8));
+            prop_assert_eq!(ChunkSet::from_bitmap(&set.to_bitmap(), len), set.clone());
+            let mut copy = set.clone();
+            for i in [0, len.saturating_sub(1), len, u32::MAX] {
+                let had = copy.contains(i);
+                prop_assert_eq!(copy.remove(i), had);
+                prop_assert_eq!(copy.insert(i), i < len);
+            }
+        }
+    }
+
+    #[test]
+    fn issue10_fuzz_the_last_chunk_of_the_largest_blob_does_not_overflow() {
+        let g = Geometry::new(u64::MAX);
+        let last = g.chunk_count() - 1;
+        assert_eq!(g.chunk_range(last).end, u64::MAX);
     }
 }

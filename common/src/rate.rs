@@ -9,8 +9,9 @@ pub struct ParseRateError {
     input: String,
 }
 
-/// Parses a rate in bytes per second; `0` means unlimited. Units: B, K/KB
-/// (1000), KiB (1024), M/MB, MiB, G/GB, GiB; a trailing `/s` is optional.
+/// Parses a rate in bytes per second (or a size in bytes); `0` means
+/// unlimited. Units: B, K/KB (1000), KiB (1024), M/MB, MiB, G/GB, GiB, T/TB,
+/// TiB (every unit [`format_bytes`] prints); a trailing `/s` is optional.
 pub fn parse_rate(s: &str) -> Result<u64, ParseRateError> {
     let err = || ParseRateError {
         input: s.to_owned(),
@@ -30,6 +31,8 @@ pub fn parse_rate(s: &str) -> Result<u64, ParseRateError> {
         "mib" => 1024.0 * 1024.0,
         "g" | "gb" => 1e9,
         "gib" => 1024.0 * 1024.0 * 1024.0,
+        "t" | "tb" => 1e12,
+        "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
         _ => return Err(err()),
     };
     let bytes = value * mult;
@@ -70,5 +73,64 @@ mod tests {
         assert!(parse_rate("10 parsecs").is_err());
         assert!(parse_rate("-1M").is_err());
         assert_eq!(format_bytes(1536), "1.5 KiB");
+    }
+
+    #[test]
+    fn issue10_fuzz_what_format_bytes_prints_parses() {
+        assert_eq!(format_bytes(3 << 40), "3.0 TiB");
+        assert_eq!(parse_rate("3.0TiB").unwrap(), 3 << 40);
+        assert_eq!(parse_rate("2T").unwrap(), 2_000_000_000_000);
+    }
+}
+
+/// Property tests (issue 10, fuzzing). `PROPTEST_CASES` sets the cases.
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn fuzz_rates_parse_or_refuse_without_panicking(
+            s in prop_oneof![
+                any::<String>(),
+                "[ ]?[0-9.]{0,30}[ ]?(|b|B|k|K|KB|KiB|kib|M|MB|MiB|G|GB|GiB|T|e9|x)(|/s)[ ]?",
+            ],
+        ) {
+            match parse_rate(&s) {
+                Ok(_) => {}
+                Err(e) => prop_assert!(e.to_string().starts_with("invalid rate")),
+            }
+        }
+
+        #[test]
+        fn fuzz_whole_rates_are_exact_in_every_unit(n in 0u64..(1 << 40), unit in 0..7usize, per_second in any::<bool>()) {
+            let (suffix, mult) = [
+                ("", 1u64),
+                ("B", 1),
+                ("K", 1000),
+                ("KiB", 1024),
+                ("MB", 1_000_000),
+                ("MiB", 1 << 20),
+                ("GiB", 1 << 30),
+            ][unit];
+            let s = format!("{n}{suffix}{}", if per_second { "/s" } else { "" });
+            let want = n.checked_mul(mult);
+            match want {
+                // f64 holds every integer below 2^53 exactly.
+                Some(w) if w < (1 << 53) => prop_assert_eq!(parse_rate(&s).unwrap(), w),
+                _ => { let _ = parse_rate(&s); }
+            }
+        }
+
+        #[test]
+        fn fuzz_formatted_sizes_parse_back_close(n in any::<u64>()) {
+            // `format_bytes` rounds to one decimal: parsing it back lands within 5%.
+            let shown = format_bytes(n);
+            let back = parse_rate(&shown.replace(' ', "")).unwrap();
+            let (a, b) = (n as f64, back as f64);
+            prop_assert!((a - b).abs() <= a * 0.05 + 1.0, "{} -> {} -> {}", n, shown, back);
+        }
     }
 }

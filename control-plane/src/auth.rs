@@ -1,8 +1,12 @@
 //! Bearer-token interceptors: the join token guards `ControlPlane`, the admin
-//! token guards `Admin` (without one, `Admin` answers loopback callers only).
-//! Tokens are compared in constant time.
+//! token guards `Admin` on TCP. Without an admin token, `Admin` is off on TCP
+//! (every call is refused) and answers only on the admin socket
+//! (`--admin-socket`), which the file's mode (0600) restricts to the control
+//! plane's own user: a source address proves nothing (any local user can
+//! connect from 127.0.0.1), a socket's owner does. Tokens are compared in
+//! constant time.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::sync::Arc;
 
 use tonic::{Request, Status, service::Interceptor};
 
@@ -24,20 +28,19 @@ pub enum AuthError {
         /// `join` or `admin`.
         which: &'static str,
     },
-    /// No admin token is configured and the caller is not on loopback.
+    /// No admin token is configured: the admin API is off on TCP.
     #[error(
-        "the admin API answers only loopback callers when no admin token is set (caller: {caller})"
+        "the admin API is off on TCP because the control plane has no admin token: \
+         use `nebula admin --admin-socket PATH` with the control plane's --admin-socket, \
+         or start it with --admin-token"
     )]
-    NotLoopback {
-        /// The caller's address, or `unknown`.
-        caller: String,
-    },
+    NoAdminToken,
 }
 
 impl From<AuthError> for Status {
     fn from(err: AuthError) -> Self {
         match err {
-            AuthError::NotLoopback { .. } => Status::permission_denied(err.to_string()),
+            AuthError::NoAdminToken => Status::permission_denied(err.to_string()),
             _ => Status::unauthenticated(err.to_string()),
         }
     }
@@ -68,10 +71,6 @@ fn check_bearer_value(
     } else {
         Err(AuthError::Wrong { which })
     }
-}
-
-fn is_loopback(addr: Option<SocketAddr>) -> bool {
-    addr.is_some_and(|a| a.ip().is_loopback() || a.ip().to_canonical().is_loopback())
 }
 
 /// Guards `ControlPlane`: when a join token is set, every call must carry it.
@@ -115,14 +114,16 @@ impl Interceptor for JoinAuth {
     }
 }
 
-/// Guards `Admin`: the admin token when set, loopback callers otherwise.
+/// Guards `Admin` on TCP (and the live page's JSON): the admin token when
+/// one is set; without one, every caller is refused, whatever its address.
+/// The admin socket is served without this guard.
 #[derive(Clone)]
 pub struct AdminAuth {
     token: Option<Arc<str>>,
 }
 
 impl AdminAuth {
-    /// Requires `token` when it is `Some`, a loopback caller otherwise.
+    /// Requires `token` when it is `Some`; refuses every call otherwise.
     pub fn new(token: Option<&str>) -> Self {
         Self {
             token: token.map(Arc::from),
@@ -133,30 +134,16 @@ impl AdminAuth {
     pub fn check<T>(&self, req: &Request<T>) -> Result<(), AuthError> {
         match &self.token {
             Some(token) => check_bearer(req, token, "admin"),
-            None => Self::loopback_only(req.remote_addr()),
+            None => Err(AuthError::NoAdminToken),
         }
     }
 
     /// Admits or refuses one HTTP request (the live page's data) by its
-    /// `authorization` header and its caller, with the same rule as calls.
-    pub fn check_http(
-        &self,
-        authorization: Option<&str>,
-        caller: Option<SocketAddr>,
-    ) -> Result<(), AuthError> {
+    /// `authorization` header, with the same rule as calls.
+    pub fn check_http(&self, authorization: Option<&str>) -> Result<(), AuthError> {
         match &self.token {
             Some(token) => check_bearer_value(authorization, token, "admin"),
-            None => Self::loopback_only(caller),
-        }
-    }
-
-    fn loopback_only(caller: Option<SocketAddr>) -> Result<(), AuthError> {
-        if is_loopback(caller) {
-            Ok(())
-        } else {
-            Err(AuthError::NotLoopback {
-                caller: caller.map_or_else(|| "unknown".to_owned(), |a| a.to_string()),
-            })
+            None => Err(AuthError::NoAdminToken),
         }
     }
 }
@@ -232,26 +219,42 @@ mod tests {
     }
 
     #[test]
-    fn admin_without_token_is_loopback_only() {
+    fn admin_without_token_refuses_every_tcp_caller() {
         let auth = AdminAuth::new(None);
-        assert_eq!(auth.check(&req(None, Some("127.0.0.1:5000"))), Ok(()));
-        assert_eq!(auth.check(&req(None, Some("[::1]:5000"))), Ok(()));
-        assert_eq!(
-            auth.check(&req(None, Some("[::ffff:127.0.0.1]:5000"))),
-            Ok(())
-        );
-        assert!(matches!(
-            auth.check(&req(None, Some("10.0.0.8:5000"))),
-            Err(AuthError::NotLoopback { .. })
-        ));
-        assert!(matches!(
-            auth.check(&req(None, None)),
-            Err(AuthError::NotLoopback { .. })
-        ));
+        for from in [
+            Some("127.0.0.1:5000"),
+            Some("127.0.0.2:5000"),
+            Some("[::1]:5000"),
+            Some("[::ffff:127.0.0.1]:5000"),
+            Some("10.0.0.8:5000"),
+            None,
+        ] {
+            assert_eq!(
+                auth.check(&req(None, from)),
+                Err(AuthError::NoAdminToken),
+                "{from:?}"
+            );
+            assert_eq!(
+                auth.check(&req(Some("Bearer anything"), from)),
+                Err(AuthError::NoAdminToken)
+            );
+        }
+        assert_eq!(auth.check_http(None), Err(AuthError::NoAdminToken));
         let status = AdminAuth::new(None)
-            .call(req(None, Some("10.0.0.8:1")))
+            .call(req(None, Some("127.0.0.1:1")))
             .unwrap_err();
         assert_eq!(status.code(), Code::PermissionDenied);
+        assert!(!status.message().contains('\n'), "one line");
+        assert!(
+            status.message().contains("--admin-socket"),
+            "{}",
+            status.message()
+        );
+        assert!(
+            status.message().contains("--admin-token"),
+            "{}",
+            status.message()
+        );
     }
 
     #[test]
@@ -264,6 +267,15 @@ mod tests {
         assert_eq!(
             auth.check(&req(Some("Bearer nope"), Some("127.0.0.1:1"))),
             Err(AuthError::Wrong { which: "admin" })
+        );
+        assert_eq!(
+            auth.check(&req(None, Some("127.0.0.1:1"))),
+            Err(AuthError::Missing { which: "admin" })
+        );
+        assert_eq!(auth.check_http(Some("Bearer adm")), Ok(()));
+        assert_eq!(
+            auth.check_http(None),
+            Err(AuthError::Missing { which: "admin" })
         );
     }
 }

@@ -43,7 +43,9 @@ pub struct Config {
     pub quarantine_after: u32,
     /// Bearer token every `ControlPlane` call must carry; `None`: open.
     pub join_token: Option<String>,
-    /// Bearer token every `Admin` call must carry; `None`: loopback callers only.
+    /// Bearer token every `Admin` call over TCP (and every request for the
+    /// live page's JSON) must carry; `None`: `Admin` is off on TCP and
+    /// answers only on the admin socket ([`crate::ControlPlane::serve_admin_socket`]).
     pub admin_token: Option<String>,
     /// Deadline of one RPC on the server side. Default 10 s.
     pub request_timeout: Duration,

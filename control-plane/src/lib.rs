@@ -30,11 +30,19 @@
 //!   page at `/` and the JSON it reads.
 //! - [`server`]: [`ControlPlane`] (spawn, shutdown) and [`serve`].
 
+// The fuzz modules read as clients of the crate.
+#[cfg(test)]
+extern crate self as nebula_control;
+
 pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod discovery;
 pub mod error;
+#[cfg(test)]
+mod fuzz_handlers;
+#[cfg(test)]
+mod fuzz_parsers;
 pub mod health;
 pub mod http;
 pub mod identity;

@@ -1,11 +1,15 @@
 //! Serving: [`ControlPlane::spawn`] starts the gRPC server, the lease sweeper
 //! and the health prober under one [`CancellationToken`]; [`serve`] runs one
-//! until a shutdown future resolves.
+//! until a shutdown future resolves. [`ControlPlane::serve_admin_socket`] adds
+//! the admin API on a Unix socket, [`ControlPlane::serve_http`] the HTTP side.
 
 use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
 
 use nebula_proto::v1::{admin_server::AdminServer, control_plane_server::ControlPlaneServer};
-use tokio::{net::TcpListener, task::JoinSet};
+use tokio::{
+    net::{TcpListener, UnixListener},
+    task::JoinSet,
+};
 use tokio_util::sync::CancellationToken;
 use tonic::{service::interceptor::InterceptedService, transport::Server};
 use tonic_health::{ServingStatus, server::HealthReporter};
@@ -65,8 +69,11 @@ pub struct ControlPlane<S = MemoryStore> {
     cancel: CancellationToken,
     tasks: JoinSet<Result<(), ServeError>>,
     grace: Duration,
-    /// Guards the HTTP endpoint's JSON as the admin API is guarded.
+    /// Guards the HTTP endpoint's JSON as the admin API is guarded on TCP.
     admin_auth: AdminAuth,
+    /// Message size limit and call deadline, for the services added after spawn.
+    max_message_size: usize,
+    request_timeout: Duration,
 }
 
 impl ControlPlane<RedisStore> {
@@ -215,7 +222,41 @@ impl<S: StateStore> ControlPlane<S> {
             tasks,
             grace: config.request_timeout + Duration::from_secs(1),
             admin_auth: AdminAuth::new(config.admin_token.as_deref()),
+            max_message_size: config.max_message_size,
+            request_timeout: config.request_timeout,
         })
+    }
+
+    /// Serves the `Admin` service on a Unix socket (`--admin-socket`), with no
+    /// token check: bind `listener` with [`nebula_proto::unix::bind_private`],
+    /// whose mode 0600 lets only this user in. The socket file is removed
+    /// when the control plane stops.
+    pub fn serve_admin_socket(
+        &mut self,
+        listener: UnixListener,
+        socket: nebula_proto::unix::SocketFile,
+    ) {
+        let max = self.max_message_size;
+        let admin = AdminServer::new(AdminService::new(Arc::clone(&self.registry)))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max);
+        let router = Server::builder()
+            .layer(RpcMetricsLayer(Arc::clone(self.registry.metrics())))
+            .timeout(self.request_timeout)
+            .add_service(admin);
+        let stop = self.cancel.clone();
+        tracing::info!(path = %socket.path().display(), "admin API on its socket");
+        self.tasks.spawn(async move {
+            // However the socket's server ends, the control plane ends with it.
+            let _stop_siblings = stop.clone().drop_guard();
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            let served = router
+                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                .await;
+            socket.remove();
+            served?;
+            Ok(())
+        });
     }
 
     /// Serves `/metrics`, `/healthz`, `/readyz` and the live page over HTTP
@@ -459,6 +500,34 @@ mod tests {
             tokio::net::TcpStream::connect(addr).await.is_err(),
             "listener closed"
         );
+    }
+
+    #[tokio::test]
+    async fn without_a_token_admin_answers_only_on_its_socket() {
+        let (mut cp, channel) = start(Config::default()).await;
+        let dir = std::env::temp_dir().join(format!("nebula-cp-{:08x}", rand::random::<u32>()));
+        let path = dir.join("admin.sock");
+        let (listener, socket) = nebula_proto::unix::bind_private(&path).await.unwrap();
+        cp.serve_admin_socket(listener, socket);
+
+        let status = AdminClient::new(channel)
+            .list_peers(ListPeersRequest {})
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied);
+        assert!(status.message().contains("--admin-socket"), "{status:?}");
+
+        let unix = nebula_proto::unix::connect(nebula_proto::unix::endpoint(), path.clone())
+            .await
+            .unwrap();
+        let peers = AdminClient::new(unix)
+            .list_peers(ListPeersRequest {})
+            .await
+            .unwrap();
+        assert!(peers.into_inner().peers.is_empty());
+        cp.shutdown().await.unwrap();
+        assert!(!path.exists(), "the socket is removed on shutdown");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[tokio::test]

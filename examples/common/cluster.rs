@@ -326,6 +326,8 @@ pub(crate) struct Cluster {
     peers: Vec<Peer>,
     control: Proc,
     control_url: String,
+    /// The control plane's `--admin-socket` (`nebula admin --admin-socket PATH`).
+    admin_socket: PathBuf,
     root: PathBuf,
     /// Dropped last, after every process has exited. `None` once kept.
     dir: Option<tempfile::TempDir>,
@@ -427,8 +429,15 @@ impl Cluster {
         } else {
             None
         };
-        let mut control_args: Vec<OsString> =
-            vec!["control".into(), "--listen".into(), "127.0.0.1:0".into()];
+        // Without an admin token the admin API answers only on this socket.
+        let admin_socket = root.join("control-admin.sock");
+        let mut control_args: Vec<OsString> = vec![
+            "control".into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--admin-socket".into(),
+            admin_socket.clone().into(),
+        ];
         if http {
             control_args.extend(["--http-listen".into(), "127.0.0.1:0".into()]);
         }
@@ -449,6 +458,7 @@ impl Cluster {
             peers: Vec::new(),
             control,
             control_url: format!("{scheme}://{address}"),
+            admin_socket,
             tls,
             root,
             dir: Some(dir),
@@ -592,6 +602,11 @@ impl Cluster {
     /// The control plane's URL (`http://127.0.0.1:PORT`, `https://` with TLS).
     pub(crate) fn control_url(&self) -> &str {
         &self.control_url
+    }
+
+    /// The control plane's admin socket, for `nebula admin --admin-socket PATH`.
+    pub(crate) fn admin_socket(&self) -> &Path {
+        &self.admin_socket
     }
 
     /// The control plane's process id.

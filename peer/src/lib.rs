@@ -18,11 +18,17 @@
 //! - [`limit`]: the token bucket behind upload and download limits.
 //! - `fault`: test-only fault switches (feature `fault-injection`).
 
+// The fuzz module reads as a client of the crate.
+#[cfg(test)]
+extern crate self as nebula_peer;
+
 mod config;
 mod connection;
 mod control;
 mod fault;
 pub mod fetch;
+#[cfg(test)]
+mod fuzz_services;
 mod identity;
 pub mod limit;
 pub mod local;

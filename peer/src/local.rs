@@ -322,11 +322,14 @@ impl LocalApi for LocalService {
         request: Request<pb::ReadRequest>,
     ) -> Result<Response<Self::ReadStream>, Status> {
         let req = request.into_inner();
-        let blob = match parse_ref(&req.blob)? {
+        let wanted = parse_ref(&req.blob)?;
+        let blob = match wanted {
             BlobRef::Blake3(id) => self.shared.store.get(&id),
             BlobRef::Sha256(d) => self.shared.store.find_sha256(&d),
         }
-        .ok_or_else(|| Status::not_found(format!("blob {} is not in the store", req.blob)))?;
+        // The parsed form, not the request's text: that may hold white space
+        // and line breaks around the id.
+        .ok_or_else(|| Status::not_found(format!("blob {wanted} is not in the store")))?;
         if !blob.is_complete() {
             return Err(Status::failed_precondition(format!(
                 "blob {} is incomplete",
@@ -425,17 +428,7 @@ impl LocalApi for LocalService {
 
 /// Connects to a daemon's local API on the Unix socket at `path`.
 pub async fn connect_local(path: PathBuf) -> Result<LocalApiClient<Channel>, std::io::Error> {
-    // The URI is required by the HTTP/2 layer but unused: the connector dials the socket.
-    let endpoint = tonic::transport::Endpoint::from_static("http://localhost");
-    let channel = endpoint
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
+    let channel = nebula_proto::unix::connect(nebula_proto::unix::endpoint(), path)
         .await
         .map_err(std::io::Error::other)?;
     Ok(LocalApiClient::new(channel)

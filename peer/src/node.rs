@@ -14,7 +14,7 @@ use std::{
 use nebula_common::{BlobId, Store, StoreError};
 use nebula_proto::v1::{self as pb, peer_exchange_server::PeerExchangeServer};
 use tokio::{
-    net::{TcpListener, UnixListener},
+    net::TcpListener,
     sync::{Notify, broadcast},
     task::JoinSet,
     time::Instant,
@@ -261,25 +261,14 @@ impl Node {
     }
 
     /// Serves the local API (the CLI's) on a Unix socket at `path`, mode
-    /// 0600. Refuses a path another live daemon listens on; replaces a stale one.
+    /// 0600 (see [`nebula_proto::unix::bind_private`]). Refuses a path another
+    /// live daemon listens on, or that is not a socket; replaces a stale one.
     pub async fn serve_local(&mut self, path: &Path) -> Result<(), StartError> {
-        if path.exists() {
-            if tokio::net::UnixStream::connect(path).await.is_ok() {
-                return Err(StartError::Io(format!(
-                    "another daemon is listening on {}",
-                    path.display()
-                )));
-            }
-            let _ = std::fs::remove_file(path);
-        }
-        if let Some(dir) = path.parent() {
-            let _ = std::fs::create_dir_all(dir);
-        }
-        let listener = bind_private(path)
+        let (listener, socket) = nebula_proto::unix::bind_private(path)
+            .await
             .map_err(|e| StartError::Io(format!("binding {}: {e}", path.display())))?;
         let service = LocalService::new(Arc::clone(&self.shared)).into_server();
         let stop = self.shared.shutdown.clone();
-        let socket = path.to_owned();
         self.tasks.spawn(async move {
             let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
             if let Err(e) = Server::builder()
@@ -289,7 +278,7 @@ impl Node {
             {
                 tracing::error!(error = %e, "local API failed");
             }
-            let _ = std::fs::remove_file(socket);
+            socket.remove();
         });
         Ok(())
     }
@@ -395,28 +384,6 @@ impl Node {
     }
 }
 
-/// Binds a Unix socket at `path` that only this user can connect to, with
-/// no moment when it is open to others: bound inside a fresh private
-/// directory, made 0600, then renamed into place.
-fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let staging = parent.join(format!(".nebula-socket-{:016x}", rand::random::<u64>()));
-    std::fs::DirBuilder::new().mode(0o700).create(&staging)?;
-    let bound = (|| {
-        let inner = staging.join("socket");
-        let listener = UnixListener::bind(&inner)?;
-        std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o600))?;
-        std::fs::rename(&inner, path)?;
-        Ok(listener)
-    })();
-    let _ = std::fs::remove_dir_all(&staging);
-    bound
-}
-
 /// After a blob completes: compute its SHA-256 (for the `sha256:` alias) in
 /// the background, then tell membership.
 pub(crate) fn completed(shared: &Arc<Shared>, blob: &Arc<nebula_common::Blob>) {
@@ -435,4 +402,15 @@ pub(crate) fn completed(shared: &Arc<Shared>, blob: &Arc<nebula_common::Blob>) {
             Err(_) => {}
         }
     });
+}
+
+#[cfg(test)]
+impl Node {
+    /// Trusts credentials signed by `key`, as if a control plane had handed
+    /// it out (for tests of a node without one).
+    pub(crate) fn trust(&self, key: &nebula_common::credential::PublicKey) {
+        self.shared
+            .identity
+            .update("", &[bytes::Bytes::copy_from_slice(key.as_bytes())]);
+    }
 }

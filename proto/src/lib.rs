@@ -7,7 +7,9 @@
 //! - `nebula/v1/local.proto`: `LocalApi`, the CLI to its own daemon.
 //!
 //! [`FILE_DESCRIPTOR_SET`] feeds the gRPC reflection service. [`tls`] holds the
-//! transport security every server and client of the protocol shares.
+//! transport security every server and client of the protocol shares,
+//! [`incoming`] the guarded TCP accept loop, [`unix`] the owner-only Unix
+//! sockets (the daemon's local API, the control plane's admin socket).
 
 /// Generated messages, clients and servers of `nebula.v1`.
 #[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
@@ -17,6 +19,7 @@ pub mod v1 {
 
 pub mod incoming;
 pub mod tls;
+pub mod unix;
 
 /// The encoded descriptors of every `nebula.v1` file, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

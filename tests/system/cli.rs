@@ -87,8 +87,8 @@ fn issue11_closed_stdout_ends_quietly() {
         cmd.args(&args).arg("--socket").arg(&d.socket);
         assert_quiet_end(&args.join(" "), &run_with_closed_stdout(cmd));
     }
-    let mut admin = nebula();
-    admin.args(["admin", "peers", "--control", &c.control.url()]);
+    let mut admin = c.control.admin();
+    admin.arg("peers");
     assert_quiet_end("admin peers", &run_with_closed_stdout(admin));
 }
 
@@ -206,14 +206,8 @@ fn issue11_admin_swarm_of_unknown_blob_is_not_found() {
     let dir = tempfile::tempdir().unwrap();
     let control = Control::start(dir.path());
     for json in [false, true] {
-        let mut cmd = nebula();
-        cmd.args([
-            "admin",
-            "swarm",
-            &"ab".repeat(32),
-            "--control",
-            &control.url(),
-        ]);
+        let mut cmd = control.admin();
+        cmd.args(["swarm", &"ab".repeat(32)]);
         if json {
             cmd.arg("--json");
         }

@@ -59,6 +59,8 @@ const CONTRACT: Duration = Duration::from_secs(10);
 struct ControlProc {
     proc: Proc,
     addr: SocketAddr,
+    /// Its `--admin-socket`: tests without an admin token reach Admin there.
+    admin_socket: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -71,8 +73,11 @@ impl ControlProc {
     /// the first stdout line.
     fn start_on(listen: &str, args: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        let admin_socket = dir.path().join("admin.sock");
         let mut cmd = nebula();
         cmd.args(["control", "--listen", listen])
+            .arg("--admin-socket")
+            .arg(&admin_socket)
             .args(args)
             .env("RUST_LOG", "nebula_control=debug,info")
             .env_remove("NEBULA_JOIN_TOKEN")
@@ -82,12 +87,28 @@ impl ControlProc {
         Self {
             proc,
             addr,
+            admin_socket,
             _dir: dir,
         }
     }
 
     fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Runs `nebula admin --admin-socket <its socket> ARGS…`.
+    async fn admin_cli(&self, args: &[&str]) -> (i32, String, String) {
+        let socket = self.admin_socket.to_str().unwrap();
+        admin_run(&[&["--admin-socket", socket][..], args].concat()).await
+    }
+
+    /// A raw Admin client on its admin socket.
+    async fn admin_client(&self) -> AdminClient<Channel> {
+        let channel =
+            nebula_proto::unix::connect(nebula_proto::unix::endpoint(), self.admin_socket.clone())
+                .await
+                .unwrap();
+        AdminClient::new(channel)
     }
 
     fn logs(&self) -> String {
@@ -162,8 +183,13 @@ fn admin_client(url: &str, token: Option<&str>) -> Adm {
 
 /// Runs `nebula admin --control URL ARGS…` (bounded) and returns (exit code, stdout, stderr).
 async fn admin_cli(url: &str, args: &[&str]) -> (i32, String, String) {
+    admin_run(&[&["--control", url][..], args].concat()).await
+}
+
+/// Runs `nebula admin ARGS…` (bounded) and returns (exit code, stdout, stderr).
+async fn admin_run(args: &[&str]) -> (i32, String, String) {
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_nebula"))
-        .args(["admin", "--control", url])
+        .arg("admin")
         .args(args)
         .env_remove("NEBULA_ADMIN_TOKEN")
         .env_remove("NEBULA_JSON")
@@ -498,7 +524,7 @@ async fn control_peers_register_and_are_discovered() {
     );
 
     // The operator's view.
-    let (code, out, err) = admin_cli(&url, &["peers", "--json"]).await;
+    let (code, out, err) = control.admin_cli(&["peers", "--json"]).await;
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let peers = v["peers"].as_array().unwrap();
@@ -509,14 +535,15 @@ async fn control_peers_register_and_are_discovered() {
             .all(|p| p["state"] == "HEALTHY" && p["blob_count"] == 1)
     );
     assert_eq!(peers[0]["labels"]["role"], "test");
-    let (code, out, _) = admin_cli(&url, &["peers"]).await;
+    let (code, out, _) = control.admin_cli(&["peers"]).await;
     assert_eq!(code, 0);
     assert!(
         out.starts_with("PEER") && out.contains("peer-b") && out.contains("HEALTHY"),
         "{out}"
     );
-    let (code, out, _) =
-        admin_cli(&url, &["swarm", &format!("sha256:{}", sha_of(1)), "--json"]).await;
+    let (code, out, _) = control
+        .admin_cli(&["swarm", &format!("sha256:{}", sha_of(1)), "--json"])
+        .await;
     assert_eq!(code, 0);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["id"], blob_id(1));
@@ -528,7 +555,7 @@ async fn control_peers_register_and_are_discovered() {
         .map(|m| m["chunks_held"].as_u64().unwrap())
         .collect();
     assert_eq!(held, [100, 100, 2]);
-    let (code, out, _) = admin_cli(&url, &["stats", "--json"]).await;
+    let (code, out, _) = control.admin_cli(&["stats", "--json"]).await;
     assert_eq!(code, 0);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(
@@ -613,7 +640,7 @@ async fn control_peer_whose_server_dies_leaves_discovery_in_time() {
         control.logs()
     );
     assert!(!peers[0].heartbeat().await, "its lease is still alive");
-    let (code, out, _) = admin_cli(&url, &["peers", "--json"]).await;
+    let (code, out, _) = control.admin_cli(&["peers", "--json"]).await;
     assert_eq!(code, 0);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let dying = v["peers"]
@@ -899,7 +926,7 @@ async fn control_two_reports_quarantine_one_does_not() {
         ["honest", "rep1", "rep2"]
     );
 
-    let (code, out, err) = admin_cli(&url, &["peers", "--json"]).await;
+    let (code, out, err) = control.admin_cli(&["peers", "--json"]).await;
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let liar = v["peers"]
@@ -913,7 +940,7 @@ async fn control_two_reports_quarantine_one_does_not() {
     assert_eq!(liar["reports"], 2);
     assert_eq!(liar["reason"], "chunk 3 failed verification");
 
-    let (code, _, err) = admin_cli(&url, &["unban", "liar"]).await;
+    let (code, _, err) = control.admin_cli(&["unban", "liar"]).await;
     assert_eq!(code, 0, "{err}");
     assert_eq!(providers(&mut client, &blob).await.len(), 4);
 }
@@ -979,7 +1006,7 @@ async fn control_bad_input_is_refused_without_harm() {
     assert!(err.message().contains("100001"), "{}", err.message());
 
     // Admin calls about unknown or malformed peers.
-    let mut admin = admin_client(&url, None);
+    let mut admin = control.admin_client().await;
     let ghost = PeerRequest {
         peer_id: "ghost".into(),
         reason: String::new(),
@@ -1004,7 +1031,7 @@ async fn control_bad_input_is_refused_without_harm() {
         admin.ban_peer(malformed).await.unwrap_err().code(),
         Code::InvalidArgument
     );
-    let (code, _, err) = admin_cli(&url, &["ban", "ghost"]).await;
+    let (code, _, err) = control.admin_cli(&["ban", "ghost"]).await;
     assert_eq!(code, 1, "{err}");
     assert!(
         err.starts_with("error:") && err.contains("not registered"),

@@ -342,8 +342,8 @@ fn sigterm_stops_the_daemon_cleanly() {
         & 0o777;
     assert_eq!(mode, 0o600, "socket mode {mode:o}");
     let peers = |c: &Cluster| -> usize {
-        let mut cmd = nebula();
-        cmd.args(["admin", "peers", "--json", "--control", &c.control.url()]);
+        let mut cmd = c.control.admin();
+        cmd.args(["peers", "--json"]);
         let out = run_bounded(cmd, Duration::from_secs(10));
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
         v["peers"].as_array().map_or(0, Vec::len)

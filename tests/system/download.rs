@@ -200,8 +200,8 @@ fn lying_provider_is_banned_reported_and_quarantined() {
     // Two distinct reporters: quarantined. Honest peers untouched.
     let peers = crate::support::run_bounded(
         {
-            let mut cmd = crate::support::nebula();
-            cmd.args(["admin", "peers", "--json", "--control", &c.control.url()]);
+            let mut cmd = c.control.admin();
+            cmd.args(["peers", "--json"]);
             cmd
         },
         Duration::from_secs(10),

@@ -12,7 +12,8 @@ use std::{
 use crate::{
     daemon::{fetch_report, sum_sources},
     support::{
-        Cluster, Metrics, Proc, file_id, http_request, nebula, random_file, wait_output, wait_until,
+        Cluster, Control, Metrics, Proc, file_id, http_request, nebula, random_file, wait_output,
+        wait_until,
     },
 };
 
@@ -267,6 +268,22 @@ fn live_page_data_needs_the_admin_token() {
     let (status, _) = http_request(http, "GET", "/readyz", None, &[]);
     assert_eq!(status, 200);
 
+    // Without an admin token, the data is off on TCP for every caller (any
+    // local user can reach a loopback port); the page still loads.
+    let open = Control::start(dir.path());
+    let open_http = open.proc.http();
+    assert_eq!(http_request(open_http, "GET", "/", None, &[]).0, 200);
+    for path in [
+        "/api/peers".to_owned(),
+        format!("/api/swarm/{}", "ab".repeat(32)),
+    ] {
+        for headers in [&[][..], &[("Authorization", "Bearer guess")][..]] {
+            let (status, body) = http_request(open_http, "GET", &path, None, headers);
+            assert_eq!(status, 403, "{path}: {body}");
+            assert!(body.contains("--admin-token"), "{body}");
+        }
+    }
+
     let log = control.log_text();
     assert!(
         !log.contains("pagesecret"),
@@ -473,7 +490,10 @@ fn page_state(browser: &Browser) -> (Vec<String>, Vec<String>, u64) {
 /// fetch: it lists every peer, and the chunk map fills between two reads.
 #[test]
 fn live_page_shows_a_swarm_filling_in_a_real_browser() {
-    let c = Cluster::start_with(4, |_| (vec!["--upload-limit", "4MiB/s"], vec![]));
+    // The page's data needs the admin token (without one it is off on TCP).
+    let c = Cluster::start_flagged(4, &["--admin-token", "browsertoken"], |_| {
+        (vec!["--upload-limit", "4MiB/s"], vec![])
+    });
     let size = 64 * MIB;
     let src = c.path("src.bin");
     let id = random_file(&src, size, 34).to_string();
@@ -486,6 +506,13 @@ fn live_page_shows_a_swarm_filling_in_a_real_browser() {
         .map(|i| c.daemons[i].spawn_fetch(&id, &c.path(&format!("out{i}.bin"))))
         .collect();
     browser.open(&format!("http://{}/#{id}", c.control.proc.http()));
+    // The operator types the token into the page's field.
+    browser.eval(
+        "const t = document.getElementById('token');
+         t.value = 'browsertoken';
+         t.dispatchEvent(new Event('change'));
+         return true;",
+    );
 
     let mut first = (Vec::new(), Vec::new(), 0);
     let shown = wait_until(Duration::from_secs(20), || {

@@ -521,14 +521,8 @@ fn a_leaseholder_that_lies_is_caught_reported_and_the_bytes_are_right() {
         .as_str()
         .unwrap()
         .to_owned();
-    let mut cmd = nebula();
-    cmd.args([
-        "admin",
-        "peers",
-        "--json",
-        "--control",
-        &fleet.control.url(),
-    ]);
+    let mut cmd = fleet.control.admin();
+    cmd.args(["peers", "--json"]);
     let peers: serde_json::Value =
         serde_json::from_slice(&run_bounded(cmd, Duration::from_secs(20)).stdout).unwrap();
     let reports = peers["peers"]

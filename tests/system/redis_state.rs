@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::support::{
     Control, Daemon, RedisServer, Sentinel, TestCa, file_id, nebula, random_file, run_bounded,
-    swarm_members, wait_output, wait_until,
+    wait_output, wait_until,
 };
 
 /// `nebula control` with `args` that must stop at once: its exit code and its stderr.
@@ -26,9 +26,9 @@ fn refused(args: &[&str]) -> (Option<i32>, String) {
 /// A daemon adds a file and another fetches it through the control plane at
 /// `control`: registration, announcements and discovery all work. Returns
 /// the blob's id and the two daemons (alive until dropped).
-fn add_and_fetch(dir: &std::path::Path, control: &str, seed: u64) -> (String, Vec<Daemon>) {
+fn add_and_fetch(dir: &std::path::Path, control: &Control, seed: u64) -> (String, Vec<Daemon>) {
     let daemons: Vec<Daemon> = (0..2)
-        .map(|i| Daemon::start(dir, &format!("d{seed}-{i}"), control, &[], &[]))
+        .map(|i| Daemon::start(dir, &format!("d{seed}-{i}"), &control.url(), &[], &[]))
         .collect();
     for d in &daemons {
         d.wait_registered();
@@ -46,7 +46,7 @@ fn add_and_fetch(dir: &std::path::Path, control: &str, seed: u64) -> (String, Ve
     );
     assert_eq!(file_id(&out).to_string(), id);
     assert!(
-        wait_until(Duration::from_secs(10), || swarm_members(control, &id) == 2),
+        wait_until(Duration::from_secs(10), || control.swarm_members(&id) == 2),
         "both holders listed"
     );
     (id, daemons)
@@ -131,8 +131,8 @@ fn rediss_with_state_ca_serves_and_a_wrong_ca_exits_1() {
     let listen = "127.0.0.1:0".parse().unwrap();
     let first = Control::start_with(dir.path(), listen, &tls_args);
     let second = Control::start_with(dir.path(), listen, &tls_args);
-    let (id, _daemons) = add_and_fetch(dir.path(), &first.url(), 1);
-    assert_eq!(swarm_members(&second.url(), &id), 2);
+    let (id, _daemons) = add_and_fetch(dir.path(), &first, 1);
+    assert_eq!(second.swarm_members(&id), 2);
     // Nothing reaches Redis in the clear: its only port speaks TLS.
     let plain = std::process::Command::new("redis-cli")
         .args(["-h", "127.0.0.1", "-p", &redis.port.to_string(), "PING"])
@@ -199,7 +199,7 @@ fn sentinel_failover(tls: Option<&TestCa>) {
         args.extend(["--state-ca", ca_file]);
     }
     let control = Control::start_with(dir.path(), "127.0.0.1:0".parse().unwrap(), &args);
-    let (before, _first_daemons) = add_and_fetch(dir.path(), &control.url(), 2);
+    let (before, _first_daemons) = add_and_fetch(dir.path(), &control, 2);
     assert_eq!(primary.cli(&["ROLE"]).lines().next(), Some("master"));
 
     primary.kill();
@@ -217,19 +217,17 @@ fn sentinel_failover(tls: Option<&TestCa>) {
     // Registration and discovery work on the new primary: new daemons join,
     // one adds and the other fetches; the blob known before is listed again
     // (replicated, or re-announced by its holders' next heartbeats).
-    let (after, _more_daemons) = add_and_fetch(dir.path(), &control.url(), 3);
+    let (after, _more_daemons) = add_and_fetch(dir.path(), &control, 3);
     assert!(
-        wait_until(Duration::from_secs(10), || swarm_members(
-            &control.url(),
-            &before
-        ) == 2),
+        wait_until(Duration::from_secs(10), || control.swarm_members(&before)
+            == 2),
         "the blob announced before the failover is listed again"
     );
     eprintln!(
         "control plane serving on the new primary {:?} after the kill",
         killed.elapsed()
     );
-    assert_eq!(swarm_members(&control.url(), &after), 2);
+    assert_eq!(control.swarm_members(&after), 2);
     let log = control.proc.log_text();
     assert!(
         log.lines()
@@ -283,8 +281,8 @@ fn rediss_client_certificate_for_a_redis_that_asks_for_one() {
             key,
         ],
     );
-    let (id, _daemons) = add_and_fetch(dir.path(), &control.url(), 4);
-    assert_eq!(swarm_members(&control.url(), &id), 2);
+    let (id, _daemons) = add_and_fetch(dir.path(), &control, 4);
+    assert_eq!(control.swarm_members(&id), 2);
     // One of the pair alone is a usage error.
     let mut cmd = nebula();
     cmd.args(["control", "--state", &url, "--state-cert", cert]);

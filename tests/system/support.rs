@@ -192,6 +192,11 @@ pub(crate) const FAST_CONTROL: &[&str] = &[
     "500ms",
 ];
 
+/// The admin token of the control planes that tests reach over TCP with
+/// `nebula admin --control URL` (replicas, host names): without a token, the
+/// admin API answers only on the admin socket.
+pub(crate) const ADMIN_TOKEN: &str = "test-admin-token";
+
 /// A control plane process.
 #[derive(Debug)]
 pub(crate) struct Control {
@@ -200,6 +205,9 @@ pub(crate) struct Control {
     dir: PathBuf,
     /// Started with `--tls-cert`: it serves TLS, its URL is `https://`.
     tls: bool,
+    /// Its `--admin-socket` (every test control plane has one).
+    pub(crate) admin_socket: PathBuf,
+    extra: Vec<String>,
 }
 
 impl Control {
@@ -211,18 +219,32 @@ impl Control {
         Self::start_with(dir, listen, &[])
     }
 
-    /// A replica keeping its state in the Redis at `url`.
+    /// A replica keeping its state in the Redis at `url`, with the admin
+    /// token [`ADMIN_TOKEN`] (tests reach replicas by URL, see [`swarm_members`]).
     pub(crate) fn start_redis(dir: &Path, url: &str) -> Self {
         Self::start_with(
             dir,
             "127.0.0.1:0".parse().unwrap(),
-            &["--state", url, "--state-timeout", "500ms"],
+            &[
+                "--state",
+                url,
+                "--state-timeout",
+                "500ms",
+                "--admin-token",
+                ADMIN_TOKEN,
+            ],
         )
     }
 
-    /// Starts `nebula control` with the fast timings and extra flags.
-    /// Replicas on Redis started with the same `dir` share one signing key.
+    /// Starts `nebula control` with the fast timings, an admin socket in
+    /// `dir` (unless `extra` names one) and extra flags. Replicas on Redis
+    /// started with the same `dir` share one signing key.
     pub(crate) fn start_with(dir: &Path, listen: SocketAddr, extra: &[&str]) -> Self {
+        let name = format!("control-{}", rand::random::<u32>());
+        let admin_socket = match extra.iter().position(|a| *a == "--admin-socket") {
+            Some(i) => PathBuf::from(extra[i + 1]),
+            None => dir.join(format!("{name}.admin.sock")),
+        };
         let mut cmd = nebula();
         cmd.arg("control")
             .arg("--listen")
@@ -233,15 +255,43 @@ impl Control {
         if extra.contains(&"--state") && !extra.contains(&"--signing-key") {
             cmd.arg("--signing-key").arg(dir.join("signing.key"));
         }
+        if !extra.contains(&"--admin-socket") {
+            cmd.arg("--admin-socket").arg(&admin_socket);
+        }
         cmd.env("RUST_LOG", "info");
-        let log = dir.join(format!("control-{}.log", rand::random::<u32>()));
+        let log = dir.join(format!("{name}.log"));
         let (proc, addr) = Proc::spawn(cmd, log);
         Self {
             proc,
             addr,
             dir: dir.to_owned(),
             tls: extra.contains(&"--tls-cert"),
+            admin_socket,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
         }
+    }
+
+    /// `nebula admin --admin-socket <its socket>`; add the command and flags.
+    pub(crate) fn admin(&self) -> Command {
+        let mut cmd = nebula();
+        cmd.arg("admin")
+            .arg("--admin-socket")
+            .arg(&self.admin_socket);
+        cmd
+    }
+
+    /// Members of a blob's swarm, as `nebula admin swarm` on its admin socket lists them.
+    pub(crate) fn swarm_members(&self, id: &str) -> usize {
+        let out = self.admin_output(&["swarm", id, "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v["members"].as_array().map_or(0, Vec::len)
+    }
+
+    /// Runs `nebula admin ARGS…` on its admin socket (bounded).
+    pub(crate) fn admin_output(&self, args: &[&str]) -> Output {
+        let mut cmd = self.admin();
+        cmd.args(args);
+        run_bounded(cmd, Duration::from_secs(20))
     }
 
     pub(crate) fn url(&self) -> String {
@@ -249,10 +299,16 @@ impl Control {
         format!("{scheme}://{}", self.addr)
     }
 
-    /// Kills it and starts a new one on the same port.
+    /// Kills it and starts a new one on the same port, admin socket and flags
+    /// (the killed one's socket file is stale and is replaced).
     pub(crate) fn restart(&mut self) {
         self.proc.kill();
-        let again = Self::start_on(&self.dir, self.addr);
+        let socket = self.admin_socket.to_str().unwrap().to_owned();
+        let mut extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        if !extra.contains(&"--admin-socket") {
+            extra.extend(["--admin-socket", &socket]);
+        }
+        let again = Self::start_with(&self.dir, self.addr, &extra);
         *self = again;
     }
 }
@@ -477,18 +533,12 @@ impl Cluster {
         self.dir.path().join(name)
     }
 
-    /// Waits until the control plane lists `n` providers for `id` (via the admin CLI).
+    /// Waits until the control plane lists `n` providers for `id` (via the
+    /// admin CLI on its admin socket).
     pub(crate) fn wait_providers(&self, id: &str, n: usize) -> bool {
         wait_until(Duration::from_secs(20), || {
-            let mut cmd = nebula();
-            cmd.args([
-                "admin",
-                "swarm",
-                id,
-                "--json",
-                "--control",
-                &self.control.url(),
-            ]);
+            let mut cmd = self.control.admin();
+            cmd.args(["swarm", id, "--json"]);
             let out = run_bounded(cmd, Duration::from_secs(10));
             let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
             v["members"].as_array().map_or(0, |m| m.len()) >= n
@@ -939,10 +989,12 @@ impl Sentinel {
     }
 }
 
-/// Members of a blob's swarm, as `nebula admin swarm` through `control` lists them.
+/// Members of a blob's swarm, as `nebula admin swarm` through `control` (a
+/// URL, or replicas' URLs, of control planes started with [`ADMIN_TOKEN`]) lists them.
 pub(crate) fn swarm_members(control: &str, id: &str) -> usize {
     let mut cmd = nebula();
     cmd.args(["admin", "swarm", id, "--json", "--control", control]);
+    cmd.args(["--admin-token", ADMIN_TOKEN]);
     let out = run_bounded(cmd, Duration::from_secs(10));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     v["members"].as_array().map_or(0, Vec::len)

@@ -1006,7 +1006,7 @@ fn trust_a_peer_id_is_bound_to_its_credential() {
         );
     }
     // The victim is still registered at its own address and serves.
-    let peers = crate::support::swarm_members(&url, &id);
+    let peers = c.control.swarm_members(&id);
     assert_eq!(peers, 1);
     let listed = offered(&rt, &url, &id);
     assert_eq!(listed.len(), 1);
@@ -1109,7 +1109,7 @@ fn trust_made_up_reports_neither_count_nor_last() {
         let q = c2.client.report_peer(report("liar-c")).await.unwrap();
         assert!(q.into_inner().quarantined);
     });
-    assert_eq!(crate::support::swarm_members(&url, &id), 1);
+    assert_eq!(c.control.swarm_members(&id), 1);
     let providers = |url: &str| offered(&rt, url, &id).len();
     assert_eq!(providers(&url), 0, "a quarantined peer is still offered");
     // …but not for long: without more reports the sanction lapses.
@@ -1183,10 +1183,7 @@ fn trust_probes_check_the_peer_and_registrations_their_source() {
     };
     let mut fakes = fakes;
     let state = |peer: &str| {
-        let listed = crate::support::nebula()
-            .args(["admin", "peers", "--json", "--control", &url])
-            .output()
-            .unwrap();
+        let listed = c.control.admin_output(&["peers", "--json"]);
         let v: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap_or_default();
         v["peers"]
             .as_array()
@@ -1233,4 +1230,171 @@ fn trust_probes_check_the_peer_and_registrations_their_source() {
         "{limited} of 60 registrations were rate-limited"
     );
     honest_fetch_works(&c, 1, &id);
+}
+
+/// An Admin client over TCP whose connections come from `from` (any
+/// 127.x.y.z address is this host's: any local user can pick one).
+fn raw_admin(control: SocketAddr, from: &str) -> pb::admin_client::AdminClient<Channel> {
+    let channel = Channel::from_shared(format!("http://{control}"))
+        .unwrap()
+        .local_address(Some(from.parse().unwrap()))
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(10))
+        .connect_lazy();
+    pb::admin_client::AdminClient::new(channel)
+}
+
+/// `message` with `authorization: Bearer <token>` when a token is given.
+fn bearer<T>(message: T, token: Option<&str>) -> Request<T> {
+    let mut req = Request::new(message);
+    if let Some(t) = token {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    req
+}
+
+/// Issue 10 row 12: without `--admin-token`, any local user could ban any
+/// peer by calling Admin from a 127.x.y.z address. Now the admin API answers
+/// on TCP only with a token; without one, only on the 0600 admin socket.
+#[test]
+fn trust_admin_without_a_token_answers_only_on_its_socket() {
+    use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+
+    let mut c = Cluster::start(1);
+    let victim = c.daemons[0].status()["peer_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let state = || {
+        let out = c.control.admin_output(&["peers", "--json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["peers"][0]["state"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(state(), "HEALTHY");
+
+    // The attack: raw gRPC over TCP from loopback addresses, with and
+    // without a made-up token.
+    let rt = runtime();
+    rt.block_on(async {
+        for from in ["127.0.0.2", "127.0.0.1"] {
+            for token in [None, Some("guess")] {
+                let mut admin = raw_admin(c.control.addr, from);
+                let ban = pb::PeerRequest {
+                    peer_id: victim.clone(),
+                    reason: "pwned".into(),
+                };
+                let refused = [
+                    admin
+                        .ban_peer(bearer(ban, token))
+                        .await
+                        .map(drop)
+                        .unwrap_err(),
+                    admin
+                        .list_peers(bearer(pb::ListPeersRequest {}, token))
+                        .await
+                        .map(drop)
+                        .unwrap_err(),
+                ];
+                for status in refused {
+                    assert_eq!(
+                        status.code(),
+                        tonic::Code::PermissionDenied,
+                        "{from}: {status:?}"
+                    );
+                    assert!(
+                        status.message().contains("--admin-socket")
+                            && status.message().contains("--admin-token")
+                            && !status.message().contains('\n'),
+                        "{status:?}"
+                    );
+                }
+            }
+        }
+    });
+    assert_eq!(state(), "HEALTHY", "the ban over TCP did nothing");
+
+    // The CLI over TCP is refused the same way, in one line.
+    let mut cmd = crate::support::nebula();
+    cmd.args(["admin", "peers", "--control", &c.control.url()])
+        .env_remove("NEBULA_ADMIN_TOKEN")
+        .env_remove("NEBULA_ADMIN_SOCKET");
+    let out = crate::support::run_bounded(cmd, Duration::from_secs(20));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.starts_with("error:") && err.contains("--admin-socket"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+
+    // The socket: a socket, mode 0600, and the operator's way in.
+    let meta = std::fs::symlink_metadata(&c.control.admin_socket).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let out = c
+        .control
+        .admin_output(&["ban", &victim, "--reason", "operator"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(state(), "BANNED");
+    let out = c.control.admin_output(&["unban", &victim]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(state(), "HEALTHY");
+
+    // With a token, TCP admin answers from anywhere with it, and only with it.
+    let dir = tempfile::tempdir().unwrap();
+    let guarded = crate::support::Control::start_with(
+        dir.path(),
+        "127.0.0.1:0".parse().unwrap(),
+        &["--admin-token", "ops-token"],
+    );
+    rt.block_on(async {
+        let peers = raw_admin(guarded.addr, "127.0.0.2")
+            .list_peers(bearer(pb::ListPeersRequest {}, Some("ops-token")))
+            .await
+            .unwrap();
+        assert!(peers.into_inner().peers.is_empty());
+        for token in [None, Some("wrong")] {
+            let ban = pb::PeerRequest {
+                peer_id: "anyone".into(),
+                reason: String::new(),
+            };
+            let status = raw_admin(guarded.addr, "127.0.0.2")
+                .ban_peer(bearer(ban, token))
+                .await
+                .unwrap_err();
+            assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+        }
+    });
+    let mut cmd = crate::support::nebula();
+    cmd.args(["admin", "stats", "--json", "--control", &guarded.url()])
+        .env("NEBULA_ADMIN_TOKEN", "ops-token");
+    let out = crate::support::run_bounded(cmd, Duration::from_secs(20));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Stopped cleanly, the control plane removes its socket.
+    let socket = c.control.admin_socket.clone();
+    c.daemons.clear();
+    assert!(c.control.proc.terminate().is_some_and(|s| s.success()));
+    assert!(
+        !socket.exists(),
+        "the admin socket outlived the control plane"
+    );
 }

@@ -491,3 +491,32 @@ mod tests {
         assert_eq!(r("items=0-1", 10), RangeAnswer::Whole);
     }
 }
+
+/// Property tests (issue 10, fuzzing): any `Range` header against any size.
+/// `PROPTEST_CASES` sets the cases.
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn fuzz_range_headers_answer_inside_the_blob(
+            value in prop_oneof![
+                "[ -~]{0,40}",
+                "(bytes|items)=[ ]?[0-9]{0,21}[ ]?-[ ]?[0-9]{0,21}(|,0-1)",
+            ],
+            size in prop_oneof![0u64..100, any::<u64>()],
+        ) {
+            // Header values are visible ASCII; anything else never gets here.
+            let Ok(value) = HeaderValue::from_str(&value) else { return Ok(()) };
+            match parse_range(&value, size) {
+                RangeAnswer::Whole | RangeAnswer::Unsatisfiable => {}
+                RangeAnswer::Part(r) => {
+                    prop_assert!(r.start() <= r.end() && *r.end() < size, "{:?} of {}", r, size);
+                }
+            }
+        }
+    }
+}

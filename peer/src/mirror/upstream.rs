@@ -494,3 +494,69 @@ mod tests {
         assert!(Credentials::from_docker_config(b"{").is_err());
     }
 }
+
+/// Property tests (issue 10, fuzzing): the Docker `config.json` reader, the
+/// `ns` of a client and a registry's `WWW-Authenticate`, all from outside.
+/// `PROPTEST_CASES` sets the cases.
+#[cfg(test)]
+mod fuzz {
+    use base64::Engine as _;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn fuzz_docker_configs_read_or_refuse_without_leaking(
+            key in "[ -~]{0,30}",
+            user in "[ -9;-~]{0,12}",
+            secret in "[a-zA-Z0-9]{12}",
+            form in 0..5u8,
+            junk in any::<Vec<u8>>(),
+        ) {
+            let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{secret}"));
+            let entry = match form {
+                0 => serde_json::json!({ "auth": token }),
+                1 => serde_json::json!({ "username": user, "password": secret }),
+                2 => serde_json::json!({ "auth": format!("{secret}!") }),
+                3 => serde_json::json!({ "auth": 7 }),
+                _ => serde_json::json!({}),
+            };
+            let json = serde_json::json!({ "auths": { key.clone(): entry } }).to_string();
+            match Credentials::from_docker_config(json.as_bytes()) {
+                Ok(c) => {
+                    if form < 2 && !(form == 1 && user.is_empty()) {
+                        prop_assert_eq!(c.get(&key), Some(&(user.clone(), secret.clone())));
+                    }
+                }
+                Err(e) => {
+                    prop_assert!(form >= 2, "{}", e);
+                    prop_assert!(!e.contains(&secret), "the secret is in the error: {}", e);
+                }
+            }
+            let _ = Credentials::from_docker_config(&junk);
+        }
+
+        #[test]
+        fn fuzz_ns_names_a_registry_base_or_is_refused(ns in prop_oneof![any::<String>(), "[a-zA-Z0-9.:\\[\\]/@ -]{0,30}"]) {
+            let default = Url::parse("https://registry.example:5000/").unwrap();
+            if let Ok(url) = base_for(Some(&ns), &default) {
+                prop_assert!(url.host_str().is_some() && url.path() == "/", "{}", url);
+                prop_assert!(url.username().is_empty() && url.query().is_none());
+            }
+        }
+
+        #[test]
+        fn fuzz_www_authenticate_challenges(value in prop_oneof![
+            "[ -~]{0,60}",
+            "(Bearer|Basic|bearer|Digest) (realm|service|scope)=(\"[ -!#-~]{0,20}\"?|[a-z,]{0,10})(|,[a-z]{1,6}=\"[ -~]{0,10}\")",
+        ]) {
+            let Ok(v) = HeaderValue::from_str(&value) else { return Ok(()) };
+            let mut headers = HeaderMap::new();
+            headers.insert(header::WWW_AUTHENTICATE, v);
+            if let Some(Challenge::Bearer { realm, .. }) = challenge_of(&headers) {
+                prop_assert!(value.contains(&realm));
+            }
+        }
+    }
+}
