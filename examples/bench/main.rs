@@ -15,7 +15,11 @@
 //! - `swarm`: `swarm` (against the lower bound T*), `swarm_observed` (scraped every second,
 //!   against the same run unscraped), `swarm_tls` (TLS everywhere, against the same run in
 //!   plaintext), `swarm_unlimited`, `churn` (against the same run without faults).
-//! - `memory`: peak resident memory of a daemon serving a small and a large blob.
+//! - `memory`: `memory`, peak resident memory of a daemon serving a small and a large blob;
+//!   `fleet_memory`, ten daemons each fetching nine blobs at once while serving nine peers
+//!   (against a budget of 128 MiB each, an idle daemon beside it), then the same with one
+//!   daemon flooded by an attacker.
+//! - `flood`: the attacker of `fleet_memory` (issue 10, row 7), a raw `PeerExchange` client.
 //! - `origin`: `origin_fanout`, N daemons fetching one URL from a rate-limited HTTP origin
 //!   (against F/U_o and one copy), beside the same N fetches straight from the origin.
 //! - `image_pull`: N daemons pulling one 5-layer image through their registry mirrors from a
@@ -26,6 +30,7 @@
 #[path = "../common/cluster.rs"]
 mod cluster;
 mod control_plane;
+mod flood;
 mod hash;
 mod image_pull;
 mod memory;
@@ -43,7 +48,7 @@ use clap::Parser;
 use serde_json::{Value, json};
 
 /// Every case, in the order they run.
-const CASES: [&str; 12] = [
+const CASES: [&str; 13] = [
     "hash",
     "single_stream",
     "multi_source",
@@ -54,6 +59,7 @@ const CASES: [&str; 12] = [
     "churn",
     "control_plane",
     "memory",
+    "fleet_memory",
     "origin_fanout",
     "image_pull",
 ];
@@ -67,7 +73,7 @@ struct Args {
     quick: bool,
     /// Run only these cases (comma-separated or repeated): hash, single_stream, multi_source,
     /// swarm, swarm_observed, swarm_tls, swarm_unlimited, churn, control_plane, memory,
-    /// origin_fanout, image_pull.
+    /// fleet_memory, origin_fanout, image_pull.
     #[arg(long = "case", value_delimiter = ',')]
     cases: Vec<String>,
 }
@@ -198,6 +204,7 @@ async fn run_case(bench: &Bench, case: &str) -> anyhow::Result<Value> {
         "origin_fanout" => origin::origin_fanout(bench).await,
         "image_pull" => image_pull::image_pull(bench).await,
         "memory" => memory::run(bench).await,
+        "fleet_memory" => memory::fleet(bench).await,
         other => anyhow::bail!("unknown case {other}"),
     }
 }
