@@ -11,7 +11,8 @@
 //! # Layout
 //!
 //! - `hash`: `nebula hash` against `b3sum`.
-//! - `transfer`: `single_stream` (against a raw TCP copy) and `multi_source` (against 4U).
+//! - `transfer`: `single_stream` (against a raw TCP copy), `single_stream_tls` (TLS on every
+//!   gRPC connection, against the same run in plaintext) and `multi_source` (against 4U).
 //! - `swarm`: `swarm` (against the lower bound T*), `swarm_observed` (scraped every second,
 //!   against the same run unscraped), `swarm_tls` (TLS everywhere, against the same run in
 //!   plaintext), `swarm_unlimited`, `churn` (against the same run without faults).
@@ -48,9 +49,10 @@ use clap::Parser;
 use serde_json::{Value, json};
 
 /// Every case, in the order they run.
-const CASES: [&str; 13] = [
+const CASES: [&str; 14] = [
     "hash",
     "single_stream",
+    "single_stream_tls",
     "multi_source",
     "swarm",
     "swarm_observed",
@@ -71,9 +73,9 @@ struct Args {
     /// A small version of every case: the whole set in under two minutes.
     #[arg(long)]
     quick: bool,
-    /// Run only these cases (comma-separated or repeated): hash, single_stream, multi_source,
-    /// swarm, swarm_observed, swarm_tls, swarm_unlimited, churn, control_plane, memory,
-    /// fleet_memory, origin_fanout, image_pull.
+    /// Run only these cases (comma-separated or repeated): hash, single_stream,
+    /// single_stream_tls, multi_source, swarm, swarm_observed, swarm_tls, swarm_unlimited, churn,
+    /// control_plane, memory, fleet_memory, origin_fanout, image_pull.
     #[arg(long = "case", value_delimiter = ',')]
     cases: Vec<String>,
 }
@@ -194,6 +196,7 @@ async fn run_case(bench: &Bench, case: &str) -> anyhow::Result<Value> {
     match case {
         "hash" => hash::run(bench).await,
         "single_stream" => transfer::single_stream(bench).await,
+        "single_stream_tls" => transfer::single_stream_tls(bench).await,
         "multi_source" => transfer::multi_source(bench).await,
         "swarm" => swarm::swarm(bench).await,
         "swarm_observed" => swarm::swarm_observed(bench).await,
