@@ -111,6 +111,10 @@ fn main() -> ExitCode {
     if serving || matches!(cli.command, Command::Fetch(_)) {
         output::raise_fd_limit();
     }
+    // The commands that move chunks: the daemon, and a fetch (a one-shot peer).
+    if matches!(cli.command, Command::Daemon(_) | Command::Fetch(_)) {
+        output::one_malloc_arena();
+    }
     let result = match cli.command {
         Command::Hash(args) => hash::run(args),
         Command::Mirror(args) => mirror::run(args),

@@ -139,9 +139,21 @@ pub(crate) fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
     })
 }
 
+/// Threads the runtime may start for blocking work, rather than tokio's 512.
+///
+/// The daemon's blocking work is the disk and hashing: a chunk read or write
+/// (each holding a chunk buffer while it runs) and whole-blob tasks (an add,
+/// an export, the SHA-256 of a completed blob). Past what the disk and the
+/// cores can serve, more threads only hold more stacks and buffers, and tasks
+/// may as well queue: a daemon fetching 9 blobs while serving 9 peers ran
+/// 140 threads. 64 still leaves room for long whole-blob tasks beside the
+/// chunk reads and writes.
+const MAX_BLOCKING_THREADS: usize = 64;
+
 /// Runs an async command on a multi-threaded runtime.
 pub(crate) fn block_on<F: Future<Output = anyhow::Result<()>>>(fut: F) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
         .enable_all()
         .build()
         .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
@@ -191,6 +203,28 @@ pub(crate) fn raise_fd_limit() {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
             lim.rlim_cur = lim.rlim_max;
             let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// Asks glibc for one malloc arena, unless `MALLOC_ARENA_MAX` says otherwise.
+///
+/// A peer's bulk buffers (its chunks, 1 MiB or more) are allocated on one
+/// thread and freed on another: read on a blocking thread and freed once sent,
+/// received on a runtime thread and freed once written. glibc gives threads
+/// arenas of their own (up to 8 per core) and a freed block goes back to the
+/// arena it came from, so each arena keeps its own high-water mark of chunk
+/// buffers and the process holds their sum, not what is live: 15 arenas held
+/// 168 MiB of a fetching daemon's 188. With one arena any thread reuses any
+/// freed buffer. Small allocations mostly come from glibc's per-thread caches,
+/// so the one arena's lock costs little (the fleet benchmark ran no slower).
+pub(crate) fn one_malloc_arena() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only changes the allocator's settings; it runs
+        // before the runtime starts any other thread.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
         }
     }
 }

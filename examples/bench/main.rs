@@ -11,11 +11,16 @@
 //! # Layout
 //!
 //! - `hash`: `nebula hash` against `b3sum`.
-//! - `transfer`: `single_stream` (against a raw TCP copy) and `multi_source` (against 4U).
+//! - `transfer`: `single_stream` (against a raw TCP copy), `single_stream_tls` (TLS on every
+//!   gRPC connection, against the same run in plaintext) and `multi_source` (against 4U).
 //! - `swarm`: `swarm` (against the lower bound T*), `swarm_observed` (scraped every second,
 //!   against the same run unscraped), `swarm_tls` (TLS everywhere, against the same run in
 //!   plaintext), `swarm_unlimited`, `churn` (against the same run without faults).
-//! - `memory`: peak resident memory of a daemon serving a small and a large blob.
+//! - `memory`: `memory`, peak resident memory of a daemon serving a small and a large blob;
+//!   `fleet_memory`, ten daemons each fetching nine blobs at once while serving nine peers
+//!   (against a budget of 128 MiB each, an idle daemon beside it), then the same with one
+//!   daemon flooded by an attacker.
+//! - `flood`: the attacker of `fleet_memory` (issue 10, row 7), a raw `PeerExchange` client.
 //! - `origin`: `origin_fanout`, N daemons fetching one URL from a rate-limited HTTP origin
 //!   (against F/U_o and one copy), beside the same N fetches straight from the origin.
 //! - `image_pull`: N daemons pulling one 5-layer image through their registry mirrors from a
@@ -26,6 +31,7 @@
 #[path = "../common/cluster.rs"]
 mod cluster;
 mod control_plane;
+mod flood;
 mod hash;
 mod image_pull;
 mod memory;
@@ -43,9 +49,10 @@ use clap::Parser;
 use serde_json::{Value, json};
 
 /// Every case, in the order they run.
-const CASES: [&str; 12] = [
+const CASES: [&str; 14] = [
     "hash",
     "single_stream",
+    "single_stream_tls",
     "multi_source",
     "swarm",
     "swarm_observed",
@@ -54,6 +61,7 @@ const CASES: [&str; 12] = [
     "churn",
     "control_plane",
     "memory",
+    "fleet_memory",
     "origin_fanout",
     "image_pull",
 ];
@@ -65,9 +73,9 @@ struct Args {
     /// A small version of every case: the whole set in under two minutes.
     #[arg(long)]
     quick: bool,
-    /// Run only these cases (comma-separated or repeated): hash, single_stream, multi_source,
-    /// swarm, swarm_observed, swarm_tls, swarm_unlimited, churn, control_plane, memory,
-    /// origin_fanout, image_pull.
+    /// Run only these cases (comma-separated or repeated): hash, single_stream,
+    /// single_stream_tls, multi_source, swarm, swarm_observed, swarm_tls, swarm_unlimited, churn,
+    /// control_plane, memory, fleet_memory, origin_fanout, image_pull.
     #[arg(long = "case", value_delimiter = ',')]
     cases: Vec<String>,
 }
@@ -188,6 +196,7 @@ async fn run_case(bench: &Bench, case: &str) -> anyhow::Result<Value> {
     match case {
         "hash" => hash::run(bench).await,
         "single_stream" => transfer::single_stream(bench).await,
+        "single_stream_tls" => transfer::single_stream_tls(bench).await,
         "multi_source" => transfer::multi_source(bench).await,
         "swarm" => swarm::swarm(bench).await,
         "swarm_observed" => swarm::swarm_observed(bench).await,
@@ -198,6 +207,7 @@ async fn run_case(bench: &Bench, case: &str) -> anyhow::Result<Value> {
         "origin_fanout" => origin::origin_fanout(bench).await,
         "image_pull" => image_pull::image_pull(bench).await,
         "memory" => memory::run(bench).await,
+        "fleet_memory" => memory::fleet(bench).await,
         other => anyhow::bail!("unknown case {other}"),
     }
 }

@@ -363,7 +363,7 @@ fn spread(sorted: &[Duration]) -> Value {
 }
 
 /// A run whose fetchers did not all complete is an error, figures kept beside it.
-fn note_failures(line: &mut Value, failures: &[String]) {
+pub(crate) fn note_failures(line: &mut Value, failures: &[String]) {
     if !failures.is_empty()
         && let Some(obj) = line.as_object_mut()
     {

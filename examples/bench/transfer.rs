@@ -1,9 +1,10 @@
 //! Point-to-point cases: `single_stream` (one provider, one fetcher, against a raw TCP copy of
-//! the same bytes into a file) and `multi_source` (four rate-limited providers, one fetcher,
+//! the same bytes into a file), `single_stream_tls` (the same with TLS on every gRPC connection,
+//! against it in plaintext) and `multi_source` (four rate-limited providers, one fetcher,
 //! against the sum of their limits).
 
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -16,19 +17,40 @@ use tokio::{
 
 use crate::{
     Bench, MIB,
-    cluster::{self, Cluster, Fetch, PeerOptions},
+    cluster::{self, Cluster, ClusterOptions, Fetch, PeerOptions},
     ratio, round, transfer_limit,
 };
 
 /// Buffer of the raw copy: large, so neither side is held back by system calls.
 const RAW_BUF: usize = 1 << 20;
 
-pub(crate) async fn single_stream(bench: &Bench) -> anyhow::Result<Value> {
-    let size = if bench.quick { 128 * MIB } else { 1024 * MIB };
-    let mut cluster = Cluster::start(&bench.bin, "bench", false).await?;
+/// Fetches per setting in `single_stream_tls`, the two settings alternating: one transfer
+/// takes about a second, which a shared machine makes noisy, so the fastest of each counts.
+const TLS_ROUNDS: usize = 2;
+
+/// The `single_stream` blob: 1 GiB (quick: 128 MiB).
+fn single_stream_size(bench: &Bench) -> u64 {
+    if bench.quick { 128 * MIB } else { 1024 * MIB }
+}
+
+/// A cluster of one provider (peer 0) holding a new random blob of `size`, and one fetcher
+/// (peer 1); returns it with the blob's file (still there) and id.
+async fn provider_and_fetcher(
+    bench: &Bench,
+    size: u64,
+    tls: bool,
+) -> anyhow::Result<(Cluster, PathBuf, String)> {
+    let options = ClusterOptions { http: false, tls };
+    let mut cluster = Cluster::start_with(&bench.bin, "bench", false, options).await?;
     cluster.add_peers(&[PeerOptions::default(); 2]).await?;
     let (file, id) = cluster.random_blob("blob.bin", size).await?;
     cluster.add(0, &file, &id).await?;
+    Ok((cluster, file, id))
+}
+
+pub(crate) async fn single_stream(bench: &Bench) -> anyhow::Result<Value> {
+    let size = single_stream_size(bench);
+    let (cluster, file, id) = provider_and_fetcher(bench, size, false).await?;
 
     let copy = cluster.root().join("raw-copy.bin");
     let raw = raw_tcp_copy(&file, &copy, transfer_limit(size, 64 * MIB)).await?;
@@ -62,6 +84,57 @@ pub(crate) async fn single_stream(bench: &Bench) -> anyhow::Result<Value> {
     });
     cluster.shutdown().await;
     Ok(line)
+}
+
+/// `single_stream` with TLS on every gRPC connection (a fleet CA made for the run), against the
+/// same transfer in plaintext: [`TLS_ROUNDS`] fetches of each, alternating, the fastest of each
+/// compared.
+pub(crate) async fn single_stream_tls(bench: &Bench) -> anyhow::Result<Value> {
+    let size = single_stream_size(bench);
+    let mut settings = Vec::new();
+    for tls in [false, true] {
+        let (cluster, file, id) = provider_and_fetcher(bench, size, tls).await?;
+        std::fs::remove_file(&file).ok();
+        settings.push((cluster, id, Vec::new()));
+    }
+    let limit = transfer_limit(size, 16 * MIB);
+    for _ in 0..TLS_ROUNDS {
+        for (cluster, id, walls) in &mut settings {
+            let fetch = one_fetch(cluster, 1, id, limit).await?;
+            walls.push(fetch.wall);
+            // The next round fetches the whole blob again.
+            cluster.remove(1, id).await?;
+        }
+    }
+    let mut walls = Vec::new();
+    for (cluster, _, w) in settings {
+        cluster.shutdown().await;
+        walls.push(w);
+    }
+    let best = |w: &[Duration]| w.iter().copied().min().unwrap_or_default();
+    let secs = |w: &[Duration]| {
+        w.iter()
+            .map(|d| round(d.as_secs_f64(), 3))
+            .collect::<Vec<_>>()
+    };
+    let (plain, tls) = (best(&walls[0]), best(&walls[1]));
+    let (plain_mib_s, tls_mib_s) = (
+        cluster::mib_per_s(size, plain),
+        cluster::mib_per_s(size, tls),
+    );
+    Ok(json!({
+        "case": "single_stream_tls",
+        "bytes": size,
+        "rounds": TLS_ROUNDS,
+        "elapsed_s": round(tls.as_secs_f64(), 3),
+        "mib_s": round(tls_mib_s, 1),
+        "each_s": secs(&walls[1]),
+        "reference": "the same transfer without TLS, alternating with it",
+        "reference_s": round(plain.as_secs_f64(), 3),
+        "reference_mib_s": round(plain_mib_s, 1),
+        "reference_each_s": secs(&walls[0]),
+        "ratio": ratio(tls_mib_s, Some(plain_mib_s)),
+    }))
 }
 
 pub(crate) async fn multi_source(bench: &Bench) -> anyhow::Result<Value> {

@@ -318,6 +318,37 @@ impl Fetch {
     }
 }
 
+/// What `/proc/PID/status` says of a process's memory and threads.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ProcStatus {
+    /// Resident memory now (`VmRSS`), in bytes.
+    pub(crate) rss: u64,
+    /// Peak resident memory (`VmHWM`), in bytes: since start, or since the last
+    /// [`Cluster::reset_peak_rss`].
+    pub(crate) peak_rss: u64,
+    /// Threads now.
+    pub(crate) threads: u64,
+}
+
+impl ProcStatus {
+    fn read(pid: u32) -> anyhow::Result<Self> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .with_context(|| format!("reading /proc/{pid}/status"))?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .with_context(|| format!("no {name} in /proc/{pid}/status"))
+        };
+        Ok(Self {
+            rss: field("VmRSS")? * 1024,
+            peak_rss: field("VmHWM")? * 1024,
+            threads: field("Threads")?,
+        })
+    }
+}
+
 /// A control plane and peer daemons on loopback, in one temporary directory.
 #[derive(Debug)]
 pub(crate) struct Cluster {
@@ -629,14 +660,27 @@ impl Cluster {
         &self.peers
     }
 
+    /// `ARGS --socket <peer's socket>`.
+    fn peer_args<'a>(&'a self, peer: usize, args: &[&'a str]) -> Vec<&'a OsStr> {
+        let socket = self.peers[peer].socket.as_os_str();
+        let mut all: Vec<&OsStr> = args.iter().map(|a| OsStr::new(*a)).collect();
+        all.extend([OsStr::new("--socket"), socket]);
+        all
+    }
+
     /// Runs `nebula ARGS --socket <peer's socket>`, which must exit 0 and print one JSON value.
     pub(crate) async fn peer_json(&self, peer: usize, args: &[&str]) -> anyhow::Result<Value> {
-        let socket = self.peers[peer].socket.as_os_str();
-        let mut all: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
-        all.extend([OsStr::new("--socket"), socket]);
-        cli_json(&self.bin, &all)
+        cli_json(&self.bin, &self.peer_args(peer, args))
             .await
             .with_context(|| format!("peer{peer}: nebula {}", args.join(" ")))
+    }
+
+    /// `nebula rm ID` on a daemon.
+    pub(crate) async fn remove(&self, peer: usize, id: &str) -> anyhow::Result<()> {
+        cli_ok(&self.bin, &self.peer_args(peer, &["rm", id]))
+            .await
+            .with_context(|| format!("peer{peer}: nebula rm {id}"))?;
+        Ok(())
     }
 
     /// `nebula status --json` of a daemon.
@@ -831,15 +875,12 @@ impl Cluster {
 
     /// Peak resident memory (`VmHWM`) of a daemon, in bytes.
     pub(crate) fn peak_rss(&self, peer: usize) -> anyhow::Result<u64> {
-        let pid = self.peers[peer].pid();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .with_context(|| format!("reading /proc/{pid}/status"))?;
-        let kib = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .with_context(|| format!("no VmHWM in /proc/{pid}/status"))?;
-        Ok(kib * 1024)
+        Ok(self.proc_status(peer)?.peak_rss)
+    }
+
+    /// A daemon's memory and thread count now, from one read of `/proc/PID/status`.
+    pub(crate) fn proc_status(&self, peer: usize) -> anyhow::Result<ProcStatus> {
+        ProcStatus::read(self.peers[peer].pid())
     }
 
     /// Resets a daemon's peak resident memory to its current one (`/proc/PID/clear_refs`).
@@ -995,8 +1036,8 @@ async fn run_with_timeout(bin: &Path, args: &[&OsStr], limit: Duration) -> anyho
     }
 }
 
-/// Runs a `nebula` command that must exit 0 and print one JSON value.
-async fn cli_json(bin: &Path, args: &[&OsStr]) -> anyhow::Result<Value> {
+/// Runs a short `nebula` command that must exit 0.
+async fn cli_ok(bin: &Path, args: &[&OsStr]) -> anyhow::Result<Output> {
     let out = run_with_timeout(bin, args, CLI_TIMEOUT).await?;
     if !out.status.success() {
         bail!(
@@ -1006,6 +1047,12 @@ async fn cli_json(bin: &Path, args: &[&OsStr]) -> anyhow::Result<Value> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
+    Ok(out)
+}
+
+/// Runs a `nebula` command that must exit 0 and print one JSON value.
+async fn cli_json(bin: &Path, args: &[&OsStr]) -> anyhow::Result<Value> {
+    let out = cli_ok(bin, args).await?;
     serde_json::from_slice(&out.stdout).with_context(|| {
         format!(
             "`nebula {}` printed no JSON: {:?}",

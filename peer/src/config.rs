@@ -44,6 +44,12 @@ pub struct Config {
     /// Requests one serving stream queues before it stops reading (the
     /// dialing side then waits on HTTP/2 flow control).
     pub stream_queue: usize,
+    /// Chunk bytes asked of other peers and not yet stored, across every
+    /// download, at most. What arrives waits in memory until it is verified
+    /// and written, so this bounds that memory however many downloads and
+    /// providers there are; a download with nothing in flight waits its turn
+    /// for a share. At least one chunk (1 MiB); a larger chunk takes it all.
+    pub download_buffer: u64,
     /// Timeout of one control-plane call.
     pub control_timeout: Duration,
     /// Range requests one origin download makes at once.
@@ -85,6 +91,7 @@ impl Config {
             stream_upload_slots: 32,
             max_chunks_per_request: 64,
             stream_queue: 256,
+            download_buffer: 32 << 20,
             control_timeout: Duration::from_secs(5),
             origin_connections: 4,
             origin_timeout: Duration::from_secs(30),
@@ -107,6 +114,9 @@ impl Config {
                 "stream upload slots, chunks per request and stream queue must be at least 1"
                     .into(),
             );
+        }
+        if self.download_buffer < 1 << 20 {
+            return Err("the download buffer must hold at least one chunk (1 MiB)".into());
         }
         if self.origin_connections == 0 || self.origin_timeout.is_zero() {
             return Err("origin connections and the origin timeout must be above zero".into());

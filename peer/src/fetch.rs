@@ -14,6 +14,8 @@ mod sched;
 
 use std::{
     collections::HashMap,
+    future::Future,
+    pin::Pin,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -28,7 +30,7 @@ use nebula_proto::v1::{
 };
 use rand::SeedableRng;
 use tokio::{
-    sync::{Notify, mpsc, watch},
+    sync::{AcquireError, Notify, OwnedSemaphorePermit, mpsc, watch},
     task::JoinSet,
     time::Instant,
 };
@@ -205,6 +207,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Download {
     fn chunk_size(&self) -> u64 {
         self.blob.geometry().chunk_size()
+    }
+
+    /// Bytes of the download buffer one chunk request holds: the chunk's
+    /// size, or the whole buffer when a chunk is larger.
+    fn chunk_share(&self) -> u32 {
+        let whole = self.shared.config.download_buffer;
+        u32::try_from(self.chunk_size().min(whole)).unwrap_or(u32::MAX)
     }
 
     fn id(&self) -> BlobId {
@@ -753,7 +762,13 @@ struct InFlight {
     chunk: u32,
     sent: Instant,
     pieces: Vec<Bytes>,
+    /// Its share of the download buffer, given back when it is dropped
+    /// (stored, given back, cancelled, or the worker ended).
+    _share: OwnedSemaphorePermit,
 }
+
+/// A worker's place in the queue for a share of the download buffer.
+type ShareWait = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
 
 /// Consecutive failures (errors, busy answers past patience) before a worker gives up.
 const MAX_FAILURES: u32 = 3;
@@ -774,6 +789,7 @@ async fn run_worker(
                 entry,
                 conn,
                 inflight: HashMap::new(),
+                share: None,
                 score: Score::new(Instant::now()),
                 trial,
             }
@@ -791,6 +807,9 @@ struct Worker {
     entry: Arc<ProviderEntry>,
     conn: Arc<Connection>,
     inflight: HashMap<u64, InFlight>,
+    /// A share of the download buffer obtained after waiting, for the next
+    /// request.
+    share: Option<OwnedSemaphorePermit>,
     score: Score,
     /// Back from a failure: one request at a time until one succeeds.
     trial: bool,
@@ -825,6 +844,7 @@ impl Worker {
         let mut paused_until: Option<Instant> = None;
         let mut last_data = Instant::now();
         let mut idle_rounds = 0u32;
+        let mut waiting: Option<ShareWait> = None;
         let end = loop {
             if dl.finished.is_cancelled() {
                 break WorkerEnd::Done;
@@ -838,6 +858,26 @@ impl Worker {
                     self.score.window(dl.chunk_size())
                 };
                 while self.inflight.len() < window {
+                    // What a request brings back waits in memory until it is
+                    // stored: each holds a share of the download buffer.
+                    let buffer = &dl.shared.download_buffer;
+                    let share = match self.share.take() {
+                        Some(share) => share,
+                        None => match Arc::clone(buffer).try_acquire_many_owned(dl.chunk_share()) {
+                            Ok(share) => share,
+                            Err(_) => {
+                                // Full: with requests in flight, go on with them
+                                // (their end frees shares); with none, queue for
+                                // one, so every download gets its turn.
+                                if self.inflight.is_empty() && waiting.is_none() {
+                                    let wait =
+                                        Arc::clone(buffer).acquire_many_owned(dl.chunk_share());
+                                    waiting = Some(Box::pin(wait));
+                                }
+                                break;
+                            }
+                        },
+                    };
                     // Degraded providers get no endgame duplicates: they would lose the race.
                     let endgame_ok = !dl.degraded(self.p);
                     let pick = lock(&dl.sched).pick(self.p, endgame_ok, &mut rng);
@@ -860,6 +900,7 @@ impl Worker {
                             chunk,
                             sent: Instant::now(),
                             pieces: Vec::new(),
+                            _share: share,
                         },
                     );
                     lock(&dl.requests).insert((self.p, chunk), (Arc::clone(&self.conn), rid));
@@ -868,7 +909,7 @@ impl Worker {
             if self.conn.is_closed() {
                 break WorkerEnd::Failed("stream closed".into());
             }
-            if self.inflight.is_empty() && paused_until.is_none() {
+            if self.inflight.is_empty() && paused_until.is_none() && waiting.is_none() {
                 idle_rounds += 1;
                 // Nothing to ask it for a while: let the coordinator decide.
                 if idle_rounds > 20 {
@@ -885,6 +926,10 @@ impl Worker {
                 // A closed stream (reset, refused, killed) gives its requests back at once.
                 () = self.conn.closed() => break WorkerEnd::Failed("stream closed".into()),
                 _ = dl.wake.notified(), if self.inflight.is_empty() => {}
+                share = async { waiting.as_mut()?.await.ok() }, if waiting.is_some() => {
+                    waiting = None;
+                    self.share = share;
+                }
                 _ = tokio::time::sleep_until(wake_at), if self.inflight.is_empty() || paused_until.is_some() => {}
                 _ = tokio::time::sleep_until(stall_at.unwrap_or(now)), if stall_at.is_some() => {
                     let timeout = self.score.stall_timeout(STALL_FLOOR);

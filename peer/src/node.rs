@@ -15,7 +15,7 @@ use nebula_common::{BlobId, Store, StoreError};
 use nebula_proto::v1::{self as pb, peer_exchange_server::PeerExchangeServer};
 use tokio::{
     net::TcpListener,
-    sync::{Notify, broadcast},
+    sync::{Notify, Semaphore, broadcast},
     task::JoinSet,
     time::Instant,
 };
@@ -70,6 +70,9 @@ pub(crate) struct Shared {
     pub(crate) download_limiter: Option<RateLimiter>,
     /// Upload slots in use (chunk requests admitted and not yet answered).
     pub(crate) active_uploads: AtomicU32,
+    /// Bytes of [`Config::download_buffer`] not held by a chunk request in
+    /// flight.
+    pub(crate) download_buffer: Arc<Semaphore>,
     pub(crate) uploaded_bytes: AtomicU64,
     pub(crate) downloaded_bytes: AtomicU64,
     /// A blob gained chunks (feeds have-updates and partial announcements).
@@ -172,6 +175,12 @@ impl Node {
             upload_limiter: RateLimiter::optional(config.upload_limit),
             download_limiter: RateLimiter::optional(config.download_limit),
             active_uploads: AtomicU32::new(0),
+            // Validated: at least 1 MiB; capped at what a semaphore can count.
+            download_buffer: Arc::new(Semaphore::new(
+                usize::try_from(config.download_buffer)
+                    .unwrap_or(usize::MAX)
+                    .min(Semaphore::MAX_PERMITS),
+            )),
             uploaded_bytes: AtomicU64::new(0),
             downloaded_bytes: AtomicU64::new(0),
             chunk_events: broadcast::channel(1024).0,

@@ -146,9 +146,11 @@ impl PeerExchange for ExchangeService {
             .ok_or_else(|| Status::unauthenticated("no peer credential"))?;
         let span = tracing::info_span!("exchange", peer = %caller, ?remote);
         let inbound = request.into_inner();
-        // A few pieces of slack: a receiver that stops reading stalls only
-        // its own stream, and memory stays at a few MiB per stream.
-        let (out_tx, out_rx) = mpsc::channel::<Result<ExchangeResponse, Status>>(4);
+        // One piece of slack, beside the piece being encoded and about one
+        // more in HTTP/2's send buffer: enough to keep the stream busy while
+        // the next chunk is read, and a receiver that stops reading holds
+        // about 4 MiB here, for its own stream only.
+        let (out_tx, out_rx) = mpsc::channel::<Result<ExchangeResponse, Status>>(1);
         // Bounded: past it, reading waits on serving.
         let (work_tx, work_rx) =
             mpsc::channel::<(Work, Option<Slot>)>(self.shared.config.stream_queue);
