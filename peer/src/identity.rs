@@ -23,6 +23,8 @@ use tonic::{
 #[derive(Debug, Default)]
 pub(crate) struct Identity {
     credential: RwLock<Option<MetadataValue<Ascii>>>,
+    /// Woken when a credential arrives.
+    issued: tokio::sync::Notify,
     verifier: RwLock<Arc<Verifier>>,
     /// Where the credential is kept; `None`: memory only.
     file: Option<PathBuf>,
@@ -37,8 +39,28 @@ impl Identity {
             .and_then(|t| t.trim().parse().ok());
         Self {
             credential: RwLock::new(saved),
+            issued: tokio::sync::Notify::new(),
             verifier: RwLock::default(),
             file,
+        }
+    }
+
+    /// The credential, waiting up to `max` for the first one (a peer that
+    /// has just started dials others only once it can show one).
+    pub(crate) async fn credential_within(
+        &self,
+        max: std::time::Duration,
+    ) -> Option<MetadataValue<Ascii>> {
+        let deadline = tokio::time::Instant::now() + max;
+        loop {
+            // Armed before the check, so an update in between is not missed.
+            let issued = self.issued.notified();
+            if let Some(credential) = self.credential() {
+                return Some(credential);
+            }
+            if tokio::time::timeout_at(deadline, issued).await.is_err() {
+                return self.credential();
+            }
         }
     }
 
@@ -58,6 +80,7 @@ impl Identity {
             match credential.parse::<MetadataValue<Ascii>>() {
                 Ok(value) => {
                     *self.credential.write().unwrap_or_else(|e| e.into_inner()) = Some(value);
+                    self.issued.notify_waiters();
                     self.save(credential);
                 }
                 Err(_) => tracing::warn!("the control plane sent an unusable credential"),
@@ -189,6 +212,27 @@ mod tests {
             call(&mut auth, Some(&stranger)).unwrap_err().code(),
             Code::Unauthenticated
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dial_waits_for_the_first_credential_within_a_bound() {
+        let identity = Arc::new(Identity::default());
+        assert!(
+            identity
+                .credential_within(Duration::from_secs(1))
+                .await
+                .is_none()
+        );
+        let fleet = SigningKey::generate();
+        let token = fleet.issue("p1", "127.0.0.1:1", Duration::from_secs(60));
+        let waiting = tokio::spawn({
+            let identity = Arc::clone(&identity);
+            async move { identity.credential_within(Duration::from_secs(5)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        identity.update(&token, &keys(&fleet));
+        let got = waiting.await.unwrap().unwrap();
+        assert_eq!(got, token.as_str());
     }
 
     #[test]

@@ -102,11 +102,21 @@ impl Shared {
             peer_id: self.peer_id.clone(),
             address: self.address.clone(),
         };
+        // A peer that has just started dials once it has a credential to
+        // show (or the control plane's deadline passed).
+        let credential = match &self.control {
+            Some(_) => {
+                self.identity
+                    .credential_within(self.config.control_timeout)
+                    .await
+            }
+            None => self.identity.credential(),
+        };
         self.pool
             .get(
                 addr,
                 hello,
-                self.identity.credential(),
+                credential,
                 Duration::from_secs(3),
                 self.config.tls.as_ref(),
             )

@@ -447,10 +447,12 @@ fn trust_a_receiver_that_never_reads_cannot_hold_every_upload_slot() {
         rt.block_on(hog.send(get_chunks(n + 1, &id, vec![(n % 8) as u32])))
             .unwrap();
     }
-    // Every request is answered (served or refused busy) within a bound.
+    // Past its share the stream's requests are refused busy at once: of 64,
+    // at most 32 hold a slot at a time, and only the few chunks that fit in
+    // the HTTP/2 buffers before the stream stalls finish and free theirs.
     let busy = r#"nebula_exchange_refusals_total{answer="busy"}"#;
     let answered = crate::support::wait_until(Duration::from_secs(10), || {
-        c.daemons[0].proc.metrics().get(busy) >= 32.0
+        c.daemons[0].proc.metrics().get(busy) >= 24.0
     });
     let m = c.daemons[0].proc.metrics();
     assert!(answered, "{} busy refusals", m.get(busy));
