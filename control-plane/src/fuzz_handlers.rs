@@ -1,4 +1,4 @@
-//! Fuzzing the control plane's handlers (issue 10): the `ControlPlane` and
+//! Fuzzing the control plane's handlers: the `ControlPlane` and
 //! `Admin` services, called directly on the in-memory store with arbitrary
 //! sequences of arbitrary requests, must never panic, must answer every
 //! refusal with a typed status (never `INTERNAL` or `UNKNOWN`) in one line,

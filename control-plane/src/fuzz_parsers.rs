@@ -1,4 +1,4 @@
-//! Fuzzing the control plane's parsers (issue 10): peer ids, origin URLs as
+//! Fuzzing the control plane's parsers: peer ids, origin URLs as
 //! keys, and `--state` Redis URLs. No panic; what is accepted prints back
 //! or normalizes to itself; refusals are one line and echo no password.
 //! `PROPTEST_CASES` sets the cases per property.

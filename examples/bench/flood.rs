@@ -1,4 +1,4 @@
-//! The flood of issue 10's row 7, for the `fleet_memory` case: an attacker that registers with
+//! A resource flood, for the `fleet_memory` case: an attacker that registers with
 //! the control plane like any peer, then opens exchange streams to one daemon and asks for far
 //! more than the daemon serves at once.
 //!

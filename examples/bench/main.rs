@@ -20,7 +20,7 @@
 //!   `fleet_memory`, ten daemons each fetching nine blobs at once while serving nine peers
 //!   (against a budget of 128 MiB each, an idle daemon beside it), then the same with one
 //!   daemon flooded by an attacker.
-//! - `flood`: the attacker of `fleet_memory` (issue 10, row 7), a raw `PeerExchange` client.
+//! - `flood`: the attacker of `fleet_memory`, a raw `PeerExchange` client.
 //! - `origin`: `origin_fanout`, N daemons fetching one URL from a rate-limited HTTP origin
 //!   (against F/U_o and one copy), beside the same N fetches straight from the origin.
 //! - `image_pull`: N daemons pulling one 5-layer image through their registry mirrors from a

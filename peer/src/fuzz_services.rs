@@ -1,4 +1,4 @@
-//! Fuzzing the peer's servers (issue 10): a real node in this process, on a
+//! Fuzzing the peer's servers: a real node in this process, on a
 //! loopback port and a temporary store holding two blobs, fed arbitrary
 //! sequences of requests on its `PeerExchange` stream and its local API.
 //!

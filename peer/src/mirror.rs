@@ -568,7 +568,7 @@ mod tests {
     }
 }
 
-/// Property tests (issue 10, fuzzing): registry paths, references and
+/// Property tests (fuzzing): registry paths, references and
 /// digests as clients send them. `PROPTEST_CASES` sets the cases.
 #[cfg(test)]
 mod fuzz {

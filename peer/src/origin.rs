@@ -1050,7 +1050,7 @@ mod tests {
     }
 }
 
-/// Property tests (issue 10, fuzzing): what `nebula fetch URL` is given.
+/// Property tests (fuzzing): what `nebula fetch URL` is given.
 /// `PROPTEST_CASES` sets the cases.
 #[cfg(test)]
 mod fuzz {
