@@ -255,6 +255,8 @@ impl ControlArgs {
                 .collect(),
             origin_lease_ttl: self.origin_lease_ttl.unwrap_or(d.origin_lease_ttl),
             handshake_timeout: self.serve.handshake_timeout,
+            idle_timeout: self.serve.idle_timeout,
+            connections_per_address: self.serve.connections_per_address as usize,
             tls: self.serve.tls.load()?,
             signing_key: match &self.signing_key {
                 Some(path) => Some(Arc::new(

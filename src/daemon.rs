@@ -270,6 +270,8 @@ pub(crate) async fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
     args.origin.apply(&mut config)?;
     config.tls = args.serve.tls.load()?;
     config.handshake_timeout = args.serve.handshake_timeout;
+    config.idle_timeout = args.serve.idle_timeout;
+    config.connections_per_address = args.serve.connections_per_address as usize;
     check_control_tls(&args.control, config.tls.as_ref())?;
     config.validate().map_err(bad_input)?;
     let mirror = args.mirror.config()?;

@@ -33,6 +33,13 @@ pub(crate) struct ServeFlags {
     /// Close a connection that sends no TLS or HTTP/2 greeting within this long.
     #[arg(long, env = "NEBULA_HANDSHAKE_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
     pub(crate) handshake_timeout: std::time::Duration,
+    /// Close a connection that has had no call open for this long.
+    #[arg(long, env = "NEBULA_IDLE_TIMEOUT", value_parser = parse_duration, default_value = "2m")]
+    pub(crate) idle_timeout: std::time::Duration,
+    /// Connections one IP address may hold at once; more are closed.
+    #[arg(long, env = "NEBULA_CONNECTIONS_PER_ADDRESS", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) connections_per_address: u32,
     #[command(flatten)]
     pub(crate) tls: ServerTlsFlags,
 }

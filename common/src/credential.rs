@@ -14,15 +14,16 @@
 //! one. Credentials travel in the `nebula-credential` gRPC metadata entry.
 
 use std::{
-    collections::HashMap,
     path::{Path, PathBuf},
-    sync::Mutex,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64};
+use dashmap::DashMap;
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 use serde::{Deserialize, Serialize};
+
+use crate::private_file;
 
 /// The gRPC metadata entry a credential travels in.
 pub const METADATA_KEY: &str = "nebula-credential";
@@ -204,7 +205,7 @@ impl SigningKey {
             path: path.to_owned(),
             source,
         };
-        match std::fs::read_to_string(path) {
+        match private_file::read(path) {
             Ok(text) => return Self::parse(path, &text),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io(e)),
@@ -214,27 +215,12 @@ impl SigningKey {
             "-----BEGIN {PEM_LABEL}-----\n{}\n-----END {PEM_LABEL}-----\n",
             hex::encode(seed)
         );
-        let aside = path.with_extension(format!("new-{:08x}", rand::random::<u32>()));
-        use std::{io::Write, os::unix::fs::OpenOptionsExt};
-        let written = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&aside)
-            .and_then(|mut file| {
-                file.write_all(text.as_bytes())?;
-                file.sync_all()
-            })
-            .and_then(|()| std::fs::hard_link(&aside, path));
-        let _ = std::fs::remove_file(&aside);
-        match written {
-            Ok(()) => Ok(Self::from_seed(&seed)),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                let text = std::fs::read_to_string(path).map_err(io)?;
-                Self::parse(path, &text)
-            }
-            Err(e) => Err(io(e)),
+        // Replicas starting at once: one creates the key, the others read it.
+        if private_file::create(path, &text).map_err(io)? {
+            Ok(Self::from_seed(&seed))
+        } else {
+            let text = private_file::read(path).map_err(io)?;
+            Self::parse(path, &text)
         }
     }
 
@@ -289,7 +275,7 @@ impl SigningKey {
 #[derive(Debug, Default)]
 pub struct Verifier {
     keys: Vec<PublicKey>,
-    verified: Mutex<HashMap<[u8; 64], Claims>>,
+    verified: DashMap<[u8; 64], Claims>,
 }
 
 impl Verifier {
@@ -297,7 +283,7 @@ impl Verifier {
     pub fn new(keys: Vec<PublicKey>) -> Self {
         Self {
             keys,
-            verified: Mutex::new(HashMap::new()),
+            verified: DashMap::new(),
         }
     }
 
@@ -325,16 +311,15 @@ impl Verifier {
             .ok()
             .and_then(|s| s.try_into().ok())
             .ok_or(CredentialError::Malformed)?;
-        let cached = self.cache().get(&signature).cloned();
+        let cached = self.verified.get(&signature).map(|c| c.clone());
         let claims = match cached {
             Some(claims) => claims,
             None => {
                 let checked = self.check(header, claims, &signature)?;
-                let mut cache = self.cache();
-                if cache.len() >= CACHE_ENTRIES {
-                    cache.clear();
+                if self.verified.len() >= CACHE_ENTRIES {
+                    self.verified.clear();
                 }
-                cache.insert(signature, checked.clone());
+                self.verified.insert(signature, checked.clone());
                 checked
             }
         };
@@ -342,11 +327,6 @@ impl Verifier {
             return Err(CredentialError::Expired);
         }
         Ok(claims)
-    }
-
-    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 64], Claims>> {
-        // Whole entries only are written under the lock: a poisoned map is usable.
-        self.verified.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn check(

@@ -8,11 +8,13 @@
 //! - [`outboard`]: chaining values, chunk verification, file hashing.
 //! - [`store`]: the crash-safe, resumable, content-addressed store of a daemon.
 //! - [`rate`]: byte rates such as `20MiB/s`.
+//! - [`private_file`]: keys, credentials and ids, mode 0600, never through a symbolic link.
 
 pub mod chunks;
 pub mod credential;
 pub mod id;
 pub mod outboard;
+pub mod private_file;
 pub mod rate;
 pub mod store;
 

@@ -61,6 +61,11 @@ pub struct Config {
     /// A connection that has not sent its greeting (TLS or HTTP/2) within
     /// this long is closed. Default 10 s.
     pub handshake_timeout: Duration,
+    /// A connection with no call open for this long is closed. Default 2 min.
+    pub idle_timeout: Duration,
+    /// Connections one IP address may hold at once; more are closed as they
+    /// are accepted. Default 256.
+    pub connections_per_address: usize,
     /// HTTP/2 streams one connection may open at once. Default 1,024.
     pub max_concurrent_streams: u32,
     /// Streams a connection may make the server reset before it is closed
@@ -133,6 +138,8 @@ impl Default for Config {
             max_announce_blobs: 100_000,
             inventory_caps: InventoryCaps::default(),
             handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
+            connections_per_address: 256,
             max_concurrent_streams: 1024,
             max_local_error_reset_streams: 1024,
             keepalive_interval: Duration::from_secs(30),
@@ -176,6 +183,8 @@ impl std::fmt::Debug for Config {
             .field("max_announce_blobs", &self.max_announce_blobs)
             .field("inventory_caps", &self.inventory_caps)
             .field("handshake_timeout", &self.handshake_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("connections_per_address", &self.connections_per_address)
             .field("max_concurrent_streams", &self.max_concurrent_streams)
             .field(
                 "max_local_error_reset_streams",
@@ -283,6 +292,7 @@ impl Config {
             ("url_ttl", self.url_ttl),
             ("origin_lease_ttl", self.origin_lease_ttl),
             ("handshake_timeout", self.handshake_timeout),
+            ("idle_timeout", self.idle_timeout),
             ("report_window", self.report_window),
             ("quarantine_ttl", self.quarantine_ttl),
         ] {
@@ -301,6 +311,10 @@ impl Config {
             ("max_discovery_limit", u64::from(self.max_discovery_limit)),
             ("quarantine_after", u64::from(self.quarantine_after)),
             ("max_announce_blobs", self.max_announce_blobs as u64),
+            (
+                "connections_per_address",
+                self.connections_per_address as u64,
+            ),
             ("inventory_caps.peer_blobs", self.inventory_caps.peer_blobs),
             (
                 "inventory_caps.peer_partial",

@@ -11,13 +11,13 @@
 //! the provider it reports ([`Grants`]).
 
 use std::{
-    collections::{HashMap, HashSet},
     net::IpAddr,
-    sync::{Arc, Mutex},
+    sync::{Arc, RwLock, RwLockReadGuard},
     time::Duration,
 };
 
 use bytes::Bytes;
+use dashmap::{DashMap, DashSet};
 use nebula_common::credential::{Claims, CredentialError, METADATA_KEY, SigningKey, Verifier};
 use tokio::time::Instant;
 use tonic::{Request, Status, service::Interceptor};
@@ -222,10 +222,10 @@ impl Interceptor for PeerAuth {
 
 /// A token bucket per key, refilled at `rate` per second up to `burst`.
 #[derive(Debug)]
-struct Buckets<K> {
+struct Buckets<K: std::hash::Hash + Eq> {
     rate: f64,
     burst: f64,
-    buckets: Mutex<HashMap<K, (f64, Instant)>>,
+    buckets: DashMap<K, (f64, Instant)>,
 }
 
 /// Keys remembered at most; past that, full buckets are forgotten.
@@ -236,22 +236,21 @@ impl<K: std::hash::Hash + Eq + Clone> Buckets<K> {
         Self {
             rate,
             burst: burst.max(1.0),
-            buckets: Mutex::new(HashMap::new()),
+            buckets: DashMap::new(),
         }
     }
 
     /// Takes one token for `key`; false when its bucket is empty.
     fn take(&self, key: &K) -> bool {
         let now = Instant::now();
-        // Whole values only are written under the lock: a poisoned map is usable.
-        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        if buckets.len() >= MAX_BUCKETS && !buckets.contains_key(key) {
+        if self.buckets.len() >= MAX_BUCKETS && !self.buckets.contains_key(key) {
             let (rate, burst) = (self.rate, self.burst);
-            buckets.retain(|_, (tokens, at)| {
+            self.buckets.retain(|_, (tokens, at)| {
                 *tokens + now.duration_since(*at).as_secs_f64() * rate < burst
             });
         }
-        let (tokens, at) = buckets.entry(key.clone()).or_insert((self.burst, now));
+        let mut bucket = self.buckets.entry(key.clone()).or_insert((self.burst, now));
+        let (tokens, at) = &mut *bucket;
         *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.rate).min(self.burst);
         *at = now;
         if *tokens >= 1.0 {
@@ -326,17 +325,24 @@ impl Admission {
 
 /// Which providers discovery gave to which asker, for `ttl` at least and
 /// twice that at most (two generations: the current one, and the one before).
+/// Calls share a read lock; only the turn of a generation takes it alone.
 #[derive(Debug)]
 pub struct Grants {
     ttl: Duration,
-    inner: Mutex<Generations>,
+    inner: RwLock<Generations>,
 }
 
 #[derive(Debug)]
 struct Generations {
     started: Instant,
-    current: HashSet<(PeerId, PeerId)>,
-    previous: HashSet<(PeerId, PeerId)>,
+    current: DashSet<(PeerId, PeerId)>,
+    previous: DashSet<(PeerId, PeerId)>,
+}
+
+impl Generations {
+    fn due(&self, ttl: Duration, now: Instant) -> bool {
+        now.duration_since(self.started) >= ttl || self.current.len() >= MAX_GRANTS
+    }
 }
 
 /// Pairs one generation holds at most; a full one starts the next early.
@@ -347,31 +353,39 @@ impl Grants {
     pub fn new(ttl: Duration) -> Self {
         Self {
             ttl,
-            inner: Mutex::new(Generations {
+            inner: RwLock::new(Generations {
                 started: Instant::now(),
-                current: HashSet::new(),
-                previous: HashSet::new(),
+                current: DashSet::new(),
+                previous: DashSet::new(),
             }),
         }
     }
 
-    fn generations(&self) -> std::sync::MutexGuard<'_, Generations> {
-        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+    fn generations(&self) -> RwLockReadGuard<'_, Generations> {
+        // Whole sets only are swapped under the lock: a poisoned one is usable.
         let now = Instant::now();
-        if now.duration_since(g.started) >= self.ttl || g.current.len() >= MAX_GRANTS {
-            let elapsed = now.duration_since(g.started);
-            g.previous = std::mem::take(&mut g.current);
-            if elapsed >= self.ttl * 2 {
-                g.previous.clear();
-            }
-            g.started = now;
+        let read = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        if !read.due(self.ttl, now) {
+            return read;
         }
-        g
+        drop(read);
+        {
+            let mut g = self.inner.write().unwrap_or_else(|e| e.into_inner());
+            if g.due(self.ttl, now) {
+                let elapsed = now.duration_since(g.started);
+                g.previous = std::mem::take(&mut g.current);
+                if elapsed >= self.ttl * 2 {
+                    g.previous.clear();
+                }
+                g.started = now;
+            }
+        }
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Records that `asker` was given `providers`.
     pub fn give<'a>(&self, asker: &PeerId, providers: impl IntoIterator<Item = &'a PeerId>) {
-        let mut g = self.generations();
+        let g = self.generations();
         for p in providers {
             g.current.insert((asker.clone(), p.clone()));
         }

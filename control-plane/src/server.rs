@@ -146,7 +146,23 @@ impl<S: StateStore> ControlPlane<S> {
         if let Some(tls) = &config.tls {
             server = server.tls_config(tls.server_config()?)?;
         }
+        // The builder's `tcp_nodelay`/`tcp_keepalive` apply only to listeners
+        // tonic binds itself; accepted sockets get them here (without NODELAY,
+        // Nagle and delayed ACKs hold small answers back for milliseconds),
+        // accept backs off when out of descriptors, and a connection silent
+        // past the handshake timeout, or without a call past the idle timeout, is
+        // closed (the `calls` layer tells it when calls open and close).
+        let (incoming, calls) = nebula_proto::incoming::incoming(
+            listener,
+            nebula_proto::incoming::IncomingOptions {
+                handshake_timeout: config.handshake_timeout,
+                idle_timeout: config.idle_timeout,
+                per_address: config.connections_per_address,
+                keepalive: config.keepalive_interval,
+            },
+        );
         let router = server
+            .layer(calls)
             .layer(RpcMetricsLayer(Arc::clone(registry.metrics())))
             .timeout(config.request_timeout)
             .max_concurrent_streams(config.max_concurrent_streams)
@@ -161,18 +177,6 @@ impl<S: StateStore> ControlPlane<S> {
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
         let stop = cancel.clone();
-        // The builder's `tcp_nodelay`/`tcp_keepalive` apply only to listeners
-        // tonic binds itself; accepted sockets get them here (without NODELAY,
-        // Nagle and delayed ACKs hold small answers back for milliseconds),
-        // accept backs off when out of descriptors, and a connection silent
-        // past the handshake timeout is closed.
-        let incoming = nebula_proto::incoming::incoming(
-            listener,
-            nebula_proto::incoming::IncomingOptions {
-                handshake_timeout: config.handshake_timeout,
-                keepalive: config.keepalive_interval,
-            },
-        );
         tasks.spawn(async move {
             // However the server ends, the sweeper and prober end with it.
             let _stop_siblings = stop.clone().drop_guard();

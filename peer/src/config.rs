@@ -63,6 +63,12 @@ pub struct Config {
     /// A connection to the peer server that has not sent its greeting (TLS
     /// or HTTP/2) within this long is closed. Default 10 s.
     pub handshake_timeout: Duration,
+    /// A connection to the peer server with no call open for this long is
+    /// closed. Default 2 min.
+    pub idle_timeout: Duration,
+    /// Connections one IP address may hold to the peer server at once; more
+    /// are closed as they are accepted. Default 256.
+    pub connections_per_address: usize,
     /// TLS for everything over TCP: the peer server serves with this
     /// certificate (requiring client certificates when asked), other peers
     /// are dialed with `https://`, and every control-plane URL must be
@@ -97,6 +103,8 @@ impl Config {
             origin_timeout: Duration::from_secs(30),
             origin_ca: None,
             handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
+            connections_per_address: 256,
             tls: None,
         }
     }
@@ -121,8 +129,11 @@ impl Config {
         if self.origin_connections == 0 || self.origin_timeout.is_zero() {
             return Err("origin connections and the origin timeout must be above zero".into());
         }
-        if self.handshake_timeout.is_zero() {
-            return Err("the handshake timeout must be above zero".into());
+        if self.handshake_timeout.is_zero() || self.idle_timeout.is_zero() {
+            return Err("the handshake and idle timeouts must be above zero".into());
+        }
+        if self.connections_per_address == 0 {
+            return Err("connections per address must be above zero".into());
         }
         if self.max_providers == 0 {
             return Err("max providers must be at least 1".into());

@@ -12,7 +12,10 @@ use std::{
 };
 
 use bytes::Bytes;
-use nebula_common::credential::{Claims, CredentialError, METADATA_KEY, PublicKey, Verifier};
+use nebula_common::{
+    credential::{Claims, CredentialError, METADATA_KEY, PublicKey, Verifier},
+    private_file,
+};
 use tonic::{
     Request, Status,
     metadata::{Ascii, MetadataValue},
@@ -35,7 +38,7 @@ impl Identity {
     pub(crate) fn new(file: Option<PathBuf>) -> Self {
         let saved = file
             .as_deref()
-            .and_then(|f| std::fs::read_to_string(f).ok())
+            .and_then(|f| private_file::read(f).ok())
             .and_then(|t| t.trim().parse().ok());
         Self {
             credential: RwLock::new(saved),
@@ -108,7 +111,7 @@ impl Identity {
         let Some(file) = &self.file else {
             return;
         };
-        if let Err(e) = write_private(file, credential) {
+        if let Err(e) = private_file::replace(file, credential) {
             tracing::debug!(error = %e, "cannot keep the credential in the store");
         }
     }
@@ -118,22 +121,6 @@ impl Identity {
         let verifier = Arc::clone(&self.verifier.read().unwrap_or_else(|e| e.into_inner()));
         verifier.verify(token)
     }
-}
-
-/// Writes `text` to `path` through a temporary file (mode 0600, never
-/// following a symlink) and a rename.
-fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
-    use std::{io::Write, os::unix::fs::OpenOptionsExt};
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)?;
-    file.write_all(text.as_bytes())?;
-    std::fs::rename(&tmp, path)
 }
 
 /// Adds this peer's credential to an outgoing call.

@@ -236,7 +236,22 @@ impl Node {
                 .tls_config(tls)
                 .map_err(|e| StartError::Config(format!("TLS: {e}")))?;
         }
+        // Accepted sockets get TCP_NODELAY there (the builder's flag only
+        // reaches listeners tonic binds itself; Nagle plus delayed ACKs would
+        // stall every pipelined piece by tens of milliseconds), accept backs
+        // off when out of descriptors, one address holds a bounded number of
+        // connections, and silent or idle ones are closed.
+        let (incoming, calls) = nebula_proto::incoming::incoming(
+            listener,
+            nebula_proto::incoming::IncomingOptions {
+                handshake_timeout: shared.config.handshake_timeout,
+                idle_timeout: shared.config.idle_timeout,
+                per_address: shared.config.connections_per_address,
+                keepalive: Duration::from_secs(30),
+            },
+        );
         let router = server
+            .layer(calls)
             .tcp_nodelay(true)
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -248,17 +263,6 @@ impl Node {
             .add_service(health_service)
             .add_service(reflection)
             .add_service(exchange);
-        // Accepted sockets get TCP_NODELAY there (the builder's flag only
-        // reaches listeners tonic binds itself; Nagle plus delayed ACKs would
-        // stall every pipelined piece by tens of milliseconds), accept backs
-        // off when out of descriptors, and silent connections are closed.
-        let incoming = nebula_proto::incoming::incoming(
-            listener,
-            nebula_proto::incoming::IncomingOptions {
-                handshake_timeout: shared.config.handshake_timeout,
-                keepalive: Duration::from_secs(30),
-            },
-        );
         let stop = shared.shutdown.clone();
         tasks.spawn(async move {
             if let Err(e) = router

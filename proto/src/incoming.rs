@@ -1,23 +1,42 @@
-//! Accepted connections for the gRPC servers, guarded against two ways of
-//! tying a server up: while the process is out of file descriptors, accept
-//! backs off (tonic's own loop retries at once and spins a core); and a
-//! connection that has not sent its first bytes (the TLS or HTTP/2 greeting)
-//! within the handshake timeout is closed, so idle sockets cannot pile up.
+//! Accepted connections for the gRPC servers, guarded against the ways a
+//! client can tie a server up without sending a request:
+//!
+//! - while the process is out of file descriptors, accept backs off (tonic's
+//!   own loop retries at once and spins a core);
+//! - one address holds at most [`IncomingOptions::per_address`] connections;
+//!   more are closed as they are accepted;
+//! - a connection that has not sent its first bytes (the TLS or HTTP/2
+//!   greeting) within the handshake timeout is closed;
+//! - a connection with no call open for the idle timeout is closed. HTTP/2
+//!   pings do not keep it open: what counts is calls, which the
+//!   [`CallsLayer`] that [`incoming`] returns counts. The server must be
+//!   built with that layer (`Server::builder().layer(calls)`); without it no
+//!   call is ever seen and every connection would look idle.
 
 use std::{
+    collections::HashMap,
     io,
+    net::{IpAddr, SocketAddr},
     pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
 
-use futures::Stream;
+use futures::{Stream, task::AtomicWaker};
+use http_body::{Body, Frame, SizeHint};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    time::Sleep,
+    time::{Instant, Sleep},
 };
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::{
+    codegen::http::{Request, Response},
+    transport::server::{Connected, TcpConnectInfo, TlsConnectInfo},
+};
 
 /// Bytes a client must send within the handshake timeout: the HTTP/2
 /// preface is 24, a TLS ClientHello more.
@@ -30,41 +49,62 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 pub struct IncomingOptions {
     /// Close a connection that has not sent its greeting within this long.
     pub handshake_timeout: Duration,
+    /// Close a connection that has had no call open for this long.
+    pub idle_timeout: Duration,
+    /// Connections one IP address may hold at once; more are closed.
+    pub per_address: usize,
     /// TCP keepalive interval of accepted sockets.
     pub keepalive: Duration,
 }
 
-/// The connections accepted on `listener`, for `serve_with_incoming`.
+/// The connections accepted on `listener`, for `serve_with_incoming`, and the
+/// layer that tells them when calls open and close (add it to the server).
 pub fn incoming(
     listener: TcpListener,
     options: IncomingOptions,
-) -> impl Stream<Item = io::Result<Guarded>> + Send + 'static {
-    futures::stream::unfold(listener, move |listener| async move {
-        let mut backoff = Duration::ZERO;
-        loop {
-            match listener.accept().await {
-                Ok((stream, _)) => {
-                    if backoff > Duration::ZERO {
-                        tracing::info!("accepting connections again");
+) -> (
+    impl Stream<Item = io::Result<Guarded>> + Send + 'static,
+    CallsLayer,
+) {
+    let table = Arc::new(Table::default());
+    let layer = CallsLayer {
+        table: Arc::clone(&table),
+    };
+    let stream = futures::stream::unfold(listener, move |listener| {
+        let table = Arc::clone(&table);
+        async move {
+            let mut backoff = Duration::ZERO;
+            loop {
+                match listener.accept().await {
+                    Ok((stream, remote)) => {
+                        if backoff > Duration::ZERO {
+                            tracing::info!("accepting connections again");
+                            backoff = Duration::ZERO;
+                        }
+                        let Some(entry) = table.admit(remote, options.per_address) else {
+                            tracing::debug!(%remote, limit = options.per_address, "too many connections from one address; closing");
+                            continue;
+                        };
+                        let _ = stream.set_nodelay(true);
+                        let keepalive = socket2::TcpKeepalive::new().with_time(options.keepalive);
+                        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+                        let guarded = Guarded::new(stream, entry, &options);
+                        return Some((Ok(guarded), listener));
                     }
-                    let _ = stream.set_nodelay(true);
-                    let keepalive = socket2::TcpKeepalive::new().with_time(options.keepalive);
-                    let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
-                    let guarded = Guarded::new(stream, options.handshake_timeout);
-                    return Some((Ok(guarded), listener));
-                }
-                Err(e) if out_of_resources(&e) => {
-                    if backoff.is_zero() {
-                        tracing::warn!(error = %e, "cannot accept connections; backing off until some close");
+                    Err(e) if out_of_resources(&e) => {
+                        if backoff.is_zero() {
+                            tracing::warn!(error = %e, "cannot accept connections; backing off until some close");
+                        }
+                        backoff = (backoff * 2).clamp(Duration::from_millis(10), MAX_BACKOFF);
+                        tokio::time::sleep(backoff).await;
                     }
-                    backoff = (backoff * 2).clamp(Duration::from_millis(10), MAX_BACKOFF);
-                    tokio::time::sleep(backoff).await;
+                    // A connection reset before it was accepted, and the like.
+                    Err(e) => tracing::debug!(error = %e, "accept failed"),
                 }
-                // A connection reset before it was accepted, and the like.
-                Err(e) => tracing::debug!(error = %e, "accept failed"),
             }
         }
-    })
+    });
+    (stream, layer)
 }
 
 fn out_of_resources(e: &io::Error) -> bool {
@@ -74,21 +114,232 @@ fn out_of_resources(e: &io::Error) -> bool {
     )
 }
 
-/// An accepted connection that fails its reads once the handshake timeout
-/// passes before the greeting arrived (the server then drops it).
+/// The open connections of one listener: how many per address, and each
+/// one's calls by its remote address (unique among open connections).
+#[derive(Debug, Default)]
+struct Table {
+    per_address: Mutex<HashMap<IpAddr, usize>>,
+    calls: Mutex<HashMap<SocketAddr, Arc<Calls>>>,
+}
+
+impl Table {
+    /// Counts a new connection from `remote`, unless its address is at `limit`.
+    fn admit(self: &Arc<Self>, remote: SocketAddr, limit: usize) -> Option<Entry> {
+        {
+            let mut counts = lock(&self.per_address);
+            let count = counts.entry(remote.ip()).or_default();
+            if *count >= limit {
+                return None;
+            }
+            *count += 1;
+        }
+        let calls = Arc::new(Calls::default());
+        lock(&self.calls).insert(remote, Arc::clone(&calls));
+        Some(Entry {
+            table: Arc::clone(self),
+            remote,
+            calls,
+        })
+    }
+
+    fn calls(&self, remote: SocketAddr) -> Option<Arc<Calls>> {
+        lock(&self.calls).get(&remote).cloned()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A connection's place in the [`Table`], given back when it closes.
+#[derive(Debug)]
+struct Entry {
+    table: Arc<Table>,
+    remote: SocketAddr,
+    calls: Arc<Calls>,
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        lock(&self.table.calls).remove(&self.remote);
+        let mut counts = lock(&self.table.per_address);
+        if let Some(count) = counts.get_mut(&self.remote.ip()) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.remote.ip());
+            }
+        }
+    }
+}
+
+/// The calls open on one connection, and since when it has had none.
+#[derive(Debug)]
+struct Calls {
+    open: AtomicUsize,
+    idle_since: Mutex<Instant>,
+    /// The connection's reader, woken when its last call closes so that it
+    /// starts the idle clock.
+    reader: AtomicWaker,
+}
+
+impl Default for Calls {
+    fn default() -> Self {
+        Self {
+            open: AtomicUsize::new(0),
+            idle_since: Mutex::new(Instant::now()),
+            reader: AtomicWaker::new(),
+        }
+    }
+}
+
+/// A call open on a connection, until its answer's body is dropped.
+#[derive(Debug)]
+struct OpenCall(Arc<Calls>);
+
+impl OpenCall {
+    fn new(calls: Arc<Calls>) -> Self {
+        calls.open.fetch_add(1, Ordering::SeqCst);
+        Self(calls)
+    }
+}
+
+impl Drop for OpenCall {
+    fn drop(&mut self) {
+        // The idle time is set before the count drops, so that a reader that
+        // sees no call also sees when the last one closed.
+        *lock(&self.0.idle_since) = Instant::now();
+        if self.0.open.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.reader.wake();
+        }
+    }
+}
+
+/// Tells the connections of one [`incoming`] when calls open and close.
+#[derive(Debug, Clone)]
+pub struct CallsLayer {
+    table: Arc<Table>,
+}
+
+impl<S> tower::Layer<S> for CallsLayer {
+    type Service = CountCalls<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CountCalls {
+            inner,
+            table: Arc::clone(&self.table),
+        }
+    }
+}
+
+/// The service [`CallsLayer`] builds.
+#[derive(Debug, Clone)]
+pub struct CountCalls<S> {
+    inner: S,
+    table: Arc<Table>,
+}
+
+impl<S, ReqBody, ResBody> tower::Service<Request<ReqBody>> for CountCalls<S>
+where
+    S: tower::Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S::Future: Send + 'static,
+    ResBody: Body + Unpin,
+{
+    type Response = Response<Counted<ResBody>>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let extensions = req.extensions();
+        let remote = extensions
+            .get::<TcpConnectInfo>()
+            .or_else(|| {
+                extensions
+                    .get::<TlsConnectInfo<TcpConnectInfo>>()
+                    .map(TlsConnectInfo::get_ref)
+            })
+            .and_then(TcpConnectInfo::remote_addr);
+        let open = remote
+            .and_then(|remote| self.table.calls(remote))
+            .map(OpenCall::new);
+        let response = self.inner.call(req);
+        Box::pin(async move {
+            let response = response.await?;
+            Ok(response.map(|inner| Counted { inner, _open: open }))
+        })
+    }
+}
+
+/// An answer's body, whose call stays open until it is dropped.
+#[derive(Debug)]
+pub struct Counted<B> {
+    inner: B,
+    _open: Option<OpenCall>,
+}
+
+impl<B: Body + Unpin> Body for Counted<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// An accepted connection whose reads fail (and the server then drops it)
+/// once the handshake timeout passes before the greeting arrived, or once it
+/// has had no call open for the idle timeout.
 #[derive(Debug)]
 pub struct Guarded {
     stream: TcpStream,
+    entry: Entry,
     /// Until the greeting is in: the deadline and the bytes seen so far.
     pending: Option<(Pin<Box<Sleep>>, usize)>,
+    idle_timeout: Duration,
+    idle: Pin<Box<Sleep>>,
 }
 
 impl Guarded {
-    fn new(stream: TcpStream, timeout: Duration) -> Self {
+    fn new(stream: TcpStream, entry: Entry, options: &IncomingOptions) -> Self {
+        let handshake = Box::pin(tokio::time::sleep(options.handshake_timeout));
         Self {
             stream,
-            pending: Some((Box::pin(tokio::time::sleep(timeout)), 0)),
+            entry,
+            pending: Some((handshake, 0)),
+            idle_timeout: options.idle_timeout,
+            idle: Box::pin(tokio::time::sleep(options.idle_timeout)),
         }
+    }
+
+    /// Whether the connection has been without a call for the idle timeout;
+    /// otherwise arranges to be woken when it could be.
+    fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let calls = &self.entry.calls;
+        calls.reader.register(cx.waker());
+        if calls.open.load(Ordering::SeqCst) > 0 {
+            return false;
+        }
+        let deadline = *lock(&calls.idle_since) + self.idle_timeout;
+        if self.idle.deadline() != deadline {
+            self.idle.as_mut().reset(deadline);
+        }
+        self.idle.as_mut().poll(cx).is_ready()
     }
 }
 
@@ -101,20 +352,26 @@ impl AsyncRead for Guarded {
         let before = buf.filled().len();
         let this = &mut *self;
         let read = Pin::new(&mut this.stream).poll_read(cx, buf);
-        let Some((deadline, seen)) = &mut this.pending else {
-            return read;
-        };
-        match read {
-            Poll::Ready(Ok(())) => {
-                *seen += buf.filled().len() - before;
-                if *seen >= GREETING {
-                    this.pending = None;
+        if let Some((deadline, seen)) = &mut this.pending {
+            return match read {
+                Poll::Ready(Ok(())) => {
+                    *seen += buf.filled().len() - before;
+                    if *seen >= GREETING {
+                        this.pending = None;
+                    }
+                    Poll::Ready(Ok(()))
                 }
-                Poll::Ready(Ok(()))
-            }
-            Poll::Pending if deadline.as_mut().poll(cx).is_ready() => Poll::Ready(Err(
-                io::Error::new(io::ErrorKind::TimedOut, "no handshake within the timeout"),
-            )),
+                Poll::Pending if deadline.as_mut().poll(cx).is_ready() => Poll::Ready(Err(
+                    io::Error::new(io::ErrorKind::TimedOut, "no handshake within the timeout"),
+                )),
+                other => other,
+            };
+        }
+        match read {
+            Poll::Pending if this.idle_expired(cx) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no call within the idle timeout",
+            ))),
             other => other,
         }
     }
@@ -160,20 +417,37 @@ impl Connected for Guarded {
 
 #[cfg(test)]
 mod tests {
+    use futures::StreamExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tower::{Layer, Service, ServiceExt};
 
     use super::*;
+
+    fn options(handshake_ms: u64, idle_ms: u64, per_address: usize) -> IncomingOptions {
+        IncomingOptions {
+            handshake_timeout: Duration::from_millis(handshake_ms),
+            idle_timeout: Duration::from_millis(idle_ms),
+            per_address,
+            keepalive: Duration::from_secs(30),
+        }
+    }
+
+    /// Writes the greeting on `client` and reads it on `server`.
+    async fn greet(client: &mut TcpStream, server: &mut Guarded) {
+        client.write_all(&[7; GREETING]).await.unwrap();
+        let mut buf = [0u8; 64];
+        let mut got = 0;
+        while got < GREETING {
+            got += server.read(&mut buf).await.unwrap();
+        }
+    }
 
     #[tokio::test]
     async fn a_silent_connection_is_closed_and_a_greeting_one_is_kept() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let options = IncomingOptions {
-            handshake_timeout: Duration::from_millis(200),
-            keepalive: Duration::from_secs(30),
-        };
-        let mut accepted = Box::pin(incoming(listener, options));
-        use futures::StreamExt;
+        let (accepted, _calls) = incoming(listener, options(200, 60_000, 16));
+        let mut accepted = Box::pin(accepted);
 
         let _silent = TcpStream::connect(addr).await.unwrap();
         let mut server = accepted.next().await.unwrap().unwrap();
@@ -183,14 +457,79 @@ mod tests {
 
         let mut talker = TcpStream::connect(addr).await.unwrap();
         let mut server = accepted.next().await.unwrap().unwrap();
-        talker.write_all(&[7; GREETING]).await.unwrap();
-        let mut got = 0;
-        while got < GREETING {
-            got += server.read(&mut buf).await.unwrap();
-        }
+        greet(&mut talker, &mut server).await;
         // Past the greeting, silence is no longer cut short.
         tokio::time::sleep(Duration::from_millis(300)).await;
         talker.write_all(b"x").await.unwrap();
         assert_eq!(server.read(&mut buf).await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn one_address_holds_at_most_its_limit_and_gets_slots_back() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (accepted, _calls) = incoming(listener, options(10_000, 60_000, 2));
+        let mut accepted = Box::pin(accepted);
+
+        let _a = TcpStream::connect(addr).await.unwrap();
+        let first = accepted.next().await.unwrap().unwrap();
+        let _b = TcpStream::connect(addr).await.unwrap();
+        let _second = accepted.next().await.unwrap().unwrap();
+        // The third is closed as it is accepted: its client reads the end.
+        let mut third = TcpStream::connect(addr).await.unwrap();
+        let next = accepted.next();
+        tokio::pin!(next);
+        let mut buf = [0u8; 8];
+        let read = tokio::select! {
+            read = third.read(&mut buf) => read,
+            _ = &mut next => panic!("a third connection from one address was accepted"),
+        };
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+
+        // One closes; the next from that address is accepted.
+        drop(first);
+        let mut fourth = TcpStream::connect(addr).await.unwrap();
+        let mut server = tokio::time::timeout(Duration::from_secs(5), next)
+            .await
+            .expect("a connection within the limit is accepted")
+            .unwrap()
+            .unwrap();
+        greet(&mut fourth, &mut server).await;
+    }
+
+    /// Calls open and close through the layer the way tonic's server makes
+    /// them: the request carries the connection's address, the call stays
+    /// open until the answer's body is dropped.
+    #[tokio::test]
+    async fn a_connection_without_a_call_is_closed_after_the_idle_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (accepted, calls) = incoming(listener, options(10_000, 300, 16));
+        let mut accepted = Box::pin(accepted);
+        let mut service = calls.layer(tower::service_fn(|_req: Request<()>| async {
+            Ok::<_, std::convert::Infallible>(Response::new(tonic::body::Body::empty()))
+        }));
+
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let mut server = accepted.next().await.unwrap().unwrap();
+        greet(&mut client, &mut server).await;
+
+        // A call opens and stays open for well past the idle timeout.
+        let mut req = Request::new(());
+        req.extensions_mut().insert(server.connect_info());
+        let answer = service.ready().await.unwrap().call(req).await.unwrap();
+        let mut buf = [0u8; 8];
+        let read = tokio::time::timeout(Duration::from_millis(900), server.read(&mut buf)).await;
+        assert!(
+            read.is_err(),
+            "a connection with a call open was closed: {read:?}"
+        );
+
+        // Once it closes, the connection is cut after the idle timeout.
+        drop(answer);
+        let read = tokio::time::timeout(Duration::from_secs(5), server.read(&mut buf))
+            .await
+            .expect("an idle connection is closed within its timeout");
+        assert_eq!(read.unwrap_err().kind(), io::ErrorKind::TimedOut);
     }
 }

@@ -758,6 +758,152 @@ fn trust_silent_connections_are_closed_and_accept_backs_off() {
     assert_eq!(file_id(&out).to_string(), id);
 }
 
+/// Rows 7 and 10: connections that hold a place and make no call. One
+/// address holds at most `--connections-per-address` connections to a daemon
+/// (more are closed as they are accepted), and an HTTP/2 connection with no
+/// call open is closed after `--idle-timeout`, however often it pings; the
+/// same client stays connected to a daemon with the default timeout. A call
+/// kept open past the idle timeout is not cut, places come back as
+/// connections close, and peers from other addresses fetch as before.
+#[test]
+fn trust_idle_and_excess_connections_are_closed() {
+    let rt = runtime();
+    let c = Cluster::start_with(2, |i| {
+        let flags = if i == 0 {
+            vec!["--idle-timeout", "2s", "--connections-per-address", "8"]
+        } else {
+            Vec::new()
+        };
+        (flags, Vec::new())
+    });
+    let id = seed(&c, 2 * MIB, 61);
+    let (target, other) = (c.daemons[0].addr, c.daemons[1].addr);
+    let m = rt.block_on(mallory(&c.control.url()));
+    rt.block_on(async {
+        // 20 HTTP/2 connections from 127.0.0.9: 8 are kept, 12 closed at once.
+        let mut kept = Vec::new();
+        let mut refused = 0;
+        for _ in 0..20 {
+            let mut conn = h2_from("127.0.0.9", target).await;
+            if server_speaks(&mut conn).await {
+                kept.push(conn);
+            } else {
+                refused += 1;
+            }
+        }
+        assert_eq!((kept.len(), refused), (8, 12));
+
+        // A call opened now and kept open past the idle timeout still works.
+        let call = tokio::spawn(late_chunk(target, m.credential.clone(), id.clone()));
+
+        // Pinging, the 8 are closed by the idle timeout; the same client at
+        // the daemon with the default timeout stays connected.
+        let mut control = h2_from("127.0.0.9", other).await;
+        assert!(server_speaks(&mut control).await);
+        let mut open = kept;
+        for _ in 0..60 {
+            let mut still = Vec::new();
+            for mut conn in open {
+                if still_open(&mut conn).await {
+                    still.push(conn);
+                }
+            }
+            open = still;
+            if open.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        assert_eq!(open.len(), 0, "idle connections were kept past 15 s");
+        assert!(
+            still_open(&mut control).await,
+            "a daemon with the default idle timeout closed a pinging connection"
+        );
+
+        // The places came back: the same address connects again.
+        let mut again = h2_from("127.0.0.9", target).await;
+        assert!(server_speaks(&mut again).await);
+
+        let piece = call.await.unwrap();
+        assert_eq!(piece.chunk, 0);
+    });
+    honest_fetch_works(&c, 1, &id);
+}
+
+/// A TCP connection from `source` to `target` that has sent the HTTP/2
+/// preface and its (empty) settings.
+async fn h2_from(source: &str, target: SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let mut conn = socket.connect(target).await.unwrap();
+    let mut greeting = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    // A SETTINGS frame with no settings: length 0, type 4, stream 0.
+    greeting.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    // The server may already have closed it; reading tells.
+    let _ = conn.write_all(&greeting).await;
+    conn
+}
+
+/// Whether the server answers `conn`'s greeting (true) or closes it (false).
+/// A server that speaks gets its settings acknowledged.
+async fn server_speaks(conn: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = [0u8; 1024];
+    let read = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+        .await
+        .expect("the server neither answered nor closed within 5 s");
+    match read {
+        Ok(n) if n > 0 => {
+            // SETTINGS with the ACK flag.
+            conn.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).await.is_ok()
+        }
+        _ => false,
+    }
+}
+
+/// Sends `conn` a PING and reads what the server sends for 100 ms: false
+/// once the server has closed it.
+async fn still_open(conn: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const PING: [u8; 17] = [0, 0, 8, 6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
+    if conn.write_all(&PING).await.is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 1024];
+    for _ in 0..16 {
+        match tokio::time::timeout(Duration::from_millis(100), conn.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => return false,
+            Ok(Ok(_)) => {}
+            Err(_) => return true,
+        }
+    }
+    true
+}
+
+/// Opens an exchange stream to `target` as a member, says Hello, waits 3 s
+/// (past a 2 s idle timeout) and asks for chunk 0 of `id`: its first piece.
+async fn late_chunk(target: SocketAddr, credential: String, id: String) -> pb::ChunkPiece {
+    let mut client = pb::peer_exchange_client::PeerExchangeClient::new(dial(target).await);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(hello_as("mallory")).await.unwrap();
+    let mut request = Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    request
+        .metadata_mut()
+        .insert("nebula-credential", credential.parse().unwrap());
+    let mut answers = client.exchange(request).await.unwrap().into_inner();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    tx.send(get_chunks(1, &id, vec![0])).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), answers.message())
+        .await
+        .expect("no answer within 10 s")
+        .expect("the stream kept open past the idle timeout failed");
+    match answer.and_then(|a| a.kind) {
+        Some(pb::exchange_response::Kind::Piece(piece)) => piece,
+        other => panic!("expected a piece, got {other:?}"),
+    }
+}
+
 /// A connection to the daemon serving at `addr`.
 async fn dial(addr: SocketAddr) -> Channel {
     Channel::from_shared(format!("http://{addr}"))
