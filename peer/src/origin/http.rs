@@ -173,7 +173,7 @@ pub(crate) fn client_builder(
     extra_ca: Option<&[u8]>,
 ) -> Result<reqwest::ClientBuilder, OriginClientError> {
     // One crypto provider in the whole tree; installing it twice is harmless.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    nebula_proto::tls::install_provider();
     let mut builder = reqwest::Client::builder()
         .connect_timeout(timeout)
         .read_timeout(timeout)

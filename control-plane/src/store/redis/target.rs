@@ -206,7 +206,7 @@ fn install_provider() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         // Err: one is installed already, which is as good.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        nebula_proto::tls::install_provider();
     });
 }
 
