@@ -97,7 +97,7 @@ impl Config {
             stream_upload_slots: 32,
             max_chunks_per_request: 64,
             stream_queue: 256,
-            download_buffer: 32 << 20,
+            download_buffer: 16 << 20,
             control_timeout: Duration::from_secs(5),
             origin_connections: 4,
             origin_timeout: Duration::from_secs(30),
