@@ -19,4 +19,4 @@ pub mod store;
 pub use chunks::{ChunkSet, Geometry};
 pub use id::{BlobId, BlobRef, ParseIdError, Sha256Digest};
 pub use outboard::{Outboard, VerifyError};
-pub use store::{Blob, BlobInfo, Scratch, Store, StoreError, WriteOutcome};
+pub use store::{Blob, BlobInfo, Insecurity, Scratch, Store, StoreError, WriteOutcome};
