@@ -266,31 +266,60 @@ pub(crate) async fn explain_tls_failure(
     err
 }
 
+/// A duration flag that does not parse.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ParseDurationError {
+    /// A bare number of seconds out of range.
+    #[error("invalid duration {input:?} (try 10s, 500ms, 2m)")]
+    Seconds {
+        /// The flag's value.
+        input: String,
+    },
+    /// Months or years, which have no fixed length.
+    #[error("invalid duration {input:?}: months and years have no fixed length (use d or h)")]
+    Approximate {
+        /// The flag's value.
+        input: String,
+    },
+    /// Not a duration humantime reads.
+    #[error("invalid duration {input:?}: {reason} (try 10s, 500ms, 2m)")]
+    Unreadable {
+        /// The flag's value.
+        input: String,
+        /// What humantime said.
+        reason: humantime::DurationError,
+    },
+}
+
 /// Parses a duration as humantime reads it (`500ms`, `10s`, `15m`,
 /// `1.5h`, `1h 30m`, `2days`), or a bare number of seconds (`3`, `0.5`).
 /// Months and years are refused: they have no fixed length.
-pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    if !s.is_empty() && s.chars().all(|c| c.is_ascii_digit() || c == '.') {
-        return s
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, ParseDurationError> {
+    let input = s.trim();
+    if !input.is_empty() && input.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        return input
             .parse::<f64>()
             .ok()
             .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
-            .ok_or_else(|| format!("invalid duration {s:?} (try 10s, 500ms, 2m)"));
+            .ok_or_else(|| ParseDurationError::Seconds {
+                input: input.to_owned(),
+            });
     }
-    let approximate = s.split(|c: char| !c.is_alphabetic()).any(|unit| {
+    let approximate = input.split(|c: char| !c.is_alphabetic()).any(|unit| {
         matches!(
             unit,
             "M" | "month" | "months" | "y" | "yr" | "yrs" | "year" | "years"
         )
     });
     if approximate {
-        return Err(format!(
-            "invalid duration {s:?}: months and years have no fixed length (use d or h)"
-        ));
+        return Err(ParseDurationError::Approximate {
+            input: input.to_owned(),
+        });
     }
-    humantime::parse_duration(s)
-        .map_err(|e| format!("invalid duration {s:?}: {e} (try 10s, 500ms, 2m)"))
+    humantime::parse_duration(input).map_err(|reason| ParseDurationError::Unreadable {
+        input: input.to_owned(),
+        reason,
+    })
 }
 
 /// Parses `--control` (see `nebula_control::client::parse_control_urls`).
@@ -353,7 +382,7 @@ mod fuzz {
             ],
         ) {
             if let Err(e) = parse_duration(&s) {
-                prop_assert!(e.starts_with("invalid duration"), "{}", e);
+                prop_assert!(e.to_string().starts_with("invalid duration"), "{}", e);
             }
         }
 

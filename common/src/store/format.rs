@@ -18,7 +18,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::{Insecurity, Result, StoreError, blob::Blob};
+use super::{Result, StoreError, blob::Blob};
 use crate::{BlobId, ChunkSet, Outboard, Sha256Digest, VerifyError};
 
 /// `meta.json`: whether the blob is complete, and its SHA-256 once known.
@@ -270,6 +270,36 @@ pub fn start_writeback(file: &File, at: u64, len: u64) {
             libc::SYNC_FILE_RANGE_WRITE,
         )
     };
+}
+
+/// What makes a store directory or file unsafe to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Insecurity {
+    /// A symbolic link where the store keeps a directory of its own.
+    #[error("a symbolic link where a directory belongs")]
+    LinkForDirectory,
+    /// A symbolic link where the store keeps its peer id.
+    #[error("a symbolic link where the peer id belongs")]
+    LinkForPeerId,
+    /// Not a directory where one belongs.
+    #[error("not a directory")]
+    NotADirectory,
+    /// Group or others may write to it.
+    #[error("writable by other users (mode {mode:o})")]
+    WritableByOthers {
+        /// Its permission bits.
+        mode: u32,
+    },
+}
+
+impl Insecurity {
+    /// What the operator can run to fix `path`, as the tail of a message.
+    pub(super) fn remedy(&self, path: &Path) -> String {
+        match self {
+            Self::WritableByOthers { .. } => format!("; run `chmod go-w {}`", path.display()),
+            _ => String::new(),
+        }
+    }
 }
 
 /// Creates `dir` (mode 0700) if missing and checks that no other user can

@@ -37,7 +37,7 @@ use self::format::{
 };
 pub use self::{
     blob::{Blob, BlobInfo, WriteOutcome},
-    format::start_writeback,
+    format::{Insecurity, start_writeback},
 };
 use crate::{BlobId, ChunkSet, Outboard, Sha256Digest, VerifyError, outboard::digest_file};
 
@@ -130,36 +130,6 @@ impl StoreError {
     /// Whether the failure is a full disk.
     pub fn is_disk_full(&self) -> bool {
         matches!(self, Self::DiskFull { .. })
-    }
-}
-
-/// What makes a store directory or file unsafe to use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum Insecurity {
-    /// A symbolic link where the store keeps a directory of its own.
-    #[error("a symbolic link where a directory belongs")]
-    LinkForDirectory,
-    /// A symbolic link where the store keeps its peer id.
-    #[error("a symbolic link where the peer id belongs")]
-    LinkForPeerId,
-    /// Not a directory where one belongs.
-    #[error("not a directory")]
-    NotADirectory,
-    /// Group or others may write to it.
-    #[error("writable by other users (mode {mode:o})")]
-    WritableByOthers {
-        /// Its permission bits.
-        mode: u32,
-    },
-}
-
-impl Insecurity {
-    /// What the operator can run to fix `path`, as the tail of a message.
-    fn remedy(&self, path: &Path) -> String {
-        match self {
-            Self::WritableByOthers { .. } => format!("; run `chmod go-w {}`", path.display()),
-            _ => String::new(),
-        }
     }
 }
 
