@@ -34,10 +34,10 @@ struct Args {
     #[arg(long, default_value_t = 8)]
     peers: usize,
     /// Size of the random blob, e.g. 256MiB or 1GiB.
-    #[arg(long, default_value = "256MiB", value_parser = cluster::parse_size)]
+    #[arg(long, default_value = "256MiB", value_parser = nebula_common::rate::parse_size)]
     size: u64,
     /// Upload limit of every daemon, e.g. 20MiB/s (default: none).
-    #[arg(long, value_parser = cluster::parse_rate)]
+    #[arg(long, value_parser = nebula_common::rate::parse_rate)]
     upload_limit: Option<u64>,
     /// Leave the cluster running afterwards and print how to use it.
     #[arg(long)]

@@ -17,24 +17,21 @@ use nebula_common::{
 use nebula_control::{
     Config, ControlPlane, InventoryCaps, PeerId, RedisClientCert, RedisConfig, RedisSetupError,
     RedisStore, RedisTls, StateStore,
+    client::{self, AdminClient, BearerToken},
 };
 use nebula_peer::replicas;
 use nebula_proto::tls::TlsConfig;
 use nebula_proto::v1::{
     GetSwarmRequest, ListPeersRequest, PeerInfo, PeerRequest, PeerState, StatsRequest,
-    admin_client::AdminClient,
 };
-use serde_json::{Value, json};
-use tonic::{
-    Code, Request, Status, metadata::AsciiMetadataValue, service::interceptor::InterceptedService,
-    transport::Channel,
-};
+use tonic::{Code, Status};
 
 use crate::{
     flags::{
         ServeFlags, TlsFlags, check_control_tls, explain_tls_failure, parse_control_url,
         parse_duration, parse_rate,
     },
+    json,
     output::{bad_input, print_json, print_line, print_table, shutdown_signal},
 };
 
@@ -471,21 +468,6 @@ enum AdminCommand {
     Stats,
 }
 
-/// Adds `authorization: Bearer <token>` to every call.
-#[derive(Clone)]
-struct Bearer(Option<AsciiMetadataValue>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(v) = &self.0 {
-            req.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(req)
-    }
-}
-
-type Admin = AdminClient<InterceptedService<Channel, Bearer>>;
-
 fn parse_peer(s: &str) -> anyhow::Result<String> {
     PeerId::from_str(s).map_err(|e| bad_input(format!("{e}")))?;
     Ok(s.to_owned())
@@ -533,55 +515,37 @@ fn rpc_error(control: &str, status: Status) -> anyhow::Error {
 /// Connects to `--admin-socket` when given, else to the first replica of
 /// `--control` that accepts a connection; a host name counts once per
 /// address it resolves to.
-async fn connect(args: &AdminArgs, tls: Option<&TlsConfig>) -> anyhow::Result<Admin> {
-    let token = match &args.admin_token {
-        Some(t) => Some(
-            format!("Bearer {t}")
-                .parse::<AsciiMetadataValue>()
-                .map_err(|_| bad_input("--admin-token must be visible ASCII"))?,
-        ),
-        None => None,
-    };
+async fn connect(args: &AdminArgs, tls: Option<&TlsConfig>) -> anyhow::Result<AdminClient> {
+    let token = BearerToken::optional(args.admin_token.as_deref())
+        .map_err(|_| bad_input("--admin-token must be visible ASCII"))?;
     if let Some(path) = &args.admin_socket {
-        let endpoint = nebula_proto::unix::endpoint()
-            .connect_timeout(Duration::from_secs(5).min(args.timeout))
-            .timeout(args.timeout);
-        let channel = nebula_proto::unix::connect(endpoint, path.clone())
+        return client::admin_over_socket(path.clone(), token, args.timeout)
             .await
             .with_context(|| {
                 format!(
                     "cannot reach the control plane's admin socket {}",
                     path.display()
                 )
-            })?;
-        return Ok(AdminClient::with_interceptor(channel, Bearer(token)));
+            });
     }
-    // `--control` was checked and normalized by `parse_control_url`, and
+    // `--control` was checked and normalized by `parse_control_urls`, and
     // agrees with the TLS flags (`check_control_tls`).
     let replicas = replicas::expand(&args.control, &replicas::SystemResolver).await;
-    let mut last = None;
-    for replica in &replicas {
-        let endpoint = replica
-            .endpoint(tls)
-            .map_err(|e| bad_input(format!("invalid --control: {e}")))?
-            .connect_timeout(Duration::from_secs(5).min(args.timeout))
-            .timeout(args.timeout);
-        match endpoint.connect().await {
-            Ok(channel) => return Ok(AdminClient::with_interceptor(channel, Bearer(token))),
-            Err(e) => {
-                tracing::debug!(%replica, error = %e, "control-plane replica unreachable; trying the next");
-                last = Some(
-                    anyhow::Error::new(e)
-                        .context(format!("cannot reach the control plane at {replica}")),
-                );
-            }
-        }
-    }
-    // `expand` gives at least one replica per URL, so the loop stored an error.
-    Err(last.unwrap_or_else(|| anyhow::anyhow!("cannot reach the control plane")))
+    let endpoints = replicas
+        .iter()
+        .map(|replica| {
+            let endpoint = replica
+                .endpoint(tls)
+                .map_err(|e| bad_input(format!("invalid --control: {e}")))?;
+            Ok((replica, client::control_endpoint(endpoint, args.timeout)))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let channel = client::connect_first(endpoints).await?;
+    Ok(client::admin(channel, token))
 }
 
-fn state_name(info: &PeerInfo) -> &'static str {
+/// A peer's state as the tables and `--json` name it.
+pub(crate) fn state_name(info: &PeerInfo) -> &'static str {
     match info.state() {
         PeerState::Healthy => "HEALTHY",
         PeerState::Unhealthy => "UNHEALTHY",
@@ -590,26 +554,6 @@ fn state_name(info: &PeerInfo) -> &'static str {
         PeerState::Quarantined => "QUARANTINED",
         PeerState::Unspecified => "UNKNOWN",
     }
-}
-
-fn peer_json(p: &PeerInfo) -> Value {
-    let load = p.load.unwrap_or_default();
-    json!({
-        "peer_id": p.peer_id,
-        "address": p.address,
-        "zone": p.zone,
-        "state": state_name(p),
-        "last_seen_ms_ago": p.last_seen_ms_ago,
-        "load": {
-            "active_uploads": load.active_uploads,
-            "upload_slots": load.upload_slots,
-            "upload_bytes_per_sec": load.upload_bytes_per_sec,
-        },
-        "blob_count": p.blob_count,
-        "reason": p.reason,
-        "reports": p.reports,
-        "labels": p.labels,
-    })
 }
 
 fn or_dash(s: &str) -> String {
@@ -697,7 +641,9 @@ async fn call(
                 .into_inner()
                 .peers;
             if args.json {
-                print_json(&json!({ "peers": peers.iter().map(peer_json).collect::<Vec<_>>() }))?;
+                print_json(&json::Peers {
+                    peers: peers.iter().map(json::Peer::new).collect(),
+                })?;
             } else if peers.is_empty() {
                 print_line("no peers registered")?;
             } else {
@@ -723,23 +669,7 @@ async fn call(
                 ));
             }
             if args.json {
-                let members: Vec<Value> = swarm
-                    .members
-                    .iter()
-                    .map(|m| {
-                        json!({
-                            "peer": m.peer.as_ref().map(peer_json),
-                            "complete": m.complete,
-                            "chunks_held": m.chunks_held,
-                        })
-                    })
-                    .collect();
-                print_json(&json!({
-                    "id": swarm.id,
-                    "size": swarm.size,
-                    "sha256": (!swarm.sha256.is_empty()).then_some(&swarm.sha256),
-                    "members": members,
-                }))?;
+                print_json(&json::Swarm::new(&swarm))?;
             } else {
                 print_line(format_args!("blob    {}", swarm.id))?;
                 print_line(format_args!(
@@ -799,14 +729,7 @@ async fn call(
                 .map_err(rpc_error)?
                 .into_inner();
             if args.json {
-                print_json(&json!({
-                    "peers": s.peers,
-                    "healthy_peers": s.healthy_peers,
-                    "blobs": s.blobs,
-                    "provider_entries": s.provider_entries,
-                    "find_providers_served": s.find_providers_served,
-                    "uptime_ms": s.uptime_ms,
-                }))?;
+                print_json(&json::Stats::from(&s))?;
             } else {
                 let rows = [
                     ("peers", s.peers.to_string()),
@@ -814,7 +737,11 @@ async fn call(
                     ("blobs", s.blobs.to_string()),
                     ("provider entries", s.provider_entries.to_string()),
                     ("find-providers served", s.find_providers_served.to_string()),
-                    ("uptime", format!("{:.1}s", s.uptime_ms as f64 / 1000.0)),
+                    (
+                        "uptime",
+                        humantime::format_duration(Duration::from_secs(s.uptime_ms / 1000))
+                            .to_string(),
+                    ),
                 ];
                 let rows: Vec<Vec<String>> = rows
                     .into_iter()
@@ -827,9 +754,9 @@ async fn call(
     Ok(())
 }
 
-fn print_peer_change(info: &PeerInfo, json: bool) -> anyhow::Result<()> {
-    if json {
-        print_json(&peer_json(info))
+fn print_peer_change(info: &PeerInfo, as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        print_json(&json::Peer::new(info))
     } else {
         print_table(&PEER_HEADER, &[peer_row(info)])
     }

@@ -349,9 +349,7 @@ pub(crate) async fn run_add(args: AddArgs) -> anyhow::Result<()> {
         .map_err(status_error)?
         .into_inner();
     if args.json {
-        print_json(&serde_json::json!({
-            "id": r.id, "size": r.size, "sha256": r.sha256, "chunk_size": r.chunk_size, "chunks": r.chunks,
-        }))?;
+        print_json(&crate::json::BlobSummary::from(r))?;
     } else {
         print_line(&r.id)?;
     }
@@ -446,9 +444,11 @@ impl Bar {
     fn update(&self, total: u64, done: u64, providers: u32) {
         if let Some(started) = self.1 {
             // Best effort, like a bar: a closed stderr must not fail the fetch.
-            let line = serde_json::json!({
-                "bytes_done": done, "total": total, "providers": providers,
-                "elapsed_ms": started.elapsed().as_millis() as u64,
+            let line = crate::output::json_line(&crate::json::FetchProgress {
+                bytes_done: done,
+                total,
+                providers,
+                elapsed_ms: started.elapsed().as_millis() as u64,
             });
             let _ = writeln!(std::io::stderr(), "{line}");
         }
@@ -546,20 +546,19 @@ pub(crate) async fn run_fetch(args: FetchArgs) -> anyhow::Result<()> {
         eprintln!("warning: {notice}");
     }
     if args.json {
-        let summary = serde_json::json!({
-            "id": fetched.id.to_string(),
-            "size": fetched.size,
-            "elapsed_ms": started.elapsed().as_millis() as u64,
-            "resumed_bytes": fetched.resumed,
-            "origin_bytes": fetched.origin_bytes,
-            "peer_bytes": fetched.sources.iter().map(|s| s.bytes).sum::<u64>(),
-            "sources": fetched.sources.iter().map(|s| serde_json::json!({
-                "peer_id": s.peer_id, "address": s.address, "bytes": s.bytes,
-            })).collect::<Vec<_>>(),
-        });
+        let (sources, peer_bytes) = crate::json::Source::all(&fetched.sources);
+        let summary = crate::json::FetchSummary {
+            id: fetched.id.to_string(),
+            size: fetched.size,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+            resumed_bytes: fetched.resumed,
+            origin_bytes: fetched.origin_bytes,
+            peer_bytes,
+            sources,
+        };
         if let Output::Stdout = output {
             // Stdout carries the blob: the summary must not be appended to it.
-            eprintln!("{summary}");
+            eprintln!("{}", crate::output::json_line(&summary));
         } else {
             print_json(&summary)?;
         }
@@ -838,18 +837,7 @@ pub(crate) async fn run_ls(args: LsArgs) -> anyhow::Result<()> {
         .map_err(status_error)?
         .into_inner();
     if args.json {
-        let blobs: Vec<_> = list
-            .blobs
-            .iter()
-            .map(|b| {
-                serde_json::json!({
-                    "id": b.id, "size": b.size, "sha256": (!b.sha256.is_empty()).then_some(&b.sha256),
-                    "complete": b.complete, "chunks": b.chunks, "chunks_verified": b.chunks_verified,
-                    "chunk_size": nebula_common::Geometry::new(b.size).chunk_size(),
-                })
-            })
-            .collect();
-        print_json(&serde_json::json!({ "blobs": blobs }))?;
+        print_json(&crate::json::Listing::from(&list))?;
         return Ok(());
     }
     let rows: Vec<Vec<String>> = list
@@ -910,12 +898,7 @@ pub(crate) async fn run_status(args: StatusArgs) -> anyhow::Result<()> {
         .map_err(status_error)?
         .into_inner();
     if args.json {
-        print_json(&serde_json::json!({
-            "peer_id": s.peer_id, "address": s.address, "control": s.control, "registered": s.registered,
-            "blobs": s.blobs, "active_uploads": s.active_uploads, "uploaded_bytes": s.uploaded_bytes,
-            "downloaded_bytes": s.downloaded_bytes, "uptime_ms": s.uptime_ms, "store": s.store,
-            "registration_error": (!s.registration_error.is_empty()).then_some(&s.registration_error),
-        }))?;
+        print_json(&crate::json::Status::from(&s))?;
     } else {
         let rows = vec![
             vec!["peer".into(), s.peer_id.clone()],

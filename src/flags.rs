@@ -273,78 +273,67 @@ pub(crate) async fn explain_tls_failure(
     err
 }
 
-/// Parses a duration such as `500ms`, `10s`, `2m` or a bare number of seconds.
-pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .map_or((s, "s"), |i| (&s[..i], &s[i..]));
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?} (try 10s, 500ms, 2m)"))?;
-    let secs = match unit.trim() {
-        "ms" => value / 1000.0,
-        "s" | "" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        other => {
-            return Err(format!(
-                "invalid duration unit {other:?} in {s:?} (use ms, s, m or h)"
-            ));
-        }
-    };
-    // `try_`: a duration past u64::MAX seconds is an error, not a panic.
-    Duration::try_from_secs_f64(secs).map_err(|_| format!("invalid duration {s:?} (too long)"))
+/// A duration flag that does not parse.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ParseDurationError {
+    /// A bare number of seconds out of range.
+    #[error("invalid duration {input:?} (try 10s, 500ms, 2m)")]
+    Seconds {
+        /// The flag's value.
+        input: String,
+    },
+    /// Months or years, which have no fixed length.
+    #[error("invalid duration {input:?}: months and years have no fixed length (use d or h)")]
+    Approximate {
+        /// The flag's value.
+        input: String,
+    },
+    /// Not a duration humantime reads.
+    #[error("invalid duration {input:?}: {reason} (try 10s, 500ms, 2m)")]
+    Unreadable {
+        /// The flag's value.
+        input: String,
+        /// What humantime said.
+        reason: humantime::DurationError,
+    },
 }
 
-/// Parses `--control`: one control-plane URL or several replicas' as
-/// `URL,URL,…`, each `http://host[:port]`, `https://…`, or the shorthand
-/// `host:port`. Anything else (no host, another scheme, a bare word,
-/// an unparsable URI) is refused at once, before any network call, rather
-/// than retried as a host name.
-pub(crate) fn parse_control_url(s: &str) -> Result<String, String> {
-    let urls = s
-        .split(',')
-        .map(parse_one_control_url)
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(urls.join(","))
+/// Parses a duration as humantime reads it (`500ms`, `10s`, `15m`,
+/// `1.5h`, `1h 30m`, `2days`), or a bare number of seconds (`3`, `0.5`).
+/// Months and years are refused: they have no fixed length.
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, ParseDurationError> {
+    let input = s.trim();
+    if !input.is_empty() && input.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        return input
+            .parse::<f64>()
+            .ok()
+            .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+            .ok_or_else(|| ParseDurationError::Seconds {
+                input: input.to_owned(),
+            });
+    }
+    let approximate = input.split(|c: char| !c.is_alphabetic()).any(|unit| {
+        matches!(
+            unit,
+            "M" | "month" | "months" | "y" | "yr" | "yrs" | "year" | "years"
+        )
+    });
+    if approximate {
+        return Err(ParseDurationError::Approximate {
+            input: input.to_owned(),
+        });
+    }
+    humantime::parse_duration(input).map_err(|reason| ParseDurationError::Unreadable {
+        input: input.to_owned(),
+        reason,
+    })
 }
 
-/// One entry of `--control`.
-fn parse_one_control_url(s: &str) -> Result<String, String> {
-    let raw = s.trim();
-    if raw.is_empty() {
-        return Err("empty URL (expected http://HOST:PORT)".into());
-    }
-    let url = if raw.contains("://") {
-        raw.to_owned()
-    } else {
-        // The shorthand must name a port: a bare word is a typo, not a host.
-        let port = raw.rsplit_once(':').map(|(_, p)| p);
-        if port.is_none_or(|p| p.parse::<u16>().is_err()) {
-            return Err(format!(
-                "{raw:?} is not a URL (expected http://HOST:PORT or HOST:PORT)"
-            ));
-        }
-        format!("http://{raw}")
-    };
-    let uri: tonic::transport::Uri = url
-        .parse()
-        .map_err(|e| format!("{raw:?} is not a URL: {e}"))?;
-    match uri.scheme_str() {
-        Some("http" | "https") => {}
-        _ => return Err(format!("{raw:?}: the scheme must be http:// or https://")),
-    }
-    if uri.host().is_none_or(str::is_empty) {
-        return Err(format!("{raw:?} names no host"));
-    }
-    Ok(url)
-}
+/// Parses `--control` (see `nebula_control::client::parse_control_urls`).
+pub(crate) use nebula_control::client::parse_control_urls as parse_control_url;
 
 /// Parses a byte rate such as `20MiB/s` (see `nebula_common::rate`).
-pub(crate) fn parse_rate(s: &str) -> Result<u64, String> {
-    nebula_common::rate::parse_rate(s).map_err(|e| e.to_string())
-}
+pub(crate) use nebula_common::rate::parse_rate;
 
 #[cfg(test)]
 mod tests {
@@ -360,24 +349,25 @@ mod tests {
     }
 
     #[test]
-    fn control_urls() {
-        assert_eq!(parse_control_url("h:7700").unwrap(), "http://h:7700");
-        assert_eq!(parse_control_url(" https://h ").unwrap(), "https://h");
-        assert_eq!(
-            parse_control_url("a:1, http://b:2").unwrap(),
-            "http://a:1,http://b:2"
-        );
-        for bad in [
-            "",
-            "a:1,",
-            "a:1,notaurl",
-            "notaurl",
-            "http://[::1",
-            "ftp://x",
-            "http://",
-            "h:port",
+    fn durations_in_every_form_accepted_before_and_humantime_forms() {
+        for (given, want) in [
+            ("1.5s", 1500),
+            ("0.5", 500),
+            ("10 s", 10_000),
+            (" 2m ", 120_000),
+            ("1h", 3_600_000),
+            ("1h 30m", 5_400_000),
+            ("15min", 900_000),
+            ("2days", 172_800_000),
         ] {
-            assert!(parse_control_url(bad).is_err(), "{bad:?}");
+            assert_eq!(
+                parse_duration(given).unwrap(),
+                Duration::from_millis(want),
+                "{given:?}"
+            );
+        }
+        for bad in ["", "s", "1 month", "2M", "1e3", "inf", "-1s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
     }
 }
@@ -399,7 +389,7 @@ mod fuzz {
             ],
         ) {
             if let Err(e) = parse_duration(&s) {
-                prop_assert!(e.starts_with("invalid duration"), "{}", e);
+                prop_assert!(e.to_string().starts_with("invalid duration"), "{}", e);
             }
         }
 
@@ -425,7 +415,10 @@ mod fuzz {
                         prop_assert!(one.starts_with("http://") || one.starts_with("https://"));
                     }
                 }
-                Err(e) => prop_assert!(!e.is_empty() && !e.contains('\n'), "{}", e),
+                Err(e) => {
+                    let e = e.to_string();
+                    prop_assert!(!e.is_empty() && !e.contains('\n'), "{}", e);
+                }
             }
         }
     }

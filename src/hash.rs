@@ -5,7 +5,10 @@ use std::{fs::File, path::PathBuf};
 use anyhow::Context as _;
 use nebula_common::outboard::digest_path_mmap;
 
-use crate::output::{bad_input, print_json, print_line};
+use crate::{
+    json::BlobSummary,
+    output::{bad_input, print_json, print_line},
+};
 
 /// Flags of `nebula hash`.
 #[derive(Debug, clap::Args)]
@@ -38,13 +41,13 @@ pub(crate) fn run(args: HashArgs) -> anyhow::Result<()> {
         digest_path_mmap(&args.path, args.json).with_context(|| format!("reading {shown}"))?;
     let ob = &digest.outboard;
     if args.json {
-        print_json(&serde_json::json!({
-            "id": ob.id().to_string(),
-            "size": ob.size(),
-            "sha256": digest.sha256.map(|d| d.to_string()),
-            "chunk_size": ob.geometry().chunk_size(),
-            "chunks": ob.geometry().chunk_count(),
-        }))?;
+        print_json(&BlobSummary {
+            id: ob.id().to_string(),
+            size: ob.size(),
+            sha256: digest.sha256.map(|d| d.to_string()),
+            chunk_size: ob.geometry().chunk_size(),
+            chunks: ob.geometry().chunk_count().into(),
+        })?;
     } else {
         print_line(ob.id())?;
     }

@@ -19,6 +19,7 @@ mod daemon;
 mod export;
 mod flags;
 mod hash;
+mod json;
 mod mirror;
 mod output;
 

@@ -160,9 +160,15 @@ pub(crate) fn block_on<F: Future<Output = anyhow::Result<()>>>(fut: F) -> anyhow
     rt.block_on(fut)
 }
 
+/// A value as one line of JSON.
+pub(crate) fn json_line(value: &impl serde::Serialize) -> String {
+    // Cannot fail: every `--json` shape is plain structs, strings and numbers.
+    serde_json::to_string(value).expect("JSON output serializes")
+}
+
 /// Prints a value as one line of JSON on stdout.
-pub(crate) fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
-    print_line(value)
+pub(crate) fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    print_line(json_line(value))
 }
 
 /// Prints rows as an aligned table with a header.

@@ -6,8 +6,9 @@
 //! - [`id`]: [`BlobId`] (BLAKE3, printed like `b3sum`) and [`BlobRef`] (an id or a `sha256:` digest).
 //! - [`chunks`]: chunk geometry (a pure function of blob size) and [`ChunkSet`] bitmaps.
 //! - [`outboard`]: chaining values, chunk verification, file hashing.
-//! - [`store`]: the crash-safe, resumable, content-addressed store of a daemon.
-//! - [`rate`]: byte rates such as `20MiB/s`.
+//! - [`store`]: the crash-safe, resumable, content-addressed store of a daemon
+//!   ([`Store`], a [`Blob`], and the on-disk format).
+//! - [`rate`]: byte rates such as `20MiB/s` and sizes such as `256MiB`.
 //! - [`private_file`]: keys, credentials and ids, mode 0600, never through a symbolic link.
 
 pub mod chunks;
@@ -21,4 +22,4 @@ pub mod store;
 pub use chunks::{ChunkSet, Geometry};
 pub use id::{BlobId, BlobRef, ParseIdError, Sha256Digest};
 pub use outboard::{Outboard, VerifyError};
-pub use store::{Blob, BlobInfo, Scratch, Store, StoreError, WriteOutcome};
+pub use store::{Blob, BlobInfo, Insecurity, Scratch, Store, StoreError, WriteOutcome};

@@ -1,4 +1,5 @@
-//! Byte rates as operators write them: `20MiB/s`, `500KB/s`, `1G`, `0` (no limit).
+//! Byte rates and sizes as operators write them: `20MiB/s`, `500KB/s`, `1G`,
+//! `0` (no limit); `256MiB`, `1GiB`, `1000000`. One parser reads both.
 
 /// A rate that does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -9,20 +10,39 @@ pub struct ParseRateError {
     input: String,
 }
 
+/// A size that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid size {input:?}: expected a number of bytes such as 256MiB, 1GiB or 1000000")]
+pub struct ParseSizeError {
+    input: String,
+}
+
 /// Parses a rate in bytes per second (or a size in bytes); `0` means
 /// unlimited. Units: B, K/KB (1000), KiB (1024), M/MB, MiB, G/GB, GiB, T/TB,
 /// TiB (every unit [`format_bytes`] prints); a trailing `/s` is optional.
 pub fn parse_rate(s: &str) -> Result<u64, ParseRateError> {
-    let err = || ParseRateError {
-        input: s.to_owned(),
-    };
     let t = s.trim();
-    let t = t.strip_suffix("/s").unwrap_or(t).trim();
+    parse_bytes(t.strip_suffix("/s").unwrap_or(t)).ok_or_else(|| ParseRateError {
+        input: s.to_owned(),
+    })
+}
+
+/// Parses a size in bytes, with the units of [`parse_rate`]; a rate (`/s`)
+/// is refused.
+pub fn parse_size(s: &str) -> Result<u64, ParseSizeError> {
+    parse_bytes(s).ok_or_else(|| ParseSizeError {
+        input: s.to_owned(),
+    })
+}
+
+/// A number of bytes with an optional unit.
+fn parse_bytes(s: &str) -> Option<u64> {
+    let t = s.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (num, unit) = (&t[..split], t[split..].trim());
-    let value: f64 = num.parse().map_err(|_| err())?;
+    let value: f64 = num.parse().ok()?;
     let mult: f64 = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "k" | "kb" => 1e3,
@@ -33,13 +53,13 @@ pub fn parse_rate(s: &str) -> Result<u64, ParseRateError> {
         "gib" => 1024.0 * 1024.0 * 1024.0,
         "t" | "tb" => 1e12,
         "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
-        _ => return Err(err()),
+        _ => return None,
     };
     let bytes = value * mult;
     if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
-        return Err(err());
+        return None;
     }
-    Ok(bytes as u64)
+    Some(bytes as u64)
 }
 
 /// Formats a byte count with a binary unit, e.g. `1.5 MiB`.
@@ -73,6 +93,15 @@ mod tests {
         assert!(parse_rate("10 parsecs").is_err());
         assert!(parse_rate("-1M").is_err());
         assert_eq!(format_bytes(1536), "1.5 KiB");
+    }
+
+    #[test]
+    fn parses_sizes_and_refuses_rates() {
+        assert_eq!(parse_size("256MiB").unwrap(), 256 << 20);
+        assert_eq!(parse_size(" 1GiB ").unwrap(), 1 << 30);
+        assert_eq!(parse_size("1000000").unwrap(), 1_000_000);
+        assert!(parse_size("8MiB/s").is_err());
+        assert!(parse_size("big").is_err());
     }
 
     #[test]

@@ -29,6 +29,9 @@
 //! - [`http`]: `--http-listen`: `/metrics`, `/healthz`, `/readyz`, the live
 //!   page at `/` and the JSON it reads.
 //! - [`server`]: [`ControlPlane`] (spawn, shutdown) and [`serve`].
+//! - [`client`]: what clients of a control plane use: the admin client, and
+//!   (re-exported from `nebula_proto::client`) the `--control` list, the
+//!   bearer token and dialing a replica.
 
 // The fuzz modules read as clients of the crate.
 #[cfg(test)]
@@ -36,6 +39,7 @@ extern crate self as nebula_control;
 
 pub mod admin;
 pub mod auth;
+pub mod client;
 pub mod config;
 pub mod discovery;
 pub mod error;

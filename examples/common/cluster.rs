@@ -1103,21 +1103,6 @@ pub(crate) fn hash_file(path: &Path) -> anyhow::Result<blake3::Hash> {
     Ok(hasher.finalize())
 }
 
-/// Parses a byte size such as `256MiB`, `1GiB` or `1000000`.
-pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    if t.ends_with("/s") {
-        return Err(format!("{s:?} is a rate, not a size"));
-    }
-    nebula_common::rate::parse_rate(t)
-        .map_err(|_| format!("invalid size {s:?}: try 256MiB, 1GiB or a number of bytes"))
-}
-
-/// Parses a byte rate such as `8MiB/s`.
-pub(crate) fn parse_rate(s: &str) -> Result<u64, String> {
-    nebula_common::rate::parse_rate(s).map_err(|e| e.to_string())
-}
-
 /// Mebibytes per second.
 pub(crate) fn mib_per_s(bytes: u64, elapsed: Duration) -> f64 {
     bytes as f64 / (1u64 << 20) as f64 / elapsed.as_secs_f64().max(1e-9)

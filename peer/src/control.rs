@@ -21,15 +21,11 @@ use std::{
 };
 
 use nebula_proto::{
+    client::{BearerToken, control_endpoint},
     tls::{self, EndpointError, TlsConfig},
     v1::{self as pb, control_plane_client::ControlPlaneClient},
 };
-use tonic::{
-    Code, Response, Status,
-    metadata::{Ascii, MetadataValue},
-    service::interceptor::InterceptedService,
-    transport::Channel,
-};
+use tonic::{Code, Response, Status, service::interceptor::InterceptedService, transport::Channel};
 
 use crate::{
     identity::{self, Identity},
@@ -40,14 +36,14 @@ use crate::{
 /// has one) to every control-plane call.
 #[derive(Debug, Clone)]
 pub(crate) struct BearerAuth {
-    token: Option<MetadataValue<Ascii>>,
+    token: Option<BearerToken>,
     identity: Arc<Identity>,
 }
 
 impl tonic::service::Interceptor for BearerAuth {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         if let Some(token) = &self.token {
-            req.metadata_mut().insert("authorization", token.clone());
+            token.authorize(&mut req);
         }
         identity::present(&self.identity, &mut req);
         Ok(req)
@@ -72,7 +68,7 @@ pub(crate) struct ControlClient {
 struct Inner {
     /// The `--control` list as given (checked: at least one URL, each valid).
     list: String,
-    token: Option<MetadataValue<Ascii>>,
+    token: Option<BearerToken>,
     identity: Arc<Identity>,
     timeout: Duration,
     /// TLS to every replica (then every URL is `https://`).
@@ -159,7 +155,7 @@ impl ControlClient {
     /// the system's resolver before the first call.
     pub(crate) fn new(
         list: &str,
-        token: Option<MetadataValue<Ascii>>,
+        token: Option<BearerToken>,
         identity: Arc<Identity>,
         timeout: Duration,
         tls: Option<&TlsConfig>,
@@ -177,7 +173,7 @@ impl ControlClient {
     /// [`ControlClient::new`] resolving names through `resolver`.
     pub(crate) fn with_resolver(
         list: &str,
-        token: Option<MetadataValue<Ascii>>,
+        token: Option<BearerToken>,
         identity: Arc<Identity>,
         timeout: Duration,
         tls: Option<&TlsConfig>,
@@ -277,11 +273,7 @@ impl ControlClient {
         // Every URL of the list was checked by `with_resolver`, and one with
         // its host replaced by an address parses as well.
         let endpoint = address.endpoint(self.inner.tls.as_ref()).ok()?;
-        let timeout = self.inner.timeout;
-        let endpoint = endpoint
-            .connect_timeout(Duration::from_secs(2).min(timeout))
-            .timeout(timeout)
-            .tcp_nodelay(true);
+        let endpoint = control_endpoint(endpoint, self.inner.timeout);
         Some(ControlPlaneClient::with_interceptor(
             endpoint.connect_lazy(),
             BearerAuth {

@@ -149,12 +149,11 @@ impl Node {
         let identity = Arc::new(Identity::new(Some(store.root().join("credential"))));
         let control = match &config.control {
             Some(urls) => {
-                let token = match &config.join_token {
-                    Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| {
-                        StartError::Config("join token has invalid characters".into())
-                    })?),
-                    None => None,
-                };
+                let token =
+                    nebula_proto::client::BearerToken::optional(config.join_token.as_deref())
+                        .map_err(|_| {
+                            StartError::Config("join token has invalid characters".into())
+                        })?;
                 Some(
                     ControlClient::new(
                         urls,

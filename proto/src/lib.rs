@@ -9,7 +9,9 @@
 //! [`FILE_DESCRIPTOR_SET`] feeds the gRPC reflection service. [`tls`] holds the
 //! transport security every server and client of the protocol shares,
 //! [`incoming`] the guarded TCP accept loop, [`unix`] the owner-only Unix
-//! sockets (the daemon's local API, the control plane's admin socket).
+//! sockets (the daemon's local API, the control plane's admin socket),
+//! [`client`] what every control-plane client shares (the `--control` list,
+//! the bearer token, dialing a replica).
 
 /// Generated messages, clients and servers of `nebula.v1`.
 #[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
@@ -17,6 +19,7 @@ pub mod v1 {
     tonic::include_proto!("nebula.v1");
 }
 
+pub mod client;
 pub mod incoming;
 pub mod tls;
 pub mod unix;

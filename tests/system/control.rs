@@ -21,6 +21,7 @@ use nebula_control::tonic_health::{
     self,
     pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient},
 };
+use nebula_proto::client::BearerToken;
 use nebula_proto::v1::{
     AnnounceRequest, BlobAnnouncement, FindProvidersRequest, FindProvidersResponse,
     HeartbeatRequest, ListPeersRequest, Load, PeerRequest, RegisterRequest, ReportPeerRequest,
@@ -130,21 +131,18 @@ type Slot = Arc<std::sync::Mutex<Option<AsciiMetadataValue>>>;
 /// Adds `authorization: Bearer <token>` when a token is given, and the
 /// peer's credential once it has one.
 #[derive(Clone)]
-struct Bearer(Option<AsciiMetadataValue>, Slot);
+struct Bearer(Option<BearerToken>, Slot);
 
 impl Bearer {
     fn new(token: Option<&str>) -> Self {
-        Self(
-            token.map(|t| format!("Bearer {t}").parse().unwrap()),
-            Slot::default(),
-        )
+        Self(BearerToken::optional(token).unwrap(), Slot::default())
     }
 }
 
 impl Interceptor for Bearer {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(v) = &self.0 {
-            req.metadata_mut().insert("authorization", v.clone());
+        if let Some(token) = &self.0 {
+            token.authorize(&mut req);
         }
         if let Some(c) = self.1.lock().unwrap().clone() {
             req.metadata_mut().insert("nebula-credential", c);
