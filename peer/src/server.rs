@@ -25,8 +25,11 @@ use tracing::Instrument as _;
 
 use crate::{metrics::Refusal, node::Shared};
 
-/// Largest chunk payload in one message.
-pub(crate) const MAX_PIECE: usize = 1 << 20;
+/// Largest chunk payload in one message. A quarter of a chunk: what a
+/// stream holds between its reader and the socket (the piece queued, the one
+/// being encoded, the encoder's buffer) comes to about one chunk, and a
+/// transfer is as fast as with whole-chunk pieces (`single_stream`).
+pub(crate) const MAX_PIECE: usize = 256 << 10;
 
 /// How long a busy answer asks the requester to stay away.
 const BUSY_RETRY: Duration = Duration::from_millis(100);
@@ -149,7 +152,8 @@ impl PeerExchange for ExchangeService {
         // One piece of slack, beside the piece being encoded and about one
         // more in HTTP/2's send buffer: enough to keep the stream busy while
         // the next chunk is read, and a receiver that stops reading holds
-        // about 4 MiB here, for its own stream only.
+        // about 2 MiB here (the chunk being sent and its pieces in flight),
+        // for its own stream only.
         let (out_tx, out_rx) = mpsc::channel::<Result<ExchangeResponse, Status>>(1);
         // Bounded: past it, reading waits on serving.
         let (work_tx, work_rx) =
