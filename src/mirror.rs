@@ -53,6 +53,10 @@ struct ContainerdArgs {
     /// The daemon's `--registry-mirror`, as containerd should reach it.
     #[arg(long, env = "NEBULA_MIRROR", default_value = "http://127.0.0.1:5000")]
     mirror: String,
+    /// The fleet CA (PEM) containerd trusts for an `https://` mirror: a
+    /// daemon with TLS serves its mirror with its fleet certificate.
+    #[arg(long, env = "NEBULA_MIRROR_CA", value_name = "PEM")]
+    mirror_ca: Option<PathBuf>,
     /// Print the files instead of writing them.
     #[arg(long, env = "NEBULA_PRINT", action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
     print: bool,
@@ -66,11 +70,23 @@ pub(crate) fn run(args: MirrorArgs) -> anyhow::Result<()> {
 
 fn containerd(args: ContainerdArgs) -> anyhow::Result<()> {
     let mirror = mirror_url(&args.mirror).map_err(bad_input)?;
+    let ca = match &args.mirror_ca {
+        Some(_) if !mirror.starts_with("https://") => {
+            return Err(bad_input(
+                "--mirror-ca is for an https:// mirror (a daemon with TLS serves one)",
+            ));
+        }
+        Some(path) => Some(
+            std::fs::canonicalize(path)
+                .map_err(|e| bad_input(format!("--mirror-ca {}: {e}", path.display())))?,
+        ),
+        None => None,
+    };
     let mut files = Vec::new();
     for registry in &args.registries {
         let registry = registry_host(registry).map_err(bad_input)?;
         let path = args.dir.join(&registry).join("hosts.toml");
-        files.push((path, hosts_toml(&registry, &mirror)));
+        files.push((path, hosts_toml(&registry, &mirror, ca.as_deref())));
     }
     for (path, text) in files {
         if args.print {
@@ -120,15 +136,19 @@ fn server_of(registry: &str) -> String {
     }
 }
 
-fn hosts_toml(registry: &str, mirror: &str) -> String {
-    format!(
+fn hosts_toml(registry: &str, mirror: &str, ca: Option<&Path>) -> String {
+    let mut text = format!(
         "{MARKER}: pulls go to the Nebula mirror first,\n\
          # and to the registry itself when the mirror fails.\n\
          server = \"{server}\"\n\
          \n\
          [host.\"{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
         server = server_of(registry)
-    )
+    );
+    if let Some(ca) = ca {
+        text.push_str(&format!("  ca = {:?}\n", ca.display().to_string()));
+    }
+    text
 }
 
 /// Writes `text` to `path` atomically; a file it replaces that this command
@@ -179,7 +199,7 @@ mod tests {
 
     #[test]
     fn hosts_files_name_the_mirror_first_and_the_registry_as_server() {
-        let t = hosts_toml("docker.io", "http://127.0.0.1:5000");
+        let t = hosts_toml("docker.io", "http://127.0.0.1:5000", None);
         assert!(
             t.contains("server = \"https://registry-1.docker.io\""),
             "{t}"
@@ -187,6 +207,15 @@ mod tests {
         assert!(t.contains(
             "[host.\"http://127.0.0.1:5000\"]\n  capabilities = [\"pull\", \"resolve\"]"
         ));
+        let t = hosts_toml(
+            "ghcr.io",
+            "https://127.0.0.1:5000",
+            Some(Path::new("/etc/nebula/ca.pem")),
+        );
+        assert!(
+            t.ends_with("capabilities = [\"pull\", \"resolve\"]\n  ca = \"/etc/nebula/ca.pem\"\n"),
+            "{t}"
+        );
         assert_eq!(server_of("ghcr.io"), "https://ghcr.io");
         assert!(registry_host("https://ghcr.io").is_err());
         assert!(registry_host("..").is_err());
@@ -206,7 +235,7 @@ mod tests {
         let path = dir.join("docker.io/hosts.toml");
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, "server = \"https://mine\"\n").unwrap();
-        let text = hosts_toml("docker.io", "http://127.0.0.1:5000");
+        let text = hosts_toml("docker.io", "http://127.0.0.1:5000", None);
         let backup = write(&path, &text).unwrap().unwrap();
         assert_eq!(
             std::fs::read_to_string(&backup).unwrap(),
@@ -214,7 +243,7 @@ mod tests {
         );
         assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
         // Ours again: replaced with no second backup.
-        let text2 = hosts_toml("docker.io", "http://127.0.0.1:5001");
+        let text2 = hosts_toml("docker.io", "http://127.0.0.1:5001", None);
         assert_eq!(write(&path, &text2).unwrap(), None);
         assert!(!path.with_extension("toml.bak.1").exists());
         std::fs::remove_dir_all(&dir).unwrap();

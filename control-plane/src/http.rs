@@ -10,7 +10,7 @@
 //! a loopback port. `/metrics` carries no ids and no secrets and is open, as
 //! scrapers expect.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::sync::Arc;
 
 use axum::{
     Json, Router,
@@ -20,6 +20,7 @@ use axum::{
     routing::get,
 };
 use nebula_common::{BlobRef, Geometry};
+use nebula_proto::tls::TlsConfig;
 use serde::Serialize;
 use tokio::{net::TcpListener, time::Instant};
 use tokio_util::sync::CancellationToken;
@@ -57,18 +58,14 @@ pub fn router<S: StateStore>(registry: Arc<Registry<S>>, auth: AdminAuth) -> Rou
         .with_state(state)
 }
 
-/// Serves `router` on `listener` until `stop` fires.
+/// Serves `router` on `listener` until `stop` fires, with TLS when `tls` is given.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
+    tls: Option<&TlsConfig>,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(stop.cancelled_owned())
-    .await
+    nebula_proto::https::serve(listener, router, tls, stop.cancelled_owned()).await
 }
 
 /// An error answer: a status and one line of JSON saying why.

@@ -74,6 +74,8 @@ pub struct ControlPlane<S = MemoryStore> {
     /// Message size limit and call deadline, for the services added after spawn.
     max_message_size: usize,
     request_timeout: Duration,
+    /// The gRPC server's TLS, which the HTTP endpoint serves with too.
+    tls: Option<nebula_proto::tls::TlsConfig>,
 }
 
 impl ControlPlane<RedisStore> {
@@ -228,6 +230,7 @@ impl<S: StateStore> ControlPlane<S> {
             admin_auth: AdminAuth::new(config.admin_token.as_deref()),
             max_message_size: config.max_message_size,
             request_timeout: config.request_timeout,
+            tls: config.tls.clone(),
         })
     }
 
@@ -265,14 +268,15 @@ impl<S: StateStore> ControlPlane<S> {
 
     /// Serves `/metrics`, `/healthz`, `/readyz` and the live page over HTTP
     /// on `listener` (the control plane's `--http-listen`), guarded by the
-    /// admin token as the admin API is.
+    /// admin token as the admin API is; HTTPS when the gRPC server has TLS.
     pub fn serve_http(&mut self, listener: TcpListener) {
         let router = crate::http::router(Arc::clone(&self.registry), self.admin_auth.clone());
         let stop = self.cancel.clone();
+        let tls = self.tls.clone();
         self.tasks.spawn(async move {
             // However the endpoint ends, the control plane ends with it.
             let _stop_siblings = stop.clone().drop_guard();
-            crate::http::serve(listener, router, stop)
+            crate::http::serve(listener, router, tls.as_ref(), stop)
                 .await
                 .map_err(ServeError::Http)
         });

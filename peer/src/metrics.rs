@@ -480,7 +480,12 @@ pub(crate) async fn serve(
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) -> io::Result<()> {
-    axum::serve(listener, router(shared))
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
+    let tls = shared.config.tls.clone();
+    nebula_proto::https::serve(
+        listener,
+        router(shared),
+        tls.as_ref(),
+        stop.cancelled_owned(),
+    )
+    .await
 }

@@ -153,9 +153,14 @@ pub(crate) async fn serve(
         tags: Mutex::new(HashMap::new()),
         inflight: Mutex::new(HashMap::new()),
     });
-    axum::serve(listener, router(mirror))
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
+    let tls = mirror.shared.config.tls.clone();
+    nebula_proto::https::serve(
+        listener,
+        router(mirror),
+        tls.as_ref(),
+        stop.cancelled_owned(),
+    )
+    .await
 }
 
 /// The distribution API's pull side. `HEAD` is routed on its own: axum

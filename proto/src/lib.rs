@@ -20,6 +20,7 @@ pub mod v1 {
 }
 
 pub mod client;
+pub mod https;
 pub mod incoming;
 pub mod tls;
 pub mod unix;

@@ -16,12 +16,13 @@
 //! refuses bad files at start rather than at its first connection. The crypto
 //! provider is rustls's `ring`, the only one in the tree.
 
-use std::{fmt, time::Duration};
+use std::{fmt, sync::Arc, time::Duration};
 
 use rustls::{
-    CipherSuite, RootCertStore,
+    CipherSuite, RootCertStore, ServerConfig,
     crypto::{CryptoProvider, ring::default_provider},
     pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject as _},
+    server::WebPkiClientVerifier,
     sign::CertifiedKey,
 };
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig, Uri};
@@ -268,6 +269,45 @@ impl TlsConfig {
         } else {
             config
         })
+    }
+
+    /// rustls server settings for the HTTP endpoints (metrics, the live
+    /// page, the registry mirror): the same certificate, and under client
+    /// auth the same CA, as the gRPC server; HTTP/2 and HTTP/1.1 offered.
+    pub fn http_server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        let (cert, key) = self.identity.as_ref().ok_or(TlsError::NoIdentity)?;
+        let chain = certificates(cert, PemKind::Certificate)?;
+        let key = PrivateKeyDer::from_pem_slice(key).map_err(malformed(PemKind::Key))?;
+        let provider = Arc::new(provider());
+        let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::KeyMismatch {
+                reason: e.to_string(),
+            })?;
+        let builder = if self.client_auth {
+            let mut roots = RootCertStore::empty();
+            for ca in certificates(&self.ca, PemKind::Ca)? {
+                roots.add(ca).map_err(|e| TlsError::BadCa {
+                    reason: e.to_string(),
+                })?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| TlsError::BadCa {
+                    reason: e.to_string(),
+                })?;
+            builder.with_client_cert_verifier(verifier)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let mut config =
+            builder
+                .with_single_cert(chain, key)
+                .map_err(|e| TlsError::KeyMismatch {
+                    reason: e.to_string(),
+                })?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
     }
 
     /// tonic's client settings: the fleet CA as the only root, this member's

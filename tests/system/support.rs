@@ -7,7 +7,7 @@
 
 use std::{
     fs::File,
-    io::{BufRead, BufReader, Write},
+    io::{BufRead, BufReader, Read, Write},
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
@@ -71,6 +71,10 @@ pub(crate) struct Proc {
     pub(crate) http: Option<SocketAddr>,
     /// Its `--registry-mirror` endpoint, when it was started with one.
     pub(crate) mirror: Option<SocketAddr>,
+    /// Its `--tls-ca`, `--tls-cert` and `--tls-key`, when it was started
+    /// with TLS: its HTTP endpoints then answer HTTPS only (to clients with
+    /// a fleet certificate under `--tls-client-auth`).
+    pub(crate) tls: Option<TlsFiles>,
 }
 
 impl Proc {
@@ -80,6 +84,18 @@ impl Proc {
     pub(crate) fn spawn(mut cmd: Command, log: PathBuf) -> (Self, SocketAddr) {
         let with_http = cmd.get_args().any(|a| a == "--http-listen");
         let with_mirror = cmd.get_args().any(|a| a == "--registry-mirror");
+        let tls = {
+            let args: Vec<_> = cmd.get_args().collect();
+            let flag = |name: &str| {
+                args.windows(2)
+                    .find(|w| w[0] == name)
+                    .map(|w| PathBuf::from(w[1]))
+            };
+            flag("--tls-ca").map(|ca| TlsFiles {
+                ca,
+                identity: flag("--tls-cert").zip(flag("--tls-key")),
+            })
+        };
         let err = File::create(&log).unwrap();
         let mut child = cmd
             .stdout(Stdio::piped())
@@ -104,6 +120,7 @@ impl Proc {
             log,
             http: None,
             mirror: None,
+            tls: None,
         };
         let next = |prefix: &str| {
             let line = match rx.recv_timeout(Duration::from_secs(30)) {
@@ -122,6 +139,7 @@ impl Proc {
         let mirror = with_mirror.then(|| next("registry mirror on "));
         proc.http = http;
         proc.mirror = mirror;
+        proc.tls = tls;
         (proc, addr)
     }
 
@@ -132,9 +150,17 @@ impl Proc {
 
     /// Scrapes its `/metrics`.
     pub(crate) fn metrics(&self) -> Metrics {
-        let (status, body) = http_request(self.http(), "GET", "/metrics", None, &[]);
+        let (status, body) = self.http_get("/metrics");
         assert_eq!(status, 200, "GET /metrics: {body}");
         Metrics::parse(&body)
+    }
+
+    /// `GET path` on its HTTP endpoint, over HTTPS when it has TLS.
+    pub(crate) fn http_get(&self, path: &str) -> (u16, String) {
+        match &self.tls {
+            Some(tls) => https_request(self.http(), tls, "GET", path),
+            None => http_request(self.http(), "GET", path, None, &[]),
+        }
     }
 
     pub(crate) fn pid(&self) -> i32 {
@@ -556,12 +582,71 @@ pub(crate) fn http_request(
     body: Option<&str>,
     headers: &[(&str, &str)],
 ) -> (u16, String) {
-    use std::io::Read;
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+    let mut stream = connect(addr);
+    exchange(&mut stream, addr, method, path, body, headers)
+}
+
+fn connect(addr: SocketAddr) -> std::net::TcpStream {
+    let stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
     stream
         .set_read_timeout(Some(Duration::from_secs(60)))
         .unwrap();
+    stream
+}
+
+/// PEM files of a TLS client: the CA it trusts, and the certificate and key
+/// it shows when asked.
+#[derive(Debug, Clone)]
+pub(crate) struct TlsFiles {
+    pub(crate) ca: PathBuf,
+    pub(crate) identity: Option<(PathBuf, PathBuf)>,
+}
+
+/// `method path` over HTTPS to `addr`, trusting only `tls.ca` and checking
+/// the certificate against the address's IP: its status and body.
+pub(crate) fn https_request(
+    addr: SocketAddr,
+    tls: &TlsFiles,
+    method: &str,
+    path: &str,
+) -> (u16, String) {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject as _};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(&tls.ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots);
+    let config = match &tls.identity {
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .unwrap()
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap();
+            let key = PrivateKeyDer::from_pem_file(key).unwrap();
+            builder.with_client_auth_cert(chain, key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let name = ServerName::from(addr.ip());
+    let tls = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let mut stream = rustls::StreamOwned::new(tls, connect(addr));
+    exchange(&mut stream, addr, method, path, None, &[])
+}
+
+fn exchange(
+    stream: &mut (impl Read + Write),
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
     let body = body.unwrap_or("");
     let mut request = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
@@ -766,6 +851,7 @@ fn spawn_redis(args: &[String], log: PathBuf) -> Proc {
         log,
         http: None,
         mirror: None,
+        tls: None,
     }
 }
 

@@ -22,7 +22,8 @@ use rcgen::{
 use crate::{
     daemon::fetch_report,
     support::{
-        Control, Daemon, file_id, nebula, random_file, run_bounded, wait_output, wait_until,
+        Control, Daemon, TlsFiles, file_id, https_request, nebula, random_file, run_bounded,
+        wait_output, wait_until,
     },
 };
 
@@ -238,6 +239,73 @@ fn a_tls_fleet_fetches_the_same_bytes() {
     assert_eq!(states, ["HEALTHY"; 3], "every peer passes its TLS probes");
     let metrics = control.proc.metrics();
     assert_eq!(metrics.get("nebula_control_probe_failures_total"), 0.0);
+}
+
+/// In a TLS fleet the HTTP endpoints (metrics and health, the live page,
+/// the registry mirror) answer HTTPS with the fleet's certificates, and a
+/// plaintext request gets no answer.
+#[test]
+fn the_http_endpoints_of_a_tls_fleet_answer_https_only() {
+    let dir = tempdir();
+    let fleet = Pki::new(dir.path(), "fleet");
+    let control = control(dir.path(), &fleet, &[]);
+    let d = daemon(
+        dir.path(),
+        "d0",
+        &control.url(),
+        &fleet.member("d0"),
+        &["--registry-mirror", "127.0.0.1:0"],
+    );
+    d.wait_registered();
+    let tls = TlsFiles {
+        ca: PathBuf::from(fleet.ca()),
+        identity: None,
+    };
+    let mirror = d.proc.mirror.expect("a mirror address");
+    for (what, addr, path, says) in [
+        (
+            "control /metrics",
+            control.proc.http(),
+            "/metrics",
+            "nebula_control_",
+        ),
+        ("control /healthz", control.proc.http(), "/healthz", "ok"),
+        (
+            "daemon /metrics",
+            d.proc.http(),
+            "/metrics",
+            "nebula_chunks_verified",
+        ),
+        ("daemon /readyz", d.proc.http(), "/readyz", ""),
+        ("mirror /v2/", mirror, "/v2/", ""),
+    ] {
+        let (status, body) = https_request(addr, &tls, "GET", path);
+        assert_eq!(status, 200, "{what}: {body}");
+        assert!(body.contains(says), "{what}: {body}");
+        assert!(
+            plaintext_unanswered(addr, path),
+            "{what} answered a plaintext request"
+        );
+    }
+    // The helpers the other tests use speak HTTPS to TLS processes.
+    assert!(d.proc.metrics().has_family("nebula_chunks_verified"));
+}
+
+/// Sends `GET path` in plaintext to `addr`: true if no HTTP answer comes
+/// back within 5 s (the server closes, or answers with TLS).
+fn plaintext_unanswered(addr: SocketAddr, path: &str) -> bool {
+    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    for _ in 0..16 {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    !got.starts_with(b"HTTP/")
 }
 
 /// Bytes recorded by a [`Relay`], shared with its copying thread.
