@@ -271,7 +271,7 @@ pub(crate) async fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
     config.tls = args.serve.tls.load()?;
     config.handshake_timeout = args.serve.handshake_timeout;
     check_control_tls(&args.control, config.tls.as_ref())?;
-    config.validate().map_err(bad_input)?;
+    config.validate().map_err(|e| bad_input(e.to_string()))?;
     let mirror = args.mirror.config()?;
     let listener = bind(&args.listen, "--listen").await?;
     let http = args.serve.bind_http().await?;
@@ -281,8 +281,16 @@ pub(crate) async fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
     };
     // Watched before the address is printed: whoever reads it may signal at once.
     let signal = shutdown_signal()?;
-    let mut node = Node::start(config, listener).await?;
-    node.serve_local(&socket).await?;
+    // The store first: a second daemon on it is refused for holding its lock.
+    let mut node = Node::start(listener, config).await?;
+    let (local, socket_file) = match nebula_proto::unix::bind_private(&socket).await {
+        Ok(bound) => bound,
+        Err(e) => {
+            let _ = node.shutdown().await;
+            return Err(e).with_context(|| format!("binding {}", socket.display()));
+        }
+    };
+    node.serve_local(local);
     println!("listening on {}", node.local_addr());
     if let Some(http) = http {
         let addr = http.local_addr().context("--http-listen")?;
@@ -302,8 +310,9 @@ pub(crate) async fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
         () = signal => tracing::info!("shutting down"),
         _ = stopping => {}
     }
-    node.shutdown().await;
-    Ok(())
+    let stopped = node.shutdown().await;
+    socket_file.remove();
+    Ok(stopped?)
 }
 
 /// Flags of `nebula add`.
@@ -743,9 +752,9 @@ async fn fetch_one_shot(
     if let Some(control) = &args.control {
         check_control_tls(control, config.tls.as_ref())?;
     }
-    config.validate().map_err(bad_input)?;
+    config.validate().map_err(|e| bad_input(e.to_string()))?;
     let listener = bind(&args.listen, "--listen").await?;
-    let node = Node::start(config, listener).await?;
+    let node = Node::start(listener, config).await?;
     let (tx, mut rx) = tokio::sync::watch::channel(Progress::default());
     let bar = Bar::new(progress_mode);
     let fetched = {
@@ -814,8 +823,10 @@ async fn fetch_one_shot(
         }
         Err(e) => Err(anyhow::Error::from(e)),
     };
-    node.shutdown().await;
-    result
+    let stopped = node.shutdown().await;
+    let fetched = result?;
+    stopped?;
+    Ok(fetched)
 }
 
 /// Flags of `nebula ls`.

@@ -245,7 +245,7 @@ pub(crate) async fn discover(
     let request = pb::FindProvidersRequest {
         peer_id: shared.peer_id.clone(),
         blob: blob.to_string(),
-        limit: 50,
+        limit: shared.config.discovery.limit,
         zone: shared.config.zone.clone(),
     };
     match tokio::time::timeout(control.deadline(), control.find_providers(request)).await {
@@ -694,7 +694,8 @@ async fn fetch_outboard(
         else {
             continue;
         };
-        let answer = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
+        let answer =
+            tokio::time::timeout(shared.config.discovery.outboard_timeout, rx.recv()).await;
         conn.finish(req);
         any_reached = true;
         match answer {

@@ -82,7 +82,7 @@ impl LocalService {
         running.insert(key.clone(), joined.clone());
         let shared = Arc::clone(&self.shared);
         let table = Arc::clone(&self.running);
-        tokio::spawn(async move {
+        self.shared.tasks.spawn(async move {
             let outcome = match what {
                 Wanted::Blob(blob) => {
                     crate::fetch::fetch(Arc::clone(&shared), blob, progress_tx, timeout).await
@@ -263,7 +263,7 @@ impl LocalApi for LocalService {
         } = self.join_or_start(what, timeout);
         let (out_tx, out_rx) = mpsc::channel(16);
         let store = Arc::clone(&self.shared.store);
-        tokio::spawn(async move {
+        self.shared.tasks.spawn(async move {
             let mut progress_open = true;
             loop {
                 tokio::select! {
@@ -337,7 +337,7 @@ impl LocalApi for LocalService {
             )));
         }
         let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(async move {
+        self.shared.tasks.spawn(async move {
             for i in 0..blob.geometry().chunk_count() {
                 let b = Arc::clone(&blob);
                 // Nothing unverified reaches the user's output.

@@ -3,7 +3,6 @@
 
 use std::{
     net::SocketAddr,
-    path::Path,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
@@ -11,10 +10,11 @@ use std::{
     time::Duration,
 };
 
+use futures::FutureExt as _;
 use nebula_common::{BlobId, Store, StoreError};
 use nebula_proto::v1::{self as pb, peer_exchange_server::PeerExchangeServer};
 use tokio::{
-    net::TcpListener,
+    net::{TcpListener, UnixListener},
     sync::{Notify, Semaphore, broadcast},
     task::JoinSet,
     time::Instant,
@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{service::interceptor::InterceptedService, transport::Server};
 
 use crate::{
-    Config,
+    Config, ConfigError,
     connection::{
         CONNECTION_WINDOW, ConnectError, Connection, MAX_FRAME, MAX_MESSAGE, Pool, STREAM_WINDOW,
     },
@@ -35,20 +35,94 @@ use crate::{
     metrics::{self, Metrics},
     origin::OriginClient,
     server::ExchangeService,
+    tasks::Tasks,
 };
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// The configuration is inconsistent.
-    #[error("invalid configuration: {0}")]
-    Config(String),
+    #[error("invalid configuration")]
+    Config(#[from] ConfigError),
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// A listener or socket problem.
-    #[error("{0}")]
-    Io(String),
+    /// The task opening the store panicked.
+    #[error("opening the store failed")]
+    StoreTask(#[source] tokio::task::JoinError),
+    /// The listener's own address could not be read.
+    #[error("cannot read the peer listener's address")]
+    Listener(#[source] std::io::Error),
+    /// The join token cannot be sent in a header.
+    #[error("the join token has characters a header cannot carry")]
+    JoinToken,
+    /// The control plane client could not be built.
+    #[error("control plane client")]
+    Control(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The HTTP client of origin fetches could not be built.
+    #[error(transparent)]
+    Origin(#[from] crate::origin::OriginClientError),
+    /// The peer server's TLS settings were refused.
+    #[error("TLS of the peer server")]
+    Tls(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The reflection service could not be built.
+    #[error("gRPC reflection")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// A part of a node whose failure stops the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// The `PeerExchange` server other peers fetch from.
+    PeerServer,
+    /// The CLI's Unix-socket API.
+    LocalApi,
+    /// `/metrics`, `/healthz` and `/readyz`.
+    Http,
+    /// The registry mirror.
+    Mirror,
+    /// Registration, heartbeats and announcements.
+    Membership,
+}
+
+impl std::fmt::Display for Part {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::PeerServer => "peer server",
+            Self::LocalApi => "local API",
+            Self::Http => "HTTP endpoint",
+            Self::Mirror => "registry mirror",
+            Self::Membership => "membership",
+        })
+    }
+}
+
+/// What went wrong with a part.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    /// A gRPC server failed.
+    #[error(transparent)]
+    Serve(#[from] tonic::transport::Error),
+    /// An HTTP server failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// A server stopped accepting connections while the node was not stopping.
+    #[error("it stopped accepting connections")]
+    Ended,
+    /// The part's task panicked.
+    #[error("it panicked")]
+    Panicked,
+}
+
+/// A part failed, and the node stopped because of it.
+#[derive(Debug, thiserror::Error)]
+#[error("the {part} failed")]
+pub struct NodeError {
+    /// Which part.
+    pub part: Part,
+    /// What happened to it.
+    #[source]
+    pub failure: Failure,
 }
 
 /// What every part of a node shares.
@@ -92,7 +166,11 @@ pub(crate) struct Shared {
     pub(crate) pool: Pool,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) started: Instant,
+    /// Cancelled when the node starts to stop: servers stop accepting,
+    /// fetches end, serving streams end after the piece they are sending.
     pub(crate) shutdown: CancellationToken,
+    /// Every background task of the node's parts.
+    pub(crate) tasks: Tasks,
 }
 
 impl Shared {
@@ -117,7 +195,7 @@ impl Shared {
                 addr,
                 hello,
                 credential,
-                Duration::from_secs(3),
+                &self.config.dial,
                 self.config.tls.as_ref(),
             )
             .await
@@ -129,30 +207,31 @@ impl Shared {
 #[must_use = "a node stops when shut down; dropping the handle leaves it running until the runtime ends"]
 pub struct Node {
     shared: Arc<Shared>,
-    tasks: JoinSet<()>,
+    /// The parts whose failure stops the node; each returns what ended it.
+    parts: JoinSet<(Part, Result<(), Failure>)>,
     local_addr: SocketAddr,
 }
 
 impl Node {
     /// Opens the store and starts serving peers on `listener`, registering
     /// with the control plane when one is configured.
-    pub async fn start(config: Config, listener: TcpListener) -> Result<Self, StartError> {
-        config.validate().map_err(StartError::Config)?;
+    pub async fn start(listener: TcpListener, config: Config) -> Result<Self, StartError> {
+        config.validate()?;
         let store_dir = config.store.clone();
         let store = tokio::task::spawn_blocking(move || Store::open(store_dir))
             .await
-            .map_err(|e| StartError::Io(e.to_string()))??;
-        let local_addr = listener
-            .local_addr()
-            .map_err(|e| StartError::Io(e.to_string()))?;
+            .map_err(StartError::StoreTask)??;
+        let local_addr = listener.local_addr().map_err(StartError::Listener)?;
         let advertised = config.advertise.unwrap_or(local_addr);
         let identity = Arc::new(Identity::new(Some(store.root().join("credential"))));
         let control = match &config.control {
             Some(urls) => {
                 let token = match &config.join_token {
-                    Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| {
-                        StartError::Config("join token has invalid characters".into())
-                    })?),
+                    Some(t) => Some(
+                        format!("Bearer {t}")
+                            .parse()
+                            .map_err(|_| StartError::JoinToken)?,
+                    ),
                     None => None,
                 };
                 Some(
@@ -163,7 +242,7 @@ impl Node {
                         config.control_timeout,
                         config.tls.as_ref(),
                     )
-                    .map_err(|e| StartError::Config(e.to_string()))?,
+                    .map_err(|e| StartError::Control(Box::new(e)))?,
                 )
             }
             None => None,
@@ -172,8 +251,9 @@ impl Node {
             config.origin_connections,
             config.origin_timeout,
             config.origin_ca.as_deref(),
-        )
-        .map_err(|e| StartError::Config(e.to_string()))?;
+        )?;
+        let stop = CancellationToken::new();
+        let tasks = Tasks::new();
         let shared = Arc::new(Shared {
             origin,
             sessions: dashmap::DashMap::new(),
@@ -199,13 +279,54 @@ impl Node {
             registration_error: std::sync::Mutex::new(String::new()),
             recent_sends: dashmap::DashMap::new(),
             next_stream: AtomicU64::new(1),
-            pool: Pool::default(),
+            pool: Pool::new(tasks.clone()),
             metrics: Arc::new(Metrics::default()),
             started: Instant::now(),
-            shutdown: CancellationToken::new(),
+            shutdown: stop,
+            tasks,
             config,
         });
-        let mut tasks = JoinSet::new();
+        let mut node = Self {
+            shared,
+            parts: JoinSet::new(),
+            local_addr,
+        };
+        let router = node.peer_router().await?;
+        // Accepted sockets get TCP_NODELAY there (the builder's flag only
+        // reaches listeners tonic binds itself; Nagle plus delayed ACKs would
+        // stall every pipelined piece by tens of milliseconds), accept backs
+        // off when out of descriptors, and silent connections are closed.
+        let incoming = nebula_proto::incoming::incoming(
+            listener,
+            nebula_proto::incoming::IncomingOptions {
+                handshake_timeout: node.shared.config.handshake_timeout,
+                keepalive: node.shared.config.tcp_keepalive,
+            },
+        );
+        let incoming = crate::fault::peer_incoming(incoming);
+        let stop = node.shared.shutdown.clone();
+        node.spawn_part(Part::PeerServer, async move {
+            router
+                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                .await
+                .map_err(Failure::from)
+        });
+        if node.shared.control.is_some() {
+            let shared = Arc::clone(&node.shared);
+            node.spawn_part(Part::Membership, async move {
+                membership::run(shared).await;
+                Ok(())
+            });
+        }
+        tracing::info!(peer = %node.shared.peer_id, address = %node.shared.address, "peer serving");
+        Ok(node)
+    }
+
+    /// The peer server: health, reflection and `PeerExchange`, behind the
+    /// credential check, with the configured HTTP/2 limits.
+    async fn peer_router(&self) -> Result<tonic::transport::server::Router, StartError> {
+        let shared = &self.shared;
+        let config = &shared.config;
         let (health, health_service) = tonic_health::server::health_reporter();
         health
             .set_serving::<PeerExchangeServer<ExchangeService>>()
@@ -219,87 +340,73 @@ impl Node {
             .await;
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(nebula_proto::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .map_err(|e| StartError::Io(e.to_string()))?;
+            .build_v1()?;
         let exchange = InterceptedService::new(
-            PeerExchangeServer::new(ExchangeService::new(Arc::clone(&shared)))
+            PeerExchangeServer::new(ExchangeService::new(Arc::clone(shared)))
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
             ExchangeAuth(Arc::clone(&shared.identity)),
         );
         let mut server = Server::builder();
-        if let Some(tls) = &shared.config.tls {
+        if let Some(tls) = &config.tls {
             let tls = tls
                 .server_config()
-                .map_err(|e| StartError::Config(e.to_string()))?;
+                .map_err(|e| StartError::Tls(Box::new(e)))?;
             server = server
                 .tls_config(tls)
-                .map_err(|e| StartError::Config(format!("TLS: {e}")))?;
+                .map_err(|e| StartError::Tls(Box::new(e)))?;
         }
-        let router = server
+        Ok(server
             .tcp_nodelay(true)
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
-            .max_concurrent_streams(256)
-            .http2_max_local_error_reset_streams(Some(1024))
-            .http2_keepalive_interval(Some(Duration::from_secs(20)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .max_concurrent_streams(config.max_concurrent_streams)
+            .http2_max_local_error_reset_streams(Some(config.max_local_resets))
+            .http2_keepalive_interval(Some(config.server_keepalive_interval))
+            .http2_keepalive_timeout(Some(config.server_keepalive_timeout))
             .add_service(health_service)
             .add_service(reflection)
-            .add_service(exchange);
-        // Accepted sockets get TCP_NODELAY there (the builder's flag only
-        // reaches listeners tonic binds itself; Nagle plus delayed ACKs would
-        // stall every pipelined piece by tens of milliseconds), accept backs
-        // off when out of descriptors, and silent connections are closed.
-        let incoming = nebula_proto::incoming::incoming(
-            listener,
-            nebula_proto::incoming::IncomingOptions {
-                handshake_timeout: shared.config.handshake_timeout,
-                keepalive: Duration::from_secs(30),
-            },
-        );
-        let stop = shared.shutdown.clone();
-        tasks.spawn(async move {
-            if let Err(e) = router
-                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
-                .await
-            {
-                tracing::error!(error = %e, "peer server failed");
-            }
-        });
-        if shared.control.is_some() {
-            tasks.spawn(membership::run(Arc::clone(&shared)));
-        }
-        tracing::info!(peer = %shared.peer_id, address = %shared.address, "peer serving");
-        Ok(Self {
-            shared,
-            tasks,
-            local_addr,
-        })
+            .add_service(exchange))
     }
 
-    /// Serves the local API (the CLI's) on a Unix socket at `path`, mode
-    /// 0600 (see [`nebula_proto::unix::bind_private`]). Refuses a path another
-    /// live daemon listens on, or that is not a socket; replaces a stale one.
-    pub async fn serve_local(&mut self, path: &Path) -> Result<(), StartError> {
-        let (listener, socket) = nebula_proto::unix::bind_private(path)
-            .await
-            .map_err(|e| StartError::Io(format!("binding {}: {e}", path.display())))?;
+    /// Runs `part` until it ends. A part that fails, panics, or (a server)
+    /// stops while the node is not stopping, stops the node.
+    fn spawn_part<F>(&mut self, part: Part, run: F)
+    where
+        F: std::future::Future<Output = Result<(), Failure>> + Send + 'static,
+    {
+        let stop = self.shared.shutdown.clone();
+        let serves = part != Part::Membership;
+        self.parts.spawn(async move {
+            let ended = std::panic::AssertUnwindSafe(run).catch_unwind().await;
+            let result = match ended {
+                Ok(Ok(())) if serves && !stop.is_cancelled() => Err(Failure::Ended),
+                Ok(result) => result,
+                Err(_) => Err(Failure::Panicked),
+            };
+            if let Err(failure) = &result {
+                tracing::error!(%part, error = %failure, "a part of the node failed; stopping");
+                stop.cancel();
+            }
+            (part, result)
+        });
+    }
+
+    /// Serves the local API (the CLI's) on `listener`, a Unix socket the
+    /// caller bound (see [`nebula_proto::unix::bind_private`]) and removes
+    /// after [`Node::shutdown`].
+    pub fn serve_local(&mut self, listener: UnixListener) {
         let service = LocalService::new(Arc::clone(&self.shared)).into_server();
         let stop = self.shared.shutdown.clone();
-        self.tasks.spawn(async move {
+        self.spawn_part(Part::LocalApi, async move {
             let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-            if let Err(e) = Server::builder()
+            Server::builder()
                 .add_service(service)
                 .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
                 .await
-            {
-                tracing::error!(error = %e, "local API failed");
-            }
-            socket.remove();
+                .map_err(Failure::from)
         });
-        Ok(())
     }
 
     /// Serves `/metrics`, `/healthz` and `/readyz` over HTTP on `listener`
@@ -307,11 +414,10 @@ impl Node {
     pub fn serve_http(&mut self, listener: TcpListener) {
         let shared = Arc::clone(&self.shared);
         let stop = self.shared.shutdown.clone();
-        self.tasks.spawn(async move {
-            if let Err(e) = metrics::serve(listener, shared, stop.clone()).await {
-                tracing::error!(error = %e, "metrics endpoint failed");
-                stop.cancel();
-            }
+        self.spawn_part(Part::Http, async move {
+            metrics::serve(listener, shared, stop)
+                .await
+                .map_err(Failure::from)
         });
     }
 
@@ -319,11 +425,10 @@ impl Node {
     pub fn serve_mirror(&mut self, listener: TcpListener, config: crate::MirrorConfig) {
         let shared = Arc::clone(&self.shared);
         let stop = self.shared.shutdown.clone();
-        self.tasks.spawn(async move {
-            if let Err(e) = crate::mirror::serve(listener, shared, config, stop.clone()).await {
-                tracing::error!(error = %e, "registry mirror failed");
-                stop.cancel();
-            }
+        self.spawn_part(Part::Mirror, async move {
+            crate::mirror::serve(listener, shared, config, stop)
+                .await
+                .map_err(Failure::from)
         });
     }
 
@@ -378,27 +483,55 @@ impl Node {
         Ok(outcome)
     }
 
-    /// A future that resolves when the node starts shutting down.
+    /// A future that resolves when the node starts shutting down, told to
+    /// or because a part failed.
     pub fn stopping(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
         self.shared.shutdown.clone().cancelled_owned()
     }
 
     /// Stops in order: stop accepting and cancel fetches, deregister, let
-    /// streams end, close the store.
-    pub async fn shutdown(mut self) {
+    /// streams finish (within [`Config::shutdown_grace`]), await every task,
+    /// then release the store. Returns the failure of the part that stopped
+    /// the node, if one did.
+    pub async fn shutdown(mut self) -> Result<(), NodeError> {
         self.shared.shutdown.cancel();
         self.shared.pool.close_all().await;
-        let deadline = tokio::time::sleep(Duration::from_secs(5));
-        tokio::pin!(deadline);
+        let grace = self.shared.config.shutdown_grace;
+        let deadline = Instant::now() + grace;
+        let mut failed: Option<NodeError> = None;
+        let mut aborted = false;
         loop {
-            tokio::select! {
-                next = self.tasks.join_next() => if next.is_none() { break },
-                _ = &mut deadline => {
-                    tracing::warn!("tasks did not stop in time; aborting them");
-                    self.tasks.abort_all();
-                    break;
+            let joined = tokio::select! {
+                joined = self.parts.join_next() => joined,
+                () = tokio::time::sleep_until(deadline), if !aborted => {
+                    tracing::warn!("parts of the node did not stop in time; dropping them");
+                    self.parts.abort_all();
+                    aborted = true;
+                    continue;
                 }
+            };
+            match joined {
+                None => break,
+                Some(Ok((part, Err(failure)))) => {
+                    failed.get_or_insert(NodeError { part, failure });
+                }
+                Some(Ok((_, Ok(())))) => {}
+                // Aborted past the grace period (`spawn_part` catches panics).
+                Some(Err(_)) => {}
             }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let dropped = self.shared.tasks.wait(left).await;
+        if dropped > 0 {
+            tracing::warn!(
+                tasks = dropped,
+                "tasks still running after the grace period were dropped"
+            );
+        }
+        tracing::info!(peer = %self.shared.peer_id, "node stopped");
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
     }
 }
@@ -411,8 +544,9 @@ pub(crate) fn completed(shared: &Arc<Shared>, blob: &Arc<nebula_common::Blob>) {
         return;
     }
     let blob = Arc::clone(blob);
-    let shared = Arc::clone(shared);
-    tokio::spawn(async move {
+    let task = Arc::clone(shared);
+    shared.tasks.spawn(async move {
+        let shared = task;
         match tokio::task::spawn_blocking(move || blob.compute_sha256()).await {
             Ok(Ok(_)) => shared.inventory_changed.notify_one(),
             Ok(Err(e)) => {

@@ -414,7 +414,7 @@ impl Serving {
 impl Drop for Serving {
     fn drop(&mut self) {
         let (shared, session) = (Arc::clone(&self.shared), Arc::clone(&self.session));
-        tokio::spawn(async move {
+        self.shared.tasks.spawn(async move {
             tokio::select! {
                 () = tokio::time::sleep(SESSION_GRACE) => {}
                 () = shared.shutdown.cancelled() => {}
@@ -743,11 +743,12 @@ fn renew_lease(
 ) -> tokio_util::sync::DropGuard {
     let stop = tokio_util::sync::CancellationToken::new();
     let guard = stop.clone().drop_guard();
+    let tasks = shared.tasks.clone();
     let shared = Arc::clone(shared);
     let counters = Arc::clone(counters);
     let key = key.to_owned();
     let every = Duration::from_millis((ttl_ms / 3).max(100));
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let Some(control) = shared.control.clone() else {
             return;
         };

@@ -28,15 +28,6 @@ use crate::{metrics::Refusal, node::Shared};
 /// Largest chunk payload in one message.
 pub(crate) const MAX_PIECE: usize = 1 << 20;
 
-/// How long a busy answer asks the requester to stay away.
-const BUSY_RETRY: Duration = Duration::from_millis(100);
-
-/// Blobs one stream gets have-updates for at most.
-const MAX_WATCHED: usize = 1024;
-
-/// How often pending have-updates are flushed to a stream.
-const HAVE_FLUSH: Duration = Duration::from_millis(100);
-
 /// The `PeerExchange` service of a node.
 #[derive(Debug, Clone)]
 pub(crate) struct ExchangeService {
@@ -108,11 +99,11 @@ fn answer(request_id: u64, kind: Resp) -> ExchangeResponse {
     }
 }
 
-fn busy(request_id: u64) -> ExchangeResponse {
+fn busy(request_id: u64, retry_after: Duration) -> ExchangeResponse {
     answer(
         request_id,
         Resp::Busy(pb::Busy {
-            retry_after_ms: BUSY_RETRY.as_millis() as u64,
+            retry_after_ms: retry_after.as_millis() as u64,
         }),
     )
 }
@@ -157,7 +148,7 @@ impl PeerExchange for ExchangeService {
         let cancelled = Arc::new(Mutex::new(HashSet::new()));
         let stream = self.shared.next_stream.fetch_add(1, Ordering::Relaxed);
         let watched = Arc::new(Mutex::new(HashSet::new()));
-        tokio::spawn(
+        self.shared.tasks.spawn(
             read_requests(
                 Arc::clone(&self.shared),
                 caller,
@@ -168,7 +159,7 @@ impl PeerExchange for ExchangeService {
             )
             .instrument(span.clone()),
         );
-        tokio::spawn(
+        self.shared.tasks.spawn(
             serve_work(
                 Arc::clone(&self.shared),
                 stream,
@@ -216,7 +207,7 @@ async fn read_requests(
     let mut greeted = false;
     let watch = |blob: BlobId| {
         let mut watched = watched.lock().unwrap_or_else(|e| e.into_inner());
-        if watched.len() < MAX_WATCHED {
+        if watched.len() < shared.config.max_watched {
             watched.insert(blob);
         }
     };
@@ -296,7 +287,7 @@ async fn read_requests(
                     ),
                     None => {
                         shared.metrics.refused(Refusal::Busy);
-                        (Work::Answer(busy(id)), None)
+                        (Work::Answer(busy(id, shared.config.busy_retry)), None)
                     }
                 })
                 .collect(),
@@ -309,7 +300,7 @@ async fn read_requests(
                             Some(slot) => (Work::Chunk(id, blob, chunk), Some(slot)),
                             None => {
                                 shared.metrics.refused(Refusal::Busy);
-                                (Work::Answer(busy(id)), None)
+                                (Work::Answer(busy(id, shared.config.busy_retry)), None)
                             }
                         })
                         .collect()
@@ -350,7 +341,7 @@ async fn serve_work(
     let _open = shared.metrics.serving_stream();
     let mut events = shared.chunk_events.subscribe();
     let mut dirty: HashSet<BlobId> = HashSet::new();
-    let mut flush = tokio::time::interval(HAVE_FLUSH);
+    let mut flush = tokio::time::interval(shared.config.have_flush);
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let idle = shared.config.idle_stream_timeout;
     let send = |msg: ExchangeResponse| {
