@@ -9,8 +9,8 @@ use std::{
 
 use anyhow::{Context as _, anyhow};
 use clap::{ArgAction, builder::BoolishValueParser};
-use nebula_common::{BlobId, BlobRef, rate::format_bytes};
-use nebula_peer::{Config, Credentials, MirrorConfig, Node, Progress, UrlFetch, connect_local};
+use nebula_common::{BlobId, rate::format_bytes};
+use nebula_peer::{Config, Credentials, MirrorConfig, Node, UrlFetch, Wanted, connect_local};
 use nebula_proto::v1 as pb;
 use tonic::Code;
 
@@ -495,35 +495,28 @@ fn resolve_output(o: Option<&Path>) -> anyhow::Result<Output> {
     Ok(Output::File(Destination::plan(&abs)?))
 }
 
-/// What `nebula fetch` was asked for.
-enum Wanted {
-    Blob(BlobRef),
-    Url(Box<UrlFetch>),
-}
-
-impl Wanted {
-    fn parse(args: &FetchArgs) -> anyhow::Result<Self> {
-        let id = args.id.trim();
-        if id.starts_with("http://") || id.starts_with("https://") {
-            let req = UrlFetch::parse(id, &args.headers, args.digest.as_deref().unwrap_or(""))
-                .map_err(|e| bad_input(e.to_string()))?;
-            return Ok(Self::Url(Box::new(req)));
-        }
-        if args.digest.is_some() || !args.headers.is_empty() {
-            return Err(bad_input(
-                "--digest and --header go with a URL, not a blob id",
-            ));
-        }
-        let blob = id
-            .parse()
-            .map_err(|e: nebula_common::ParseIdError| bad_input(e.to_string()))?;
-        Ok(Self::Blob(blob))
+/// What `nebula fetch` was asked for; bad input exits 2.
+fn parse_wanted(args: &FetchArgs) -> anyhow::Result<Wanted> {
+    let id = args.id.trim();
+    if id.starts_with("http://") || id.starts_with("https://") {
+        let req = UrlFetch::parse(id, &args.headers, args.digest.as_deref().unwrap_or(""))
+            .map_err(|e| bad_input(e.to_string()))?;
+        return Ok(Wanted::Url(Box::new(req)));
     }
+    if args.digest.is_some() || !args.headers.is_empty() {
+        return Err(bad_input(
+            "--digest and --header go with a URL, not a blob id",
+        ));
+    }
+    let blob = id
+        .parse()
+        .map_err(|e: nebula_common::ParseIdError| bad_input(e.to_string()))?;
+    Ok(Wanted::Blob(blob))
 }
 
 pub(crate) async fn run_fetch(args: FetchArgs) -> anyhow::Result<()> {
     // Refuse a malformed id or URL before any network call.
-    let wanted = Wanted::parse(&args)?;
+    let wanted = parse_wanted(&args)?;
     let output = resolve_output(args.output.as_deref())?;
     let progress_mode = match args.progress {
         ProgressMode::Auto if !args.json && std::io::stderr().is_terminal() => ProgressMode::Bar,
@@ -755,21 +748,17 @@ async fn fetch_one_shot(
     config.validate().map_err(|e| bad_input(e.to_string()))?;
     let listener = bind(&args.listen, "--listen").await?;
     let node = Node::start(listener, config).await?;
-    let (tx, mut rx) = tokio::sync::watch::channel(Progress::default());
+    let fetch = node.fetcher().start(wanted.clone(), Some(args.timeout));
+    let mut progress = fetch.progress();
     let bar = Bar::new(progress_mode);
     let fetched = {
-        let fetch = async {
-            match wanted {
-                Wanted::Blob(blob) => node.fetch(*blob, tx, Some(args.timeout)).await,
-                Wanted::Url(req) => node.fetch_url((**req).clone(), tx).await,
-            }
-        };
-        tokio::pin!(fetch);
+        let result = fetch.result();
+        tokio::pin!(result);
         loop {
             tokio::select! {
-                r = &mut fetch => break r,
-                _ = rx.changed() => {
-                    let p = rx.borrow_and_update().clone();
+                r = &mut result => break r,
+                Ok(()) = progress.changed() => {
+                    let p = progress.borrow_and_update().clone();
                     bar.update(p.total, p.bytes_done, p.providers);
                 }
             }

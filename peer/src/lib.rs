@@ -43,7 +43,9 @@ mod server;
 mod tasks;
 
 pub use config::{Config, ConfigError, DialConfig, DiscoveryConfig};
-pub use fetch::{FetchError, FetchOutcome, Progress, SourceBytes};
+pub use fetch::{
+    FetchError, FetchHandle, FetchOutcome, Fetcher, Progress, Shortfall, SourceBytes, Wanted,
+};
 pub use local::connect_local;
 pub use mirror::{Credentials, MirrorConfig};
 pub use node::{Failure, Node, NodeError, Part, StartError};

@@ -19,7 +19,9 @@ use nebula_proto::v1::{
 use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status, transport::Channel};
 
-use crate::{FetchError, Progress, SourceBytes, UrlFetch, node::Shared, server::MAX_PIECE};
+use crate::{
+    FetchError, Fetcher, Progress, SourceBytes, UrlFetch, Wanted, node::Shared, server::MAX_PIECE,
+};
 
 /// The service behind the daemon's socket.
 #[derive(Debug, Clone)]
@@ -29,26 +31,6 @@ pub(crate) struct LocalService {
     /// asking for the same blob joins the running fetch instead of starting
     /// a second download of it.
     running: Arc<Mutex<HashMap<String, Running>>>,
-}
-
-/// What a client asked to fetch.
-enum Wanted {
-    Blob(BlobRef),
-    Url(Box<UrlFetch>),
-}
-
-impl Wanted {
-    /// Fetches of the same key are one fetch.
-    fn key(&self) -> String {
-        match self {
-            Self::Blob(b) => b.to_string(),
-            Self::Url(u) => format!(
-                "{} {}",
-                u.key(),
-                u.digest.map(|d| d.to_string()).unwrap_or_default()
-            ),
-        }
-    }
 }
 
 /// A fetch under way that clients can join.
@@ -80,24 +62,14 @@ impl LocalService {
         let (result_tx, result) = watch::channel(None);
         let joined = Running { progress, result };
         running.insert(key.clone(), joined.clone());
-        let shared = Arc::clone(&self.shared);
+        let fetcher = Fetcher::new(Arc::clone(&self.shared));
         let table = Arc::clone(&self.running);
         self.shared.tasks.spawn(async move {
-            let outcome = match what {
-                Wanted::Blob(blob) => {
-                    crate::fetch::fetch(Arc::clone(&shared), blob, progress_tx, timeout).await
-                }
-                Wanted::Url(req) => {
-                    crate::origin::fetch_url(Arc::clone(&shared), *req, progress_tx).await
-                }
-            };
-            let result = match outcome {
-                Ok(outcome) => {
-                    crate::node::completed(&shared, &outcome.blob);
-                    Ok(())
-                }
-                Err(e) => Err(fetch_status(e)),
-            };
+            let result = fetcher
+                .run(what, progress_tx, Some(timeout))
+                .await
+                .map(drop)
+                .map_err(fetch_status);
             // Out of the table first: a later asker starts afresh.
             table.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
             let _ = result_tx.send(Some(result));
@@ -135,7 +107,9 @@ fn fetch_status(e: FetchError) -> Status {
         FetchError::NoProviders { .. } | FetchError::NoControlPlane(_) => {
             Status::not_found(e.to_string())
         }
-        FetchError::Control(_) => Status::unavailable(e.to_string()),
+        FetchError::Control(_) | FetchError::ControlTimedOut | FetchError::MalformedId { .. } => {
+            Status::unavailable(e.to_string())
+        }
         FetchError::BadOutboard(_)
         | FetchError::WrongBlob { .. }
         | FetchError::DigestMismatch { .. } => Status::data_loss(e.to_string()),
@@ -224,7 +198,7 @@ impl LocalApi for LocalService {
                 }
                 e => store_status(e),
             })?;
-        crate::node::completed(&self.shared, &blob);
+        crate::fetch::completed(&self.shared, &blob);
         let g = blob.geometry();
         Ok(Response::new(pb::AddResponse {
             id: blob.id().to_string(),

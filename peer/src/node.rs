@@ -7,7 +7,6 @@ use std::{
         Arc,
         atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     },
-    time::Duration,
 };
 
 use futures::FutureExt as _;
@@ -23,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{service::interceptor::InterceptedService, transport::Server};
 
 use crate::{
-    Config, ConfigError,
+    Config, ConfigError, Fetcher,
     connection::{
         CONNECTION_WINDOW, ConnectError, Connection, MAX_FRAME, MAX_MESSAGE, Pool, STREAM_WINDOW,
     },
@@ -457,30 +456,9 @@ impl Node {
         self.shared.registered.load(Ordering::Acquire)
     }
 
-    /// Fetches a blob into the store (see [`crate::fetch`]).
-    pub async fn fetch(
-        &self,
-        blob: nebula_common::BlobRef,
-        progress: tokio::sync::watch::Sender<crate::Progress>,
-        no_provider_timeout: Option<Duration>,
-    ) -> Result<crate::FetchOutcome, crate::FetchError> {
-        let timeout = no_provider_timeout.unwrap_or(self.shared.config.no_provider_timeout);
-        let outcome =
-            crate::fetch::fetch(Arc::clone(&self.shared), blob, progress, timeout).await?;
-        completed(&self.shared, &outcome.blob);
-        Ok(outcome)
-    }
-
-    /// Fetches a URL into the store, through the swarm when the fleet has it
-    /// (see [`crate::origin`]).
-    pub async fn fetch_url(
-        &self,
-        request: crate::UrlFetch,
-        progress: tokio::sync::watch::Sender<crate::Progress>,
-    ) -> Result<crate::FetchOutcome, crate::FetchError> {
-        let outcome = crate::origin::fetch_url(Arc::clone(&self.shared), request, progress).await?;
-        completed(&self.shared, &outcome.blob);
-        Ok(outcome)
+    /// The node's downloader: the one way to fetch a blob or a URL.
+    pub fn fetcher(&self) -> Fetcher {
+        Fetcher::new(Arc::clone(&self.shared))
     }
 
     /// A future that resolves when the node starts shutting down, told to
@@ -534,27 +512,6 @@ impl Node {
             None => Ok(()),
         }
     }
-}
-
-/// After a blob completes: compute its SHA-256 (for the `sha256:` alias) in
-/// the background, then tell membership.
-pub(crate) fn completed(shared: &Arc<Shared>, blob: &Arc<nebula_common::Blob>) {
-    shared.inventory_changed.notify_one();
-    if blob.sha256().is_some() {
-        return;
-    }
-    let blob = Arc::clone(blob);
-    let task = Arc::clone(shared);
-    shared.tasks.spawn(async move {
-        let shared = task;
-        match tokio::task::spawn_blocking(move || blob.compute_sha256()).await {
-            Ok(Ok(_)) => shared.inventory_changed.notify_one(),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "cannot compute the SHA-256 of a fetched blob")
-            }
-            Err(_) => {}
-        }
-    });
 }
 
 #[cfg(test)]

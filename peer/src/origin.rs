@@ -256,7 +256,11 @@ async fn by_url(
                 Err(e @ FetchError::DigestMismatch { .. }) => {
                     tracing::warn!(error = %e, "the fleet's blob for the digest is another; asking the origin");
                 }
-                Err(e @ FetchError::Control(_)) => {
+                Err(
+                    e @ (FetchError::Control(_)
+                    | FetchError::ControlTimedOut
+                    | FetchError::MalformedId { .. }),
+                ) => {
                     tracing::debug!(error = %e, "digest not found through the control plane")
                 }
                 Err(e) => return Err(e),
@@ -285,7 +289,7 @@ async fn by_url(
         {
             Ok(Ok(r)) => r.into_inner(),
             Ok(Err(status)) if status.code() == tonic::Code::InvalidArgument => {
-                return Err(FetchError::Control(status.message().to_owned()));
+                return Err(FetchError::Control(status));
             }
             failed => {
                 let why = match failed {
@@ -302,10 +306,8 @@ async fn by_url(
         };
         let recorded = match answer.blob.as_str() {
             "" => None,
-            hex => Some(hex.parse::<BlobId>().map_err(|_| {
-                FetchError::Control(format!(
-                    "the control plane recorded a malformed blob id for {shown}"
-                ))
+            hex => Some(hex.parse::<BlobId>().map_err(|_| FetchError::MalformedId {
+                answered: hex.to_owned(),
             })?),
         };
         if answer.fresh
@@ -959,10 +961,12 @@ async fn from_origin(
 
 /// Checks a blob against the `--digest` the user gave, if any.
 async fn check_digest(req: &UrlFetch, blob: &Arc<Blob>) -> Result<(), FetchError> {
-    let ok = match req.digest {
-        None => true,
-        Some(BlobRef::Blake3(id)) => blob.id() == id,
-        Some(BlobRef::Sha256(want)) => {
+    let Some(expected) = req.digest else {
+        return Ok(());
+    };
+    let ok = match expected {
+        BlobRef::Blake3(id) => blob.id() == id,
+        BlobRef::Sha256(want) => {
             let blob = Arc::clone(blob);
             let got = match blob.sha256() {
                 Some(d) => d,
@@ -978,7 +982,7 @@ async fn check_digest(req: &UrlFetch, blob: &Arc<Blob>) -> Result<(), FetchError
     }
     Err(FetchError::ContentMismatch {
         url: http::redacted(&req.url),
-        expected: req.digest.map(|d| d.to_string()).unwrap_or_default(),
+        expected,
         got: blob.id(),
     })
 }

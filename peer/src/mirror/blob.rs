@@ -27,7 +27,7 @@ use url::Url;
 use super::{
     DIGEST_HEADER, Mirror, MirrorResult, ask_upstream, bad_gateway, error, lock, upstream_failure,
 };
-use crate::{FetchError, Progress, UrlFetch, origin::OriginError};
+use crate::{FetchError, Fetcher, Progress, UrlFetch, Wanted, origin::OriginError};
 
 /// How often a stream waiting for its next chunk looks again (besides
 /// being woken by progress).
@@ -210,10 +210,11 @@ fn start(m: &Arc<Mirror>, digest: Sha256Digest, req: UrlFetch) -> Arc<Inflight> 
     let m = Arc::clone(m);
     tasks.spawn(async move {
         let shared = Arc::clone(&m.shared);
-        let outcome = crate::origin::fetch_url(Arc::clone(&shared), req, progress_tx).await;
+        let outcome = Fetcher::new(Arc::clone(&shared))
+            .run(Wanted::Url(Box::new(req)), progress_tx, None)
+            .await;
         let result = match outcome {
             Ok(o) => {
-                crate::node::completed(&shared, &o.blob);
                 let peers: u64 = o.sources.iter().map(|s| s.bytes).sum();
                 shared.metrics.mirror_fetched(peers, o.origin_bytes);
                 Ok(o.blob)
