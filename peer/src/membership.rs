@@ -261,3 +261,6 @@ fn refused(status: &tonic::Status) {
         "the control plane refused this peer's inventory; its blobs are not all discoverable"
     );
 }
+
+#[cfg(test)]
+mod tests;

@@ -173,6 +173,79 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    fn new(
+        config: Config,
+        store: Store,
+        address: String,
+        control: Option<ControlClient>,
+        identity: Arc<Identity>,
+        origin: OriginClient,
+    ) -> Self {
+        let tasks = Tasks::new();
+        Self {
+            origin,
+            sessions: dashmap::DashMap::new(),
+            peer_id: store.peer_id().to_owned(),
+            store: Arc::new(store),
+            address,
+            control,
+            identity,
+            upload_limiter: RateLimiter::optional(config.upload_limit),
+            download_limiter: RateLimiter::optional(config.download_limit),
+            active_uploads: AtomicU32::new(0),
+            // Validated: at least 1 MiB; capped at what a semaphore can count.
+            download_buffer: Arc::new(Semaphore::new(
+                usize::try_from(config.download_buffer)
+                    .unwrap_or(usize::MAX)
+                    .min(Semaphore::MAX_PERMITS),
+            )),
+            uploaded_bytes: AtomicU64::new(0),
+            downloaded_bytes: AtomicU64::new(0),
+            chunk_events: broadcast::channel(1024).0,
+            inventory_changed: Notify::new(),
+            registered: AtomicBool::new(false),
+            registration_error: std::sync::Mutex::new(String::new()),
+            recent_sends: dashmap::DashMap::new(),
+            next_stream: AtomicU64::new(1),
+            pool: Pool::new(tasks.clone()),
+            metrics: Arc::new(Metrics::default()),
+            started: Instant::now(),
+            shutdown: CancellationToken::new(),
+            tasks,
+            config,
+        }
+    }
+
+    /// A node's shared state without its servers, on the store
+    /// `config` names, trusting credentials signed by `fleet` when given,
+    /// with a control-plane client when `config` names one (for tests of
+    /// one part).
+    #[cfg(test)]
+    pub(crate) fn for_tests(
+        config: Config,
+        fleet: Option<&nebula_common::credential::PublicKey>,
+    ) -> Arc<Self> {
+        let store = Store::open(&config.store).expect("a store in a fresh directory opens");
+        let identity = Arc::new(Identity::new(None));
+        if let Some(fleet) = fleet {
+            identity.update("", &[bytes::Bytes::copy_from_slice(fleet.as_bytes())]);
+        }
+        let control = config.control.as_ref().map(|urls| {
+            ControlClient::new(
+                urls,
+                None,
+                Arc::clone(&identity),
+                config.control_timeout,
+                None,
+            )
+            .expect("a valid control plane URL")
+        });
+        // Built without extra CAs: cannot fail.
+        let origin = OriginClient::new(1, config.origin_timeout, None).expect("a plain client");
+        let address = "127.0.0.1:1".to_owned();
+        Arc::new(Self::new(config, store, address, control, identity, origin))
+    }
+
     /// The exchange stream to a peer, dialed if needed.
     pub(crate) async fn connect(&self, addr: &str) -> Result<Arc<Connection>, ConnectError> {
         let hello = pb::Hello {
@@ -251,40 +324,14 @@ impl Node {
             config.origin_timeout,
             config.origin_ca.as_deref(),
         )?;
-        let stop = CancellationToken::new();
-        let tasks = Tasks::new();
-        let shared = Arc::new(Shared {
-            origin,
-            sessions: dashmap::DashMap::new(),
-            peer_id: store.peer_id().to_owned(),
-            store: Arc::new(store),
-            address: advertised.to_string(),
+        let shared = Arc::new(Shared::new(
+            config,
+            store,
+            advertised.to_string(),
             control,
             identity,
-            upload_limiter: RateLimiter::optional(config.upload_limit),
-            download_limiter: RateLimiter::optional(config.download_limit),
-            active_uploads: AtomicU32::new(0),
-            // Validated: at least 1 MiB; capped at what a semaphore can count.
-            download_buffer: Arc::new(Semaphore::new(
-                usize::try_from(config.download_buffer)
-                    .unwrap_or(usize::MAX)
-                    .min(Semaphore::MAX_PERMITS),
-            )),
-            uploaded_bytes: AtomicU64::new(0),
-            downloaded_bytes: AtomicU64::new(0),
-            chunk_events: broadcast::channel(1024).0,
-            inventory_changed: Notify::new(),
-            registered: AtomicBool::new(false),
-            registration_error: std::sync::Mutex::new(String::new()),
-            recent_sends: dashmap::DashMap::new(),
-            next_stream: AtomicU64::new(1),
-            pool: Pool::new(tasks.clone()),
-            metrics: Arc::new(Metrics::default()),
-            started: Instant::now(),
-            shutdown: stop,
-            tasks,
-            config,
-        });
+            origin,
+        ));
         let mut node = Self {
             shared,
             parts: JoinSet::new(),

@@ -24,6 +24,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
 use crate::{metrics::Refusal, node::Shared};
+use refused::Refused;
 
 /// Largest chunk payload in one message.
 pub(crate) const MAX_PIECE: usize = 1 << 20;
@@ -50,8 +51,9 @@ enum Work {
     /// A chunk of an origin download under way.
     SessionChunk(u64, String, u32),
     Answer(ExchangeResponse),
-    /// The dialing side sent what cannot be read: end the stream with this.
-    Fail(Status),
+    /// The dialing side sent what cannot be read or is not allowed: end the
+    /// stream with this.
+    Fail(Refused),
 }
 
 /// Gives an upload slot back, to the node and to its stream, when the chunk
@@ -134,7 +136,7 @@ impl PeerExchange for ExchangeService {
             .extensions()
             .get::<Claims>()
             .map(|c| c.sub.clone())
-            .ok_or_else(|| Status::unauthenticated("no peer credential"))?;
+            .ok_or(Refused::NoCredential)?;
         let span = tracing::info_span!("exchange", peer = %caller, ?remote);
         let inbound = request.into_inner();
         // One piece of slack, beside the piece being encoded and about one
@@ -176,22 +178,6 @@ impl PeerExchange for ExchangeService {
     }
 }
 
-/// The status that ends a stream whose input could not be read: a message
-/// over the size limit is `RESOURCE_EXHAUSTED`, one that does not decode
-/// `INVALID_ARGUMENT`; a reset or cancel by the peer gets no answer.
-fn refusal(status: &Status) -> Option<Status> {
-    match status.code() {
-        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => {
-            Some(Status::resource_exhausted(status.message().to_owned()))
-        }
-        tonic::Code::Internal => Some(Status::invalid_argument(format!(
-            "undecodable request: {}",
-            status.message()
-        ))),
-        _ => None,
-    }
-}
-
 async fn read_requests(
     shared: Arc<Shared>,
     caller: String,
@@ -220,11 +206,9 @@ async fn read_requests(
             Ok(Some(m)) => m,
             Ok(None) => return,
             Err(status) => {
-                if let Some(answer) = refusal(&status) {
-                    tracing::debug!(%status, "undecodable request; ending the stream");
-                    let _ = work.send((Work::Fail(answer), None)).await;
-                } else {
-                    tracing::debug!(%status, "exchange stream closed by the dialing peer");
+                tracing::debug!(%status, "exchange stream ended by the dialing peer");
+                if let Some(refused) = Refused::reading(status) {
+                    let _ = work.send((Work::Fail(refused), None)).await;
                 }
                 return;
             }
@@ -232,19 +216,15 @@ async fn read_requests(
         // The first message, and only the first, is a Hello naming the peer
         // the credential names.
         let refused = match &msg.kind {
-            Some(Req::Hello(_)) if greeted => Some(Status::invalid_argument("Hello sent twice")),
-            Some(Req::Hello(hello)) if hello.peer_id != caller => Some(Status::unauthenticated(
-                "Hello names another peer than the credential",
-            )),
+            Some(Req::Hello(_)) if greeted => Some(Refused::HelloTwice),
+            Some(Req::Hello(hello)) if hello.peer_id != caller => Some(Refused::HelloMismatch),
             Some(Req::Hello(_)) => None,
-            _ if !greeted => Some(Status::unauthenticated(
-                "the first message of a stream must be Hello",
-            )),
+            _ if !greeted => Some(Refused::NoHello),
             _ => None,
         };
-        if let Some(status) = refused {
-            tracing::debug!(%status, "exchange stream refused");
-            let _ = work.send((Work::Fail(status), None)).await;
+        if let Some(refused) = refused {
+            tracing::debug!(%refused, "exchange stream refused");
+            let _ = work.send((Work::Fail(refused), None)).await;
             return;
         }
         let id = msg.request_id;
@@ -361,8 +341,8 @@ async fn serve_work(
                 let Some((item, slot)) = item else { return };
                 let ok = match item {
                     Work::Answer(msg) => send(msg).await,
-                    Work::Fail(status) => {
-                        let _ = tokio::time::timeout(idle, out.send(Err(status))).await;
+                    Work::Fail(refused) => {
+                        let _ = tokio::time::timeout(idle, out.send(Err(refused.into()))).await;
                         return;
                     }
                     Work::Outboard(id, blob) => send(outboard(&shared, id, blob)).await,
@@ -613,3 +593,7 @@ where
         }
     }
 }
+
+mod refused;
+#[cfg(test)]
+mod tests;
