@@ -417,6 +417,28 @@ mod tests {
         assert_eq!(sc.window(1 << 20), 2);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn the_stall_timeout_follows_the_latency_within_bounds() {
+        let floor = Duration::from_secs(2);
+        let mut sc = Score::new(Instant::now());
+        // Nothing known: at least 5 s, or the floor if higher.
+        assert_eq!(sc.stall_timeout(floor), Duration::from_secs(5));
+        assert_eq!(
+            sc.stall_timeout(Duration::from_secs(7)),
+            Duration::from_secs(7)
+        );
+        // Eight times a 500 ms latency.
+        sc.observe(Instant::now(), Duration::from_millis(500), 1 << 20);
+        assert_eq!(sc.stall_timeout(floor), Duration::from_secs(4));
+        // A fast provider is still given the floor.
+        tokio::time::advance(Duration::from_secs(120)).await;
+        sc.observe(Instant::now(), Duration::from_millis(10), 1 << 20);
+        assert_eq!(sc.stall_timeout(floor), floor);
+        // A failure counts as a peak at once, capped at 30 s.
+        sc.penalize(Instant::now(), Duration::from_secs(10));
+        assert_eq!(sc.stall_timeout(floor), Duration::from_secs(30));
+    }
+
     #[test]
     fn the_window_is_the_bandwidth_delay_product_plus_one() {
         let t0 = Instant::now();
