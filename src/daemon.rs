@@ -9,8 +9,8 @@ use std::{
 
 use anyhow::{Context as _, anyhow};
 use clap::{ArgAction, builder::BoolishValueParser};
-use nebula_common::{BlobId, BlobRef, rate::format_bytes};
-use nebula_peer::{Config, Credentials, MirrorConfig, Node, Progress, UrlFetch, connect_local};
+use nebula_common::{BlobId, rate::format_bytes};
+use nebula_peer::{Config, Credentials, MirrorConfig, Node, UrlFetch, Wanted, connect_local};
 use nebula_proto::v1 as pb;
 use tonic::Code;
 
@@ -273,7 +273,7 @@ pub(crate) async fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
     config.idle_timeout = args.serve.idle_timeout;
     config.connections_per_address = args.serve.connections_per_address as usize;
     check_control_tls(&args.control, config.tls.as_ref())?;
-    config.validate().map_err(bad_input)?;
+    config.validate().map_err(|e| bad_input(e.to_string()))?;
     let mirror = args.mirror.config()?;
     let listener = bind(&args.listen, "--listen").await?;
     let http = args.serve.bind_http().await?;
@@ -283,8 +283,16 @@ pub(crate) async fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
     };
     // Watched before the address is printed: whoever reads it may signal at once.
     let signal = shutdown_signal()?;
-    let mut node = Node::start(config, listener).await?;
-    node.serve_local(&socket).await?;
+    // The store first: a second daemon on it is refused for holding its lock.
+    let mut node = Node::start(listener, config).await?;
+    let (local, socket_file) = match nebula_proto::unix::bind_private(&socket).await {
+        Ok(bound) => bound,
+        Err(e) => {
+            let _ = node.shutdown().await;
+            return Err(e).with_context(|| format!("binding {}", socket.display()));
+        }
+    };
+    node.serve_local(local);
     println!("listening on {}", node.local_addr());
     if let Some(http) = http {
         let addr = http.local_addr().context("--http-listen")?;
@@ -304,8 +312,9 @@ pub(crate) async fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
         () = signal => tracing::info!("shutting down"),
         _ = stopping => {}
     }
-    node.shutdown().await;
-    Ok(())
+    let stopped = node.shutdown().await;
+    socket_file.remove();
+    Ok(stopped?)
 }
 
 /// Flags of `nebula add`.
@@ -488,35 +497,28 @@ fn resolve_output(o: Option<&Path>) -> anyhow::Result<Output> {
     Ok(Output::File(Destination::plan(&abs)?))
 }
 
-/// What `nebula fetch` was asked for.
-enum Wanted {
-    Blob(BlobRef),
-    Url(Box<UrlFetch>),
-}
-
-impl Wanted {
-    fn parse(args: &FetchArgs) -> anyhow::Result<Self> {
-        let id = args.id.trim();
-        if id.starts_with("http://") || id.starts_with("https://") {
-            let req = UrlFetch::parse(id, &args.headers, args.digest.as_deref().unwrap_or(""))
-                .map_err(|e| bad_input(e.to_string()))?;
-            return Ok(Self::Url(Box::new(req)));
-        }
-        if args.digest.is_some() || !args.headers.is_empty() {
-            return Err(bad_input(
-                "--digest and --header go with a URL, not a blob id",
-            ));
-        }
-        let blob = id
-            .parse()
-            .map_err(|e: nebula_common::ParseIdError| bad_input(e.to_string()))?;
-        Ok(Self::Blob(blob))
+/// What `nebula fetch` was asked for; bad input exits 2.
+fn parse_wanted(args: &FetchArgs) -> anyhow::Result<Wanted> {
+    let id = args.id.trim();
+    if id.starts_with("http://") || id.starts_with("https://") {
+        let req = UrlFetch::parse(id, &args.headers, args.digest.as_deref().unwrap_or(""))
+            .map_err(|e| bad_input(e.to_string()))?;
+        return Ok(Wanted::Url(Box::new(req)));
     }
+    if args.digest.is_some() || !args.headers.is_empty() {
+        return Err(bad_input(
+            "--digest and --header go with a URL, not a blob id",
+        ));
+    }
+    let blob = id
+        .parse()
+        .map_err(|e: nebula_common::ParseIdError| bad_input(e.to_string()))?;
+    Ok(Wanted::Blob(blob))
 }
 
 pub(crate) async fn run_fetch(args: FetchArgs) -> anyhow::Result<()> {
     // Refuse a malformed id or URL before any network call.
-    let wanted = Wanted::parse(&args)?;
+    let wanted = parse_wanted(&args)?;
     let output = resolve_output(args.output.as_deref())?;
     let progress_mode = match args.progress {
         ProgressMode::Auto if !args.json && std::io::stderr().is_terminal() => ProgressMode::Bar,
@@ -744,24 +746,20 @@ async fn fetch_one_shot(
     if let Some(control) = &args.control {
         check_control_tls(control, config.tls.as_ref())?;
     }
-    config.validate().map_err(bad_input)?;
+    config.validate().map_err(|e| bad_input(e.to_string()))?;
     let listener = bind(&args.listen, "--listen").await?;
-    let node = Node::start(config, listener).await?;
-    let (tx, mut rx) = tokio::sync::watch::channel(Progress::default());
+    let node = Node::start(listener, config).await?;
+    let fetch = node.fetcher().start(wanted.clone(), Some(args.timeout));
+    let mut progress = fetch.progress();
     let bar = Bar::new(progress_mode);
     let fetched = {
-        let fetch = async {
-            match wanted {
-                Wanted::Blob(blob) => node.fetch(*blob, tx, Some(args.timeout)).await,
-                Wanted::Url(req) => node.fetch_url((**req).clone(), tx).await,
-            }
-        };
-        tokio::pin!(fetch);
+        let result = fetch.result();
+        tokio::pin!(result);
         loop {
             tokio::select! {
-                r = &mut fetch => break r,
-                _ = rx.changed() => {
-                    let p = rx.borrow_and_update().clone();
+                r = &mut result => break r,
+                Ok(()) = progress.changed() => {
+                    let p = progress.borrow_and_update().clone();
                     bar.update(p.total, p.bytes_done, p.providers);
                 }
             }
@@ -815,8 +813,10 @@ async fn fetch_one_shot(
         }
         Err(e) => Err(anyhow::Error::from(e)),
     };
-    node.shutdown().await;
-    result
+    let stopped = node.shutdown().await;
+    let fetched = result?;
+    stopped?;
+    Ok(fetched)
 }
 
 /// Flags of `nebula ls`.

@@ -2,7 +2,106 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use nebula_proto::tls::{self, TlsConfig};
+use nebula_proto::tls::{self, EndpointError, TlsConfig};
+
+/// Why a [`Config`] was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A count or size is below its minimum.
+    #[error("{field} must be at least {min}")]
+    TooSmall {
+        /// The setting, as a flag would name it.
+        field: &'static str,
+        /// Its least value.
+        min: u64,
+    },
+    /// A duration is zero.
+    #[error("{field} must be above zero")]
+    Zero {
+        /// The setting, as a flag would name it.
+        field: &'static str,
+    },
+    /// A control plane was asked for with an empty URL list.
+    #[error("no control plane URL given")]
+    NoControlUrl,
+    /// A control plane URL is neither `http://` nor `https://`.
+    #[error("control plane URL {url:?} must start with http:// or https://")]
+    ControlScheme {
+        /// The URL.
+        url: String,
+    },
+    /// A control plane URL does not fit the TLS settings.
+    #[error("control plane URL {url:?}")]
+    ControlTls {
+        /// The URL.
+        url: String,
+        /// What does not fit.
+        #[source]
+        source: EndpointError,
+    },
+    /// TLS is on, but this peer has no certificate to show.
+    #[error("TLS needs this peer's certificate and private key")]
+    TlsIdentity,
+}
+
+/// How other peers are dialed.
+#[derive(Debug, Clone)]
+pub struct DialConfig {
+    /// Dialing a peer fails after this long.
+    pub connect_timeout: Duration,
+    /// HTTP/2 pings on a dialed stream this often: a provider that goes
+    /// silent (stopped, its host gone) stops answering them.
+    pub keepalive_interval: Duration,
+    /// A ping unanswered this long closes the stream, and its requests move
+    /// to other providers at once.
+    pub keepalive_timeout: Duration,
+    /// Streams the remote may reset for errors before the connection is closed.
+    pub max_local_resets: usize,
+}
+
+impl Default for DialConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(3),
+            keepalive_interval: Duration::from_secs(2),
+            keepalive_timeout: Duration::from_secs(5),
+            max_local_resets: 1024,
+        }
+    }
+}
+
+/// How a download finds providers and treats those that fail.
+#[derive(Debug, Clone)]
+pub struct DiscoveryConfig {
+    /// Providers asked of the control plane at once.
+    pub limit: u32,
+    /// The first pause of a provider that failed; doubled per failure in a row.
+    pub backoff: Duration,
+    /// The longest pause of a provider that keeps failing.
+    pub max_backoff: Duration,
+    /// Failures in a row (errors, busy answers past patience) before a
+    /// provider's worker gives up.
+    pub max_failures: u32,
+    /// The least time with no data before a provider counts as stalled (its
+    /// usual latency may raise it).
+    pub stall_floor: Duration,
+    /// How long a provider has to answer for a blob's outboard.
+    pub outboard_timeout: Duration,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        Self {
+            limit: 50,
+            backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(30),
+            max_failures: 3,
+            stall_floor: Duration::from_secs(2),
+            outboard_timeout: Duration::from_secs(10),
+        }
+    }
+}
 
 /// Everything a [`Node`](crate::Node) needs besides its listener.
 #[derive(Debug, Clone)]
@@ -75,6 +174,34 @@ pub struct Config {
     /// `https://`. `None`: plaintext everywhere (the local API, a private
     /// Unix socket, is plaintext either way).
     pub tls: Option<TlsConfig>,
+    /// HTTP/2 streams one connection to the peer server may open at once.
+    pub max_concurrent_streams: u32,
+    /// Streams the peer server may reset for errors before it closes the
+    /// connection.
+    pub max_local_resets: usize,
+    /// HTTP/2 pings from the peer server this often.
+    pub server_keepalive_interval: Duration,
+    /// A ping unanswered this long closes the connection to the peer server.
+    pub server_keepalive_timeout: Duration,
+    /// TCP keepalive interval of sockets the peer server accepts.
+    pub tcp_keepalive: Duration,
+    /// How long a busy answer asks the requester to stay away.
+    pub busy_retry: Duration,
+    /// Blobs one serving stream sends have-updates for, at most.
+    pub max_watched: usize,
+    /// How often pending have-updates are flushed to a serving stream.
+    pub have_flush: Duration,
+    /// How other peers are dialed.
+    pub dial: DialConfig,
+    /// How downloads find providers and treat those that fail.
+    pub discovery: DiscoveryConfig,
+    /// The first pause after a failed registration; doubled per failure.
+    pub register_backoff: Duration,
+    /// The longest pause between registration attempts.
+    pub max_register_backoff: Duration,
+    /// At shutdown, how long streams and tasks have to finish before they
+    /// are dropped.
+    pub shutdown_grace: Duration,
 }
 
 impl Config {
@@ -106,55 +233,169 @@ impl Config {
             idle_timeout: Duration::from_secs(120),
             connections_per_address: 256,
             tls: None,
+            max_concurrent_streams: 256,
+            max_local_resets: 1024,
+            server_keepalive_interval: Duration::from_secs(20),
+            server_keepalive_timeout: Duration::from_secs(10),
+            tcp_keepalive: Duration::from_secs(30),
+            busy_retry: Duration::from_millis(100),
+            max_watched: 1024,
+            have_flush: Duration::from_millis(100),
+            dial: DialConfig::default(),
+            discovery: DiscoveryConfig::default(),
+            register_backoff: Duration::from_millis(200),
+            max_register_backoff: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(5),
         }
     }
 
     /// Checks the values make sense together.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.upload_slots == 0 {
-            return Err("upload slots must be at least 1".into());
-        }
-        if self.stream_upload_slots == 0
-            || self.max_chunks_per_request == 0
-            || self.stream_queue == 0
-        {
-            return Err(
-                "stream upload slots, chunks per request and stream queue must be at least 1"
-                    .into(),
-            );
-        }
-        if self.download_buffer < 1 << 20 {
-            return Err("the download buffer must hold at least one chunk (1 MiB)".into());
-        }
-        if self.origin_connections == 0 || self.origin_timeout.is_zero() {
-            return Err("origin connections and the origin timeout must be above zero".into());
-        }
-        if self.handshake_timeout.is_zero() || self.idle_timeout.is_zero() {
-            return Err("the handshake and idle timeouts must be above zero".into());
-        }
-        if self.connections_per_address == 0 {
-            return Err("connections per address must be above zero".into());
-        }
-        if self.max_providers == 0 {
-            return Err("max providers must be at least 1".into());
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let at_least = |field: &'static str, value: u64, min: u64| {
+            if value < min {
+                Err(ConfigError::TooSmall { field, min })
+            } else {
+                Ok(())
+            }
+        };
+        at_least("upload slots", self.upload_slots.into(), 1)?;
+        at_least("stream upload slots", self.stream_upload_slots.into(), 1)?;
+        at_least("chunks per request", self.max_chunks_per_request as u64, 1)?;
+        at_least("stream queue", self.stream_queue as u64, 1)?;
+        at_least("download buffer", self.download_buffer, 1 << 20)?;
+        at_least("origin connections", self.origin_connections as u64, 1)?;
+        at_least("max providers", self.max_providers as u64, 1)?;
+        at_least(
+            "connections per address",
+            self.connections_per_address as u64,
+            1,
+        )?;
+        at_least(
+            "max concurrent streams",
+            self.max_concurrent_streams.into(),
+            1,
+        )?;
+        at_least("discovery limit", self.discovery.limit.into(), 1)?;
+        at_least("max failures", self.discovery.max_failures.into(), 1)?;
+        let durations = [
+            ("origin timeout", self.origin_timeout),
+            ("handshake timeout", self.handshake_timeout),
+            ("idle timeout", self.idle_timeout),
+            ("idle stream timeout", self.idle_stream_timeout),
+            ("control timeout", self.control_timeout),
+            ("server keepalive interval", self.server_keepalive_interval),
+            ("server keepalive timeout", self.server_keepalive_timeout),
+            ("TCP keepalive", self.tcp_keepalive),
+            ("have flush", self.have_flush),
+            ("connect timeout", self.dial.connect_timeout),
+            ("dial keepalive interval", self.dial.keepalive_interval),
+            ("dial keepalive timeout", self.dial.keepalive_timeout),
+            ("provider back-off", self.discovery.backoff),
+            ("outboard timeout", self.discovery.outboard_timeout),
+            ("registration back-off", self.register_backoff),
+        ];
+        if let Some((field, _)) = durations.into_iter().find(|(_, d)| d.is_zero()) {
+            return Err(ConfigError::Zero { field });
         }
         if let Some(urls) = &self.control {
             if crate::replicas::split_urls(urls).next().is_none() {
-                return Err("no control plane URL given".into());
+                return Err(ConfigError::NoControlUrl);
             }
-            if let Some(url) = crate::replicas::split_urls(urls)
-                .find(|u| !(u.starts_with("http://") || u.starts_with("https://")))
-            {
-                return Err(format!("control plane URL {url:?} must start with http://"));
-            }
-            // Refused here, before any call: the scheme must match the TLS settings.
             for url in crate::replicas::split_urls(urls) {
-                tls::endpoint(url, self.tls.as_ref()).map_err(|e| e.to_string())?;
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(ConfigError::ControlScheme { url: url.into() });
+                }
+                // Refused here, before any call: the scheme must match the TLS settings.
+                tls::endpoint(url, self.tls.as_ref()).map_err(|source| {
+                    ConfigError::ControlTls {
+                        url: url.into(),
+                        source,
+                    }
+                })?;
             }
         }
         if self.tls.as_ref().is_some_and(|t| !t.has_identity()) {
-            return Err("TLS needs this peer's certificate and private key".into());
+            return Err(ConfigError::TlsIdentity);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        Config::new("/tmp/store", None)
+    }
+
+    #[test]
+    fn the_defaults_are_valid() {
+        config().validate().unwrap();
+        Config::new("/tmp/store", Some("http://127.0.0.1:7700".into()))
+            .validate()
+            .unwrap();
+    }
+
+    #[test]
+    fn counts_below_their_minimum_are_refused() {
+        let mut c = config();
+        c.upload_slots = 0;
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::TooSmall {
+                field: "upload slots",
+                min: 1
+            })
+        ));
+        let mut c = config();
+        c.download_buffer = 1 << 19;
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::TooSmall {
+                field: "download buffer",
+                ..
+            })
+        ));
+        let mut c = config();
+        c.discovery.limit = 0;
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::TooSmall {
+                field: "discovery limit",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn zero_durations_are_refused() {
+        let mut c = config();
+        c.dial.keepalive_timeout = Duration::ZERO;
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Zero {
+                field: "dial keepalive timeout"
+            })
+        ));
+        let mut c = config();
+        c.handshake_timeout = Duration::ZERO;
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Zero {
+                field: "handshake timeout"
+            })
+        ));
+    }
+
+    #[test]
+    fn control_urls_are_checked() {
+        let c = Config::new("/tmp/store", Some(" , ".into()));
+        assert!(matches!(c.validate(), Err(ConfigError::NoControlUrl)));
+        let c = Config::new("/tmp/store", Some("http://a:1,ftp://b:2".into()));
+        match c.validate() {
+            Err(ConfigError::ControlScheme { url }) => assert_eq!(url, "ftp://b:2"),
+            other => panic!("unexpected {other:?}"),
+        }
     }
 }

@@ -7,7 +7,6 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::Duration,
 };
 
 use dashmap::DashMap;
@@ -20,6 +19,8 @@ use nebula_proto::v1::{
 use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::{Ascii, MetadataValue};
+
+use crate::{config::DialConfig, tasks::Tasks};
 
 /// Largest gRPC message accepted: a 1 MiB piece plus framing, with room.
 pub(crate) const MAX_MESSAGE: usize = 4 << 20;
@@ -52,13 +53,28 @@ pub(crate) enum ConnectError {
         /// The cause.
         source: EndpointError,
     },
-    /// Dialing or opening the stream failed.
-    #[error("cannot reach peer {addr}: {status}")]
+    /// Dialing failed.
+    #[error("cannot reach peer {addr}")]
     Unreachable {
         /// The address.
         addr: String,
         /// The cause.
-        status: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The peer refused the stream.
+    #[error("peer {addr} refused the exchange stream: {}", status.message())]
+    Refused {
+        /// The address.
+        addr: String,
+        /// Its answer.
+        status: tonic::Status,
+    },
+    /// The stream did not open within the connect timeout.
+    #[error("peer {addr} did not open the exchange stream in time")]
+    TimedOut {
+        /// The address.
+        addr: String,
     },
 }
 
@@ -81,53 +97,57 @@ impl Connection {
         addr: &str,
         hello: pb::Hello,
         credential: Option<MetadataValue<Ascii>>,
-        connect_timeout: Duration,
+        dial: &DialConfig,
         tls: Option<&TlsConfig>,
+        tasks: &Tasks,
     ) -> Result<Arc<Self>, ConnectError> {
         let endpoint = tls::endpoint(&format!("{}://{addr}", tls::scheme(tls)), tls)
             .map_err(|source| ConnectError::Address {
                 addr: addr.into(),
                 source,
             })?
-            .connect_timeout(connect_timeout)
+            .connect_timeout(dial.connect_timeout)
             .tcp_nodelay(true)
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
             // A provider that goes silent (stopped, its host gone) stops
-            // answering pings: the stream closes within about 7 s and its
-            // requests move at once, whatever its usual latency.
-            .http2_keep_alive_interval(Duration::from_secs(2))
-            .keep_alive_timeout(Duration::from_secs(5))
+            // answering pings: the stream closes within interval + timeout
+            // and its requests move at once, whatever its usual latency.
+            .http2_keep_alive_interval(dial.keepalive_interval)
+            .keep_alive_timeout(dial.keepalive_timeout)
             .keep_alive_while_idle(true)
-            .http2_max_local_error_reset_streams(1024);
-        let unreachable = |status: String| ConnectError::Unreachable {
-            addr: addr.into(),
-            status,
-        };
+            .http2_max_local_error_reset_streams(dial.max_local_resets);
         let channel = endpoint
             .connect()
             .await
-            .map_err(|e| unreachable(e.to_string()))?;
+            .map_err(|source| ConnectError::Unreachable {
+                addr: addr.into(),
+                source,
+            })?;
         let mut client = PeerExchangeClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
         // Requests are small; the bound only paces a flood of cancels.
         let (tx, rx) = mpsc::channel(1024);
-        tx.send(ExchangeRequest {
-            request_id: 0,
-            kind: Some(Req::Hello(hello)),
-        })
-        .await
-        .map_err(|_| unreachable("stream closed".into()))?;
+        // The receiver is held just below: this cannot fail.
+        let _ = tx
+            .send(ExchangeRequest {
+                request_id: 0,
+                kind: Some(Req::Hello(hello)),
+            })
+            .await;
         let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
         if let Some(credential) = credential {
             request.metadata_mut().insert(METADATA_KEY, credential);
         }
-        let response = tokio::time::timeout(connect_timeout, client.exchange(request))
+        let response = tokio::time::timeout(dial.connect_timeout, client.exchange(request))
             .await
-            .map_err(|_| unreachable("timed out opening the stream".into()))?
-            .map_err(|s| unreachable(s.message().to_owned()))?;
+            .map_err(|_| ConnectError::TimedOut { addr: addr.into() })?
+            .map_err(|status| ConnectError::Refused {
+                addr: addr.into(),
+                status,
+            })?;
         let conn = Arc::new(Self {
             tx,
             routes: DashMap::new(),
@@ -137,7 +157,7 @@ impl Connection {
         });
         let reader = Arc::clone(&conn);
         let span = tracing::info_span!("exchange", peer = %addr, dialed = true);
-        tokio::spawn(tracing::Instrument::instrument(
+        tasks.spawn(tracing::Instrument::instrument(
             async move {
                 let mut inbound = response.into_inner();
                 loop {
@@ -245,19 +265,28 @@ impl Connection {
 }
 
 /// Open streams by peer address, shared across downloads.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Pool {
     conns: Mutex<HashMap<String, Arc<Connection>>>,
+    /// Where each stream's reader runs.
+    tasks: Tasks,
 }
 
 impl Pool {
+    pub(crate) fn new(tasks: Tasks) -> Self {
+        Self {
+            conns: Mutex::default(),
+            tasks,
+        }
+    }
+
     /// The open stream to `addr`, dialing it if needed.
     pub(crate) async fn get(
         &self,
         addr: &str,
         hello: pb::Hello,
         credential: Option<MetadataValue<Ascii>>,
-        connect_timeout: Duration,
+        dial: &DialConfig,
         tls: Option<&TlsConfig>,
     ) -> Result<Arc<Connection>, ConnectError> {
         if let Some(c) = self.conns.lock().await.get(addr)
@@ -266,7 +295,7 @@ impl Pool {
             return Ok(Arc::clone(c));
         }
         // Dial without the lock: a dead peer must not hold up the others.
-        let conn = Connection::open(addr, hello, credential, connect_timeout, tls).await?;
+        let conn = Connection::open(addr, hello, credential, dial, tls, &self.tasks).await?;
         let mut conns = self.conns.lock().await;
         match conns.get(addr) {
             // Another download dialed the same peer meanwhile: keep one stream.

@@ -3,6 +3,8 @@
 //!
 //! - `NEBULA_FAULT_CORRUPT=1`: flip one bit in every chunk this daemon serves
 //!   (a lying provider).
+//! - `NEBULA_FAULT_PEER_LISTENER=fail`: the peer server accepts nothing and
+//!   stops at once (a failed listener).
 
 use bytes::Bytes;
 
@@ -27,4 +29,29 @@ pub(crate) fn corrupt_served_chunk(data: Bytes) -> Bytes {
 #[inline]
 pub(crate) fn corrupt_served_chunk(data: Bytes) -> Bytes {
     data
+}
+
+/// The connections the peer server accepts: those of `incoming`, unless
+/// this daemon was built for fault tests and told its listener fails
+/// (`NEBULA_FAULT_PEER_LISTENER=fail`), in which case there are none and
+/// the server stops at once.
+#[cfg(feature = "fault-injection")]
+pub(crate) fn peer_incoming<S>(incoming: S) -> impl futures::Stream<Item = S::Item> + Send
+where
+    S: futures::Stream + Send,
+    S::Item: Send,
+{
+    use futures::future::Either;
+    if std::env::var("NEBULA_FAULT_PEER_LISTENER").is_ok_and(|v| v == "fail") {
+        Either::Left(futures::stream::empty())
+    } else {
+        Either::Right(incoming)
+    }
+}
+
+/// The connections the peer server accepts (fault injection is compiled out).
+#[cfg(not(feature = "fault-injection"))]
+#[inline]
+pub(crate) fn peer_incoming<S>(incoming: S) -> S {
+    incoming
 }

@@ -70,9 +70,10 @@ impl Fixture {
             let addr = listener.local_addr().unwrap();
             let mut config = Config::new(dir.path().join("store"), None);
             config.idle_stream_timeout = Duration::from_secs(2);
-            let mut node = Node::start(config, listener).await.unwrap();
+            let mut node = Node::start(listener, config).await.unwrap();
             node.trust(&fleet().0.public());
-            node.serve_local(&socket).await.unwrap();
+            let (local, _) = nebula_proto::unix::bind_private(&socket).await.unwrap();
+            node.serve_local(local);
             (node, addr)
         });
         let fixture = Self {
@@ -145,7 +146,7 @@ impl Fixture {
 impl Drop for Fixture {
     fn drop(&mut self) {
         if let Some(node) = self.node.take() {
-            self.rt.block_on(node.shutdown());
+            self.rt.block_on(node.shutdown()).unwrap();
         }
     }
 }

@@ -16,6 +16,7 @@
 //! - `metrics`: Prometheus metrics and the daemon's HTTP endpoint.
 //! - [`local`]: `LocalApi`, the CLI's Unix-socket API.
 //! - [`limit`]: the token bucket behind upload and download limits.
+//! - `tasks`: the node's background tasks, joined at shutdown.
 //! - `fault`: test-only fault switches (feature `fault-injection`).
 
 // The fuzz module reads as a client of the crate.
@@ -39,10 +40,13 @@ pub mod node;
 pub mod origin;
 pub mod replicas;
 mod server;
+mod tasks;
 
-pub use config::Config;
-pub use fetch::{FetchError, FetchOutcome, Progress, SourceBytes};
+pub use config::{Config, ConfigError, DialConfig, DiscoveryConfig};
+pub use fetch::{
+    FetchError, FetchHandle, FetchOutcome, Fetcher, Progress, Shortfall, SourceBytes, Wanted,
+};
 pub use local::connect_local;
 pub use mirror::{Credentials, MirrorConfig};
-pub use node::{Node, StartError};
+pub use node::{Failure, Node, NodeError, Part, StartError};
 pub use origin::{UrlFetch, UrlFetchError};

@@ -19,7 +19,9 @@ use nebula_proto::v1::{
 use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status, transport::Channel};
 
-use crate::{FetchError, Progress, SourceBytes, UrlFetch, node::Shared, server::MAX_PIECE};
+use crate::{
+    FetchError, Fetcher, Progress, SourceBytes, UrlFetch, Wanted, node::Shared, server::MAX_PIECE,
+};
 
 /// The service behind the daemon's socket.
 #[derive(Debug, Clone)]
@@ -29,26 +31,6 @@ pub(crate) struct LocalService {
     /// asking for the same blob joins the running fetch instead of starting
     /// a second download of it.
     running: Arc<Mutex<HashMap<String, Running>>>,
-}
-
-/// What a client asked to fetch.
-enum Wanted {
-    Blob(BlobRef),
-    Url(Box<UrlFetch>),
-}
-
-impl Wanted {
-    /// Fetches of the same key are one fetch.
-    fn key(&self) -> String {
-        match self {
-            Self::Blob(b) => b.to_string(),
-            Self::Url(u) => format!(
-                "{} {}",
-                u.key(),
-                u.digest.map(|d| d.to_string()).unwrap_or_default()
-            ),
-        }
-    }
 }
 
 /// A fetch under way that clients can join.
@@ -80,24 +62,14 @@ impl LocalService {
         let (result_tx, result) = watch::channel(None);
         let joined = Running { progress, result };
         running.insert(key.clone(), joined.clone());
-        let shared = Arc::clone(&self.shared);
+        let fetcher = Fetcher::new(Arc::clone(&self.shared));
         let table = Arc::clone(&self.running);
-        tokio::spawn(async move {
-            let outcome = match what {
-                Wanted::Blob(blob) => {
-                    crate::fetch::fetch(Arc::clone(&shared), blob, progress_tx, timeout).await
-                }
-                Wanted::Url(req) => {
-                    crate::origin::fetch_url(Arc::clone(&shared), *req, progress_tx).await
-                }
-            };
-            let result = match outcome {
-                Ok(outcome) => {
-                    crate::node::completed(&shared, &outcome.blob);
-                    Ok(())
-                }
-                Err(e) => Err(fetch_status(e)),
-            };
+        self.shared.tasks.spawn(async move {
+            let result = fetcher
+                .run(what, progress_tx, Some(timeout))
+                .await
+                .map(drop)
+                .map_err(|e| Status::from(LocalError::from(e)));
             // Out of the table first: a later asker starts afresh.
             table.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
             let _ = result_tx.send(Some(result));
@@ -112,7 +84,61 @@ impl LocalService {
     }
 }
 
-/// The one place store errors become statuses for the CLI.
+/// Why a call of the local API failed.
+#[derive(Debug, thiserror::Error)]
+enum LocalError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    #[error(transparent)]
+    BadId(#[from] nebula_common::ParseIdError),
+    #[error(transparent)]
+    BadUrl(#[from] crate::UrlFetchError),
+    #[error("the path to add must be absolute")]
+    AddPathRelative,
+    #[error("the output path must be absolute")]
+    OutputPathRelative,
+    #[error("cannot add {}: not a regular file", .0.display())]
+    NotAFile(PathBuf),
+    #[error("cannot read {}: {source}", path.display())]
+    Unreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file to add went away before it was read.
+    #[error(transparent)]
+    AddGone(StoreError),
+    #[error("blob {0} is not in the store")]
+    Absent(BlobRef),
+    #[error("blob {0} is incomplete")]
+    Incomplete(BlobId),
+    /// A blocking task of the call panicked.
+    #[error("{0} task failed")]
+    Task(&'static str),
+}
+
+/// The one place the local API's errors become statuses for the CLI.
+impl From<LocalError> for Status {
+    fn from(e: LocalError) -> Self {
+        let message = e.to_string();
+        match e {
+            LocalError::Store(e) => store_status(e),
+            LocalError::Fetch(e) => fetch_status(e),
+            LocalError::BadId(_)
+            | LocalError::BadUrl(_)
+            | LocalError::AddPathRelative
+            | LocalError::OutputPathRelative
+            | LocalError::NotAFile(_)
+            | LocalError::Unreadable { .. }
+            | LocalError::AddGone(_) => Status::invalid_argument(message),
+            LocalError::Absent(_) => Status::not_found(message),
+            LocalError::Incomplete(_) => Status::failed_precondition(message),
+            LocalError::Task(_) => Status::internal(message),
+        }
+    }
+}
+
 fn store_status(e: StoreError) -> Status {
     match e {
         StoreError::NotFound { .. } | StoreError::ChunkMissing { .. } => {
@@ -129,13 +155,14 @@ fn store_status(e: StoreError) -> Status {
     }
 }
 
-/// The one place fetch errors become statuses.
 fn fetch_status(e: FetchError) -> Status {
     match e {
         FetchError::NoProviders { .. } | FetchError::NoControlPlane(_) => {
             Status::not_found(e.to_string())
         }
-        FetchError::Control(_) => Status::unavailable(e.to_string()),
+        FetchError::Control(_) | FetchError::ControlTimedOut | FetchError::MalformedId { .. } => {
+            Status::unavailable(e.to_string())
+        }
         FetchError::BadOutboard(_)
         | FetchError::WrongBlob { .. }
         | FetchError::DigestMismatch { .. } => Status::data_loss(e.to_string()),
@@ -148,14 +175,12 @@ fn fetch_status(e: FetchError) -> Status {
     }
 }
 
-fn parse_ref(s: &str) -> Result<BlobRef, Status> {
-    s.parse()
-        .map_err(|e: nebula_common::ParseIdError| Status::invalid_argument(e.to_string()))
+fn parse_ref(s: &str) -> Result<BlobRef, LocalError> {
+    Ok(s.parse()?)
 }
 
-fn parse_id(s: &str) -> Result<BlobId, Status> {
-    s.parse()
-        .map_err(|e: nebula_common::ParseIdError| Status::invalid_argument(e.to_string()))
+fn parse_id(s: &str) -> Result<BlobId, LocalError> {
+    Ok(s.parse()?)
 }
 
 impl From<&SourceBytes> for pb::ProviderBytes {
@@ -193,38 +218,32 @@ impl LocalApi for LocalService {
     ) -> Result<Response<pb::AddResponse>, Status> {
         let path = PathBuf::from(request.into_inner().path);
         if !path.is_absolute() {
-            return Err(Status::invalid_argument("the path to add must be absolute"));
+            return Err(LocalError::AddPathRelative.into());
         }
         // stat, not open: opening a FIFO would block this daemon until a writer
         // comes, and reading it would never end.
         match std::fs::metadata(&path) {
             Ok(m) if m.is_file() => {}
             Ok(_) => {
-                return Err(Status::invalid_argument(format!(
-                    "cannot add {}: not a regular file",
-                    path.display()
-                )));
+                return Err(LocalError::NotAFile(path).into());
             }
             Err(e) => {
-                return Err(Status::invalid_argument(format!(
-                    "cannot read {}: {e}",
-                    path.display()
-                )));
+                return Err(LocalError::Unreadable { path, source: e }.into());
             }
         }
         let store = Arc::clone(&self.shared.store);
         let blob = tokio::task::spawn_blocking(move || store.add_file(&path))
             .await
-            .map_err(|_| Status::internal("add task failed"))?
+            .map_err(|_| LocalError::Task("add"))?
             .map_err(|e| match e {
                 StoreError::Io { ref source, .. }
                     if source.kind() == std::io::ErrorKind::NotFound =>
                 {
-                    Status::invalid_argument(e.to_string())
+                    LocalError::AddGone(e)
                 }
-                e => store_status(e),
+                e => LocalError::Store(e),
             })?;
-        crate::node::completed(&self.shared, &blob);
+        crate::fetch::completed(&self.shared, &blob);
         let g = blob.geometry();
         Ok(Response::new(pb::AddResponse {
             id: blob.id().to_string(),
@@ -245,13 +264,13 @@ impl LocalApi for LocalService {
         let what = if req.url.is_empty() {
             Wanted::Blob(parse_ref(&req.blob)?)
         } else {
-            let fetch = UrlFetch::parse(&req.url, &req.headers, &req.digest)
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let fetch =
+                UrlFetch::parse(&req.url, &req.headers, &req.digest).map_err(LocalError::from)?;
             Wanted::Url(Box::new(fetch))
         };
         let output = (!req.output.is_empty()).then(|| PathBuf::from(&req.output));
         if output.as_ref().is_some_and(|p| !p.is_absolute()) {
-            return Err(Status::invalid_argument("the output path must be absolute"));
+            return Err(LocalError::OutputPathRelative.into());
         }
         let timeout = match req.no_provider_timeout_ms {
             0 => self.shared.config.no_provider_timeout,
@@ -263,7 +282,7 @@ impl LocalApi for LocalService {
         } = self.join_or_start(what, timeout);
         let (out_tx, out_rx) = mpsc::channel(16);
         let store = Arc::clone(&self.shared.store);
-        tokio::spawn(async move {
+        self.shared.tasks.spawn(async move {
             let mut progress_open = true;
             loop {
                 tokio::select! {
@@ -295,14 +314,15 @@ impl LocalApi for LocalService {
                                 (Some(dest), Some(id)) => {
                                     tokio::task::spawn_blocking(move || store.export(&id, &dest))
                                         .await
-                                        .map_err(|_| Status::internal("export task failed"))
-                                        .and_then(|r| r.map_err(store_status))
+                                        .map_err(|_| LocalError::Task("export"))
+                                        .and_then(|r| r.map_err(LocalError::from))
+                                        .map_err(Status::from)
                                         .map(|()| to_progress(&last))
                                 }
                                 _ => Ok(to_progress(&last)),
                             },
                             Some(Err(status)) => Err(status),
-                            None => Err(Status::internal("fetch task failed")),
+                            None => Err(LocalError::Task("fetch").into()),
                         };
                         let _ = out_tx.send(msg).await;
                         return;
@@ -329,15 +349,12 @@ impl LocalApi for LocalService {
         }
         // The parsed form, not the request's text: that may hold white space
         // and line breaks around the id.
-        .ok_or_else(|| Status::not_found(format!("blob {wanted} is not in the store")))?;
+        .ok_or(LocalError::Absent(wanted))?;
         if !blob.is_complete() {
-            return Err(Status::failed_precondition(format!(
-                "blob {} is incomplete",
-                blob.id()
-            )));
+            return Err(LocalError::Incomplete(blob.id()).into());
         }
         let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(async move {
+        self.shared.tasks.spawn(async move {
             for i in 0..blob.geometry().chunk_count() {
                 let b = Arc::clone(&blob);
                 // Nothing unverified reaches the user's output.
@@ -345,7 +362,7 @@ impl LocalApi for LocalService {
                 {
                     Ok(Ok(d)) => d,
                     Ok(Err(e)) => {
-                        let _ = tx.send(Err(store_status(e))).await;
+                        let _ = tx.send(Err(LocalError::from(e).into())).await;
                         return;
                     }
                     Err(_) => return,
@@ -395,8 +412,8 @@ impl LocalApi for LocalService {
         let store = Arc::clone(&self.shared.store);
         tokio::task::spawn_blocking(move || store.remove(&id))
             .await
-            .map_err(|_| Status::internal("remove task failed"))?
-            .map_err(store_status)?;
+            .map_err(|_| LocalError::Task("remove"))?
+            .map_err(LocalError::from)?;
         self.shared.inventory_changed.notify_one();
         Ok(Response::new(pb::RemoveResponse {}))
     }

@@ -84,7 +84,8 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         return;
     };
     let mut events = shared.chunk_events.subscribe();
-    let mut backoff = Duration::from_millis(200);
+    let first_backoff = shared.config.register_backoff;
+    let mut backoff = first_backoff;
     'register: loop {
         shared.registered.store(false, Ordering::Release);
         let request = pb::RegisterRequest {
@@ -110,11 +111,11 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                     _ = shared.shutdown.cancelled() => return,
                     _ = tokio::time::sleep(backoff) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff = (backoff * 2).min(shared.config.max_register_backoff);
                 continue 'register;
             }
         };
-        backoff = Duration::from_millis(200);
+        backoff = first_backoff;
         // The whole inventory, replacing whatever the control plane held.
         let mut announced: HashMap<BlobId, Announced> = HashMap::new();
         let mut blobs = Vec::new();
@@ -260,3 +261,6 @@ fn refused(status: &tonic::Status) {
         "the control plane refused this peer's inventory; its blobs are not all discoverable"
     );
 }
+
+#[cfg(test)]
+mod tests;

@@ -3,27 +3,30 @@
 
 use std::{
     net::SocketAddr,
-    path::Path,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     },
-    time::Duration,
 };
 
+use futures::FutureExt as _;
 use nebula_common::{BlobId, Store, StoreError};
-use nebula_proto::v1::{self as pb, peer_exchange_server::PeerExchangeServer};
+use nebula_proto::{
+    incoming::CallsLayer,
+    v1::{self as pb, peer_exchange_server::PeerExchangeServer},
+};
 use tokio::{
-    net::TcpListener,
+    net::{TcpListener, UnixListener},
     sync::{Notify, Semaphore, broadcast},
     task::JoinSet,
     time::Instant,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::{service::interceptor::InterceptedService, transport::Server};
+use tower::layer::util::Stack;
 
 use crate::{
-    Config,
+    Config, ConfigError, Fetcher,
     connection::{
         CONNECTION_WINDOW, ConnectError, Connection, MAX_FRAME, MAX_MESSAGE, Pool, STREAM_WINDOW,
     },
@@ -35,20 +38,94 @@ use crate::{
     metrics::{self, Metrics},
     origin::OriginClient,
     server::ExchangeService,
+    tasks::Tasks,
 };
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// The configuration is inconsistent.
-    #[error("invalid configuration: {0}")]
-    Config(String),
+    #[error("invalid configuration")]
+    Config(#[from] ConfigError),
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// A listener or socket problem.
-    #[error("{0}")]
-    Io(String),
+    /// The task opening the store panicked.
+    #[error("opening the store failed")]
+    StoreTask(#[source] tokio::task::JoinError),
+    /// The listener's own address could not be read.
+    #[error("cannot read the peer listener's address")]
+    Listener(#[source] std::io::Error),
+    /// The join token cannot be sent in a header.
+    #[error("the join token has characters a header cannot carry")]
+    JoinToken,
+    /// The control plane client could not be built.
+    #[error("control plane client")]
+    Control(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The HTTP client of origin fetches could not be built.
+    #[error(transparent)]
+    Origin(#[from] crate::origin::OriginClientError),
+    /// The peer server's TLS settings were refused.
+    #[error("TLS of the peer server")]
+    Tls(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The reflection service could not be built.
+    #[error("gRPC reflection")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// A part of a node whose failure stops the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// The `PeerExchange` server other peers fetch from.
+    PeerServer,
+    /// The CLI's Unix-socket API.
+    LocalApi,
+    /// `/metrics`, `/healthz` and `/readyz`.
+    Http,
+    /// The registry mirror.
+    Mirror,
+    /// Registration, heartbeats and announcements.
+    Membership,
+}
+
+impl std::fmt::Display for Part {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::PeerServer => "peer server",
+            Self::LocalApi => "local API",
+            Self::Http => "HTTP endpoint",
+            Self::Mirror => "registry mirror",
+            Self::Membership => "membership",
+        })
+    }
+}
+
+/// What went wrong with a part.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    /// A gRPC server failed.
+    #[error(transparent)]
+    Serve(#[from] tonic::transport::Error),
+    /// An HTTP server failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// A server stopped accepting connections while the node was not stopping.
+    #[error("it stopped accepting connections")]
+    Ended,
+    /// The part's task panicked.
+    #[error("it panicked")]
+    Panicked,
+}
+
+/// A part failed, and the node stopped because of it.
+#[derive(Debug, thiserror::Error)]
+#[error("the {part} failed")]
+pub struct NodeError {
+    /// Which part.
+    pub part: Part,
+    /// What happened to it.
+    #[source]
+    pub failure: Failure,
 }
 
 /// What every part of a node shares.
@@ -92,10 +169,87 @@ pub(crate) struct Shared {
     pub(crate) pool: Pool,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) started: Instant,
+    /// Cancelled when the node starts to stop: servers stop accepting,
+    /// fetches end, serving streams end after the piece they are sending.
     pub(crate) shutdown: CancellationToken,
+    /// Every background task of the node's parts.
+    pub(crate) tasks: Tasks,
 }
 
 impl Shared {
+    fn new(
+        config: Config,
+        store: Store,
+        address: String,
+        control: Option<ControlClient>,
+        identity: Arc<Identity>,
+        origin: OriginClient,
+    ) -> Self {
+        let tasks = Tasks::new();
+        Self {
+            origin,
+            sessions: dashmap::DashMap::new(),
+            peer_id: store.peer_id().to_owned(),
+            store: Arc::new(store),
+            address,
+            control,
+            identity,
+            upload_limiter: RateLimiter::optional(config.upload_limit),
+            download_limiter: RateLimiter::optional(config.download_limit),
+            active_uploads: AtomicU32::new(0),
+            // Validated: at least 1 MiB; capped at what a semaphore can count.
+            download_buffer: Arc::new(Semaphore::new(
+                usize::try_from(config.download_buffer)
+                    .unwrap_or(usize::MAX)
+                    .min(Semaphore::MAX_PERMITS),
+            )),
+            uploaded_bytes: AtomicU64::new(0),
+            downloaded_bytes: AtomicU64::new(0),
+            chunk_events: broadcast::channel(1024).0,
+            inventory_changed: Notify::new(),
+            registered: AtomicBool::new(false),
+            registration_error: std::sync::Mutex::new(String::new()),
+            recent_sends: dashmap::DashMap::new(),
+            next_stream: AtomicU64::new(1),
+            pool: Pool::new(tasks.clone()),
+            metrics: Arc::new(Metrics::default()),
+            started: Instant::now(),
+            shutdown: CancellationToken::new(),
+            tasks,
+            config,
+        }
+    }
+
+    /// A node's shared state without its servers, on the store
+    /// `config` names, trusting credentials signed by `fleet` when given,
+    /// with a control-plane client when `config` names one (for tests of
+    /// one part).
+    #[cfg(test)]
+    pub(crate) fn for_tests(
+        config: Config,
+        fleet: Option<&nebula_common::credential::PublicKey>,
+    ) -> Arc<Self> {
+        let store = Store::open(&config.store).expect("a store in a fresh directory opens");
+        let identity = Arc::new(Identity::new(None));
+        if let Some(fleet) = fleet {
+            identity.update("", &[bytes::Bytes::copy_from_slice(fleet.as_bytes())]);
+        }
+        let control = config.control.as_ref().map(|urls| {
+            ControlClient::new(
+                urls,
+                None,
+                Arc::clone(&identity),
+                config.control_timeout,
+                None,
+            )
+            .expect("a valid control plane URL")
+        });
+        // Built without extra CAs: cannot fail.
+        let origin = OriginClient::new(1, config.origin_timeout, None).expect("a plain client");
+        let address = "127.0.0.1:1".to_owned();
+        Arc::new(Self::new(config, store, address, control, identity, origin))
+    }
+
     /// The exchange stream to a peer, dialed if needed.
     pub(crate) async fn connect(&self, addr: &str) -> Result<Arc<Connection>, ConnectError> {
         let hello = pb::Hello {
@@ -117,43 +271,43 @@ impl Shared {
                 addr,
                 hello,
                 credential,
-                Duration::from_secs(3),
+                &self.config.dial,
                 self.config.tls.as_ref(),
             )
             .await
     }
 }
 
+/// The peer server's routes, behind the layer that counts each connection's calls.
+type PeerRouter = tonic::transport::server::Router<Stack<CallsLayer, tower::layer::util::Identity>>;
+
 /// A running peer node. Shut it down with [`Node::shutdown`].
 #[derive(Debug)]
 #[must_use = "a node stops when shut down; dropping the handle leaves it running until the runtime ends"]
 pub struct Node {
     shared: Arc<Shared>,
-    tasks: JoinSet<()>,
+    /// The parts whose failure stops the node; each returns what ended it.
+    parts: JoinSet<(Part, Result<(), Failure>)>,
     local_addr: SocketAddr,
 }
 
 impl Node {
     /// Opens the store and starts serving peers on `listener`, registering
     /// with the control plane when one is configured.
-    pub async fn start(config: Config, listener: TcpListener) -> Result<Self, StartError> {
-        config.validate().map_err(StartError::Config)?;
+    pub async fn start(listener: TcpListener, config: Config) -> Result<Self, StartError> {
+        config.validate()?;
         let store_dir = config.store.clone();
         let store = tokio::task::spawn_blocking(move || Store::open(store_dir))
             .await
-            .map_err(|e| StartError::Io(e.to_string()))??;
-        let local_addr = listener
-            .local_addr()
-            .map_err(|e| StartError::Io(e.to_string()))?;
+            .map_err(StartError::StoreTask)??;
+        let local_addr = listener.local_addr().map_err(StartError::Listener)?;
         let advertised = config.advertise.unwrap_or(local_addr);
         let identity = Arc::new(Identity::new(Some(store.root().join("credential"))));
         let control = match &config.control {
             Some(urls) => {
                 let token =
                     nebula_proto::client::BearerToken::optional(config.join_token.as_deref())
-                        .map_err(|_| {
-                            StartError::Config("join token has invalid characters".into())
-                        })?;
+                        .map_err(|_| StartError::JoinToken)?;
                 Some(
                     ControlClient::new(
                         urls,
@@ -162,7 +316,7 @@ impl Node {
                         config.control_timeout,
                         config.tls.as_ref(),
                     )
-                    .map_err(|e| StartError::Config(e.to_string()))?,
+                    .map_err(|e| StartError::Control(Box::new(e)))?,
                 )
             }
             None => None,
@@ -171,40 +325,61 @@ impl Node {
             config.origin_connections,
             config.origin_timeout,
             config.origin_ca.as_deref(),
-        )
-        .map_err(|e| StartError::Config(e.to_string()))?;
-        let shared = Arc::new(Shared {
-            origin,
-            sessions: dashmap::DashMap::new(),
-            peer_id: store.peer_id().to_owned(),
-            store: Arc::new(store),
-            address: advertised.to_string(),
+        )?;
+        let shared = Arc::new(Shared::new(
+            config,
+            store,
+            advertised.to_string(),
             control,
             identity,
-            upload_limiter: RateLimiter::optional(config.upload_limit),
-            download_limiter: RateLimiter::optional(config.download_limit),
-            active_uploads: AtomicU32::new(0),
-            // Validated: at least 1 MiB; capped at what a semaphore can count.
-            download_buffer: Arc::new(Semaphore::new(
-                usize::try_from(config.download_buffer)
-                    .unwrap_or(usize::MAX)
-                    .min(Semaphore::MAX_PERMITS),
-            )),
-            uploaded_bytes: AtomicU64::new(0),
-            downloaded_bytes: AtomicU64::new(0),
-            chunk_events: broadcast::channel(1024).0,
-            inventory_changed: Notify::new(),
-            registered: AtomicBool::new(false),
-            registration_error: std::sync::Mutex::new(String::new()),
-            recent_sends: dashmap::DashMap::new(),
-            next_stream: AtomicU64::new(1),
-            pool: Pool::default(),
-            metrics: Arc::new(Metrics::default()),
-            started: Instant::now(),
-            shutdown: CancellationToken::new(),
-            config,
+            origin,
+        ));
+        let mut node = Self {
+            shared,
+            parts: JoinSet::new(),
+            local_addr,
+        };
+        // Accepted sockets get TCP_NODELAY there (the builder's flag only
+        // reaches listeners tonic binds itself; Nagle plus delayed ACKs would
+        // stall every pipelined piece by tens of milliseconds), accept backs
+        // off when out of descriptors, one address holds a bounded number of
+        // connections, and silent or idle ones are closed (the `calls` layer
+        // tells them when calls open and close).
+        let config = &node.shared.config;
+        let (incoming, calls) = nebula_proto::incoming::incoming(
+            listener,
+            nebula_proto::incoming::IncomingOptions {
+                handshake_timeout: config.handshake_timeout,
+                idle_timeout: config.idle_timeout,
+                per_address: config.connections_per_address,
+                keepalive: config.tcp_keepalive,
+            },
+        );
+        let router = node.peer_router(calls).await?;
+        let incoming = crate::fault::peer_incoming(incoming);
+        let stop = node.shared.shutdown.clone();
+        node.spawn_part(Part::PeerServer, async move {
+            router
+                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                .await
+                .map_err(Failure::from)
         });
-        let mut tasks = JoinSet::new();
+        if node.shared.control.is_some() {
+            let shared = Arc::clone(&node.shared);
+            node.spawn_part(Part::Membership, async move {
+                membership::run(shared).await;
+                Ok(())
+            });
+        }
+        tracing::info!(peer = %node.shared.peer_id, address = %node.shared.address, "peer serving");
+        Ok(node)
+    }
+
+    /// The peer server: health, reflection and `PeerExchange`, behind the
+    /// credential check, with the configured HTTP/2 limits.
+    async fn peer_router(&self, calls: CallsLayer) -> Result<PeerRouter, StartError> {
+        let shared = &self.shared;
+        let config = &shared.config;
         let (health, health_service) = tonic_health::server::health_reporter();
         health
             .set_serving::<PeerExchangeServer<ExchangeService>>()
@@ -218,91 +393,74 @@ impl Node {
             .await;
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(nebula_proto::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .map_err(|e| StartError::Io(e.to_string()))?;
+            .build_v1()?;
         let exchange = InterceptedService::new(
-            PeerExchangeServer::new(ExchangeService::new(Arc::clone(&shared)))
+            PeerExchangeServer::new(ExchangeService::new(Arc::clone(shared)))
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
             ExchangeAuth(Arc::clone(&shared.identity)),
         );
         let mut server = Server::builder();
-        if let Some(tls) = &shared.config.tls {
+        if let Some(tls) = &config.tls {
             let tls = tls
                 .server_config()
-                .map_err(|e| StartError::Config(e.to_string()))?;
+                .map_err(|e| StartError::Tls(Box::new(e)))?;
             server = server
                 .tls_config(tls)
-                .map_err(|e| StartError::Config(format!("TLS: {e}")))?;
+                .map_err(|e| StartError::Tls(Box::new(e)))?;
         }
-        // Accepted sockets get TCP_NODELAY there (the builder's flag only
-        // reaches listeners tonic binds itself; Nagle plus delayed ACKs would
-        // stall every pipelined piece by tens of milliseconds), accept backs
-        // off when out of descriptors, one address holds a bounded number of
-        // connections, and silent or idle ones are closed.
-        let (incoming, calls) = nebula_proto::incoming::incoming(
-            listener,
-            nebula_proto::incoming::IncomingOptions {
-                handshake_timeout: shared.config.handshake_timeout,
-                idle_timeout: shared.config.idle_timeout,
-                per_address: shared.config.connections_per_address,
-                keepalive: Duration::from_secs(30),
-            },
-        );
-        let router = server
+        Ok(server
             .layer(calls)
             .tcp_nodelay(true)
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
-            .max_concurrent_streams(256)
-            .http2_max_local_error_reset_streams(Some(1024))
-            .http2_keepalive_interval(Some(Duration::from_secs(20)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .max_concurrent_streams(config.max_concurrent_streams)
+            .http2_max_local_error_reset_streams(Some(config.max_local_resets))
+            .http2_keepalive_interval(Some(config.server_keepalive_interval))
+            .http2_keepalive_timeout(Some(config.server_keepalive_timeout))
             .add_service(health_service)
             .add_service(reflection)
-            .add_service(exchange);
-        let stop = shared.shutdown.clone();
-        tasks.spawn(async move {
-            if let Err(e) = router
-                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
-                .await
-            {
-                tracing::error!(error = %e, "peer server failed");
-            }
-        });
-        if shared.control.is_some() {
-            tasks.spawn(membership::run(Arc::clone(&shared)));
-        }
-        tracing::info!(peer = %shared.peer_id, address = %shared.address, "peer serving");
-        Ok(Self {
-            shared,
-            tasks,
-            local_addr,
-        })
+            .add_service(exchange))
     }
 
-    /// Serves the local API (the CLI's) on a Unix socket at `path`, mode
-    /// 0600 (see [`nebula_proto::unix::bind_private`]). Refuses a path another
-    /// live daemon listens on, or that is not a socket; replaces a stale one.
-    pub async fn serve_local(&mut self, path: &Path) -> Result<(), StartError> {
-        let (listener, socket) = nebula_proto::unix::bind_private(path)
-            .await
-            .map_err(|e| StartError::Io(format!("binding {}: {e}", path.display())))?;
+    /// Runs `part` until it ends. A part that fails, panics, or (a server)
+    /// stops while the node is not stopping, stops the node.
+    fn spawn_part<F>(&mut self, part: Part, run: F)
+    where
+        F: std::future::Future<Output = Result<(), Failure>> + Send + 'static,
+    {
+        let stop = self.shared.shutdown.clone();
+        let serves = part != Part::Membership;
+        self.parts.spawn(async move {
+            let ended = std::panic::AssertUnwindSafe(run).catch_unwind().await;
+            let result = match ended {
+                Ok(Ok(())) if serves && !stop.is_cancelled() => Err(Failure::Ended),
+                Ok(result) => result,
+                Err(_) => Err(Failure::Panicked),
+            };
+            if let Err(failure) = &result {
+                tracing::error!(%part, error = %failure, "a part of the node failed; stopping");
+                stop.cancel();
+            }
+            (part, result)
+        });
+    }
+
+    /// Serves the local API (the CLI's) on `listener`, a Unix socket the
+    /// caller bound (see [`nebula_proto::unix::bind_private`]) and removes
+    /// after [`Node::shutdown`].
+    pub fn serve_local(&mut self, listener: UnixListener) {
         let service = LocalService::new(Arc::clone(&self.shared)).into_server();
         let stop = self.shared.shutdown.clone();
-        self.tasks.spawn(async move {
+        self.spawn_part(Part::LocalApi, async move {
             let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-            if let Err(e) = Server::builder()
+            Server::builder()
                 .add_service(service)
                 .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
                 .await
-            {
-                tracing::error!(error = %e, "local API failed");
-            }
-            socket.remove();
+                .map_err(Failure::from)
         });
-        Ok(())
     }
 
     /// Serves `/metrics`, `/healthz` and `/readyz` over HTTP on `listener`
@@ -310,11 +468,10 @@ impl Node {
     pub fn serve_http(&mut self, listener: TcpListener) {
         let shared = Arc::clone(&self.shared);
         let stop = self.shared.shutdown.clone();
-        self.tasks.spawn(async move {
-            if let Err(e) = metrics::serve(listener, shared, stop.clone()).await {
-                tracing::error!(error = %e, "metrics endpoint failed");
-                stop.cancel();
-            }
+        self.spawn_part(Part::Http, async move {
+            metrics::serve(listener, shared, stop)
+                .await
+                .map_err(Failure::from)
         });
     }
 
@@ -322,11 +479,10 @@ impl Node {
     pub fn serve_mirror(&mut self, listener: TcpListener, config: crate::MirrorConfig) {
         let shared = Arc::clone(&self.shared);
         let stop = self.shared.shutdown.clone();
-        self.tasks.spawn(async move {
-            if let Err(e) = crate::mirror::serve(listener, shared, config, stop.clone()).await {
-                tracing::error!(error = %e, "registry mirror failed");
-                stop.cancel();
-            }
+        self.spawn_part(Part::Mirror, async move {
+            crate::mirror::serve(listener, shared, config, stop)
+                .await
+                .map_err(Failure::from)
         });
     }
 
@@ -355,75 +511,62 @@ impl Node {
         self.shared.registered.load(Ordering::Acquire)
     }
 
-    /// Fetches a blob into the store (see [`crate::fetch`]).
-    pub async fn fetch(
-        &self,
-        blob: nebula_common::BlobRef,
-        progress: tokio::sync::watch::Sender<crate::Progress>,
-        no_provider_timeout: Option<Duration>,
-    ) -> Result<crate::FetchOutcome, crate::FetchError> {
-        let timeout = no_provider_timeout.unwrap_or(self.shared.config.no_provider_timeout);
-        let outcome =
-            crate::fetch::fetch(Arc::clone(&self.shared), blob, progress, timeout).await?;
-        completed(&self.shared, &outcome.blob);
-        Ok(outcome)
+    /// The node's downloader: the one way to fetch a blob or a URL.
+    pub fn fetcher(&self) -> Fetcher {
+        Fetcher::new(Arc::clone(&self.shared))
     }
 
-    /// Fetches a URL into the store, through the swarm when the fleet has it
-    /// (see [`crate::origin`]).
-    pub async fn fetch_url(
-        &self,
-        request: crate::UrlFetch,
-        progress: tokio::sync::watch::Sender<crate::Progress>,
-    ) -> Result<crate::FetchOutcome, crate::FetchError> {
-        let outcome = crate::origin::fetch_url(Arc::clone(&self.shared), request, progress).await?;
-        completed(&self.shared, &outcome.blob);
-        Ok(outcome)
-    }
-
-    /// A future that resolves when the node starts shutting down.
+    /// A future that resolves when the node starts shutting down, told to
+    /// or because a part failed.
     pub fn stopping(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
         self.shared.shutdown.clone().cancelled_owned()
     }
 
     /// Stops in order: stop accepting and cancel fetches, deregister, let
-    /// streams end, close the store.
-    pub async fn shutdown(mut self) {
+    /// streams finish (within [`Config::shutdown_grace`]), await every task,
+    /// then release the store. Returns the failure of the part that stopped
+    /// the node, if one did.
+    pub async fn shutdown(mut self) -> Result<(), NodeError> {
         self.shared.shutdown.cancel();
         self.shared.pool.close_all().await;
-        let deadline = tokio::time::sleep(Duration::from_secs(5));
-        tokio::pin!(deadline);
+        let grace = self.shared.config.shutdown_grace;
+        let deadline = Instant::now() + grace;
+        let mut failed: Option<NodeError> = None;
+        let mut aborted = false;
         loop {
-            tokio::select! {
-                next = self.tasks.join_next() => if next.is_none() { break },
-                _ = &mut deadline => {
-                    tracing::warn!("tasks did not stop in time; aborting them");
-                    self.tasks.abort_all();
-                    break;
+            let joined = tokio::select! {
+                joined = self.parts.join_next() => joined,
+                () = tokio::time::sleep_until(deadline), if !aborted => {
+                    tracing::warn!("parts of the node did not stop in time; dropping them");
+                    self.parts.abort_all();
+                    aborted = true;
+                    continue;
                 }
+            };
+            match joined {
+                None => break,
+                Some(Ok((part, Err(failure)))) => {
+                    failed.get_or_insert(NodeError { part, failure });
+                }
+                Some(Ok((_, Ok(())))) => {}
+                // Aborted past the grace period (`spawn_part` catches panics).
+                Some(Err(_)) => {}
             }
         }
-    }
-}
-
-/// After a blob completes: compute its SHA-256 (for the `sha256:` alias) in
-/// the background, then tell membership.
-pub(crate) fn completed(shared: &Arc<Shared>, blob: &Arc<nebula_common::Blob>) {
-    shared.inventory_changed.notify_one();
-    if blob.sha256().is_some() {
-        return;
-    }
-    let blob = Arc::clone(blob);
-    let shared = Arc::clone(shared);
-    tokio::spawn(async move {
-        match tokio::task::spawn_blocking(move || blob.compute_sha256()).await {
-            Ok(Ok(_)) => shared.inventory_changed.notify_one(),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "cannot compute the SHA-256 of a fetched blob")
-            }
-            Err(_) => {}
+        let left = deadline.saturating_duration_since(Instant::now());
+        let dropped = self.shared.tasks.wait(left).await;
+        if dropped > 0 {
+            tracing::warn!(
+                tasks = dropped,
+                "tasks still running after the grace period were dropped"
+            );
         }
-    });
+        tracing::info!(peer = %self.shared.peer_id, "node stopped");
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
 }
 
 #[cfg(test)]

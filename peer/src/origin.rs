@@ -256,7 +256,11 @@ async fn by_url(
                 Err(e @ FetchError::DigestMismatch { .. }) => {
                     tracing::warn!(error = %e, "the fleet's blob for the digest is another; asking the origin");
                 }
-                Err(e @ FetchError::Control(_)) => {
+                Err(
+                    e @ (FetchError::Control(_)
+                    | FetchError::ControlTimedOut
+                    | FetchError::MalformedId { .. }),
+                ) => {
                     tracing::debug!(error = %e, "digest not found through the control plane")
                 }
                 Err(e) => return Err(e),
@@ -285,7 +289,7 @@ async fn by_url(
         {
             Ok(Ok(r)) => r.into_inner(),
             Ok(Err(status)) if status.code() == tonic::Code::InvalidArgument => {
-                return Err(FetchError::Control(status.message().to_owned()));
+                return Err(FetchError::Control(status));
             }
             failed => {
                 let why = match failed {
@@ -302,10 +306,8 @@ async fn by_url(
         };
         let recorded = match answer.blob.as_str() {
             "" => None,
-            hex => Some(hex.parse::<BlobId>().map_err(|_| {
-                FetchError::Control(format!(
-                    "the control plane recorded a malformed blob id for {shown}"
-                ))
+            hex => Some(hex.parse::<BlobId>().map_err(|_| FetchError::MalformedId {
+                answered: hex.to_owned(),
             })?),
         };
         if answer.fresh
@@ -414,7 +416,7 @@ impl Serving {
 impl Drop for Serving {
     fn drop(&mut self) {
         let (shared, session) = (Arc::clone(&self.shared), Arc::clone(&self.session));
-        tokio::spawn(async move {
+        self.shared.tasks.spawn(async move {
             tokio::select! {
                 () = tokio::time::sleep(SESSION_GRACE) => {}
                 () = shared.shutdown.cancelled() => {}
@@ -743,11 +745,12 @@ fn renew_lease(
 ) -> tokio_util::sync::DropGuard {
     let stop = tokio_util::sync::CancellationToken::new();
     let guard = stop.clone().drop_guard();
+    let tasks = shared.tasks.clone();
     let shared = Arc::clone(shared);
     let counters = Arc::clone(counters);
     let key = key.to_owned();
     let every = Duration::from_millis((ttl_ms / 3).max(100));
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let Some(control) = shared.control.clone() else {
             return;
         };
@@ -958,10 +961,12 @@ async fn from_origin(
 
 /// Checks a blob against the `--digest` the user gave, if any.
 async fn check_digest(req: &UrlFetch, blob: &Arc<Blob>) -> Result<(), FetchError> {
-    let ok = match req.digest {
-        None => true,
-        Some(BlobRef::Blake3(id)) => blob.id() == id,
-        Some(BlobRef::Sha256(want)) => {
+    let Some(expected) = req.digest else {
+        return Ok(());
+    };
+    let ok = match expected {
+        BlobRef::Blake3(id) => blob.id() == id,
+        BlobRef::Sha256(want) => {
             let blob = Arc::clone(blob);
             let got = match blob.sha256() {
                 Some(d) => d,
@@ -977,7 +982,7 @@ async fn check_digest(req: &UrlFetch, blob: &Arc<Blob>) -> Result<(), FetchError
     }
     Err(FetchError::ContentMismatch {
         url: http::redacted(&req.url),
-        expected: req.digest.map(|d| d.to_string()).unwrap_or_default(),
+        expected,
         got: blob.id(),
     })
 }

@@ -24,21 +24,13 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
 use crate::{metrics::Refusal, node::Shared};
+use refused::Refused;
 
 /// Largest chunk payload in one message. A quarter of a chunk: what a
 /// stream holds between its reader and the socket (the piece queued, the one
 /// being encoded, the encoder's buffer) comes to about one chunk, and a
 /// transfer is as fast as with whole-chunk pieces (`single_stream`).
 pub(crate) const MAX_PIECE: usize = 256 << 10;
-
-/// How long a busy answer asks the requester to stay away.
-const BUSY_RETRY: Duration = Duration::from_millis(100);
-
-/// Blobs one stream gets have-updates for at most.
-const MAX_WATCHED: usize = 1024;
-
-/// How often pending have-updates are flushed to a stream.
-const HAVE_FLUSH: Duration = Duration::from_millis(100);
 
 /// The `PeerExchange` service of a node.
 #[derive(Debug, Clone)]
@@ -62,8 +54,9 @@ enum Work {
     /// A chunk of an origin download under way.
     SessionChunk(u64, String, u32),
     Answer(ExchangeResponse),
-    /// The dialing side sent what cannot be read: end the stream with this.
-    Fail(Status),
+    /// The dialing side sent what cannot be read or is not allowed: end the
+    /// stream with this.
+    Fail(Refused),
 }
 
 /// Gives an upload slot back, to the node and to its stream, when the chunk
@@ -111,11 +104,11 @@ fn answer(request_id: u64, kind: Resp) -> ExchangeResponse {
     }
 }
 
-fn busy(request_id: u64) -> ExchangeResponse {
+fn busy(request_id: u64, retry_after: Duration) -> ExchangeResponse {
     answer(
         request_id,
         Resp::Busy(pb::Busy {
-            retry_after_ms: BUSY_RETRY.as_millis() as u64,
+            retry_after_ms: retry_after.as_millis() as u64,
         }),
     )
 }
@@ -146,7 +139,7 @@ impl PeerExchange for ExchangeService {
             .extensions()
             .get::<Claims>()
             .map(|c| c.sub.clone())
-            .ok_or_else(|| Status::unauthenticated("no peer credential"))?;
+            .ok_or(Refused::NoCredential)?;
         let span = tracing::info_span!("exchange", peer = %caller, ?remote);
         let inbound = request.into_inner();
         // One piece of slack, beside the piece being encoded and about one
@@ -161,7 +154,7 @@ impl PeerExchange for ExchangeService {
         let cancelled = Arc::new(Mutex::new(HashSet::new()));
         let stream = self.shared.next_stream.fetch_add(1, Ordering::Relaxed);
         let watched = Arc::new(Mutex::new(HashSet::new()));
-        tokio::spawn(
+        self.shared.tasks.spawn(
             read_requests(
                 Arc::clone(&self.shared),
                 caller,
@@ -172,7 +165,7 @@ impl PeerExchange for ExchangeService {
             )
             .instrument(span.clone()),
         );
-        tokio::spawn(
+        self.shared.tasks.spawn(
             serve_work(
                 Arc::clone(&self.shared),
                 stream,
@@ -186,22 +179,6 @@ impl PeerExchange for ExchangeService {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(out_rx),
         )))
-    }
-}
-
-/// The status that ends a stream whose input could not be read: a message
-/// over the size limit is `RESOURCE_EXHAUSTED`, one that does not decode
-/// `INVALID_ARGUMENT`; a reset or cancel by the peer gets no answer.
-fn refusal(status: &Status) -> Option<Status> {
-    match status.code() {
-        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => {
-            Some(Status::resource_exhausted(status.message().to_owned()))
-        }
-        tonic::Code::Internal => Some(Status::invalid_argument(format!(
-            "undecodable request: {}",
-            status.message()
-        ))),
-        _ => None,
     }
 }
 
@@ -220,7 +197,7 @@ async fn read_requests(
     let mut greeted = false;
     let watch = |blob: BlobId| {
         let mut watched = watched.lock().unwrap_or_else(|e| e.into_inner());
-        if watched.len() < MAX_WATCHED {
+        if watched.len() < shared.config.max_watched {
             watched.insert(blob);
         }
     };
@@ -233,11 +210,9 @@ async fn read_requests(
             Ok(Some(m)) => m,
             Ok(None) => return,
             Err(status) => {
-                if let Some(answer) = refusal(&status) {
-                    tracing::debug!(%status, "undecodable request; ending the stream");
-                    let _ = work.send((Work::Fail(answer), None)).await;
-                } else {
-                    tracing::debug!(%status, "exchange stream closed by the dialing peer");
+                tracing::debug!(%status, "exchange stream ended by the dialing peer");
+                if let Some(refused) = Refused::reading(status) {
+                    let _ = work.send((Work::Fail(refused), None)).await;
                 }
                 return;
             }
@@ -245,19 +220,15 @@ async fn read_requests(
         // The first message, and only the first, is a Hello naming the peer
         // the credential names.
         let refused = match &msg.kind {
-            Some(Req::Hello(_)) if greeted => Some(Status::invalid_argument("Hello sent twice")),
-            Some(Req::Hello(hello)) if hello.peer_id != caller => Some(Status::unauthenticated(
-                "Hello names another peer than the credential",
-            )),
+            Some(Req::Hello(_)) if greeted => Some(Refused::HelloTwice),
+            Some(Req::Hello(hello)) if hello.peer_id != caller => Some(Refused::HelloMismatch),
             Some(Req::Hello(_)) => None,
-            _ if !greeted => Some(Status::unauthenticated(
-                "the first message of a stream must be Hello",
-            )),
+            _ if !greeted => Some(Refused::NoHello),
             _ => None,
         };
-        if let Some(status) = refused {
-            tracing::debug!(%status, "exchange stream refused");
-            let _ = work.send((Work::Fail(status), None)).await;
+        if let Some(refused) = refused {
+            tracing::debug!(%refused, "exchange stream refused");
+            let _ = work.send((Work::Fail(refused), None)).await;
             return;
         }
         let id = msg.request_id;
@@ -300,7 +271,7 @@ async fn read_requests(
                     ),
                     None => {
                         shared.metrics.refused(Refusal::Busy);
-                        (Work::Answer(busy(id)), None)
+                        (Work::Answer(busy(id, shared.config.busy_retry)), None)
                     }
                 })
                 .collect(),
@@ -313,7 +284,7 @@ async fn read_requests(
                             Some(slot) => (Work::Chunk(id, blob, chunk), Some(slot)),
                             None => {
                                 shared.metrics.refused(Refusal::Busy);
-                                (Work::Answer(busy(id)), None)
+                                (Work::Answer(busy(id, shared.config.busy_retry)), None)
                             }
                         })
                         .collect()
@@ -354,7 +325,7 @@ async fn serve_work(
     let _open = shared.metrics.serving_stream();
     let mut events = shared.chunk_events.subscribe();
     let mut dirty: HashSet<BlobId> = HashSet::new();
-    let mut flush = tokio::time::interval(HAVE_FLUSH);
+    let mut flush = tokio::time::interval(shared.config.have_flush);
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let idle = shared.config.idle_stream_timeout;
     let send = |msg: ExchangeResponse| {
@@ -374,8 +345,8 @@ async fn serve_work(
                 let Some((item, slot)) = item else { return };
                 let ok = match item {
                     Work::Answer(msg) => send(msg).await,
-                    Work::Fail(status) => {
-                        let _ = tokio::time::timeout(idle, out.send(Err(status))).await;
+                    Work::Fail(refused) => {
+                        let _ = tokio::time::timeout(idle, out.send(Err(refused.into()))).await;
                         return;
                     }
                     Work::Outboard(id, blob) => send(outboard(&shared, id, blob)).await,
@@ -626,3 +597,7 @@ where
         }
     }
 }
+
+mod refused;
+#[cfg(test)]
+mod tests;

@@ -14,7 +14,7 @@ use crate::support::{Cluster, Control, nebula, random_file, run_bounded, wait_ou
 
 /// Two daemons: daemon 0 holds a random blob of `size` bytes and uploads at
 /// `upload_limit`; returns the cluster and the blob's id once it is announced.
-fn seeded_pair(upload_limit: &'static str, size: usize, seed: u64) -> (Cluster, String) {
+pub(crate) fn seeded_pair(upload_limit: &'static str, size: usize, seed: u64) -> (Cluster, String) {
     let c = Cluster::start_with(2, |i| {
         if i == 0 {
             (vec!["--upload-limit", upload_limit], Vec::new())

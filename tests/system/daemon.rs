@@ -261,6 +261,8 @@ fn a_stalled_receiver_does_not_block_others() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     // Open a stream, ask for every chunk, read nothing; keep it open.
     let (stalled_tx, stalled_rx) = tokio::sync::oneshot::channel::<()>();
+    // Told once the seed is serving the stalled stream (its first piece came).
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
     let url = c.control.url();
     let stalled = rt.spawn(async move {
         // A fleet member (registered with the join token) that stops reading.
@@ -287,11 +289,16 @@ fn a_stalled_receiver_does_not_block_others() {
         request
             .metadata_mut()
             .insert("nebula-credential", member.credential.parse().unwrap());
-        let response = client.exchange(request).await.unwrap();
+        let mut response = client.exchange(request).await.unwrap().into_inner();
+        // One piece read, then nothing more.
+        assert!(response.message().await.unwrap().is_some());
+        let _ = ready_tx.send(());
         let _hold = (response, tx);
         let _ = stalled_rx.await;
     });
-    std::thread::sleep(Duration::from_secs(2));
+    ready_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the stalled stream was not served");
     // Another peer fetches the same blob from the same seed meanwhile.
     let out = c.path("out.bin");
     let fetch = wait_output(

@@ -4,6 +4,7 @@ mod control;
 mod daemon;
 mod download;
 mod hash;
+mod lifecycle;
 mod mirror;
 mod observe;
 mod origin;

@@ -382,7 +382,11 @@ mod tests {
         assert_eq!(s.pick(b, false, &mut rng), Some(0));
         s.deactivate(b);
         assert_eq!(s.unavailable(), 1);
-        assert!(s.update_provider(b, ChunkSet::full(1)) || s.unavailable() == 1);
+        // An inactive provider's news counts for nothing until it is back.
+        assert!(!s.update_provider(b, ChunkSet::full(1)));
+        assert_eq!(s.unavailable(), 1);
+        s.activate(b);
+        assert_eq!(s.unavailable(), 0);
     }
 
     #[test]
@@ -408,6 +412,43 @@ mod tests {
             1 << 20,
         );
         assert!(sc.latency() < 0.02, "but it fades: {}", sc.latency());
-        assert!(sc.window(1 << 20) >= 2);
+        // About 87 MiB/s over a 10 ms round trip: under one chunk per round
+        // trip, so the least window.
+        assert_eq!(sc.window(1 << 20), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_stall_timeout_follows_the_latency_within_bounds() {
+        let floor = Duration::from_secs(2);
+        let mut sc = Score::new(Instant::now());
+        // Nothing known: at least 5 s, or the floor if higher.
+        assert_eq!(sc.stall_timeout(floor), Duration::from_secs(5));
+        assert_eq!(
+            sc.stall_timeout(Duration::from_secs(7)),
+            Duration::from_secs(7)
+        );
+        // Eight times a 500 ms latency.
+        sc.observe(Instant::now(), Duration::from_millis(500), 1 << 20);
+        assert_eq!(sc.stall_timeout(floor), Duration::from_secs(4));
+        // A fast provider is still given the floor.
+        tokio::time::advance(Duration::from_secs(120)).await;
+        sc.observe(Instant::now(), Duration::from_millis(10), 1 << 20);
+        assert_eq!(sc.stall_timeout(floor), floor);
+        // A failure counts as a peak at once, capped at 30 s.
+        sc.penalize(Instant::now(), Duration::from_secs(10));
+        assert_eq!(sc.stall_timeout(floor), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn the_window_is_the_bandwidth_delay_product_plus_one() {
+        let t0 = Instant::now();
+        let mut sc = Score::new(t0);
+        assert_eq!(sc.window(1 << 20), 2, "nothing known yet");
+        // 10 MiB in 125 ms: 80 MiB/s, 10 chunks per round trip.
+        sc.observe(t0, Duration::from_millis(125), 10 << 20);
+        assert_eq!(sc.window(1 << 20), 11);
+        // A much faster link is capped.
+        sc.observe(t0, Duration::from_millis(125), 1000 << 20);
+        assert_eq!(sc.window(1 << 20), 16);
     }
 }

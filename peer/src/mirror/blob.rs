@@ -27,7 +27,7 @@ use url::Url;
 use super::{
     DIGEST_HEADER, Mirror, MirrorResult, ask_upstream, bad_gateway, error, lock, upstream_failure,
 };
-use crate::{FetchError, Progress, UrlFetch, origin::OriginError};
+use crate::{FetchError, Fetcher, Progress, UrlFetch, Wanted, origin::OriginError};
 
 /// How often a stream waiting for its next chunk looks again (besides
 /// being woken by progress).
@@ -144,7 +144,9 @@ pub(super) async fn get(
     let wanted = range.clone().unwrap_or(0..=size.saturating_sub(1));
     let (tx, rx) = mpsc::channel(READ_AHEAD);
     if size > 0 {
-        tokio::spawn(feed(Arc::clone(m), inflight, size, wanted.clone(), tx));
+        m.shared
+            .tasks
+            .spawn(feed(Arc::clone(m), inflight, size, wanted.clone(), tx));
     }
     let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
     let mut resp = Response::new(body);
@@ -204,13 +206,15 @@ fn start(m: &Arc<Mirror>, digest: Sha256Digest, req: UrlFetch) -> Arc<Inflight> 
     let (result_tx, result) = watch::channel(None);
     let inflight = Arc::new(Inflight { progress, result });
     map.insert(key.clone(), Arc::clone(&inflight));
+    let tasks = m.shared.tasks.clone();
     let m = Arc::clone(m);
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let shared = Arc::clone(&m.shared);
-        let outcome = crate::origin::fetch_url(Arc::clone(&shared), req, progress_tx).await;
+        let outcome = Fetcher::new(Arc::clone(&shared))
+            .run(Wanted::Url(Box::new(req)), progress_tx, None)
+            .await;
         let result = match outcome {
             Ok(o) => {
-                crate::node::completed(&shared, &o.blob);
                 let peers: u64 = o.sources.iter().map(|s| s.bytes).sum();
                 shared.metrics.mirror_fetched(peers, o.origin_bytes);
                 Ok(o.blob)
