@@ -184,9 +184,20 @@ async fn serves_an_outboard_and_verified_chunks() {
             other => panic!("expected pieces, got {other:?}"),
         })
         .collect();
+    // Each chunk arrives whole, in pieces of at most `MAX_PIECE` at their
+    // offsets, the last one marked.
     let local = served.shared.store.get(&blob).unwrap();
-    for p in pieces {
-        assert_eq!(p.data, local.read_verified_chunk(p.chunk).unwrap());
+    for chunk in [0, 2] {
+        let whole = local.read_verified_chunk(chunk).unwrap();
+        let mut assembled = Vec::new();
+        let of_chunk: Vec<_> = pieces.iter().filter(|p| p.chunk == chunk).collect();
+        for (i, p) in of_chunk.iter().enumerate() {
+            assert_eq!(p.offset as usize, assembled.len());
+            assert!(p.data.len() <= crate::server::MAX_PIECE);
+            assert_eq!(p.last, i + 1 == of_chunk.len());
+            assembled.extend_from_slice(&p.data);
+        }
+        assert_eq!(assembled, whole);
     }
     assert_eq!(
         served.shared.uploaded_bytes.load(Ordering::Relaxed),
@@ -260,13 +271,19 @@ async fn a_rate_limited_peer_sends_a_fresh_chunk_once() {
     let mut first = served.open("p1", true).await;
     first.get_chunks(1, blob, vec![0]).await;
     let answers = first.answers(1).await;
-    assert!(matches!(answers[&1][..], [Resp::Piece(_)]));
+    assert!(answers[&1].iter().all(|a| matches!(a, Resp::Piece(_))));
     // The second asker is sent to the first, which holds it now.
     let mut second = served.open("p2", true).await;
     second.get_chunks(1, blob, vec![0, 1]).await;
     let answers = second.answers(2).await;
+    // Chunk 0: try elsewhere; chunk 1, never sent yet: its pieces.
     let codes: Vec<Option<pb::error::Code>> = answers[&1].iter().map(error_code).collect();
-    assert_eq!(codes, [Some(pb::error::Code::TryElsewhere), None]);
+    assert_eq!(codes[0], Some(pb::error::Code::TryElsewhere));
+    assert!(
+        answers[&1][1..]
+            .iter()
+            .all(|a| matches!(a, Resp::Piece(p) if p.chunk == 1))
+    );
     served.shutdown().await;
 }
 
