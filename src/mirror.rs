@@ -57,6 +57,23 @@ struct ContainerdArgs {
     /// daemon with TLS serves its mirror with its fleet certificate.
     #[arg(long, env = "NEBULA_MIRROR_CA", value_name = "PEM")]
     mirror_ca: Option<PathBuf>,
+    /// A fleet certificate and its key (PEM) containerd shows an `https://`
+    /// mirror whose daemon runs with `--tls-client-auth`; given together.
+    #[arg(
+        long,
+        env = "NEBULA_MIRROR_CERT",
+        value_name = "PEM",
+        requires = "mirror_key"
+    )]
+    mirror_cert: Option<PathBuf>,
+    /// The key of `--mirror-cert`.
+    #[arg(
+        long,
+        env = "NEBULA_MIRROR_KEY",
+        value_name = "PEM",
+        requires = "mirror_cert"
+    )]
+    mirror_key: Option<PathBuf>,
     /// Print the files instead of writing them.
     #[arg(long, env = "NEBULA_PRINT", action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
     print: bool,
@@ -70,23 +87,28 @@ pub(crate) fn run(args: MirrorArgs) -> anyhow::Result<()> {
 
 fn containerd(args: ContainerdArgs) -> anyhow::Result<()> {
     let mirror = mirror_url(&args.mirror).map_err(bad_input)?;
-    let ca = match &args.mirror_ca {
-        Some(_) if !mirror.starts_with("https://") => {
-            return Err(bad_input(
-                "--mirror-ca is for an https:// mirror (a daemon with TLS serves one)",
-            ));
+    let https = mirror.starts_with("https://");
+    let absolute = |flag: &str, path: &Option<PathBuf>| -> anyhow::Result<Option<PathBuf>> {
+        match path {
+            Some(_) if !https => Err(bad_input(format!(
+                "{flag} is for an https:// mirror (a daemon with TLS serves one)"
+            ))),
+            Some(path) => std::fs::canonicalize(path)
+                .map(Some)
+                .map_err(|e| bad_input(format!("{flag} {}: {e}", path.display()))),
+            None => Ok(None),
         }
-        Some(path) => Some(
-            std::fs::canonicalize(path)
-                .map_err(|e| bad_input(format!("--mirror-ca {}: {e}", path.display())))?,
-        ),
-        None => None,
+    };
+    let tls = MirrorTls {
+        ca: absolute("--mirror-ca", &args.mirror_ca)?,
+        client: absolute("--mirror-cert", &args.mirror_cert)?
+            .zip(absolute("--mirror-key", &args.mirror_key)?),
     };
     let mut files = Vec::new();
     for registry in &args.registries {
         let registry = registry_host(registry).map_err(bad_input)?;
         let path = args.dir.join(&registry).join("hosts.toml");
-        files.push((path, hosts_toml(&registry, &mirror, ca.as_deref())));
+        files.push((path, hosts_toml(&registry, &mirror, &tls)));
     }
     for (path, text) in files {
         if args.print {
@@ -136,7 +158,15 @@ fn server_of(registry: &str) -> String {
     }
 }
 
-fn hosts_toml(registry: &str, mirror: &str, ca: Option<&Path>) -> String {
+/// What containerd needs to reach an `https://` mirror: the CA to trust, and
+/// the certificate and key to show under client auth.
+#[derive(Debug, Default)]
+struct MirrorTls {
+    ca: Option<PathBuf>,
+    client: Option<(PathBuf, PathBuf)>,
+}
+
+fn hosts_toml(registry: &str, mirror: &str, tls: &MirrorTls) -> String {
     let mut text = format!(
         "{MARKER}: pulls go to the Nebula mirror first,\n\
          # and to the registry itself when the mirror fails.\n\
@@ -145,8 +175,16 @@ fn hosts_toml(registry: &str, mirror: &str, ca: Option<&Path>) -> String {
          [host.\"{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
         server = server_of(registry)
     );
-    if let Some(ca) = ca {
-        text.push_str(&format!("  ca = {:?}\n", ca.display().to_string()));
+    let quoted = |p: &Path| format!("{:?}", p.display().to_string());
+    if let Some(ca) = &tls.ca {
+        text.push_str(&format!("  ca = {}\n", quoted(ca)));
+    }
+    if let Some((cert, key)) = &tls.client {
+        text.push_str(&format!(
+            "  client = [[{}, {}]]\n",
+            quoted(cert),
+            quoted(key)
+        ));
     }
     text
 }
@@ -199,7 +237,7 @@ mod tests {
 
     #[test]
     fn hosts_files_name_the_mirror_first_and_the_registry_as_server() {
-        let t = hosts_toml("docker.io", "http://127.0.0.1:5000", None);
+        let t = hosts_toml("docker.io", "http://127.0.0.1:5000", &MirrorTls::default());
         assert!(
             t.contains("server = \"https://registry-1.docker.io\""),
             "{t}"
@@ -207,13 +245,17 @@ mod tests {
         assert!(t.contains(
             "[host.\"http://127.0.0.1:5000\"]\n  capabilities = [\"pull\", \"resolve\"]"
         ));
-        let t = hosts_toml(
-            "ghcr.io",
-            "https://127.0.0.1:5000",
-            Some(Path::new("/etc/nebula/ca.pem")),
-        );
+        let tls = MirrorTls {
+            ca: Some("/etc/nebula/ca.pem".into()),
+            client: Some(("/etc/nebula/host.pem".into(), "/etc/nebula/host.key".into())),
+        };
+        let t = hosts_toml("ghcr.io", "https://127.0.0.1:5000", &tls);
         assert!(
-            t.ends_with("capabilities = [\"pull\", \"resolve\"]\n  ca = \"/etc/nebula/ca.pem\"\n"),
+            t.ends_with(concat!(
+                "capabilities = [\"pull\", \"resolve\"]\n",
+                "  ca = \"/etc/nebula/ca.pem\"\n",
+                "  client = [[\"/etc/nebula/host.pem\", \"/etc/nebula/host.key\"]]\n"
+            )),
             "{t}"
         );
         assert_eq!(server_of("ghcr.io"), "https://ghcr.io");
@@ -235,7 +277,7 @@ mod tests {
         let path = dir.join("docker.io/hosts.toml");
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, "server = \"https://mine\"\n").unwrap();
-        let text = hosts_toml("docker.io", "http://127.0.0.1:5000", None);
+        let text = hosts_toml("docker.io", "http://127.0.0.1:5000", &MirrorTls::default());
         let backup = write(&path, &text).unwrap().unwrap();
         assert_eq!(
             std::fs::read_to_string(&backup).unwrap(),
@@ -243,7 +285,7 @@ mod tests {
         );
         assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
         // Ours again: replaced with no second backup.
-        let text2 = hosts_toml("docker.io", "http://127.0.0.1:5001", None);
+        let text2 = hosts_toml("docker.io", "http://127.0.0.1:5001", &MirrorTls::default());
         assert_eq!(write(&path, &text2).unwrap(), None);
         assert!(!path.with_extension("toml.bak.1").exists());
         std::fs::remove_dir_all(&dir).unwrap();

@@ -13,27 +13,42 @@ use std::{
 /// The largest private file read (they are a few hundred bytes).
 const MAX_LEN: u64 = 64 << 10;
 
-/// The text of `path`, not following a symbolic link.
+/// The text of `path`, not following a symbolic link; anything but a
+/// regular file (a planted FIFO would block the open) is refused.
 pub fn read(path: &Path) -> io::Result<String> {
-    let mut text = String::new();
-    File::options()
+    let file = File::options()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)?
-        .take(MAX_LEN)
-        .read_to_string(&mut text)?;
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    let mut text = String::new();
+    file.take(MAX_LEN).read_to_string(&mut text)?;
     Ok(text)
+}
+
+/// Makes the entries of `path`'s directory durable (a new name survives a
+/// crash only once its directory is synced).
+fn sync_dir(path: &Path) -> io::Result<()> {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => File::open(dir)?.sync_all(),
+        _ => File::open(".")?.sync_all(),
+    }
 }
 
 /// Writes `text` to `path`, replacing what was there at once (a reader sees
 /// the old text or the new, never part of it).
 pub fn replace(path: &Path, text: &str) -> io::Result<()> {
     let aside = write_aside(path, text)?;
-    let renamed = fs::rename(&aside, path);
-    if renamed.is_err() {
+    if let Err(e) = fs::rename(&aside, path) {
         let _ = fs::remove_file(&aside);
+        return Err(e);
     }
-    renamed
+    sync_dir(path)
 }
 
 /// Writes `text` to `path` unless something is already there: true if this
@@ -44,7 +59,7 @@ pub fn create(path: &Path, text: &str) -> io::Result<bool> {
     let linked = fs::hard_link(&aside, path);
     let _ = fs::remove_file(&aside);
     match linked {
-        Ok(()) => Ok(true),
+        Ok(()) => sync_dir(path).map(|()| true),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
         Err(e) => Err(e),
     }
@@ -92,6 +107,17 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         // Nothing is left beside it.
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_planted_fifo_is_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("peer-id");
+        let name = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo on a NUL-terminated path we own.
+        assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+        let err = read(&fifo).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
     }
 
     #[test]

@@ -81,7 +81,8 @@ pub fn incoming(
                             tracing::info!("accepting connections again");
                             backoff = Duration::ZERO;
                         }
-                        let Some(entry) = table.admit(remote, options.per_address) else {
+                        let local = stream.local_addr().ok();
+                        let Some(entry) = table.admit(local, remote, options.per_address) else {
                             tracing::debug!(%remote, limit = options.per_address, "too many connections from one address; closing");
                             continue;
                         };
@@ -114,36 +115,55 @@ fn out_of_resources(e: &io::Error) -> bool {
     )
 }
 
+/// A connection by its two ends (a listener on several addresses may see
+/// one client port twice).
+type Ends = (Option<SocketAddr>, SocketAddr);
+
 /// The open connections of one listener: how many per address, and each
-/// one's calls by its remote address (unique among open connections).
+/// one's calls by its ends.
 #[derive(Debug, Default)]
 struct Table {
     per_address: Mutex<HashMap<IpAddr, usize>>,
-    calls: Mutex<HashMap<SocketAddr, Arc<Calls>>>,
+    calls: Mutex<HashMap<Ends, Arc<Calls>>>,
+}
+
+/// What the per-address limit counts: an IPv4 address (IPv4-mapped ones
+/// included), or an IPv6 /64, which one host usually has whole.
+fn address(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        v4 => v4,
+    }
 }
 
 impl Table {
-    /// Counts a new connection from `remote`, unless its address is at `limit`.
-    fn admit(self: &Arc<Self>, remote: SocketAddr, limit: usize) -> Option<Entry> {
+    /// Counts a new connection from `remote` to `local`, unless its address
+    /// is at `limit`.
+    fn admit(
+        self: &Arc<Self>,
+        local: Option<SocketAddr>,
+        remote: SocketAddr,
+        limit: usize,
+    ) -> Option<Entry> {
         {
             let mut counts = lock(&self.per_address);
-            let count = counts.entry(remote.ip()).or_default();
+            let count = counts.entry(address(remote.ip())).or_default();
             if *count >= limit {
                 return None;
             }
             *count += 1;
         }
         let calls = Arc::new(Calls::default());
-        lock(&self.calls).insert(remote, Arc::clone(&calls));
+        lock(&self.calls).insert((local, remote), Arc::clone(&calls));
         Some(Entry {
             table: Arc::clone(self),
-            remote,
+            ends: (local, remote),
             calls,
         })
     }
 
-    fn calls(&self, remote: SocketAddr) -> Option<Arc<Calls>> {
-        lock(&self.calls).get(&remote).cloned()
+    fn calls(&self, ends: Ends) -> Option<Arc<Calls>> {
+        lock(&self.calls).get(&ends).cloned()
     }
 }
 
@@ -157,18 +177,29 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[derive(Debug)]
 struct Entry {
     table: Arc<Table>,
-    remote: SocketAddr,
+    ends: Ends,
     calls: Arc<Calls>,
 }
 
 impl Drop for Entry {
     fn drop(&mut self) {
-        lock(&self.table.calls).remove(&self.remote);
+        {
+            // Its own entry only: a new connection with the same ends may
+            // have replaced it while this one was closing.
+            let mut calls = lock(&self.table.calls);
+            if calls
+                .get(&self.ends)
+                .is_some_and(|c| Arc::ptr_eq(c, &self.calls))
+            {
+                calls.remove(&self.ends);
+            }
+        }
+        let key = address(self.ends.1.ip());
         let mut counts = lock(&self.table.per_address);
-        if let Some(count) = counts.get_mut(&self.remote.ip()) {
+        if let Some(count) = counts.get_mut(&key) {
             *count -= 1;
             if *count == 0 {
-                counts.remove(&self.remote.ip());
+                counts.remove(&key);
             }
         }
     }
@@ -256,16 +287,20 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let extensions = req.extensions();
-        let remote = extensions
-            .get::<TcpConnectInfo>()
-            .or_else(|| {
-                extensions
-                    .get::<TlsConnectInfo<TcpConnectInfo>>()
-                    .map(TlsConnectInfo::get_ref)
-            })
-            .and_then(TcpConnectInfo::remote_addr);
-        let open = remote
-            .and_then(|remote| self.table.calls(remote))
+        let info = extensions.get::<TcpConnectInfo>().or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .map(TlsConnectInfo::get_ref)
+        });
+        // Calls anyone may make without a credential and hold open (a health
+        // watch, reflection) do not keep a connection from being idle.
+        let path = req.uri().path();
+        let counted = !(path.starts_with("/grpc.health.v1.Health/Watch")
+            || path.starts_with("/grpc.reflection."));
+        let open = info
+            .filter(|_| counted)
+            .and_then(|i| Some((i.local_addr(), i.remote_addr()?)))
+            .and_then(|ends| self.table.calls(ends))
             .map(OpenCall::new);
         let response = self.inner.call(req);
         Box::pin(async move {
@@ -313,7 +348,17 @@ pub struct Guarded {
     pending: Option<(Pin<Box<Sleep>>, usize)>,
     idle_timeout: Duration,
     idle: Pin<Box<Sleep>>,
+    /// When bytes last came in, past the greeting.
+    read_at: Instant,
+    /// The grace this idle spell had (see [`GRACE`]): when the spell began
+    /// and until when the grace runs.
+    grace: Option<(Instant, Instant)>,
 }
+
+/// How long a connection whose idle time is up is kept when bytes have
+/// just come in: a request may be on its way to the service, not counted
+/// yet. Once per idle spell, so that pings cannot keep a connection open.
+const GRACE: Duration = Duration::from_secs(1);
 
 impl Guarded {
     fn new(stream: TcpStream, entry: Entry, options: &IncomingOptions) -> Self {
@@ -324,6 +369,8 @@ impl Guarded {
             pending: Some((handshake, 0)),
             idle_timeout: options.idle_timeout,
             idle: Box::pin(tokio::time::sleep(options.idle_timeout)),
+            read_at: Instant::now(),
+            grace: None,
         }
     }
 
@@ -335,7 +382,18 @@ impl Guarded {
         if calls.open.load(Ordering::SeqCst) > 0 {
             return false;
         }
-        let deadline = *lock(&calls.idle_since) + self.idle_timeout;
+        let since = *lock(&calls.idle_since);
+        let mut deadline = since + self.idle_timeout;
+        match self.grace {
+            Some((spell, until)) if spell == since => deadline = deadline.max(until),
+            _ => {
+                let now = Instant::now();
+                if deadline <= now && now.duration_since(self.read_at) < GRACE {
+                    deadline = now + GRACE;
+                    self.grace = Some((since, deadline));
+                }
+            }
+        }
         if self.idle.deadline() != deadline {
             self.idle.as_mut().reset(deadline);
         }
@@ -366,6 +424,11 @@ impl AsyncRead for Guarded {
                 )),
                 other => other,
             };
+        }
+        if let Poll::Ready(Ok(())) = read
+            && buf.filled().len() > before
+        {
+            this.read_at = Instant::now();
         }
         match read {
             Poll::Pending if this.idle_expired(cx) => Poll::Ready(Err(io::Error::new(
@@ -495,6 +558,40 @@ mod tests {
             .unwrap()
             .unwrap();
         greet(&mut fourth, &mut server).await;
+    }
+
+    #[test]
+    fn one_ipv6_64_counts_as_one_address_and_mapped_ipv4_as_ipv4() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(address(ip("2001:db8::1")), address(ip("2001:db8::ffff:2")));
+        assert_ne!(address(ip("2001:db8::1")), address(ip("2001:db8:0:1::1")));
+        assert_eq!(address(ip("::ffff:127.0.0.9")), ip("127.0.0.9"));
+        assert_eq!(address(ip("127.0.0.9")), ip("127.0.0.9"));
+    }
+
+    #[tokio::test]
+    async fn bytes_just_in_get_one_grace_and_no_more() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (accepted, _calls) = incoming(listener, options(10_000, 300, 16));
+        let mut accepted = Box::pin(accepted);
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let mut server = accepted.next().await.unwrap().unwrap();
+        greet(&mut client, &mut server).await;
+        let mut buf = [0u8; 8];
+        // Bytes come in as the idle time runs out: kept past it, once.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        client.write_all(b"x").await.unwrap();
+        assert_eq!(server.read(&mut buf).await.unwrap(), 1);
+        let read = tokio::time::timeout(Duration::from_millis(400), server.read(&mut buf)).await;
+        assert!(read.is_err(), "closed within its grace: {read:?}");
+        // More bytes do not buy a second grace.
+        client.write_all(b"y").await.unwrap();
+        assert_eq!(server.read(&mut buf).await.unwrap(), 1);
+        let read = tokio::time::timeout(Duration::from_secs(5), server.read(&mut buf))
+            .await
+            .expect("closed after its grace");
+        assert_eq!(read.unwrap_err().kind(), io::ErrorKind::TimedOut);
     }
 
     /// Calls open and close through the layer the way tonic's server makes
