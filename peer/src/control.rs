@@ -143,8 +143,16 @@ macro_rules! failover {
                     _ => break,
                 }
             }
-            // Every round ran at least once (n >= 1) and stored each failure.
-            Err(last.unwrap_or_else(|| Status::unavailable("no control plane replica answered")))
+            // Every failure stored here means a replica did not answer (a
+            // refused connection, one closed under the call, a deadline):
+            // together, the control plane is unavailable.
+            Err(Status::unavailable(match last {
+                Some(status) => format!(
+                    "no control plane replica answered (the last: {})",
+                    status.message()
+                ),
+                None => "no control plane replica answered".to_owned(),
+            }))
         }
     )*};
 }
