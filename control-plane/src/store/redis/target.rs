@@ -185,7 +185,7 @@ fn client(url: &str, secure: bool, material: &RedisTls) -> redis::RedisResult<Cl
     if !secure {
         return Client::open(url);
     }
-    install_provider();
+    nebula_proto::tls::install_provider();
     Client::build_with_tls(
         url,
         TlsCertificates {
@@ -196,18 +196,6 @@ fn client(url: &str, secure: bool, material: &RedisTls) -> redis::RedisResult<Cl
             root_cert: material.ca.clone(),
         },
     )
-}
-
-/// Makes ring the process's rustls crypto provider, once, before the first
-/// TLS client is built (rustls would pick it from its features too, but only
-/// while ring is the one provider compiled in). A provider someone installed
-/// before stays.
-fn install_provider() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        // Err: one is installed already, which is as good.
-        nebula_proto::tls::install_provider();
-    });
 }
 
 /// Checks that the CA bundle holds certificates and the client key fits a
