@@ -86,7 +86,7 @@ pub(crate) fn run(args: MirrorArgs) -> anyhow::Result<()> {
 }
 
 fn containerd(args: ContainerdArgs) -> anyhow::Result<()> {
-    let mirror = mirror_url(&args.mirror).map_err(bad_input)?;
+    let mirror = mirror_url(&args.mirror).map_err(|e| bad_input(e.to_string()))?;
     let https = mirror.starts_with("https://");
     let absolute = |flag: &str, path: &Option<PathBuf>| -> anyhow::Result<Option<PathBuf>> {
         match path {
@@ -106,7 +106,7 @@ fn containerd(args: ContainerdArgs) -> anyhow::Result<()> {
     };
     let mut files = Vec::new();
     for registry in &args.registries {
-        let registry = registry_host(registry).map_err(bad_input)?;
+        let registry = registry_host(registry).map_err(|e| bad_input(e.to_string()))?;
         let path = args.dir.join(&registry).join("hosts.toml");
         files.push((path, hosts_toml(&registry, &mirror, &tls)));
     }
@@ -127,14 +127,34 @@ fn containerd(args: ContainerdArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A flag of `nebula mirror containerd` naming no usable mirror or registry.
+#[derive(Debug, thiserror::Error)]
+enum FlagError {
+    /// `--mirror` is not an `http(s)://HOST:PORT` URL.
+    #[error("--mirror: {reason}")]
+    Mirror {
+        /// What the mirror's URL parser said.
+        reason: String,
+    },
+    /// `--registry` is not a host as containerd names its directories.
+    #[error(
+        "--registry {given:?}: give the registry host as containerd names it, e.g. docker.io or registry.example:5000"
+    )]
+    Registry {
+        /// The value as given.
+        given: String,
+    },
+}
+
 /// `http(s)://HOST:PORT`, as containerd's `[host."…"]` key.
-fn mirror_url(s: &str) -> Result<String, String> {
-    let url = nebula_peer::MirrorConfig::parse_upstream(s).map_err(|e| format!("--mirror: {e}"))?;
+fn mirror_url(s: &str) -> Result<String, FlagError> {
+    let url = nebula_peer::MirrorConfig::parse_upstream(s)
+        .map_err(|reason| FlagError::Mirror { reason })?;
     Ok(url.as_str().trim_end_matches('/').to_owned())
 }
 
 /// A registry as containerd's directory names it: `host[:port]`, lowercase.
-fn registry_host(s: &str) -> Result<String, String> {
+fn registry_host(s: &str) -> Result<String, FlagError> {
     let host = s.trim().to_ascii_lowercase();
     let valid = !host.is_empty()
         && !host.starts_with('.')
@@ -143,9 +163,9 @@ fn registry_host(s: &str) -> Result<String, String> {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '_'));
     if !valid {
-        return Err(format!(
-            "--registry {s:?}: give the registry host as containerd names it, e.g. docker.io or registry.example:5000"
-        ));
+        return Err(FlagError::Registry {
+            given: s.to_owned(),
+        });
     }
     Ok(host)
 }
