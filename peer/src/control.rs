@@ -2,7 +2,7 @@
 //! more replicas (`--control URL[,URL…]`).
 //!
 //! The replicas are the URLs given, a URL whose host is a DNS name counting
-//! once per address it resolves to (see [`crate::replicas`]); names are
+//! once per address it resolves to (see [`nebula_proto::client::expand`]); names are
 //! resolved before the first call. Every call goes to the current replica;
 //! when that one does not answer (unavailable, timed out, connection lost)
 //! the same request is tried on the next, and the first that answers becomes
@@ -21,16 +21,15 @@ use std::{
 };
 
 use nebula_proto::{
-    client::{BearerToken, control_endpoint},
+    client::{
+        BearerToken, Replica as Address, Resolver, SystemResolver, control_endpoint, split_urls,
+    },
     tls::{self, EndpointError, TlsConfig},
     v1::{self as pb, control_plane_client::ControlPlaneClient},
 };
 use tonic::{Code, Response, Status, service::interceptor::InterceptedService, transport::Channel};
 
-use crate::{
-    identity::{self, Identity},
-    replicas::{self, Replica as Address, Resolver, SystemResolver, split_urls},
-};
+use crate::identity::{self, Identity};
 
 /// Adds `authorization: Bearer <token>` and this peer's credential (once it
 /// has one) to every control-plane call.
@@ -261,7 +260,7 @@ impl ControlClient {
 
     /// Resolves the list and makes lazily connecting clients of its replicas.
     async fn resolve(&self) -> Arc<[Replica]> {
-        let addresses = replicas::expand(&self.inner.list, &*self.inner.resolver).await;
+        let addresses = nebula_proto::client::expand(&self.inner.list, &*self.inner.resolver).await;
         let replicas: Arc<[Replica]> = addresses
             .into_iter()
             .filter_map(|address| {
@@ -317,7 +316,7 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
-    use crate::replicas::tests::Table;
+    use nebula_proto::client::FixedResolver as Table;
 
     /// Listeners on one port, free on every address of `ips`.
     async fn same_port(ips: &[&str]) -> Vec<TcpListener> {

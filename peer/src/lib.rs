@@ -12,7 +12,7 @@
 //! - [`mirror`]: the registry mirror (OCI distribution, pull side).
 //! - `membership`: registration, heartbeats, announcements.
 //! - `control`: the control-plane client, failing over between replicas.
-//! - [`replicas`]: the replicas a `--control` list names, a DNS name once per address.
+//! - [`replicas`]: the old path of [`nebula_proto::client`]'s replica list.
 //! - `metrics`: Prometheus metrics and the daemon's HTTP endpoint.
 //! - [`local`]: `LocalApi`, the CLI's Unix-socket API.
 //! - [`limit`]: the token bucket behind upload and download limits.
@@ -38,7 +38,6 @@ mod metrics;
 pub mod mirror;
 pub mod node;
 pub mod origin;
-pub mod replicas;
 mod server;
 mod tasks;
 
@@ -50,3 +49,12 @@ pub use local::connect_local;
 pub use mirror::{Credentials, MirrorConfig};
 pub use node::{Failure, Node, NodeError, Part, StartError};
 pub use origin::{UrlFetch, UrlFetchError};
+
+/// The replicas a `--control` list names (now in [`nebula_proto::client`],
+/// which every control-plane client shares; kept here for callers of the
+/// old path).
+pub mod replicas {
+    pub use nebula_proto::client::{
+        FixedResolver, Replica, Resolve, Resolver, SystemResolver, expand, split_urls,
+    };
+}
