@@ -208,6 +208,41 @@ impl ControlClient {
         })
     }
 
+    /// A client of one control plane reached over `channel`, never dialed
+    /// or resolved (tests: a fake control plane in process).
+    #[cfg(test)]
+    pub(crate) fn over(channel: Channel, identity: Arc<Identity>, timeout: Duration) -> Self {
+        let given = "http://127.0.0.1:1".to_owned();
+        let this = Self::with_resolver(
+            &given,
+            None,
+            Arc::clone(&identity),
+            timeout,
+            None,
+            Arc::new(SystemResolver),
+        )
+        .expect("an address URL");
+        let replica = Replica {
+            address: Address {
+                url: given.clone(),
+                given,
+            },
+            client: ControlPlaneClient::with_interceptor(
+                channel,
+                BearerAuth {
+                    token: None,
+                    identity,
+                },
+            ),
+        };
+        *this
+            .inner
+            .replicas
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Arc::from([replica]));
+        this
+    }
+
     /// The first `http://` replica that answers with TLS: a plaintext call
     /// to it fails with an HTTP/2 protocol error that does not say why.
     pub(crate) async fn serving_tls(&self) -> Option<String> {

@@ -46,8 +46,8 @@ use tokio_util::sync::CancellationToken;
 use url::Url;
 
 use crate::{
+    fetch::Downloads,
     metrics::{MirrorKind, MirrorResult},
-    node::Shared,
 };
 pub use upstream::Credentials;
 
@@ -116,7 +116,7 @@ struct Manifest {
 /// The mirror's state, shared by its handlers.
 #[derive(Debug)]
 pub(crate) struct Mirror {
-    shared: Arc<Shared>,
+    downloads: Arc<Downloads>,
     config: MirrorConfig,
     upstream: upstream::Upstream,
     /// Manifests by tag, when cached: by registry, name, tag and `Accept`.
@@ -136,24 +136,24 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Serves the mirror on `listener` until `stop` fires.
 pub(crate) async fn serve(
     listener: TcpListener,
-    shared: Arc<Shared>,
+    downloads: Arc<Downloads>,
     config: MirrorConfig,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
     let upstream = upstream::Upstream::new(
-        shared.config.origin_timeout,
-        shared.config.origin_ca.as_deref(),
+        downloads.config.origin_timeout,
+        downloads.config.origin_ca.as_deref(),
         config.credentials.clone(),
     )
     .map_err(std::io::Error::other)?;
     let mirror = Arc::new(Mirror {
-        shared,
+        downloads,
         config,
         upstream,
         tags: Mutex::new(HashMap::new()),
         inflight: Mutex::new(HashMap::new()),
     });
-    let tls = mirror.shared.config.tls.clone();
+    let tls = mirror.downloads.config.tls.clone();
     nebula_proto::https::serve(
         listener,
         router(mirror),
@@ -183,7 +183,7 @@ async fn api_version(mut resp: Response) -> Response {
 }
 
 async fn ping(State(m): State<Arc<Mirror>>) -> Response {
-    m.shared
+    m.downloads
         .metrics
         .mirror_request(MirrorKind::Ping, MirrorResult::Ok);
     Json(serde_json::json!({})).into_response()
@@ -282,7 +282,7 @@ async fn resource(
     let base = match upstream::base_for(ns_of(&uri).as_deref(), &m.config.upstream) {
         Ok(b) => b,
         Err(why) => {
-            m.shared
+            m.downloads
                 .metrics
                 .mirror_request(kind, MirrorResult::BadRequest);
             return error(StatusCode::BAD_REQUEST, "NAME_INVALID", &why);
@@ -306,7 +306,7 @@ async fn resource(
             ),
         },
     };
-    m.shared.metrics.mirror_request(kind, result);
+    m.downloads.metrics.mirror_request(kind, result);
     resp
 }
 

@@ -32,16 +32,13 @@ use nebula_common::{Blob, BlobId, BlobRef};
 use nebula_proto::v1 as pb;
 use tokio::{sync::watch, time::Instant};
 
-use crate::{
-    fetch::{FetchError, FetchOutcome, Progress, SourceBytes},
-    node::Shared,
-};
+use crate::fetch::{Downloads, FetchError, FetchOutcome, Progress, SourceBytes};
 use follow::{Followed, follow};
 pub(crate) use http::{Counters, OriginClient, Target, Validators};
 pub use http::{OriginClientError, OriginError};
 use lease::{record, renew_lease, report};
 pub use request::{UrlFetch, UrlFetchError};
-pub(crate) use session::Session;
+pub(crate) use session::{Session, Sessions};
 
 /// How often a peer waiting for another's origin download asks again.
 const WAIT_POLL: Duration = Duration::from_millis(250);
@@ -57,14 +54,14 @@ const SESSION_GRACE: Duration = Duration::from_secs(30);
 /// the URL's content, else from the origin once for the whole fleet. In a
 /// `fetch` span naming the URL (without credentials or query values).
 pub(crate) async fn fetch_url(
-    shared: Arc<Shared>,
+    downloads: Arc<Downloads>,
     req: UrlFetch,
     progress: watch::Sender<Progress>,
 ) -> Result<FetchOutcome, FetchError> {
     let span = tracing::info_span!("fetch", url = %http::redacted(&req.url));
-    let metrics = Arc::clone(&shared.metrics);
+    let metrics = Arc::clone(&downloads.metrics);
     let outcome =
-        crate::fetch::observed(&metrics, span, by_url(shared, req, progress.clone())).await?;
+        crate::fetch::observed(&metrics, span, by_url(downloads, req, progress.clone())).await?;
     let size = outcome.blob.outboard().size();
     progress.send_replace(Progress {
         id: Some(outcome.blob.id()),
@@ -81,7 +78,7 @@ pub(crate) async fn fetch_url(
 }
 
 async fn by_url(
-    shared: Arc<Shared>,
+    downloads: Arc<Downloads>,
     req: UrlFetch,
     progress: watch::Sender<Progress>,
 ) -> Result<FetchOutcome, FetchError> {
@@ -89,21 +86,21 @@ async fn by_url(
     // A digest names the content: the store or the swarm may have it already.
     if let Some(digest) = req.digest {
         let local = match digest {
-            BlobRef::Blake3(id) => shared.store.get(&id),
-            BlobRef::Sha256(d) => shared.store.find_sha256(&d),
+            BlobRef::Blake3(id) => downloads.store.get(&id),
+            BlobRef::Sha256(d) => downloads.store.find_sha256(&d),
         };
         let held = local.is_some_and(|b| b.is_complete());
         // Nobody in the fleet holds it: straight on to the URL (whose origin
         // download another peer may have started), without waiting for
         // providers that are not there.
         let in_fleet = !held
-            && shared.control.is_some()
-            && crate::fetch::discover(&shared, &digest)
+            && downloads.control.is_some()
+            && crate::fetch::discover(&downloads, &digest)
                 .await
                 .map_or(true, |r| !r.providers.is_empty());
         if held || in_fleet {
             match crate::fetch::download(
-                Arc::clone(&shared),
+                Arc::clone(&downloads),
                 digest,
                 progress.clone(),
                 RECORDED_BLOB_WAIT,
@@ -127,8 +124,8 @@ async fn by_url(
             }
         }
     }
-    let Some(control) = shared.control.clone() else {
-        return from_origin(&shared, &req, &progress).await;
+    let Some(control) = downloads.control.clone() else {
+        return from_origin(&downloads, &req, &progress).await;
     };
     let key = req.key();
     let mut refresh = false;
@@ -137,11 +134,11 @@ async fn by_url(
     // the holder changes, and carried on from if the lease comes here.
     let mut mine: Option<Arc<Session>> = None;
     loop {
-        if shared.shutdown.is_cancelled() {
+        if downloads.shutdown.is_cancelled() {
             return Err(FetchError::Cancelled);
         }
         let ask = pb::ResolveUrlRequest {
-            peer_id: shared.peer_id.clone(),
+            peer_id: downloads.peer_id.clone(),
             url: key.clone(),
             refresh,
         };
@@ -157,7 +154,7 @@ async fn by_url(
                     _ => "timed out".to_owned(),
                 };
                 tracing::warn!(url = %shown, error = %why, "control plane unreachable; fetching from the origin directly");
-                let mut outcome = from_origin(&shared, &req, &progress).await?;
+                let mut outcome = from_origin(&downloads, &req, &progress).await?;
                 outcome.notice = Some(format!(
                     "the control plane did not answer ({why}); fetched straight from the origin"
                 ));
@@ -173,7 +170,7 @@ async fn by_url(
         if answer.fresh
             && let Some(id) = recorded
         {
-            match from_swarm(&shared, &req, id, &progress).await {
+            match from_swarm(&downloads, &req, id, &progress).await {
                 Ok(outcome) => return Ok(outcome),
                 Err(FetchError::NoProviders { .. }) => {
                     tracing::info!(url = %shown, blob = %id.short(), "nobody holds the URL's recorded blob; asking the origin");
@@ -188,18 +185,18 @@ async fn by_url(
             let known = recorded.map(|id| (id, validators_from(answer.validators.clone())));
             let session = match mine.take() {
                 Some(s) => s,
-                None => new_session(&shared, &answer.session).await?,
+                None => new_session(&downloads, &answer.session).await?,
             };
             let counters = Arc::new(Counters {
                 session: Some(Arc::clone(&session)),
                 ..Counters::default()
             });
-            let _serving = Serving::start(&shared, &session);
-            let renewing = renew_lease(&shared, &key, answer.lease_ttl_ms, &counters);
+            let _serving = Serving::start(&downloads, &session);
+            let renewing = renew_lease(&downloads, &key, answer.lease_ttl_ms, &counters);
             let (outcome, validators) =
-                lease_holder(&shared, &req, known, &session, &counters, &progress).await?;
+                lease_holder(&downloads, &req, known, &session, &counters, &progress).await?;
             drop(renewing);
-            record(&shared, &key, outcome.blob.id(), &validators).await;
+            record(&downloads, &key, outcome.blob.id(), &validators).await;
             return Ok(outcome);
         }
         // Another peer is at the origin: fetch what it has as it arrives.
@@ -211,27 +208,27 @@ async fn by_url(
             let session = match &mine {
                 Some(s) => Arc::clone(s),
                 None => {
-                    let s = new_session(&shared, &answer.session).await?;
+                    let s = new_session(&downloads, &answer.session).await?;
                     mine = Some(Arc::clone(&s));
                     s
                 }
             };
             let holder = (answer.holder.as_str(), answer.holder_address.as_str());
-            match follow(&shared, &session, holder, &progress).await {
+            match follow(&downloads, &session, holder, &progress).await {
                 Followed::Complete(sources) => {
-                    return finish(&shared, &req, &session, 0, sources, &progress).await;
+                    return finish(&downloads, &req, &session, 0, sources, &progress).await;
                 }
                 Followed::Wait | Followed::Stalled => {}
                 Followed::Lied(why) => {
                     tracing::warn!(peer = %answer.holder, %why, "the peer fetching from the origin sent bad data; reporting it and asking the origin directly");
-                    report(&shared, &answer.holder, &why).await;
-                    return from_origin(&shared, &req, &progress).await;
+                    report(&downloads, &answer.holder, &why).await;
+                    return from_origin(&downloads, &req, &progress).await;
                 }
             }
         }
         tokio::select! {
             () = tokio::time::sleep(WAIT_POLL) => {}
-            () = shared.shutdown.cancelled() => return Err(FetchError::Cancelled),
+            () = downloads.shutdown.cancelled() => return Err(FetchError::Cancelled),
         }
     }
 }
@@ -245,8 +242,8 @@ fn validators_from(v: Option<pb::UrlValidators>) -> Validators {
     }
 }
 
-async fn new_session(shared: &Arc<Shared>, key: &str) -> Result<Arc<Session>, FetchError> {
-    let store = Arc::clone(&shared.store);
+async fn new_session(downloads: &Arc<Downloads>, key: &str) -> Result<Arc<Session>, FetchError> {
+    let store = Arc::clone(&downloads.store);
     let scratch = tokio::task::spawn_blocking(move || store.scratch())
         .await
         .map_err(|_| FetchError::Cancelled)??;
@@ -256,18 +253,18 @@ async fn new_session(shared: &Arc<Shared>, key: &str) -> Result<Arc<Session>, Fe
 /// Offers a session to other peers while it lives, and for a while after
 /// (followers finishing their last chunks).
 pub(super) struct Serving {
-    shared: Arc<Shared>,
+    downloads: Arc<Downloads>,
     session: Arc<Session>,
 }
 
 impl Serving {
-    pub(super) fn start(shared: &Arc<Shared>, session: &Arc<Session>) -> Self {
+    pub(super) fn start(downloads: &Arc<Downloads>, session: &Arc<Session>) -> Self {
         session.serving.fetch_add(1, Ordering::AcqRel);
-        shared
+        downloads
             .sessions
             .insert(session.key.clone(), Arc::clone(session));
         Self {
-            shared: Arc::clone(shared),
+            downloads: Arc::clone(downloads),
             session: Arc::clone(session),
         }
     }
@@ -275,15 +272,15 @@ impl Serving {
 
 impl Drop for Serving {
     fn drop(&mut self) {
-        let (shared, session) = (Arc::clone(&self.shared), Arc::clone(&self.session));
-        self.shared.tasks.spawn(async move {
+        let (downloads, session) = (Arc::clone(&self.downloads), Arc::clone(&self.session));
+        self.downloads.tasks.spawn(async move {
             tokio::select! {
                 () = tokio::time::sleep(SESSION_GRACE) => {}
-                () = shared.shutdown.cancelled() => {}
+                () = downloads.shutdown.cancelled() => {}
             }
             // Unless it is offered again meanwhile (a follower taking the lease over).
             if session.serving.fetch_sub(1, Ordering::AcqRel) == 1 {
-                shared.sessions.remove_if(&session.key, |_, s| {
+                downloads.sessions.remove_if(&session.key, |_, s| {
                     Arc::ptr_eq(s, &session) && s.serving.load(Ordering::Acquire) == 0
                 });
             }
@@ -294,7 +291,7 @@ impl Drop for Serving {
 /// The lease holder's work: revalidate a known blob, carry on from the
 /// chunks already here, or download anew.
 async fn lease_holder(
-    shared: &Arc<Shared>,
+    downloads: &Arc<Downloads>,
     req: &UrlFetch,
     known: Option<(BlobId, Validators)>,
     session: &Arc<Session>,
@@ -311,7 +308,7 @@ async fn lease_holder(
             held = session.bytes_held(),
             "taking over the origin download; fetching only what the fleet lacks"
         );
-        match shared
+        match downloads
             .origin
             .resume(&target, &v, &session.missing(), session.file(), counters)
             .await
@@ -321,12 +318,12 @@ async fn lease_holder(
             Err(e) => return Err(e.into()),
         }
     } else if let Some((id, v)) = known {
-        match shared
+        match downloads
             .origin
             .download(&target, Some(&v), session.file(), counters)
             .await?
         {
-            http::Downloaded::NotModified => match from_swarm(shared, req, id, progress).await {
+            http::Downloaded::NotModified => match from_swarm(downloads, req, id, progress).await {
                 Ok(outcome) => return Ok((outcome, v)),
                 Err(FetchError::NoProviders { .. }) => {}
                 Err(e) => return Err(e),
@@ -336,7 +333,7 @@ async fn lease_holder(
     }
     let validators = match validators {
         Some(v) => v,
-        None => match shared
+        None => match downloads
             .origin
             .download(&target, None, session.file(), counters)
             .await?
@@ -346,8 +343,8 @@ async fn lease_holder(
         },
     };
     let origin_bytes = counters.received.load(Ordering::Relaxed);
-    shared.metrics.origin_received(origin_bytes);
-    let outcome = finish(shared, req, session, origin_bytes, Vec::new(), progress).await?;
+    downloads.metrics.origin_received(origin_bytes);
+    let outcome = finish(downloads, req, session, origin_bytes, Vec::new(), progress).await?;
     Ok((outcome, validators))
 }
 
@@ -361,14 +358,14 @@ fn not_modified(req: &UrlFetch) -> FetchError {
 /// Adds a whole download to the store and checks `--digest`; a mismatch
 /// keeps nothing.
 async fn finish(
-    shared: &Arc<Shared>,
+    downloads: &Arc<Downloads>,
     req: &UrlFetch,
     session: &Arc<Session>,
     origin_bytes: u64,
     sources: Vec<SourceBytes>,
     progress: &watch::Sender<Progress>,
 ) -> Result<FetchOutcome, FetchError> {
-    let (store, s) = (Arc::clone(&shared.store), Arc::clone(session));
+    let (store, s) = (Arc::clone(&downloads.store), Arc::clone(session));
     // Every chunk was hashed as it arrived: the store takes the file as it
     // is. A blob of one chunk is hashed whole (its id is that hash).
     let blob = tokio::task::spawn_blocking(move || match s.outboard() {
@@ -379,7 +376,7 @@ async fn finish(
     .map_err(|_| FetchError::Cancelled)??;
     if let Err(e) = check_digest(req, &blob).await {
         // Nothing is kept from content the user did not ask for.
-        let _ = shared.store.remove(&blob.id());
+        let _ = downloads.store.remove(&blob.id());
         session.reset();
         return Err(e);
     }
@@ -401,13 +398,13 @@ async fn finish(
 
 /// A recorded blob, from the store or the swarm; checked against `--digest`.
 async fn from_swarm(
-    shared: &Arc<Shared>,
+    downloads: &Arc<Downloads>,
     req: &UrlFetch,
     id: BlobId,
     progress: &watch::Sender<Progress>,
 ) -> Result<FetchOutcome, FetchError> {
     let outcome = crate::fetch::download(
-        Arc::clone(shared),
+        Arc::clone(downloads),
         BlobRef::Blake3(id),
         progress.clone(),
         RECORDED_BLOB_WAIT,
@@ -419,11 +416,11 @@ async fn from_swarm(
 
 /// A fetch from the origin straight away (no lease, no record, no sharing).
 async fn from_origin(
-    shared: &Arc<Shared>,
+    downloads: &Arc<Downloads>,
     req: &UrlFetch,
     progress: &watch::Sender<Progress>,
 ) -> Result<FetchOutcome, FetchError> {
-    let session = new_session(shared, "").await?;
+    let session = new_session(downloads, "").await?;
     // The session tracks whole chunks, for the registry mirror's stream.
     let counters = Arc::new(Counters {
         session: Some(Arc::clone(&session)),
@@ -436,7 +433,7 @@ async fn from_origin(
     );
     let _ticker = AbortOnDrop(ticker);
     let target = req.target();
-    match shared
+    match downloads
         .origin
         .download(&target, None, session.file(), &counters)
         .await?
@@ -445,8 +442,8 @@ async fn from_origin(
         http::Downloaded::NotModified => return Err(not_modified(req)),
     }
     let origin_bytes = counters.received.load(Ordering::Relaxed);
-    shared.metrics.origin_received(origin_bytes);
-    finish(shared, req, &session, origin_bytes, Vec::new(), progress).await
+    downloads.metrics.origin_received(origin_bytes);
+    finish(downloads, req, &session, origin_bytes, Vec::new(), progress).await
 }
 
 /// Checks a blob against the `--digest` the user gave, if any.
