@@ -2,7 +2,10 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use nebula_proto::tls::{self, EndpointError, TlsConfig};
+use nebula_proto::{
+    client::{ControlUrlError, parse_control_urls, split_urls},
+    tls::{self, EndpointError, TlsConfig},
+};
 
 /// Why a [`Config`] was refused.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +33,15 @@ pub enum ConfigError {
     ControlScheme {
         /// The URL.
         url: String,
+    },
+    /// A control plane URL does not parse, or names no host.
+    #[error("control plane URL {url:?}")]
+    ControlUrl {
+        /// The URL.
+        url: String,
+        /// What is wrong with it.
+        #[source]
+        source: ControlUrlError,
     },
     /// A control plane URL does not fit the TLS settings.
     #[error("control plane URL {url:?}")]
@@ -298,12 +310,24 @@ impl Config {
             return Err(ConfigError::Zero { field });
         }
         if let Some(urls) = &self.control {
-            if crate::replicas::split_urls(urls).next().is_none() {
+            if split_urls(urls).next().is_none() {
                 return Err(ConfigError::NoControlUrl);
             }
-            for url in crate::replicas::split_urls(urls) {
-                if !(url.starts_with("http://") || url.starts_with("https://")) {
-                    return Err(ConfigError::ControlScheme { url: url.into() });
+            for url in split_urls(urls) {
+                match parse_control_urls(url) {
+                    Ok(parsed) if parsed == url => {}
+                    // The `host:port` shorthand is the CLI's; a `Config`
+                    // holds URLs as they are dialed.
+                    Ok(_)
+                    | Err(ControlUrlError::Scheme { .. } | ControlUrlError::NotAUrl { .. }) => {
+                        return Err(ConfigError::ControlScheme { url: url.into() });
+                    }
+                    Err(source) => {
+                        return Err(ConfigError::ControlUrl {
+                            url: url.into(),
+                            source,
+                        });
+                    }
                 }
                 // Refused here, before any call: the scheme must match the TLS settings.
                 tls::endpoint(url, self.tls.as_ref()).map_err(|source| {

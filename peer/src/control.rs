@@ -2,7 +2,7 @@
 //! more replicas (`--control URL[,URL…]`).
 //!
 //! The replicas are the URLs given, a URL whose host is a DNS name counting
-//! once per address it resolves to (see [`crate::replicas`]); names are
+//! once per address it resolves to (see [`nebula_proto::client::expand`]); names are
 //! resolved before the first call. Every call goes to the current replica;
 //! when that one does not answer (unavailable, timed out, connection lost)
 //! the same request is tried on the next, and the first that answers becomes
@@ -21,16 +21,15 @@ use std::{
 };
 
 use nebula_proto::{
-    client::{BearerToken, control_endpoint},
+    client::{
+        BearerToken, Replica as Address, Resolver, SystemResolver, control_endpoint, split_urls,
+    },
     tls::{self, EndpointError, TlsConfig},
     v1::{self as pb, control_plane_client::ControlPlaneClient},
 };
 use tonic::{Code, Response, Status, service::interceptor::InterceptedService, transport::Channel};
 
-use crate::{
-    identity::{self, Identity},
-    replicas::{self, Replica as Address, Resolver, SystemResolver, split_urls},
-};
+use crate::identity::{self, Identity};
 
 /// Adds `authorization: Bearer <token>` and this peer's credential (once it
 /// has one) to every control-plane call.
@@ -209,6 +208,41 @@ impl ControlClient {
         })
     }
 
+    /// A client of one control plane reached over `channel`, never dialed
+    /// or resolved (tests: a fake control plane in process).
+    #[cfg(test)]
+    pub(crate) fn over(channel: Channel, identity: Arc<Identity>, timeout: Duration) -> Self {
+        let given = "http://127.0.0.1:1".to_owned();
+        let this = Self::with_resolver(
+            &given,
+            None,
+            Arc::clone(&identity),
+            timeout,
+            None,
+            Arc::new(SystemResolver),
+        )
+        .expect("an address URL");
+        let replica = Replica {
+            address: Address {
+                url: given.clone(),
+                given,
+            },
+            client: ControlPlaneClient::with_interceptor(
+                channel,
+                BearerAuth {
+                    token: None,
+                    identity,
+                },
+            ),
+        };
+        *this
+            .inner
+            .replicas
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Arc::from([replica]));
+        this
+    }
+
     /// The first `http://` replica that answers with TLS: a plaintext call
     /// to it fails with an HTTP/2 protocol error that does not say why.
     pub(crate) async fn serving_tls(&self) -> Option<String> {
@@ -261,7 +295,7 @@ impl ControlClient {
 
     /// Resolves the list and makes lazily connecting clients of its replicas.
     async fn resolve(&self) -> Arc<[Replica]> {
-        let addresses = replicas::expand(&self.inner.list, &*self.inner.resolver).await;
+        let addresses = nebula_proto::client::expand(&self.inner.list, &*self.inner.resolver).await;
         let replicas: Arc<[Replica]> = addresses
             .into_iter()
             .filter_map(|address| {
@@ -317,7 +351,7 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
-    use crate::replicas::tests::Table;
+    use nebula_proto::client::FixedResolver as Table;
 
     /// Listeners on one port, free on every address of `ips`.
     async fn same_port(ips: &[&str]) -> Vec<TcpListener> {

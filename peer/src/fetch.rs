@@ -28,16 +28,30 @@ mod worker;
 pub(crate) use coordinator::download;
 pub(crate) use discovery::discover;
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    sync::{Arc, atomic::AtomicU64},
+    time::Duration,
+};
 
-use nebula_common::{Blob, BlobId, BlobRef, StoreError};
+use nebula_common::{Blob, BlobId, BlobRef, Store, StoreError};
 use tokio::{
-    sync::{oneshot, watch},
+    sync::{Semaphore, oneshot, watch},
     time::Instant,
 };
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::{metrics::FetchResult, node::Shared};
+use crate::{
+    Config,
+    control::ControlClient,
+    events::Events,
+    exchange::dial::{ConnectError, Connection, Dialer},
+    limit::RateLimiter,
+    metrics::{FetchResult, Metrics},
+    origin::{OriginClient, Sessions},
+    tasks::Tasks,
+};
 
 /// Why a fetch failed. Verified chunks stay in the store for a later resume.
 #[derive(Debug, thiserror::Error)]
@@ -226,17 +240,68 @@ impl Wanted {
     }
 }
 
+/// The downloading side of a node: what every download (by blob, by URL,
+/// for the registry mirror) works with.
+#[derive(Debug)]
+pub(crate) struct Downloads {
+    pub(crate) config: Arc<Config>,
+    pub(crate) store: Arc<Store>,
+    pub(crate) peer_id: String,
+    /// The address other peers dial.
+    pub(crate) address: String,
+    pub(crate) control: Option<ControlClient>,
+    /// The exchange streams to other peers.
+    pub(crate) dialer: Dialer,
+    /// The HTTP client of fetches by URL.
+    pub(crate) origin: OriginClient,
+    /// Origin downloads under way, offered to other peers.
+    pub(crate) sessions: Sessions,
+    pub(crate) download_limiter: Option<RateLimiter>,
+    /// Bytes of [`Config::download_buffer`] not held by a chunk request in
+    /// flight.
+    pub(crate) download_buffer: Arc<Semaphore>,
+    /// Verified bytes received from other peers.
+    pub(crate) downloaded_bytes: AtomicU64,
+    pub(crate) events: Arc<Events>,
+    pub(crate) metrics: Arc<Metrics>,
+    /// Cancelled when the node stops: every download ends.
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) tasks: Tasks,
+}
+
+impl Downloads {
+    /// The semaphore behind [`Config::download_buffer`].
+    pub(crate) fn buffer(config: &Config) -> Arc<Semaphore> {
+        // Validated: at least 1 MiB; capped at what a semaphore can count.
+        Arc::new(Semaphore::new(
+            usize::try_from(config.download_buffer)
+                .unwrap_or(usize::MAX)
+                .min(Semaphore::MAX_PERMITS),
+        ))
+    }
+
+    /// The exchange stream to a peer, dialed if needed.
+    pub(crate) async fn connect(&self, addr: &str) -> Result<Arc<Connection>, ConnectError> {
+        self.dialer.connect(addr).await
+    }
+}
+
 /// The one way into the downloader, for the local API, the registry mirror,
 /// the one-shot CLI fetch and tests: every fetch goes through [`Fetcher::run`],
 /// which also tells the rest of the node when a blob completes.
 #[derive(Debug, Clone)]
 pub struct Fetcher {
-    shared: Arc<Shared>,
+    downloads: Arc<Downloads>,
 }
 
 impl Fetcher {
-    pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        Self { shared }
+    pub(crate) fn new(downloads: Arc<Downloads>) -> Self {
+        Self { downloads }
+    }
+
+    /// What the downloads work with (the local API reads its store and counts).
+    pub(crate) fn downloads(&self) -> &Arc<Downloads> {
+        &self.downloads
     }
 
     /// Starts fetching `what` in the background, among the node's tasks; it
@@ -246,7 +311,7 @@ impl Fetcher {
         let (progress_tx, progress) = watch::channel(Progress::default());
         let (result_tx, result) = oneshot::channel();
         let fetcher = self.clone();
-        self.shared.tasks.spawn(async move {
+        self.downloads.tasks.spawn(async move {
             let outcome = fetcher.run(what, progress_tx, no_provider_timeout).await;
             // A handle dropped meanwhile no longer wants the outcome.
             let _ = result_tx.send(outcome);
@@ -261,15 +326,15 @@ impl Fetcher {
         progress: watch::Sender<Progress>,
         no_provider_timeout: Option<Duration>,
     ) -> Result<FetchOutcome, FetchError> {
-        let shared = Arc::clone(&self.shared);
+        let downloads = Arc::clone(&self.downloads);
         let outcome = match what {
             Wanted::Blob(blob) => {
-                let timeout = no_provider_timeout.unwrap_or(shared.config.no_provider_timeout);
-                fetch(shared, blob, progress, timeout).await
+                let timeout = no_provider_timeout.unwrap_or(downloads.config.no_provider_timeout);
+                fetch(downloads, blob, progress, timeout).await
             }
-            Wanted::Url(request) => crate::origin::fetch_url(shared, *request, progress).await,
+            Wanted::Url(request) => crate::origin::fetch_url(downloads, *request, progress).await,
         }?;
-        completed(&self.shared, &outcome.blob);
+        completed(&self.downloads, &outcome.blob);
         Ok(outcome)
     }
 }
@@ -296,17 +361,17 @@ impl FetchHandle {
 
 /// After a blob completes: compute its SHA-256 (for the `sha256:` alias) in
 /// the background, then tell membership.
-pub(crate) fn completed(shared: &Arc<Shared>, blob: &Arc<Blob>) {
-    shared.inventory_changed.notify_one();
+pub(crate) fn completed(downloads: &Arc<Downloads>, blob: &Arc<Blob>) {
+    downloads.events.inventory_changed();
     if blob.sha256().is_some() {
         return;
     }
     let blob = Arc::clone(blob);
-    let task = Arc::clone(shared);
-    shared.tasks.spawn(async move {
-        let shared = task;
+    let task = Arc::clone(downloads);
+    downloads.tasks.spawn(async move {
+        let downloads = task;
         match tokio::task::spawn_blocking(move || blob.compute_sha256()).await {
-            Ok(Ok(_)) => shared.inventory_changed.notify_one(),
+            Ok(Ok(_)) => downloads.events.inventory_changed(),
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "cannot compute the SHA-256 of a fetched blob")
             }
@@ -318,17 +383,17 @@ pub(crate) fn completed(shared: &Arc<Shared>, blob: &Arc<Blob>) {
 /// Fetches `blob` into the store, reporting progress as it goes, in a
 /// `fetch` span naming the blob; counted in the daemon's metrics.
 pub(crate) async fn fetch(
-    shared: Arc<Shared>,
+    downloads: Arc<Downloads>,
     blob_ref: BlobRef,
     progress: watch::Sender<Progress>,
     no_provider_timeout: Duration,
 ) -> Result<FetchOutcome, FetchError> {
     let span = tracing::info_span!("fetch", blob = %blob_ref);
-    let metrics = Arc::clone(&shared.metrics);
+    let metrics = Arc::clone(&downloads.metrics);
     observed(
         &metrics,
         span,
-        download(shared, blob_ref, progress, no_provider_timeout),
+        download(downloads, blob_ref, progress, no_provider_timeout),
     )
     .await
 }

@@ -4,16 +4,19 @@
 //!
 //! # Layout
 //!
-//! - [`node`]: a running peer ([`Node`]) and what its parts share.
-//! - `server`: the serving side of `PeerExchange`.
-//! - `connection`: the dialing side of `PeerExchange` (one stream per peer).
+//! - [`node`]: a running peer ([`Node`]): builds the parts below, runs them
+//!   and stops them in order. Nothing else imports it.
+//! - `exchange`: `PeerExchange`, serving (`exchange::serve`) and dialing
+//!   (`exchange::dial`, one stream per peer).
+//! - `uploads`: the upload slots, the upload limit and the bytes sent.
+//! - `events`: a blob gained chunks; the inventory changed.
 //! - [`fetch`]: the multi-source downloader and its scheduler.
 //! - [`origin`]: fetches by URL, one origin download for the fleet.
 //! - [`mirror`]: the registry mirror (OCI distribution, pull side).
 //! - `membership`: registration, heartbeats, announcements.
 //! - `control`: the control-plane client, failing over between replicas.
-//! - [`replicas`]: the replicas a `--control` list names, a DNS name once per address.
-//! - `metrics`: Prometheus metrics and the daemon's HTTP endpoint.
+//! - [`replicas`]: the old path of [`nebula_proto::client`]'s replica list.
+//! - `metrics`: Prometheus metrics; `endpoint`: the daemon's HTTP endpoint.
 //! - [`local`]: `LocalApi`, the CLI's Unix-socket API.
 //! - [`limit`]: the token bucket behind upload and download limits.
 //! - `tasks`: the node's background tasks, joined at shutdown.
@@ -24,8 +27,10 @@
 extern crate self as nebula_peer;
 
 mod config;
-mod connection;
 mod control;
+mod endpoint;
+mod events;
+mod exchange;
 mod fault;
 pub mod fetch;
 #[cfg(test)]
@@ -38,9 +43,8 @@ mod metrics;
 pub mod mirror;
 pub mod node;
 pub mod origin;
-pub mod replicas;
-mod server;
 mod tasks;
+mod uploads;
 
 pub use config::{Config, ConfigError, DialConfig, DiscoveryConfig};
 pub use fetch::{
@@ -50,3 +54,12 @@ pub use local::connect_local;
 pub use mirror::{Credentials, MirrorConfig};
 pub use node::{Failure, Node, NodeError, Part, StartError};
 pub use origin::{UrlFetch, UrlFetchError};
+
+/// The replicas a `--control` list names (now in [`nebula_proto::client`],
+/// which every control-plane client shares; kept here for callers of the
+/// old path).
+pub mod replicas {
+    pub use nebula_proto::client::{
+        FixedResolver, Replica, Resolve, Resolver, SystemResolver, expand, split_urls,
+    };
+}

@@ -16,17 +16,30 @@ use nebula_proto::v1::{
     local_api_client::LocalApiClient,
     local_api_server::{LocalApi, LocalApiServer},
 };
-use tokio::sync::{mpsc, watch};
+use tokio::{
+    sync::{mpsc, watch},
+    time::Instant,
+};
 use tonic::{Request, Response, Status, transport::Channel};
 
 use crate::{
-    FetchError, Fetcher, Progress, SourceBytes, UrlFetch, Wanted, node::Shared, server::MAX_PIECE,
+    FetchError, Fetcher, Progress, SourceBytes, UrlFetch, Wanted,
+    exchange::{MAX_MESSAGE, MAX_PIECE},
+    fetch::Downloads,
+    membership,
+    uploads::Uploads,
 };
 
 /// The service behind the daemon's socket.
 #[derive(Debug, Clone)]
 pub(crate) struct LocalService {
-    shared: Arc<Shared>,
+    fetcher: Fetcher,
+    /// Membership's status (never registered without a control plane).
+    membership: membership::Status,
+    /// The upload counts `nebula status` shows.
+    uploads: Arc<Uploads>,
+    /// When the node started.
+    started: Instant,
     /// Fetches under way, by the blob reference asked for: a second client
     /// asking for the same blob joins the running fetch instead of starting
     /// a second download of it.
@@ -42,11 +55,25 @@ struct Running {
 }
 
 impl LocalService {
-    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(
+        fetcher: Fetcher,
+        membership: membership::Status,
+        uploads: Arc<Uploads>,
+        started: Instant,
+    ) -> Self {
         Self {
-            shared,
+            fetcher,
+            membership,
+            uploads,
+            started,
             running: Arc::default(),
         }
+    }
+
+    /// The store, configuration and tasks this API works with: the
+    /// downloader's.
+    fn downloads(&self) -> &Arc<Downloads> {
+        self.fetcher.downloads()
     }
 
     /// Joins the fetch of `what` under way, or starts it. The fetch runs on
@@ -62,9 +89,9 @@ impl LocalService {
         let (result_tx, result) = watch::channel(None);
         let joined = Running { progress, result };
         running.insert(key.clone(), joined.clone());
-        let fetcher = Fetcher::new(Arc::clone(&self.shared));
+        let fetcher = self.fetcher.clone();
         let table = Arc::clone(&self.running);
-        self.shared.tasks.spawn(async move {
+        self.downloads().tasks.spawn(async move {
             let result = fetcher
                 .run(what, progress_tx, Some(timeout))
                 .await
@@ -79,8 +106,8 @@ impl LocalService {
 
     pub(crate) fn into_server(self) -> LocalApiServer<Self> {
         LocalApiServer::new(self)
-            .max_decoding_message_size(crate::connection::MAX_MESSAGE)
-            .max_encoding_message_size(crate::connection::MAX_MESSAGE)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE)
     }
 }
 
@@ -231,7 +258,7 @@ impl LocalApi for LocalService {
                 return Err(LocalError::Unreadable { path, source: e }.into());
             }
         }
-        let store = Arc::clone(&self.shared.store);
+        let store = Arc::clone(&self.downloads().store);
         let blob = tokio::task::spawn_blocking(move || store.add_file(&path))
             .await
             .map_err(|_| LocalError::Task("add"))?
@@ -243,7 +270,7 @@ impl LocalApi for LocalService {
                 }
                 e => LocalError::Store(e),
             })?;
-        crate::fetch::completed(&self.shared, &blob);
+        crate::fetch::completed(self.downloads(), &blob);
         let g = blob.geometry();
         Ok(Response::new(pb::AddResponse {
             id: blob.id().to_string(),
@@ -273,7 +300,7 @@ impl LocalApi for LocalService {
             return Err(LocalError::OutputPathRelative.into());
         }
         let timeout = match req.no_provider_timeout_ms {
-            0 => self.shared.config.no_provider_timeout,
+            0 => self.downloads().config.no_provider_timeout,
             ms => Duration::from_millis(ms),
         };
         let Running {
@@ -281,8 +308,8 @@ impl LocalApi for LocalService {
             result: mut result_rx,
         } = self.join_or_start(what, timeout);
         let (out_tx, out_rx) = mpsc::channel(16);
-        let store = Arc::clone(&self.shared.store);
-        self.shared.tasks.spawn(async move {
+        let store = Arc::clone(&self.downloads().store);
+        self.downloads().tasks.spawn(async move {
             let mut progress_open = true;
             loop {
                 tokio::select! {
@@ -344,8 +371,8 @@ impl LocalApi for LocalService {
         let req = request.into_inner();
         let wanted = parse_ref(&req.blob)?;
         let blob = match wanted {
-            BlobRef::Blake3(id) => self.shared.store.get(&id),
-            BlobRef::Sha256(d) => self.shared.store.find_sha256(&d),
+            BlobRef::Blake3(id) => self.downloads().store.get(&id),
+            BlobRef::Sha256(d) => self.downloads().store.find_sha256(&d),
         }
         // The parsed form, not the request's text: that may hold white space
         // and line breaks around the id.
@@ -354,7 +381,7 @@ impl LocalApi for LocalService {
             return Err(LocalError::Incomplete(blob.id()).into());
         }
         let (tx, rx) = mpsc::channel(4);
-        self.shared.tasks.spawn(async move {
+        self.downloads().tasks.spawn(async move {
             for i in 0..blob.geometry().chunk_count() {
                 let b = Arc::clone(&blob);
                 // Nothing unverified reaches the user's output.
@@ -388,7 +415,7 @@ impl LocalApi for LocalService {
         _: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
         let blobs = self
-            .shared
+            .downloads()
             .store
             .list()
             .into_iter()
@@ -409,12 +436,12 @@ impl LocalApi for LocalService {
         request: Request<pb::RemoveRequest>,
     ) -> Result<Response<pb::RemoveResponse>, Status> {
         let id = parse_id(&request.into_inner().blob)?;
-        let store = Arc::clone(&self.shared.store);
+        let store = Arc::clone(&self.downloads().store);
         tokio::task::spawn_blocking(move || store.remove(&id))
             .await
             .map_err(|_| LocalError::Task("remove"))?
             .map_err(LocalError::from)?;
-        self.shared.inventory_changed.notify_one();
+        self.downloads().events.inventory_changed();
         Ok(Response::new(pb::RemoveResponse {}))
     }
 
@@ -422,23 +449,19 @@ impl LocalApi for LocalService {
         &self,
         _: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        let s = &self.shared;
+        let d = self.downloads();
         Ok(Response::new(pb::StatusResponse {
-            peer_id: s.peer_id.clone(),
-            address: s.address.clone(),
-            control: s.config.control.clone().unwrap_or_default(),
-            registered: s.registered.load(Ordering::Acquire),
-            blobs: s.store.list().len() as u64,
-            active_uploads: s.active_uploads.load(Ordering::Relaxed),
-            uploaded_bytes: s.uploaded_bytes.load(Ordering::Relaxed),
-            downloaded_bytes: s.downloaded_bytes.load(Ordering::Relaxed),
-            uptime_ms: s.started.elapsed().as_millis() as u64,
-            store: s.store.root().display().to_string(),
-            registration_error: s
-                .registration_error
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone(),
+            peer_id: d.peer_id.clone(),
+            address: d.address.clone(),
+            control: d.config.control.clone().unwrap_or_default(),
+            registered: self.membership.is_registered(),
+            blobs: d.store.list().len() as u64,
+            active_uploads: self.uploads.active(),
+            uploaded_bytes: self.uploads.uploaded(),
+            downloaded_bytes: d.downloaded_bytes.load(Ordering::Relaxed),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            store: d.store.root().display().to_string(),
+            registration_error: self.membership.error(),
         }))
     }
 }
@@ -449,6 +472,6 @@ pub async fn connect_local(path: PathBuf) -> Result<LocalApiClient<Channel>, std
         .await
         .map_err(std::io::Error::other)?;
     Ok(LocalApiClient::new(channel)
-        .max_decoding_message_size(crate::connection::MAX_MESSAGE)
-        .max_encoding_message_size(crate::connection::MAX_MESSAGE))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE))
 }

@@ -3,14 +3,75 @@
 //! progress at a bounded rate), and start over when the control plane has
 //! forgotten this peer. Serving goes on whether or not the control plane is up.
 
-use std::{collections::HashMap, sync::Arc, sync::atomic::Ordering, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use bytes::Bytes;
-use nebula_common::{BlobId, store::BlobInfo};
+use nebula_common::{BlobId, Store, store::BlobInfo};
 use nebula_proto::v1 as pb;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
-use crate::{control::ControlClient, node::Shared};
+use crate::{Config, control::ControlClient, events::Events, identity::Identity, uploads::Uploads};
+
+/// Where membership stands, for `nebula status` and `/readyz`. Cloning is
+/// cheap; clones share the state, which only membership changes.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Status(Arc<StatusState>);
+
+#[derive(Debug, Default)]
+struct StatusState {
+    registered: AtomicBool,
+    /// Why the last registration attempt failed (empty once registered).
+    error: Mutex<String>,
+}
+
+impl Status {
+    /// Whether the control plane has accepted this peer's registration.
+    pub(crate) fn is_registered(&self) -> bool {
+        self.0.registered.load(Ordering::Acquire)
+    }
+
+    /// Why the last registration attempt failed; empty once registered.
+    pub(crate) fn error(&self) -> String {
+        self.error_slot().clone()
+    }
+
+    fn set_registered(&self, registered: bool) {
+        self.0.registered.store(registered, Ordering::Release);
+    }
+
+    fn error_slot(&self) -> std::sync::MutexGuard<'_, String> {
+        self.0.error.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A peer's membership with the control plane, built from the parts it
+/// reads: the store (announced), the uploads (the load heartbeats carry),
+/// the store's events (when to announce), and the identity it keeps current.
+#[derive(Debug)]
+pub(crate) struct Membership {
+    pub(crate) config: Arc<Config>,
+    pub(crate) store: Arc<Store>,
+    pub(crate) peer_id: String,
+    /// The address other peers dial.
+    pub(crate) address: String,
+    pub(crate) control: ControlClient,
+    /// Updated with each credential the control plane hands out.
+    pub(crate) identity: Arc<Identity>,
+    pub(crate) uploads: Arc<Uploads>,
+    pub(crate) events: Arc<Events>,
+    /// What `nebula status` reads.
+    pub(crate) status: Status,
+    /// Cancelled when the node stops: membership deregisters and ends.
+    pub(crate) shutdown: CancellationToken,
+}
 
 /// What the control plane was last told of one blob: enough to see that
 /// it changed, read off the store's listing.
@@ -33,8 +94,8 @@ impl From<&BlobInfo> for Announced {
 
 /// The announcement of one blob; only the bitmap of a partial blob is read
 /// from the store again.
-fn announcement(shared: &Shared, info: &BlobInfo) -> pb::BlobAnnouncement {
-    let chunks = match shared.store.get(&info.id) {
+fn announcement(store: &Store, info: &BlobInfo) -> pb::BlobAnnouncement {
+    let chunks = match store.get(&info.id) {
         Some(blob) if !info.complete => Bytes::from(blob.chunks().to_bitmap()),
         _ => Bytes::new(),
     };
@@ -51,8 +112,8 @@ fn announcement(shared: &Shared, info: &BlobInfo) -> pb::BlobAnnouncement {
 /// that is not a control plane answers `unimplemented` with no message; a
 /// plaintext call to a control plane serving TLS fails with an HTTP/2
 /// protocol error, and says so.
-async fn set_registration_error(shared: &Shared, control: &ControlClient, status: &tonic::Status) {
-    let urls = shared.config.control.as_deref().unwrap_or_default();
+async fn set_registration_error(m: &Membership, status: &tonic::Status) {
+    let urls = m.config.control.as_deref().unwrap_or_default();
     let mut why = match status.code() {
         tonic::Code::Unimplemented => {
             format!("{urls} does not serve the control-plane API: not a Nebula control plane")
@@ -64,54 +125,49 @@ async fn set_registration_error(shared: &Shared, control: &ControlClient, status
         status.code(),
         tonic::Code::Internal | tonic::Code::Unknown | tonic::Code::Unavailable
     );
-    if shared.config.tls.is_none()
+    if m.config.tls.is_none()
         && transport
-        && let Some(url) = control.serving_tls().await
+        && let Some(url) = m.control.serving_tls().await
     {
         why.push_str(&format!(
             "; {url} answers with TLS: dial it with https:// and the fleet CA"
         ));
     }
-    *shared
-        .registration_error
-        .lock()
-        .unwrap_or_else(|e| e.into_inner()) = why;
+    *m.status.error_slot() = why;
 }
 
 /// Runs until the node shuts down, then deregisters.
-pub(crate) async fn run(shared: Arc<Shared>) {
-    let Some(control) = shared.control.clone() else {
-        return;
-    };
-    let mut events = shared.chunk_events.subscribe();
-    let first_backoff = shared.config.register_backoff;
+pub(crate) async fn run(m: Membership) {
+    let control = m.control.clone();
+    let mut events = m.events.subscribe();
+    let first_backoff = m.config.register_backoff;
     let mut backoff = first_backoff;
     'register: loop {
-        shared.registered.store(false, Ordering::Release);
+        m.status.set_registered(false);
         let request = pb::RegisterRequest {
-            peer_id: shared.peer_id.clone(),
-            address: shared.address.clone(),
-            zone: shared.config.zone.clone(),
+            peer_id: m.peer_id.clone(),
+            address: m.address.clone(),
+            zone: m.config.zone.clone(),
             labels: HashMap::new(),
         };
         let registered = tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
+            _ = m.shutdown.cancelled() => return,
             r = control.register(request) => r,
         };
         let interval = match registered {
             Ok(r) => {
                 let r = r.into_inner();
-                shared.identity.update(&r.credential, &r.verify_keys);
+                m.identity.update(&r.credential, &r.verify_keys);
                 Duration::from_millis(r.heartbeat_interval_ms.clamp(100, 60_000))
             }
             Err(status) => {
                 tracing::warn!(code = ?status.code(), message = status.message(), "cannot register with the control plane; retrying");
-                set_registration_error(&shared, &control, &status).await;
+                set_registration_error(&m, &status).await;
                 tokio::select! {
-                    _ = shared.shutdown.cancelled() => return,
+                    _ = m.shutdown.cancelled() => return,
                     _ = tokio::time::sleep(backoff) => {}
                 }
-                backoff = (backoff * 2).min(shared.config.max_register_backoff);
+                backoff = (backoff * 2).min(m.config.max_register_backoff);
                 continue 'register;
             }
         };
@@ -119,12 +175,12 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         // The whole inventory, replacing whatever the control plane held.
         let mut announced: HashMap<BlobId, Announced> = HashMap::new();
         let mut blobs = Vec::new();
-        for info in shared.store.list() {
-            blobs.push(announcement(&shared, &info));
+        for info in m.store.list() {
+            blobs.push(announcement(&m.store, &info));
             announced.insert(info.id, Announced::from(&info));
         }
         let full = pb::AnnounceRequest {
-            peer_id: shared.peer_id.clone(),
+            peer_id: m.peer_id.clone(),
             blobs,
             removed: Vec::new(),
             full_inventory: true,
@@ -142,19 +198,15 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                 continue 'register;
             }
         }
-        shared.registered.store(true, Ordering::Release);
-        shared
-            .registration_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
-        tracing::info!(peer = %shared.peer_id, "registered with the control plane");
+        m.status.set_registered(true);
+        m.status.error_slot().clear();
+        tracing::info!(peer = %m.peer_id, "registered with the control plane");
         let mut heartbeat = tokio::time::interval(interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_ok = Instant::now();
         let mut dirty = false;
         let mut next_announce = Instant::now();
-        let mut last_uploaded = shared.uploaded_bytes.load(Ordering::Relaxed);
+        let mut last_uploaded = m.uploads.uploaded();
         let mut last_beat = Instant::now();
         loop {
             let announce_at = if dirty {
@@ -163,23 +215,23 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                 Instant::now() + Duration::from_secs(3600)
             };
             tokio::select! {
-                _ = shared.shutdown.cancelled() => {
-                    let bye = pb::DeregisterRequest { peer_id: shared.peer_id.clone() };
+                _ = m.shutdown.cancelled() => {
+                    let bye = pb::DeregisterRequest { peer_id: m.peer_id.clone() };
                     let _ = tokio::time::timeout(Duration::from_secs(2), control.deregister(bye)).await;
                     return;
                 }
                 _ = heartbeat.tick() => {
                     let now = Instant::now();
-                    let uploaded = shared.uploaded_bytes.load(Ordering::Relaxed);
+                    let uploaded = m.uploads.uploaded();
                     let secs = now.duration_since(last_beat).as_secs_f64().max(0.001);
                     let load = pb::Load {
-                        active_uploads: shared.active_uploads.load(Ordering::Relaxed),
+                        active_uploads: m.uploads.active(),
                         upload_bytes_per_sec: ((uploaded - last_uploaded) as f64 / secs) as u64,
-                        upload_slots: shared.config.upload_slots,
+                        upload_slots: m.config.upload_slots,
                     };
                     last_uploaded = uploaded;
                     last_beat = now;
-                    let beat = pb::HeartbeatRequest { peer_id: shared.peer_id.clone(), load: Some(load) };
+                    let beat = pb::HeartbeatRequest { peer_id: m.peer_id.clone(), load: Some(load) };
                     match control.heartbeat(beat).await {
                         Ok(r) if r.get_ref().unknown_peer => {
                             tracing::info!("control plane does not know this peer; registering again");
@@ -187,24 +239,24 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                         }
                         Ok(r) => {
                             let r = r.into_inner();
-                            shared.identity.update(&r.credential, &r.verify_keys);
+                            m.identity.update(&r.credential, &r.verify_keys);
                             last_ok = now;
-                            shared.registered.store(true, Ordering::Release);
+                            m.status.set_registered(true);
                         }
                         Err(status) if status.code() == tonic::Code::Unauthenticated => {
                             tracing::info!(message = status.message(), "the control plane refused this peer's credential; registering again");
-                            shared.identity.forget();
+                            m.identity.forget();
                             continue 'register;
                         }
                         Err(status) => {
                             tracing::debug!(message = status.message(), "heartbeat failed");
                             if now.duration_since(last_ok) > interval * 3 {
-                                shared.registered.store(false, Ordering::Release);
+                                m.status.set_registered(false);
                             }
                         }
                     }
                 }
-                _ = shared.inventory_changed.notified() => dirty = true,
+                () = m.events.changed() => dirty = true,
                 event = events.recv() => {
                     if !matches!(event, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
                         dirty = true;
@@ -212,13 +264,13 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                 }
                 _ = tokio::time::sleep_until(announce_at), if dirty => {
                     dirty = false;
-                    next_announce = Instant::now() + shared.config.announce_interval;
+                    next_announce = Instant::now() + m.config.announce_interval;
                     let mut changed = Vec::new();
                     let mut current = HashMap::new();
-                    for info in shared.store.list() {
+                    for info in m.store.list() {
                         let state = Announced::from(&info);
                         if announced.get(&info.id) != Some(&state) {
-                            changed.push(announcement(&shared, &info));
+                            changed.push(announcement(&m.store, &info));
                         }
                         current.insert(info.id, state);
                     }
@@ -227,7 +279,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                         continue;
                     }
                     let request = pb::AnnounceRequest {
-                        peer_id: shared.peer_id.clone(),
+                        peer_id: m.peer_id.clone(),
                         blobs: changed,
                         removed,
                         full_inventory: false,

@@ -1,27 +1,19 @@
-//! The daemon's Prometheus metrics and its HTTP endpoint (`--http-listen`):
-//! `/metrics` in the OpenMetrics text format, `/healthz` and `/readyz`.
+//! The daemon's Prometheus metrics, in the OpenMetrics text format (served
+//! by `crate::endpoint`).
 //!
 //! Every label has a small fixed set of values: no blob or peer id is ever a
 //! label, so a daemon that lives for months exports the same few series.
 //! Figures that are states rather than events (store size, active uploads,
 //! open streams) are read when scraped.
 
-use std::{
-    io,
-    sync::{Arc, atomic::Ordering},
-    time::Duration,
-};
+use std::time::Duration;
 
-use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use nebula_common::Store;
 use prometheus_client::{
     encoding::text::encode,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::{Registry, Unit},
 };
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-
-use crate::node::Shared;
 
 /// A label set of one `(name, value)` pair from a fixed list.
 type Label = [(&'static str, &'static str); 1];
@@ -381,16 +373,21 @@ impl Metrics {
         StreamGuard::open(&self.streams, "serving")
     }
 
-    /// The text exposition, with the state gauges read from `shared` first
-    /// (`dialed`: the streams this daemon opened to others).
-    fn render(&self, shared: &Shared, dialed: usize) -> Result<String, std::fmt::Error> {
+    /// The text exposition, with the state gauges set first: the blobs of
+    /// `store`, the upload slots in use (`active_uploads`) and the streams
+    /// this daemon opened to others (`dialed`).
+    pub(crate) fn render(
+        &self,
+        store: &Store,
+        active_uploads: u32,
+        dialed: usize,
+    ) -> Result<String, std::fmt::Error> {
         self.streams
             .get_or_create(&[("direction", "dialed")])
             .set(i64::try_from(dialed).unwrap_or(i64::MAX));
-        self.uploads_active
-            .set(i64::from(shared.active_uploads.load(Ordering::Relaxed)));
+        self.uploads_active.set(i64::from(active_uploads));
         let (mut bytes, mut blobs) = ([0i64; 2], [0i64; 2]);
-        for info in shared.store.list() {
+        for info in store.list() {
             let state = usize::from(!info.complete);
             let held = if info.complete {
                 info.size
@@ -430,62 +427,4 @@ impl Drop for StreamGuard {
     fn drop(&mut self) {
         self.0.dec();
     }
-}
-
-/// The content type Prometheus and OpenMetrics scrapers expect.
-const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-
-/// The daemon's HTTP router: `/metrics`, `/healthz` (the process answers)
-/// and `/readyz` (registered with the control plane, or running without one).
-fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
-        .route("/metrics", get(scrape))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(ready))
-        .with_state(shared)
-}
-
-async fn scrape(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    let dialed = shared.pool.open_count().await;
-    let rendered = {
-        let shared = Arc::clone(&shared);
-        // Listing the store touches every blob's metadata: off the reactor.
-        tokio::task::spawn_blocking(move || shared.metrics.render(&shared, dialed)).await
-    };
-    match rendered {
-        Ok(Ok(text)) => (
-            StatusCode::OK,
-            [(axum::http::header::CONTENT_TYPE, OPENMETRICS)],
-            text,
-        )
-            .into_response(),
-        _ => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
-    }
-}
-
-async fn ready(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    if shared.control.is_none() || shared.registered.load(Ordering::Acquire) {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not registered with the control plane\n",
-        )
-    }
-}
-
-/// Serves the daemon's HTTP endpoints on `listener` until `stop` fires.
-pub(crate) async fn serve(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    stop: CancellationToken,
-) -> io::Result<()> {
-    let tls = shared.config.tls.clone();
-    nebula_proto::https::serve(
-        listener,
-        router(shared),
-        tls.as_ref(),
-        stop.cancelled_owned(),
-    )
-    .await
 }

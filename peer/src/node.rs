@@ -1,23 +1,20 @@
-//! A running peer: the store, the exchange server, membership and the local
-//! API, under one cancellation token with an ordered shutdown.
+//! A running peer, the composition root: builds the parts (the store, the
+//! uploads and the serving side, the downloads and the dialing side,
+//! membership, the local API, the HTTP endpoint, the registry mirror) from
+//! one `Config`, each from the handles it needs, runs them under one
+//! cancellation token and stops them in order. No other module imports this
+//! one.
 
 use std::{
     net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
-    },
+    sync::{Arc, atomic::AtomicU64},
 };
 
 use futures::FutureExt as _;
-use nebula_common::{BlobId, Store, StoreError};
-use nebula_proto::{
-    incoming::CallsLayer,
-    v1::{self as pb, peer_exchange_server::PeerExchangeServer},
-};
+use nebula_common::{Store, StoreError};
+use nebula_proto::{incoming::CallsLayer, v1::peer_exchange_server::PeerExchangeServer};
 use tokio::{
     net::{TcpListener, UnixListener},
-    sync::{Notify, Semaphore, broadcast},
     task::JoinSet,
     time::Instant,
 };
@@ -27,18 +24,23 @@ use tower::layer::util::Stack;
 
 use crate::{
     Config, ConfigError, Fetcher,
-    connection::{
-        CONNECTION_WINDOW, ConnectError, Connection, MAX_FRAME, MAX_MESSAGE, Pool, STREAM_WINDOW,
-    },
     control::ControlClient,
+    endpoint::{self, Endpoint},
+    events::Events,
+    exchange::{
+        CONNECTION_WINDOW, MAX_FRAME, MAX_MESSAGE, STREAM_WINDOW,
+        dial::Dialer,
+        serve::{ExchangeService, Serving},
+    },
+    fetch::Downloads,
     identity::{ExchangeAuth, Identity},
     limit::RateLimiter,
     local::LocalService,
-    membership,
-    metrics::{self, Metrics},
-    origin::OriginClient,
-    server::ExchangeService,
+    membership::{self, Membership},
+    metrics::Metrics,
+    origin::{OriginClient, Sessions},
     tasks::Tasks,
+    uploads::Uploads,
 };
 
 /// Why a node could not start.
@@ -128,156 +130,6 @@ pub struct NodeError {
     pub failure: Failure,
 }
 
-/// What every part of a node shares.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub(crate) config: Config,
-    pub(crate) store: Arc<Store>,
-    pub(crate) peer_id: String,
-    /// The address other peers dial.
-    pub(crate) address: String,
-    pub(crate) control: Option<ControlClient>,
-    /// This peer's credential, and the keys that check other peers'.
-    pub(crate) identity: Arc<Identity>,
-    /// The HTTP client of fetches by URL.
-    pub(crate) origin: OriginClient,
-    /// Origin downloads under way that other peers may fetch from, by key.
-    pub(crate) sessions: dashmap::DashMap<String, Arc<crate::origin::Session>>,
-    pub(crate) upload_limiter: Option<RateLimiter>,
-    pub(crate) download_limiter: Option<RateLimiter>,
-    /// Upload slots in use (chunk requests admitted and not yet answered).
-    pub(crate) active_uploads: AtomicU32,
-    /// Bytes of [`Config::download_buffer`] not held by a chunk request in
-    /// flight.
-    pub(crate) download_buffer: Arc<Semaphore>,
-    pub(crate) uploaded_bytes: AtomicU64,
-    pub(crate) downloaded_bytes: AtomicU64,
-    /// A blob gained chunks (feeds have-updates and partial announcements).
-    pub(crate) chunk_events: broadcast::Sender<BlobId>,
-    /// The inventory changed (add, remove, completion).
-    pub(crate) inventory_changed: Notify,
-    pub(crate) registered: AtomicBool,
-    /// Why the last registration attempt failed (empty once registered),
-    /// for `nebula status`.
-    pub(crate) registration_error: std::sync::Mutex<String>,
-    /// When each chunk was last sent, and on which stream: a rate-limited
-    /// peer does not spend its upload on a second copy while the first is
-    /// fresh (the receiver will pass it on).
-    pub(crate) recent_sends: dashmap::DashMap<(BlobId, u32), (Instant, u64)>,
-    /// Numbers serving streams, for `recent_sends`.
-    pub(crate) next_stream: AtomicU64,
-    pub(crate) pool: Pool,
-    pub(crate) metrics: Arc<Metrics>,
-    pub(crate) started: Instant,
-    /// Cancelled when the node starts to stop: servers stop accepting,
-    /// fetches end, serving streams end after the piece they are sending.
-    pub(crate) shutdown: CancellationToken,
-    /// Every background task of the node's parts.
-    pub(crate) tasks: Tasks,
-}
-
-impl Shared {
-    fn new(
-        config: Config,
-        store: Store,
-        address: String,
-        control: Option<ControlClient>,
-        identity: Arc<Identity>,
-        origin: OriginClient,
-    ) -> Self {
-        let tasks = Tasks::new();
-        Self {
-            origin,
-            sessions: dashmap::DashMap::new(),
-            peer_id: store.peer_id().to_owned(),
-            store: Arc::new(store),
-            address,
-            control,
-            identity,
-            upload_limiter: RateLimiter::optional(config.upload_limit),
-            download_limiter: RateLimiter::optional(config.download_limit),
-            active_uploads: AtomicU32::new(0),
-            // Validated: at least 1 MiB; capped at what a semaphore can count.
-            download_buffer: Arc::new(Semaphore::new(
-                usize::try_from(config.download_buffer)
-                    .unwrap_or(usize::MAX)
-                    .min(Semaphore::MAX_PERMITS),
-            )),
-            uploaded_bytes: AtomicU64::new(0),
-            downloaded_bytes: AtomicU64::new(0),
-            chunk_events: broadcast::channel(1024).0,
-            inventory_changed: Notify::new(),
-            registered: AtomicBool::new(false),
-            registration_error: std::sync::Mutex::new(String::new()),
-            recent_sends: dashmap::DashMap::new(),
-            next_stream: AtomicU64::new(1),
-            pool: Pool::new(tasks.clone()),
-            metrics: Arc::new(Metrics::default()),
-            started: Instant::now(),
-            shutdown: CancellationToken::new(),
-            tasks,
-            config,
-        }
-    }
-
-    /// A node's shared state without its servers, on the store
-    /// `config` names, trusting credentials signed by `fleet` when given,
-    /// with a control-plane client when `config` names one (for tests of
-    /// one part).
-    #[cfg(test)]
-    pub(crate) fn for_tests(
-        config: Config,
-        fleet: Option<&nebula_common::credential::PublicKey>,
-    ) -> Arc<Self> {
-        let store = Store::open(&config.store).expect("a store in a fresh directory opens");
-        let identity = Arc::new(Identity::new(None));
-        if let Some(fleet) = fleet {
-            identity.update("", &[bytes::Bytes::copy_from_slice(fleet.as_bytes())]);
-        }
-        let control = config.control.as_ref().map(|urls| {
-            ControlClient::new(
-                urls,
-                None,
-                Arc::clone(&identity),
-                config.control_timeout,
-                None,
-            )
-            .expect("a valid control plane URL")
-        });
-        // Built without extra CAs: cannot fail.
-        let origin = OriginClient::new(1, config.origin_timeout, None).expect("a plain client");
-        let address = "127.0.0.1:1".to_owned();
-        Arc::new(Self::new(config, store, address, control, identity, origin))
-    }
-
-    /// The exchange stream to a peer, dialed if needed.
-    pub(crate) async fn connect(&self, addr: &str) -> Result<Arc<Connection>, ConnectError> {
-        let hello = pb::Hello {
-            peer_id: self.peer_id.clone(),
-            address: self.address.clone(),
-        };
-        // A peer that has just started dials once it has a credential to
-        // show (or the control plane's deadline passed).
-        let credential = match &self.control {
-            Some(_) => {
-                self.identity
-                    .credential_within(self.config.control_timeout)
-                    .await
-            }
-            None => self.identity.credential(),
-        };
-        self.pool
-            .get(
-                addr,
-                hello,
-                credential,
-                &self.config.dial,
-                self.config.tls.as_ref(),
-            )
-            .await
-    }
-}
-
 /// The peer server's routes, behind the layer that counts each connection's calls.
 type PeerRouter = tonic::transport::server::Router<Stack<CallsLayer, tower::layer::util::Identity>>;
 
@@ -285,7 +137,13 @@ type PeerRouter = tonic::transport::server::Router<Stack<CallsLayer, tower::laye
 #[derive(Debug)]
 #[must_use = "a node stops when shut down; dropping the handle leaves it running until the runtime ends"]
 pub struct Node {
-    shared: Arc<Shared>,
+    /// The downloading side, which also holds what every part reads: the
+    /// configuration, the store, this peer's id and address, the shutdown
+    /// token and the tasks.
+    downloads: Arc<Downloads>,
+    uploads: Arc<Uploads>,
+    membership: membership::Status,
+    started: Instant,
     /// The parts whose failure stops the node; each returns what ended it.
     parts: JoinSet<(Part, Result<(), Failure>)>,
     local_addr: SocketAddr,
@@ -301,7 +159,7 @@ impl Node {
             .await
             .map_err(StartError::StoreTask)??;
         let local_addr = listener.local_addr().map_err(StartError::Listener)?;
-        let advertised = config.advertise.unwrap_or(local_addr);
+        let address = config.advertise.unwrap_or(local_addr).to_string();
         let identity = Arc::new(Identity::new(Some(store.root().join("credential"))));
         let control = match &config.control {
             Some(urls) => {
@@ -326,16 +184,53 @@ impl Node {
             config.origin_timeout,
             config.origin_ca.as_deref(),
         )?;
-        let shared = Arc::new(Shared::new(
-            config,
-            store,
-            advertised.to_string(),
-            control,
-            identity,
+        let config = Arc::new(config);
+        let store = Arc::new(store);
+        let peer_id = store.peer_id().to_owned();
+        let (shutdown, tasks) = (CancellationToken::new(), Tasks::new());
+        let metrics = Arc::new(Metrics::default());
+        let events = Arc::new(Events::default());
+        let sessions = Sessions::default();
+        let uploads = Arc::new(Uploads::new(&config));
+        let dialer = Dialer::new(
+            &peer_id,
+            &address,
+            Arc::clone(&identity),
+            Arc::clone(&config),
+            tasks.clone(),
+        );
+        let downloads = Arc::new(Downloads {
+            config: Arc::clone(&config),
+            store: Arc::clone(&store),
+            peer_id: peer_id.clone(),
+            address: address.clone(),
+            control: control.clone(),
+            dialer,
             origin,
-        ));
+            sessions: Arc::clone(&sessions),
+            download_limiter: RateLimiter::optional(config.download_limit),
+            download_buffer: Downloads::buffer(&config),
+            downloaded_bytes: AtomicU64::new(0),
+            events: Arc::clone(&events),
+            metrics: Arc::clone(&metrics),
+            shutdown: shutdown.clone(),
+            tasks: tasks.clone(),
+        });
+        let serving = Serving {
+            config: Arc::clone(&config),
+            store: Arc::clone(&store),
+            uploads: Arc::clone(&uploads),
+            events: Arc::clone(&events),
+            sessions,
+            metrics,
+            shutdown: shutdown.clone(),
+            tasks,
+        };
         let mut node = Self {
-            shared,
+            downloads,
+            uploads: Arc::clone(&uploads),
+            membership: membership::Status::default(),
+            started: Instant::now(),
             parts: JoinSet::new(),
             local_addr,
         };
@@ -345,7 +240,6 @@ impl Node {
         // off when out of descriptors, one address holds a bounded number of
         // connections, and silent or idle ones are closed (the `calls` layer
         // tells them when calls open and close).
-        let config = &node.shared.config;
         let (incoming, calls) = nebula_proto::incoming::incoming(
             listener,
             nebula_proto::incoming::IncomingOptions {
@@ -355,73 +249,35 @@ impl Node {
                 keepalive: config.tcp_keepalive,
             },
         );
-        let router = node.peer_router(calls).await?;
+        let router = peer_router(&config, &peer_id, &identity, serving, calls).await?;
         let incoming = crate::fault::peer_incoming(incoming);
-        let stop = node.shared.shutdown.clone();
+        let stop = shutdown.clone();
         node.spawn_part(Part::PeerServer, async move {
             router
                 .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
                 .await
                 .map_err(Failure::from)
         });
-        if node.shared.control.is_some() {
-            let shared = Arc::clone(&node.shared);
+        if let Some(control) = control {
+            let membership = Membership {
+                config,
+                store,
+                peer_id,
+                address,
+                control,
+                identity,
+                uploads,
+                events,
+                status: node.membership.clone(),
+                shutdown,
+            };
             node.spawn_part(Part::Membership, async move {
-                membership::run(shared).await;
+                membership::run(membership).await;
                 Ok(())
             });
         }
-        tracing::info!(peer = %node.shared.peer_id, address = %node.shared.address, "peer serving");
+        tracing::info!(peer = %node.peer_id(), address = %node.advertised(), "peer serving");
         Ok(node)
-    }
-
-    /// The peer server: health, reflection and `PeerExchange`, behind the
-    /// credential check, with the configured HTTP/2 limits.
-    async fn peer_router(&self, calls: CallsLayer) -> Result<PeerRouter, StartError> {
-        let shared = &self.shared;
-        let config = &shared.config;
-        let (health, health_service) = tonic_health::server::health_reporter();
-        health
-            .set_serving::<PeerExchangeServer<ExchangeService>>()
-            .await;
-        // What the control plane's probe asks: only this peer answers for its id.
-        health
-            .set_service_status(
-                format!("nebula.peer.{}", shared.peer_id),
-                tonic_health::ServingStatus::Serving,
-            )
-            .await;
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(nebula_proto::FILE_DESCRIPTOR_SET)
-            .build_v1()?;
-        let exchange = InterceptedService::new(
-            PeerExchangeServer::new(ExchangeService::new(Arc::clone(shared)))
-                .max_decoding_message_size(MAX_MESSAGE)
-                .max_encoding_message_size(MAX_MESSAGE),
-            ExchangeAuth(Arc::clone(&shared.identity)),
-        );
-        let mut server = Server::builder();
-        if let Some(tls) = &config.tls {
-            let tls = tls
-                .server_config()
-                .map_err(|e| StartError::Tls(Box::new(e)))?;
-            server = server
-                .tls_config(tls)
-                .map_err(|e| StartError::Tls(Box::new(e)))?;
-        }
-        Ok(server
-            .layer(calls)
-            .tcp_nodelay(true)
-            .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_frame_size(MAX_FRAME)
-            .max_concurrent_streams(config.max_concurrent_streams)
-            .http2_max_local_error_reset_streams(Some(config.max_local_resets))
-            .http2_keepalive_interval(Some(config.server_keepalive_interval))
-            .http2_keepalive_timeout(Some(config.server_keepalive_timeout))
-            .add_service(health_service)
-            .add_service(reflection)
-            .add_service(exchange))
     }
 
     /// Runs `part` until it ends. A part that fails, panics, or (a server)
@@ -430,7 +286,7 @@ impl Node {
     where
         F: std::future::Future<Output = Result<(), Failure>> + Send + 'static,
     {
-        let stop = self.shared.shutdown.clone();
+        let stop = self.downloads.shutdown.clone();
         let serves = part != Part::Membership;
         self.parts.spawn(async move {
             let ended = std::panic::AssertUnwindSafe(run).catch_unwind().await;
@@ -451,8 +307,14 @@ impl Node {
     /// caller bound (see [`nebula_proto::unix::bind_private`]) and removes
     /// after [`Node::shutdown`].
     pub fn serve_local(&mut self, listener: UnixListener) {
-        let service = LocalService::new(Arc::clone(&self.shared)).into_server();
-        let stop = self.shared.shutdown.clone();
+        let service = LocalService::new(
+            self.fetcher(),
+            self.membership.clone(),
+            Arc::clone(&self.uploads),
+            self.started,
+        )
+        .into_server();
+        let stop = self.downloads.shutdown.clone();
         self.spawn_part(Part::LocalApi, async move {
             let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
             Server::builder()
@@ -466,10 +328,18 @@ impl Node {
     /// Serves `/metrics`, `/healthz` and `/readyz` over HTTP on `listener`
     /// (the daemon's `--http-listen`).
     pub fn serve_http(&mut self, listener: TcpListener) {
-        let shared = Arc::clone(&self.shared);
-        let stop = self.shared.shutdown.clone();
+        let d = &self.downloads;
+        let endpoint = Endpoint {
+            metrics: Arc::clone(&d.metrics),
+            store: Arc::clone(&d.store),
+            uploads: Arc::clone(&self.uploads),
+            dialer: d.dialer.clone(),
+            membership: d.control.is_some().then(|| self.membership.clone()),
+            tls: d.config.tls.clone(),
+        };
+        let stop = d.shutdown.clone();
         self.spawn_part(Part::Http, async move {
-            metrics::serve(listener, shared, stop)
+            endpoint::serve(listener, endpoint, stop)
                 .await
                 .map_err(Failure::from)
         });
@@ -477,10 +347,10 @@ impl Node {
 
     /// Serves the registry mirror (`--registry-mirror`) on `listener`.
     pub fn serve_mirror(&mut self, listener: TcpListener, config: crate::MirrorConfig) {
-        let shared = Arc::clone(&self.shared);
-        let stop = self.shared.shutdown.clone();
+        let downloads = Arc::clone(&self.downloads);
+        let stop = self.downloads.shutdown.clone();
         self.spawn_part(Part::Mirror, async move {
-            crate::mirror::serve(listener, shared, config, stop)
+            crate::mirror::serve(listener, downloads, config, stop)
                 .await
                 .map_err(Failure::from)
         });
@@ -493,33 +363,33 @@ impl Node {
 
     /// The address announced to other peers.
     pub fn advertised(&self) -> &str {
-        &self.shared.address
+        &self.downloads.address
     }
 
     /// The stable peer id.
     pub fn peer_id(&self) -> &str {
-        &self.shared.peer_id
+        &self.downloads.peer_id
     }
 
     /// The node's store.
     pub fn store(&self) -> &Arc<Store> {
-        &self.shared.store
+        &self.downloads.store
     }
 
     /// Whether the control plane has accepted the node's registration.
     pub fn is_registered(&self) -> bool {
-        self.shared.registered.load(Ordering::Acquire)
+        self.membership.is_registered()
     }
 
     /// The node's downloader: the one way to fetch a blob or a URL.
     pub fn fetcher(&self) -> Fetcher {
-        Fetcher::new(Arc::clone(&self.shared))
+        Fetcher::new(Arc::clone(&self.downloads))
     }
 
     /// A future that resolves when the node starts shutting down, told to
     /// or because a part failed.
     pub fn stopping(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
-        self.shared.shutdown.clone().cancelled_owned()
+        self.downloads.shutdown.clone().cancelled_owned()
     }
 
     /// Stops in order: stop accepting and cancel fetches, deregister, let
@@ -527,9 +397,9 @@ impl Node {
     /// then release the store. Returns the failure of the part that stopped
     /// the node, if one did.
     pub async fn shutdown(mut self) -> Result<(), NodeError> {
-        self.shared.shutdown.cancel();
-        self.shared.pool.close_all().await;
-        let grace = self.shared.config.shutdown_grace;
+        self.downloads.shutdown.cancel();
+        self.downloads.dialer.close_all().await;
+        let grace = self.downloads.config.shutdown_grace;
         let deadline = Instant::now() + grace;
         let mut failed: Option<NodeError> = None;
         let mut aborted = false;
@@ -554,14 +424,14 @@ impl Node {
             }
         }
         let left = deadline.saturating_duration_since(Instant::now());
-        let dropped = self.shared.tasks.wait(left).await;
+        let dropped = self.downloads.tasks.wait(left).await;
         if dropped > 0 {
             tracing::warn!(
                 tasks = dropped,
                 "tasks still running after the grace period were dropped"
             );
         }
-        tracing::info!(peer = %self.shared.peer_id, "node stopped");
+        tracing::info!(peer = %self.downloads.peer_id, "node stopped");
         match failed {
             Some(e) => Err(e),
             None => Ok(()),
@@ -569,13 +439,67 @@ impl Node {
     }
 }
 
+/// The peer server: health, reflection and `PeerExchange` (built from
+/// `serving`), behind the credential check, with the configured HTTP/2 limits.
+async fn peer_router(
+    config: &Config,
+    peer_id: &str,
+    identity: &Arc<Identity>,
+    serving: Serving,
+    calls: CallsLayer,
+) -> Result<PeerRouter, StartError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<PeerExchangeServer<ExchangeService>>()
+        .await;
+    // What the control plane's probe asks: only this peer answers for its id.
+    health
+        .set_service_status(
+            format!("nebula.peer.{peer_id}"),
+            tonic_health::ServingStatus::Serving,
+        )
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(nebula_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let exchange = InterceptedService::new(
+        PeerExchangeServer::new(ExchangeService::new(serving))
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE),
+        ExchangeAuth(Arc::clone(identity)),
+    );
+    let mut server = Server::builder();
+    if let Some(tls) = &config.tls {
+        let tls = tls
+            .server_config()
+            .map_err(|e| StartError::Tls(Box::new(e)))?;
+        server = server
+            .tls_config(tls)
+            .map_err(|e| StartError::Tls(Box::new(e)))?;
+    }
+    Ok(server
+        .layer(calls)
+        .tcp_nodelay(true)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .http2_max_local_error_reset_streams(Some(config.max_local_resets))
+        .http2_keepalive_interval(Some(config.server_keepalive_interval))
+        .http2_keepalive_timeout(Some(config.server_keepalive_timeout))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(exchange))
+}
+
 #[cfg(test)]
 impl Node {
     /// Trusts credentials signed by `key`, as if a control plane had handed
     /// it out (for tests of a node without one).
     pub(crate) fn trust(&self, key: &nebula_common::credential::PublicKey) {
-        self.shared
-            .identity
+        self.downloads
+            .dialer
+            .identity()
             .update("", &[bytes::Bytes::copy_from_slice(key.as_bytes())]);
     }
 }

@@ -27,7 +27,7 @@ use super::{
     sched::{ProviderIx, Scheduler},
     worker::{WorkerEnd, run_worker},
 };
-use crate::{connection::Connection, node::Shared};
+use crate::{exchange::dial::Connection, fetch::Downloads};
 
 #[derive(Debug)]
 pub(super) struct ProviderEntry {
@@ -42,7 +42,7 @@ pub(super) type Outstanding = (Arc<Connection>, u64);
 /// State shared by the coordinator and the workers of one download.
 #[derive(Debug)]
 pub(super) struct Download {
-    pub(super) shared: Arc<Shared>,
+    pub(super) downloads: Arc<Downloads>,
     pub(super) blob: Arc<Blob>,
     pub(super) sched: Mutex<Scheduler>,
     pub(super) providers: Mutex<Vec<Arc<ProviderEntry>>>,
@@ -71,7 +71,7 @@ impl Download {
     /// Bytes of the download buffer one chunk request holds: the chunk's
     /// size, or the whole buffer when a chunk is larger.
     pub(super) fn chunk_share(&self) -> u32 {
-        let whole = self.shared.config.download_buffer;
+        let whole = self.downloads.config.download_buffer;
         u32::try_from(self.chunk_size().min(whole)).unwrap_or(u32::MAX)
     }
 
@@ -95,7 +95,7 @@ impl Download {
 
 /// [`super::fetch`] without the span and the metrics (for fetches inside another).
 pub(crate) async fn download(
-    shared: Arc<Shared>,
+    downloads: Arc<Downloads>,
     blob_ref: BlobRef,
     progress: watch::Sender<Progress>,
     no_provider_timeout: Duration,
@@ -103,8 +103,8 @@ pub(crate) async fn download(
     let started = Instant::now();
     // Already here?
     let local = match blob_ref {
-        BlobRef::Blake3(id) => shared.store.get(&id),
-        BlobRef::Sha256(d) => shared.store.find_sha256(&d),
+        BlobRef::Blake3(id) => downloads.store.get(&id),
+        BlobRef::Sha256(d) => downloads.store.find_sha256(&d),
     };
     if let Some(b) = local.filter(|b| b.is_complete()) {
         let size = b.outboard().size();
@@ -128,10 +128,10 @@ pub(crate) async fn download(
     // Find providers, waiting a bounded time for some to appear.
     let deadline = started + no_provider_timeout;
     let found = loop {
-        if shared.shutdown.is_cancelled() {
+        if downloads.shutdown.is_cancelled() {
             return Err(FetchError::Cancelled);
         }
-        match discover(&shared, &blob_ref).await {
+        match discover(&downloads, &blob_ref).await {
             Ok(r) if !r.providers.is_empty() => break r,
             Ok(_) => {}
             Err(e @ (FetchError::NoControlPlane(_) | FetchError::WrongBlob { .. })) => {
@@ -155,11 +155,11 @@ pub(crate) async fn download(
         .map_err(|_| FetchError::MalformedId { answered: found.id })?;
 
     // The outboard: ours if a partial download exists, else a provider's, verified.
-    let blob = match shared.store.get(&id) {
+    let blob = match downloads.store.get(&id) {
         Some(b) => b,
         None => {
-            let outboard = fetch_outboard(&shared, id, &found.providers).await?;
-            let store = Arc::clone(&shared.store);
+            let outboard = fetch_outboard(&downloads, id, &found.providers).await?;
+            let store = Arc::clone(&downloads.store);
             tokio::task::spawn_blocking(move || store.begin(&outboard))
                 .await
                 .map_err(|_| FetchError::Cancelled)??
@@ -170,7 +170,7 @@ pub(crate) async fn download(
     let have = blob.chunks();
     let resumed_bytes: u64 = have.iter().map(|i| blob.geometry().chunk_len(i)).sum();
     let dl = Arc::new(Download {
-        shared: Arc::clone(&shared),
+        downloads: Arc::clone(&downloads),
         blob: Arc::clone(&blob),
         sched: Mutex::new(Scheduler::new(have)),
         providers: Mutex::new(Vec::new()),
@@ -187,7 +187,7 @@ pub(crate) async fn download(
 
     let mut known: HashMap<String, ProviderIx> = HashMap::new();
     let mut waiting: Vec<ProviderIx> = Vec::new();
-    let mut breaker = Breaker::new(&shared.config.discovery);
+    let mut breaker = Breaker::new(&downloads.config.discovery);
     let mut banned: Vec<ProviderIx> = Vec::new();
     let mut workers: JoinSet<(ProviderIx, WorkerEnd)> = JoinSet::new();
     let mut running: HashMap<ProviderIx, ()> = HashMap::new();
@@ -197,7 +197,7 @@ pub(crate) async fn download(
                          waiting: &mut Vec<ProviderIx>,
                          list: &[pb::Provider]| {
         for p in list {
-            if p.peer_id == dl.shared.peer_id || p.address.is_empty() {
+            if p.peer_id == dl.downloads.peer_id || p.address.is_empty() {
                 continue;
             }
             let set = held(count, p.complete, &p.chunks);
@@ -222,7 +222,7 @@ pub(crate) async fn download(
 
     // `nebula rm` during the fetch takes the blob out of the store.
     let removed = || {
-        shared
+        downloads
             .store
             .get(&id)
             .is_none_or(|b| !Arc::ptr_eq(&b, &blob))
@@ -234,7 +234,7 @@ pub(crate) async fn download(
     let mut progress_mark: (Instant, u64) = (Instant::now(), resumed_bytes);
     let mut rate_window: (Instant, u64) = (Instant::now(), resumed_bytes);
     let mut rate = 0u64;
-    let max = shared.config.max_providers;
+    let max = downloads.config.max_providers;
     let sources = |dl: &Download| -> Vec<SourceBytes> {
         lock(&dl.providers)
             .iter()
@@ -294,7 +294,7 @@ pub(crate) async fn download(
             });
         }
         tokio::select! {
-            _ = shared.shutdown.cancelled() => break Err(FetchError::Cancelled),
+            _ = downloads.shutdown.cancelled() => break Err(FetchError::Cancelled),
             _ = dl.finished.cancelled() => {}
             ended = workers.join_next(), if !workers.is_empty() => {
                 let Some(Ok((ix, end))) = ended else { continue };
@@ -304,10 +304,10 @@ pub(crate) async fn download(
                     WorkerEnd::Banned => {
                         lock(&dl.sched).deactivate(ix);
                         banned.push(ix);
-                        shared.metrics.provider_banned();
+                        downloads.metrics.provider_banned();
                         let entry = Arc::clone(&lock(&dl.providers)[ix]);
                         tracing::warn!(peer = %entry.address, blob = %id.short(), "provider banned from this download: it sent chunks that failed verification");
-                        report(&shared, &entry.peer_id, id).await;
+                        report(&downloads, &entry.peer_id, id).await;
                     }
                     WorkerEnd::Failed(why) => {
                         // A worker that never connected did not deactivate it:
@@ -361,11 +361,11 @@ pub(crate) async fn download(
                 let short = running.len() < max.min(2)
                     || lock(&dl.sched).unavailable() > 0
                     || now.duration_since(started) < Duration::from_secs(2);
-                let every = shared.config.rediscover_interval;
+                let every = downloads.config.rediscover_interval;
                 let due = now.duration_since(last_discovery) >= if short { every / 4 } else { every };
-                if due && shared.control.is_some() {
+                if due && downloads.control.is_some() {
                     last_discovery = now;
-                    if let Ok(r) = discover(&shared, &BlobRef::Blake3(id)).await {
+                    if let Ok(r) = discover(&downloads, &BlobRef::Blake3(id)).await {
                         add_providers(&dl, &mut known, &mut waiting, &r.providers);
                     }
                 }

@@ -10,21 +10,21 @@ use nebula_proto::v1::{
 use tokio::sync::mpsc;
 
 use super::{FetchError, Shortfall};
-use crate::{connection::Reply, node::Shared};
+use crate::{exchange::dial::Reply, fetch::Downloads};
 
 /// Asks the control plane who holds `blob`.
 pub(crate) async fn discover(
-    shared: &Shared,
+    downloads: &Downloads,
     blob: &BlobRef,
 ) -> Result<pb::FindProvidersResponse, FetchError> {
-    let Some(control) = shared.control.clone() else {
+    let Some(control) = downloads.control.clone() else {
         return Err(FetchError::NoControlPlane(*blob));
     };
     let request = pb::FindProvidersRequest {
-        peer_id: shared.peer_id.clone(),
+        peer_id: downloads.peer_id.clone(),
         blob: blob.to_string(),
-        limit: shared.config.discovery.limit,
-        zone: shared.config.zone.clone(),
+        limit: downloads.config.discovery.limit,
+        zone: downloads.config.zone.clone(),
     };
     match tokio::time::timeout(control.deadline(), control.find_providers(request)).await {
         Ok(Ok(r)) => {
@@ -82,13 +82,13 @@ pub(super) async fn check_sha256(
 
 /// Gets the outboard from the first provider whose outboard verifies.
 pub(super) async fn fetch_outboard(
-    shared: &Arc<Shared>,
+    downloads: &Arc<Downloads>,
     id: BlobId,
     providers: &[pb::Provider],
 ) -> Result<Outboard, FetchError> {
     let mut any_reached = false;
-    for p in providers.iter().filter(|p| p.peer_id != shared.peer_id) {
-        let Ok(conn) = shared.connect(&p.address).await else {
+    for p in providers.iter().filter(|p| p.peer_id != downloads.peer_id) {
+        let Ok(conn) = downloads.connect(&p.address).await else {
             continue;
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
@@ -104,7 +104,7 @@ pub(super) async fn fetch_outboard(
             continue;
         };
         let answer =
-            tokio::time::timeout(shared.config.discovery.outboard_timeout, rx.recv()).await;
+            tokio::time::timeout(downloads.config.discovery.outboard_timeout, rx.recv()).await;
         conn.finish(req);
         any_reached = true;
         match answer {
@@ -118,7 +118,7 @@ pub(super) async fn fetch_outboard(
                     Ok(ob) => return Ok(ob),
                     Err(()) => {
                         tracing::warn!(peer = %p.address, blob = %id.short(), "outboard failed verification");
-                        report(shared, &p.peer_id, id).await;
+                        report(downloads, &p.peer_id, id).await;
                     }
                 }
             }
@@ -136,12 +136,12 @@ pub(super) async fn fetch_outboard(
     }
 }
 
-pub(super) async fn report(shared: &Shared, peer_id: &str, blob: BlobId) {
-    let Some(control) = shared.control.clone() else {
+pub(super) async fn report(downloads: &Downloads, peer_id: &str, blob: BlobId) {
+    let Some(control) = downloads.control.clone() else {
         return;
     };
     let request = pb::ReportPeerRequest {
-        reporter_id: shared.peer_id.clone(),
+        reporter_id: downloads.peer_id.clone(),
         peer_id: peer_id.to_owned(),
         blob: blob.to_string(),
         reason: "sent chunks that failed verification".into(),

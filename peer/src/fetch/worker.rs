@@ -27,7 +27,7 @@ use super::{
     sched::{ProviderIx, Score},
 };
 use crate::{
-    connection::{ConnectError, Connection, Reply},
+    exchange::dial::{ConnectError, Connection, Reply},
     metrics::Source,
 };
 
@@ -80,7 +80,7 @@ pub(super) async fn run_worker(
     entry: Arc<ProviderEntry>,
     trial: bool,
 ) -> (ProviderIx, WorkerEnd) {
-    let end = match dl.shared.connect(&entry.address).await {
+    let end = match dl.downloads.connect(&entry.address).await {
         Ok(conn) => {
             Worker {
                 dl: Arc::clone(&dl),
@@ -159,7 +159,7 @@ impl Worker {
                 while self.inflight.len() < window {
                     // What a request brings back waits in memory until it is
                     // stored: each holds a share of the download buffer.
-                    let buffer = &dl.shared.download_buffer;
+                    let buffer = &dl.downloads.download_buffer;
                     let share = match self.share.take() {
                         Some(share) => share,
                         None => match Arc::clone(buffer).try_acquire_many_owned(dl.chunk_share()) {
@@ -221,7 +221,7 @@ impl Worker {
                 last_data
                     + self
                         .score
-                        .stall_timeout(self.dl.shared.config.discovery.stall_floor)
+                        .stall_timeout(self.dl.downloads.config.discovery.stall_floor)
             });
             let wake_at = paused_until.unwrap_or_else(|| now + Duration::from_millis(250));
             tokio::select! {
@@ -235,7 +235,7 @@ impl Worker {
                 }
                 _ = tokio::time::sleep_until(wake_at), if self.inflight.is_empty() || paused_until.is_some() => {}
                 _ = tokio::time::sleep_until(stall_at.unwrap_or(now)), if stall_at.is_some() => {
-                    let timeout = self.score.stall_timeout(self.dl.shared.config.discovery.stall_floor);
+                    let timeout = self.score.stall_timeout(self.dl.downloads.config.discovery.stall_floor);
                     self.score.penalize(Instant::now(), timeout);
                     break WorkerEnd::Failed(Failure::Stalled(timeout));
                 }
@@ -263,7 +263,7 @@ impl Worker {
                             }
                             Resp::Piece(piece) => {
                                 last_data = Instant::now();
-                                if let Some(limiter) = &dl.shared.download_limiter {
+                                if let Some(limiter) = &dl.downloads.download_limiter {
                                     limiter.acquire(piece.data.len() as u64).await;
                                 }
                                 let Some(f) = self.inflight.get_mut(&rid) else { continue };
@@ -319,7 +319,7 @@ impl Worker {
                                 self.give_back(rid);
                                 dl.wake.notify_waiters();
                                 failures += 1;
-                                if failures >= dl.shared.config.discovery.max_failures {
+                                if failures >= dl.downloads.config.discovery.max_failures {
                                     break WorkerEnd::Failed(Failure::Errors(e));
                                 }
                             }
@@ -377,13 +377,17 @@ impl Worker {
                     }
                 }
                 if outcome != WriteOutcome::AlreadyHad {
-                    dl.shared
-                        .metrics
-                        .chunk_received(Source::Peer, len, now.duration_since(f.sent));
+                    dl.downloads.metrics.chunk_received(
+                        Source::Peer,
+                        len,
+                        now.duration_since(f.sent),
+                    );
                     dl.bytes_done.fetch_add(len, Ordering::Relaxed);
-                    dl.shared.downloaded_bytes.fetch_add(len, Ordering::Relaxed);
+                    dl.downloads
+                        .downloaded_bytes
+                        .fetch_add(len, Ordering::Relaxed);
                     self.entry.bytes.fetch_add(len, Ordering::Relaxed);
-                    let _ = dl.shared.chunk_events.send(dl.id());
+                    dl.downloads.events.chunk_added(dl.id());
                 }
                 if outcome == WriteOutcome::Completed || lock(&dl.sched).is_done() {
                     dl.finished.cancel();
@@ -391,7 +395,7 @@ impl Worker {
                 Ok(())
             }
             Err(StoreError::Verify(e)) => {
-                dl.shared.metrics.chunk_rejected();
+                dl.downloads.metrics.chunk_rejected();
                 tracing::warn!(peer = %self.entry.address, error = %e, "discarding a chunk that failed verification");
                 lock(&dl.sched).unask(self.p, chunk);
                 dl.wake.notify_waiters();

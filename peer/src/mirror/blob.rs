@@ -144,7 +144,7 @@ pub(super) async fn get(
     let wanted = range.clone().unwrap_or(0..=size.saturating_sub(1));
     let (tx, rx) = mpsc::channel(READ_AHEAD);
     if size > 0 {
-        m.shared
+        m.downloads
             .tasks
             .spawn(feed(Arc::clone(m), inflight, size, wanted.clone(), tx));
     }
@@ -186,7 +186,7 @@ fn blob_url(base: &Url, name: &str, digest: Sha256Digest) -> Url {
 
 /// A complete blob of that digest in the store.
 async fn local(m: &Mirror, digest: Sha256Digest) -> Option<Arc<Blob>> {
-    let store = Arc::clone(&m.shared.store);
+    let store = Arc::clone(&m.downloads.store);
     tokio::task::spawn_blocking(move || store.find_sha256(&digest))
         .await
         .ok()
@@ -206,17 +206,17 @@ fn start(m: &Arc<Mirror>, digest: Sha256Digest, req: UrlFetch) -> Arc<Inflight> 
     let (result_tx, result) = watch::channel(None);
     let inflight = Arc::new(Inflight { progress, result });
     map.insert(key.clone(), Arc::clone(&inflight));
-    let tasks = m.shared.tasks.clone();
+    let tasks = m.downloads.tasks.clone();
     let m = Arc::clone(m);
     tasks.spawn(async move {
-        let shared = Arc::clone(&m.shared);
-        let outcome = Fetcher::new(Arc::clone(&shared))
+        let downloads = Arc::clone(&m.downloads);
+        let outcome = Fetcher::new(Arc::clone(&downloads))
             .run(Wanted::Url(Box::new(req)), progress_tx, None)
             .await;
         let result = match outcome {
             Ok(o) => {
                 let peers: u64 = o.sources.iter().map(|s| s.bytes).sum();
-                shared.metrics.mirror_fetched(peers, o.origin_bytes);
+                downloads.metrics.mirror_fetched(peers, o.origin_bytes);
                 Ok(o.blob)
             }
             Err(e) => {
@@ -309,7 +309,7 @@ async fn feed(
         Some(f) => (Some(f.progress.clone()), Some(f.result.clone())),
         None => (None, None),
     };
-    let stall = (m.shared.config.origin_timeout + m.shared.config.no_provider_timeout) * 2;
+    let stall = (m.downloads.config.origin_timeout + m.downloads.config.no_provider_timeout) * 2;
     // The chaining value of each chunk sent from a download under way:
     // checked against the verified blob before the last chunk goes.
     let mut unchecked: Vec<(u32, [u8; 32])> = Vec::new();
@@ -368,7 +368,7 @@ async fn feed(
             break;
         }
     }
-    m.shared.metrics.mirror_served(sent);
+    m.downloads.metrics.mirror_served(sent);
 }
 
 /// Whether `blob` is the blob whose chunks were sent: its size, and the
@@ -413,7 +413,7 @@ async fn read_partial(m: &Mirror, f: &Inflight, size: u64, i: u32) -> Option<([u
     }
     // A complete blob here is being checked against the digest: wait for it.
     let b = m
-        .shared
+        .downloads
         .store
         .get(&id?)
         .filter(|b| !b.is_complete() && b.outboard().size() == size && b.has_chunk(i))?;
@@ -429,7 +429,7 @@ async fn read_partial(m: &Mirror, f: &Inflight, size: u64, i: u32) -> Option<([u
 /// Ends the body with an error: the server aborts the connection.
 async fn abort(m: &Mirror, tx: &mpsc::Sender<io::Result<Bytes>>, why: &str) {
     tracing::warn!(%why, "mirror: aborting a blob answer");
-    m.shared.metrics.mirror_aborted();
+    m.downloads.metrics.mirror_aborted();
     let _ = tx.send(Err(io::Error::other(why.to_owned()))).await;
 }
 

@@ -25,6 +25,10 @@ use nebula_proto::v1 as pb;
 
 use super::http::Validators;
 
+/// Origin downloads under way that other peers may fetch from, by key:
+/// filled by fetches by URL, read by the serving side.
+pub(crate) type Sessions = std::sync::Arc<dashmap::DashMap<String, std::sync::Arc<Session>>>;
+
 /// One origin download, as a holder or a follower of it.
 #[derive(Debug)]
 pub(crate) struct Session {

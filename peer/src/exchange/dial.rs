@@ -20,7 +20,7 @@ use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::{Ascii, MetadataValue};
 
-use crate::{config::DialConfig, tasks::Tasks};
+use crate::{Config, config::DialConfig, identity::Identity, tasks::Tasks};
 
 /// Largest gRPC message accepted: a 1 MiB piece plus framing, with room.
 pub(crate) const MAX_MESSAGE: usize = 4 << 20;
@@ -266,14 +266,14 @@ impl Connection {
 
 /// Open streams by peer address, shared across downloads.
 #[derive(Debug)]
-pub(crate) struct Pool {
+struct Pool {
     conns: Mutex<HashMap<String, Arc<Connection>>>,
     /// Where each stream's reader runs.
     tasks: Tasks,
 }
 
 impl Pool {
-    pub(crate) fn new(tasks: Tasks) -> Self {
+    fn new(tasks: Tasks) -> Self {
         Self {
             conns: Mutex::default(),
             tasks,
@@ -281,7 +281,7 @@ impl Pool {
     }
 
     /// The open stream to `addr`, dialing it if needed.
-    pub(crate) async fn get(
+    async fn get(
         &self,
         addr: &str,
         hello: pb::Hello,
@@ -311,7 +311,7 @@ impl Pool {
     }
 
     /// Streams open now.
-    pub(crate) async fn open_count(&self) -> usize {
+    async fn open_count(&self) -> usize {
         self.conns
             .lock()
             .await
@@ -321,9 +321,83 @@ impl Pool {
     }
 
     /// Closes every stream.
-    pub(crate) async fn close_all(&self) {
+    async fn close_all(&self) {
         for (_, c) in self.conns.lock().await.drain() {
             c.close();
         }
+    }
+}
+
+/// Dials other peers as this node: its `Hello` and its credential on every
+/// stream, one pooled stream per peer.
+#[derive(Debug, Clone)]
+pub(crate) struct Dialer {
+    pool: Arc<Pool>,
+    hello: pb::Hello,
+    identity: Arc<Identity>,
+    /// Whether a control plane hands out this peer's credential: a peer that
+    /// has just started waits for it before dialing.
+    controlled: bool,
+    config: Arc<Config>,
+}
+
+impl Dialer {
+    /// Dials as `peer_id`, serving on `address`, showing `identity`'s
+    /// credential; the streams' readers run among `tasks`.
+    pub(crate) fn new(
+        peer_id: &str,
+        address: &str,
+        identity: Arc<Identity>,
+        config: Arc<Config>,
+        tasks: Tasks,
+    ) -> Self {
+        Self {
+            pool: Arc::new(Pool::new(tasks)),
+            hello: pb::Hello {
+                peer_id: peer_id.to_owned(),
+                address: address.to_owned(),
+            },
+            identity,
+            controlled: config.control.is_some(),
+            config,
+        }
+    }
+
+    /// The exchange stream to a peer, dialed if needed.
+    pub(crate) async fn connect(&self, addr: &str) -> Result<Arc<Connection>, ConnectError> {
+        // A peer that has just started dials once it has a credential to
+        // show (or the control plane's deadline passed).
+        let credential = if self.controlled {
+            self.identity
+                .credential_within(self.config.control_timeout)
+                .await
+        } else {
+            self.identity.credential()
+        };
+        self.pool
+            .get(
+                addr,
+                self.hello.clone(),
+                credential,
+                &self.config.dial,
+                self.config.tls.as_ref(),
+            )
+            .await
+    }
+
+    /// The credential it shows (tests trust keys through it).
+    #[cfg(test)]
+    pub(crate) fn identity(&self) -> &Arc<Identity> {
+        &self.identity
+    }
+
+    /// Streams open now.
+    pub(crate) async fn open_count(&self) -> usize {
+        self.pool.open_count().await
+    }
+
+    /// Closes every stream.
+    pub(crate) async fn close_all(&self) {
+        self.pool.close_all().await;
     }
 }

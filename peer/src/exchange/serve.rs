@@ -5,25 +5,30 @@
 use std::{
     collections::HashSet,
     pin::Pin,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU32, Ordering},
-    },
+    sync::{Arc, Mutex, atomic::AtomicU32},
     time::Duration,
 };
 
 use bytes::Bytes;
 use futures::Stream;
-use nebula_common::{BlobId, StoreError, credential::Claims};
+use nebula_common::{BlobId, Store, StoreError, credential::Claims};
 use nebula_proto::v1::{
     self as pb, ExchangeRequest, ExchangeResponse, exchange_request::Kind as Req,
     exchange_response::Kind as Resp, peer_exchange_server::PeerExchange,
 };
 use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
-use crate::{metrics::Refusal, node::Shared};
+use crate::{
+    Config,
+    events::Events,
+    metrics::{Metrics, Refusal},
+    origin::Sessions,
+    tasks::Tasks,
+    uploads::{Slot, Uploads},
+};
 use refused::Refused;
 
 /// Largest chunk payload in one message. A quarter of a chunk: what a
@@ -32,15 +37,35 @@ use refused::Refused;
 /// transfer is as fast as with whole-chunk pieces (`single_stream`).
 pub(crate) const MAX_PIECE: usize = 256 << 10;
 
+/// What the serving side is built from.
+#[derive(Debug)]
+pub(crate) struct Serving {
+    pub(crate) config: Arc<Config>,
+    pub(crate) store: Arc<Store>,
+    pub(crate) uploads: Arc<Uploads>,
+    /// Which blobs gain chunks: have-updates for the blobs a stream watches.
+    pub(crate) events: Arc<Events>,
+    /// Origin downloads under way, served before they are in the store.
+    pub(crate) sessions: Sessions,
+    pub(crate) metrics: Arc<Metrics>,
+    /// Cancelled when the node stops: streams end after the piece they are
+    /// sending.
+    pub(crate) shutdown: CancellationToken,
+    /// Where each stream's reader and server run.
+    pub(crate) tasks: Tasks,
+}
+
 /// The `PeerExchange` service of a node.
 #[derive(Debug, Clone)]
 pub(crate) struct ExchangeService {
-    shared: Arc<Shared>,
+    serving: Arc<Serving>,
 }
 
 impl ExchangeService {
-    pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        Self { shared }
+    pub(crate) fn new(serving: Serving) -> Self {
+        Self {
+            serving: Arc::new(serving),
+        }
     }
 }
 
@@ -57,44 +82,6 @@ enum Work {
     /// The dialing side sent what cannot be read or is not allowed: end the
     /// stream with this.
     Fail(Refused),
-}
-
-/// Gives an upload slot back, to the node and to its stream, when the chunk
-/// is served, dropped or the stream dies.
-#[derive(Debug)]
-struct Slot {
-    shared: Arc<Shared>,
-    stream: Arc<AtomicU32>,
-}
-
-impl Slot {
-    /// Takes a slot unless the node's or the stream's are all in use: one
-    /// stream never holds more than its share, so a receiver that stops
-    /// reading cannot starve the others.
-    fn take(shared: &Arc<Shared>, stream: &Arc<AtomicU32>) -> Option<Self> {
-        let cap = shared.config.upload_slots;
-        let stream_cap = shared.config.stream_upload_slots.min(cap);
-        if stream.fetch_add(1, Ordering::AcqRel) >= stream_cap {
-            stream.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        if shared.active_uploads.fetch_add(1, Ordering::AcqRel) >= cap {
-            shared.active_uploads.fetch_sub(1, Ordering::AcqRel);
-            stream.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        Some(Self {
-            shared: Arc::clone(shared),
-            stream: Arc::clone(stream),
-        })
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.shared.active_uploads.fetch_sub(1, Ordering::AcqRel);
-        self.stream.fetch_sub(1, Ordering::AcqRel);
-    }
 }
 
 fn answer(request_id: u64, kind: Resp) -> ExchangeResponse {
@@ -150,13 +137,13 @@ impl PeerExchange for ExchangeService {
         let (out_tx, out_rx) = mpsc::channel::<Result<ExchangeResponse, Status>>(1);
         // Bounded: past it, reading waits on serving.
         let (work_tx, work_rx) =
-            mpsc::channel::<(Work, Option<Slot>)>(self.shared.config.stream_queue);
+            mpsc::channel::<(Work, Option<Slot>)>(self.serving.config.stream_queue);
         let cancelled = Arc::new(Mutex::new(HashSet::new()));
-        let stream = self.shared.next_stream.fetch_add(1, Ordering::Relaxed);
+        let stream = self.serving.uploads.new_stream();
         let watched = Arc::new(Mutex::new(HashSet::new()));
-        self.shared.tasks.spawn(
+        self.serving.tasks.spawn(
             read_requests(
-                Arc::clone(&self.shared),
+                Arc::clone(&self.serving),
                 caller,
                 inbound,
                 work_tx,
@@ -165,9 +152,9 @@ impl PeerExchange for ExchangeService {
             )
             .instrument(span.clone()),
         );
-        self.shared.tasks.spawn(
+        self.serving.tasks.spawn(
             serve_work(
-                Arc::clone(&self.shared),
+                Arc::clone(&self.serving),
                 stream,
                 work_rx,
                 out_tx,
@@ -183,7 +170,7 @@ impl PeerExchange for ExchangeService {
 }
 
 async fn read_requests(
-    shared: Arc<Shared>,
+    serving: Arc<Serving>,
     caller: String,
     mut inbound: Streaming<ExchangeRequest>,
     work: mpsc::Sender<(Work, Option<Slot>)>,
@@ -197,13 +184,13 @@ async fn read_requests(
     let mut greeted = false;
     let watch = |blob: BlobId| {
         let mut watched = watched.lock().unwrap_or_else(|e| e.into_inner());
-        if watched.len() < shared.config.max_watched {
+        if watched.len() < serving.config.max_watched {
             watched.insert(blob);
         }
     };
     loop {
         let msg = tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
+            _ = serving.shutdown.cancelled() => return,
             msg = inbound.message() => msg,
         };
         let msg = match msg {
@@ -251,12 +238,12 @@ async fn read_requests(
                 )],
             },
             Some(Req::GetChunks(get))
-                if get.chunks.len() > shared.config.max_chunks_per_request =>
+                if get.chunks.len() > serving.config.max_chunks_per_request =>
             {
                 let msg = format!(
                     "{} chunks in one request; at most {}",
                     get.chunks.len(),
-                    shared.config.max_chunks_per_request
+                    serving.config.max_chunks_per_request
                 );
                 vec![(Work::Answer(error(id, pb::error::Code::Invalid, msg)), None)]
             }
@@ -264,14 +251,14 @@ async fn read_requests(
             Some(Req::GetChunks(get)) if !get.session.is_empty() => get
                 .chunks
                 .iter()
-                .map(|&chunk| match Slot::take(&shared, &stream_slots) {
+                .map(|&chunk| match serving.uploads.take_slot(&stream_slots) {
                     Some(slot) => (
                         Work::SessionChunk(id, get.session.clone(), chunk),
                         Some(slot),
                     ),
                     None => {
-                        shared.metrics.refused(Refusal::Busy);
-                        (Work::Answer(busy(id, shared.config.busy_retry)), None)
+                        serving.metrics.refused(Refusal::Busy);
+                        (Work::Answer(busy(id, serving.config.busy_retry)), None)
                     }
                 })
                 .collect(),
@@ -280,11 +267,11 @@ async fn read_requests(
                     watch(blob);
                     get.chunks
                         .iter()
-                        .map(|&chunk| match Slot::take(&shared, &stream_slots) {
+                        .map(|&chunk| match serving.uploads.take_slot(&stream_slots) {
                             Some(slot) => (Work::Chunk(id, blob, chunk), Some(slot)),
                             None => {
-                                shared.metrics.refused(Refusal::Busy);
-                                (Work::Answer(busy(id, shared.config.busy_retry)), None)
+                                serving.metrics.refused(Refusal::Busy);
+                                (Work::Answer(busy(id, serving.config.busy_retry)), None)
                             }
                         })
                         .collect()
@@ -298,7 +285,7 @@ async fn read_requests(
                 let mut cancelled = cancelled.lock().unwrap_or_else(|e| e.into_inner());
                 // At most one per queued request is useful; a flood of cancels
                 // for requests never made is not remembered.
-                if cancelled.len() < shared.config.stream_queue {
+                if cancelled.len() < serving.config.stream_queue {
                     cancelled.insert(c.request_id);
                 }
                 continue;
@@ -315,19 +302,19 @@ async fn read_requests(
 }
 
 async fn serve_work(
-    shared: Arc<Shared>,
+    serving: Arc<Serving>,
     stream: u64,
     mut work: mpsc::Receiver<(Work, Option<Slot>)>,
     out: mpsc::Sender<Result<ExchangeResponse, Status>>,
     cancelled: Arc<Mutex<HashSet<u64>>>,
     watched: Arc<Mutex<HashSet<BlobId>>>,
 ) {
-    let _open = shared.metrics.serving_stream();
-    let mut events = shared.chunk_events.subscribe();
+    let _open = serving.metrics.serving_stream();
+    let mut events = serving.events.subscribe();
     let mut dirty: HashSet<BlobId> = HashSet::new();
-    let mut flush = tokio::time::interval(shared.config.have_flush);
+    let mut flush = tokio::time::interval(serving.config.have_flush);
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let idle = shared.config.idle_stream_timeout;
+    let idle = serving.config.idle_stream_timeout;
     let send = |msg: ExchangeResponse| {
         let out = out.clone();
         async move {
@@ -340,7 +327,7 @@ async fn serve_work(
     loop {
         tokio::select! {
             biased;
-            _ = shared.shutdown.cancelled() => return,
+            _ = serving.shutdown.cancelled() => return,
             item = work.recv() => {
                 let Some((item, slot)) = item else { return };
                 let ok = match item {
@@ -349,9 +336,9 @@ async fn serve_work(
                         let _ = tokio::time::timeout(idle, out.send(Err(refused.into()))).await;
                         return;
                     }
-                    Work::Outboard(id, blob) => send(outboard(&shared, id, blob)).await,
+                    Work::Outboard(id, blob) => send(outboard(&serving, id, blob)).await,
                     Work::Session(id, key, asker) => {
-                        let msg = match shared.sessions.get(&key) {
+                        let msg = match serving.sessions.get(&key) {
                             Some(s) => answer(id, Resp::Session(s.to_wire_for(asker.as_ref()))),
                             None => error(id, pb::error::Code::NotFound, "no such origin download here".into()),
                         };
@@ -361,14 +348,14 @@ async fn serve_work(
                         if cancelled.lock().unwrap_or_else(|e| e.into_inner()).remove(&id) {
                             true
                         } else {
-                            serve_session_chunk(&shared, id, &key, chunk, &send).await
+                            serve_session_chunk(&serving, id, &key, chunk, &send).await
                         }
                     }
                     Work::Chunk(id, blob, chunk) => {
                         if cancelled.lock().unwrap_or_else(|e| e.into_inner()).remove(&id) {
                             true
                         } else {
-                            serve_chunk(&shared, stream, id, blob, chunk, &send).await
+                            serve_chunk(&serving, stream, id, blob, chunk, &send).await
                         }
                     }
                 };
@@ -391,7 +378,7 @@ async fn serve_work(
             },
             _ = flush.tick(), if !dirty.is_empty() => {
                 for blob in dirty.drain() {
-                    let Some(b) = shared.store.get(&blob) else { continue };
+                    let Some(b) = serving.store.get(&blob) else { continue };
                     let have = pb::HaveUpdate {
                         blob: blob.to_string(),
                         chunks: if b.is_complete() { Bytes::new() } else { Bytes::from(b.chunks().to_bitmap()) },
@@ -406,8 +393,8 @@ async fn serve_work(
     }
 }
 
-fn outboard(shared: &Shared, id: u64, blob: BlobId) -> ExchangeResponse {
-    let Some(b) = shared.store.get(&blob) else {
+fn outboard(serving: &Serving, id: u64, blob: BlobId) -> ExchangeResponse {
+    let Some(b) = serving.store.get(&blob) else {
         return error(
             id,
             pb::error::Code::NotFound,
@@ -430,48 +417,8 @@ fn outboard(shared: &Shared, id: u64, blob: BlobId) -> ExchangeResponse {
     )
 }
 
-/// The longest a rate-limited peer withholds a second copy of a chunk.
-const MAX_WITHHOLD: Duration = Duration::from_secs(10);
-
-/// Whether a rate-limited peer may send `chunk` on `stream` now; records the
-/// send when it may. It declines when the chunk went to another stream
-/// lately, so that receiver can pass it on while this upload carries chunks
-/// nobody else has yet (BitTorrent's super-seeding, bounded in time).
-/// "Lately" is half the time this peer needs to send the whole blob once, at
-/// least four chunk-times and at most [`MAX_WITHHOLD`], so a chunk whose first
-/// receiver vanished is sent again soon enough. Unlimited peers always send.
-fn claim_send(shared: &Shared, stream: u64, blob: &nebula_common::Blob, chunk: u32) -> bool {
-    let Some(rate) = shared.config.upload_limit.filter(|&r| r > 0) else {
-        return true;
-    };
-    if !blob.has_chunk(chunk) {
-        // The read below answers not-found.
-        return true;
-    }
-    let rate = rate as f64;
-    let chunk_time = blob.geometry().chunk_len(chunk) as f64 / rate;
-    let whole_time = blob.outboard().size() as f64 / rate;
-    let window =
-        Duration::from_secs_f64((4.0 * chunk_time).max(whole_time / 2.0)).min(MAX_WITHHOLD);
-    let now = tokio::time::Instant::now();
-    if shared.recent_sends.len() > 65_536 {
-        shared
-            .recent_sends
-            .retain(|_, (at, _)| now.duration_since(*at) < MAX_WITHHOLD);
-    }
-    let key = (blob.id(), chunk);
-    if let Some(last) = shared.recent_sends.get(&key)
-        && last.1 != stream
-        && now.duration_since(last.0) < window
-    {
-        return false;
-    }
-    shared.recent_sends.insert(key, (now, stream));
-    true
-}
-
 async fn serve_chunk<F, Fut>(
-    shared: &Arc<Shared>,
+    serving: &Arc<Serving>,
     stream: u64,
     id: u64,
     blob: BlobId,
@@ -482,7 +429,7 @@ where
     F: Fn(ExchangeResponse) -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let Some(b) = shared.store.get(&blob) else {
+    let Some(b) = serving.store.get(&blob) else {
         return send(error(
             id,
             pb::error::Code::NotFound,
@@ -490,8 +437,8 @@ where
         ))
         .await;
     };
-    if !claim_send(shared, stream, &b, chunk) {
-        shared.metrics.refused(Refusal::TryElsewhere);
+    if !serving.uploads.claim_send(stream, &b, chunk) {
+        serving.metrics.refused(Refusal::TryElsewhere);
         let msg = format!("chunk {chunk} was just sent to another peer");
         return send(error(id, pb::error::Code::TryElsewhere, msg)).await;
     }
@@ -518,12 +465,12 @@ where
             .await;
         }
     };
-    send_chunk(shared, id, chunk, data, send).await
+    send_chunk(serving, id, chunk, data, send).await
 }
 
 /// Serves a chunk of an origin download under way (see `crate::origin`).
 async fn serve_session_chunk<F, Fut>(
-    shared: &Arc<Shared>,
+    serving: &Arc<Serving>,
     id: u64,
     key: &str,
     chunk: u32,
@@ -533,7 +480,7 @@ where
     F: Fn(ExchangeResponse) -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let session = shared.sessions.get(key).map(|s| Arc::clone(s.value()));
+    let session = serving.sessions.get(key).map(|s| Arc::clone(s.value()));
     let data = match session {
         Some(s) => tokio::task::spawn_blocking(move || s.read_chunk(chunk))
             .await
@@ -542,7 +489,7 @@ where
         None => None,
     };
     match data {
-        Some(data) => send_chunk(shared, id, chunk, data, send).await,
+        Some(data) => send_chunk(serving, id, chunk, data, send).await,
         None => {
             send(error(
                 id,
@@ -556,7 +503,7 @@ where
 
 /// Sends a chunk's bytes in pieces, within the upload limit.
 async fn send_chunk<F, Fut>(
-    shared: &Arc<Shared>,
+    serving: &Arc<Serving>,
     id: u64,
     chunk: u32,
     data: Bytes,
@@ -572,9 +519,7 @@ where
     loop {
         let end = (offset + MAX_PIECE).min(len);
         let piece = data.slice(offset..end);
-        if let Some(limiter) = &shared.upload_limiter {
-            limiter.acquire(piece.len() as u64).await;
-        }
+        serving.uploads.pace(piece.len() as u64).await;
         let msg = answer(
             id,
             Resp::Piece(pb::ChunkPiece {
@@ -587,10 +532,8 @@ where
         if !send(msg).await {
             return false;
         }
-        shared
-            .uploaded_bytes
-            .fetch_add((end - offset) as u64, Ordering::Relaxed);
-        shared.metrics.served((end - offset) as u64);
+        serving.uploads.sent((end - offset) as u64);
+        serving.metrics.served((end - offset) as u64);
         offset = end;
         if offset >= len {
             return true;

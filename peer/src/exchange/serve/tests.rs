@@ -10,12 +10,18 @@ use tokio::net::TcpListener;
 use tonic::{service::interceptor::InterceptedService, transport::Server};
 
 use super::*;
-use crate::{Config, identity::ExchangeAuth};
+use crate::{
+    Config,
+    identity::{ExchangeAuth, Identity},
+};
 
 /// A serving node part and what its tests need.
 struct Served {
     addr: std::net::SocketAddr,
-    shared: Arc<crate::node::Shared>,
+    store: Arc<Store>,
+    uploads: Arc<Uploads>,
+    shutdown: CancellationToken,
+    tasks: Tasks,
     fleet: SigningKey,
     dir: tempfile::TempDir,
 }
@@ -27,17 +33,32 @@ impl Served {
         tune(&mut config);
         config.validate().unwrap();
         let fleet = SigningKey::generate();
-        let shared = crate::node::Shared::for_tests(config, Some(&fleet.public()));
+        let identity = Arc::new(Identity::new(None));
+        identity.update(
+            "",
+            &[bytes::Bytes::copy_from_slice(fleet.public().as_bytes())],
+        );
+        let store = Arc::new(Store::open(&config.store).unwrap());
+        let uploads = Arc::new(Uploads::new(&config));
+        let (shutdown, tasks) = (CancellationToken::new(), Tasks::new());
+        let serving = Serving {
+            config: Arc::new(config),
+            store: Arc::clone(&store),
+            uploads: Arc::clone(&uploads),
+            events: Arc::default(),
+            sessions: Sessions::default(),
+            metrics: Arc::default(),
+            shutdown: shutdown.clone(),
+            tasks: tasks.clone(),
+        };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let service = InterceptedService::new(
-            pb::peer_exchange_server::PeerExchangeServer::new(ExchangeService::new(Arc::clone(
-                &shared,
-            ))),
-            ExchangeAuth(Arc::clone(&shared.identity)),
+            pb::peer_exchange_server::PeerExchangeServer::new(ExchangeService::new(serving)),
+            ExchangeAuth(identity),
         );
-        let stop = shared.shutdown.clone();
-        shared.tasks.spawn(async move {
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
             Server::builder()
                 .add_service(service)
@@ -47,7 +68,10 @@ impl Served {
         });
         Self {
             addr,
-            shared,
+            store,
+            uploads,
+            shutdown,
+            tasks,
             fleet,
             dir,
         }
@@ -58,7 +82,7 @@ impl Served {
         let path = self.dir.path().join(format!("blob{chunks}"));
         let data: Vec<u8> = (0..chunks << 20).map(|i| (i % 251) as u8).collect();
         std::fs::write(&path, data).unwrap();
-        self.shared.store.add_file(&path).unwrap().id()
+        self.store.add_file(&path).unwrap().id()
     }
 
     /// Opens a stream as `peer`; the first message, its `Hello`, is sent
@@ -91,8 +115,8 @@ impl Served {
     }
 
     async fn shutdown(self) {
-        self.shared.shutdown.cancel();
-        assert_eq!(self.shared.tasks.wait(Duration::from_secs(5)).await, 0);
+        self.shutdown.cancel();
+        assert_eq!(self.tasks.wait(Duration::from_secs(5)).await, 0);
     }
 }
 
@@ -186,23 +210,20 @@ async fn serves_an_outboard_and_verified_chunks() {
         .collect();
     // Each chunk arrives whole, in pieces of at most `MAX_PIECE` at their
     // offsets, the last one marked.
-    let local = served.shared.store.get(&blob).unwrap();
+    let local = served.store.get(&blob).unwrap();
     for chunk in [0, 2] {
         let whole = local.read_verified_chunk(chunk).unwrap();
         let mut assembled = Vec::new();
         let of_chunk: Vec<_> = pieces.iter().filter(|p| p.chunk == chunk).collect();
         for (i, p) in of_chunk.iter().enumerate() {
             assert_eq!(p.offset as usize, assembled.len());
-            assert!(p.data.len() <= crate::server::MAX_PIECE);
+            assert!(p.data.len() <= MAX_PIECE);
             assert_eq!(p.last, i + 1 == of_chunk.len());
             assembled.extend_from_slice(&p.data);
         }
         assert_eq!(assembled, whole);
     }
-    assert_eq!(
-        served.shared.uploaded_bytes.load(Ordering::Relaxed),
-        2 << 20
-    );
+    assert_eq!(served.uploads.uploaded(), 2 << 20);
     served.shutdown().await;
 }
 
@@ -222,7 +243,7 @@ async fn slots(upload_slots: u32, stream_upload_slots: u32, chunks: u32) -> (usi
     let sent = count(|r| matches!(r, Resp::Piece(p) if p.last));
     let busy = count(|r| matches!(r, Resp::Busy(b) if b.retry_after_ms == 100));
     // Every slot is given back once the chunks are sent.
-    assert_eq!(served.shared.active_uploads.load(Ordering::Relaxed), 0);
+    assert_eq!(served.uploads.active(), 0);
     served.shutdown().await;
     (sent, busy)
 }
@@ -366,7 +387,7 @@ async fn a_stream_must_begin_with_one_hello_naming_the_credential() {
 async fn streams_end_when_the_node_stops() {
     let served = Served::start(|_| {}).await;
     let mut peer = served.open("p1", true).await;
-    served.shared.shutdown.cancel();
+    served.shutdown.cancel();
     let ended = tokio::time::timeout(Duration::from_secs(5), peer.inbound.message())
         .await
         .expect("the stream ends");

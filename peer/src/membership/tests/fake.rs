@@ -1,0 +1,293 @@
+//! Membership under paused time against a fake control plane: a minimal
+//! `ControlPlane` service in the test that records each call and its
+//! (virtual) time, and answers as the test says. It is reached over a Unix
+//! socket in a temporary directory: writes land in the other end at once,
+//! so auto-advancing time never runs ahead of an answer in flight.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use nebula_proto::v1::control_plane_server::{ControlPlane as Service, ControlPlaneServer};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use super::{Member, eventually, member_with, stop};
+use crate::{Config, control::ControlClient};
+use nebula_proto::v1 as pb;
+
+/// The heartbeat interval the fake hands out.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// A call the fake control plane answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Call {
+    Register,
+    Heartbeat,
+    Announce,
+    Deregister,
+}
+
+/// How the fake answers, as the test sets it.
+#[derive(Debug, Default)]
+struct Script {
+    /// Registrations fail with this code while set.
+    refuse_register: Option<tonic::Code>,
+    /// This many heartbeats, from now on, hear "unknown peer".
+    unknown_peer: u32,
+}
+
+/// A fake control plane: records calls, answers as scripted.
+#[derive(Debug, Clone, Default)]
+struct Fake {
+    calls: Arc<Mutex<Vec<(Instant, Call)>>>,
+    script: Arc<Mutex<Script>>,
+}
+
+impl Fake {
+    fn record(&self, call: Call) {
+        self.calls.lock().unwrap().push((Instant::now(), call));
+    }
+
+    fn calls(&self) -> Vec<Call> {
+        self.calls.lock().unwrap().iter().map(|c| c.1).collect()
+    }
+
+    /// When each `call` came.
+    fn times(&self, call: Call) -> Vec<Instant> {
+        let calls = self.calls.lock().unwrap();
+        calls.iter().filter(|c| c.1 == call).map(|c| c.0).collect()
+    }
+
+    fn count(&self, call: Call) -> usize {
+        self.times(call).len()
+    }
+
+    fn script(&self) -> std::sync::MutexGuard<'_, Script> {
+        self.script.lock().unwrap()
+    }
+}
+
+#[tonic::async_trait]
+impl Service for Fake {
+    async fn register(
+        &self,
+        _: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        self.record(Call::Register);
+        if let Some(code) = self.script().refuse_register {
+            return Err(Status::new(code, "refused by the test"));
+        }
+        Ok(Response::new(pb::RegisterResponse {
+            lease_ttl_ms: 30_000,
+            heartbeat_interval_ms: HEARTBEAT.as_millis() as u64,
+            ..pb::RegisterResponse::default()
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        _: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        self.record(Call::Heartbeat);
+        let mut script = self.script();
+        let unknown_peer = script.unknown_peer > 0;
+        script.unknown_peer = script.unknown_peer.saturating_sub(1);
+        Ok(Response::new(pb::HeartbeatResponse {
+            unknown_peer,
+            ..pb::HeartbeatResponse::default()
+        }))
+    }
+
+    async fn announce(
+        &self,
+        _: Request<pb::AnnounceRequest>,
+    ) -> Result<Response<pb::AnnounceResponse>, Status> {
+        self.record(Call::Announce);
+        Ok(Response::new(pb::AnnounceResponse::default()))
+    }
+
+    async fn deregister(
+        &self,
+        _: Request<pb::DeregisterRequest>,
+    ) -> Result<Response<pb::DeregisterResponse>, Status> {
+        self.record(Call::Deregister);
+        Ok(Response::new(pb::DeregisterResponse::default()))
+    }
+
+    async fn find_providers(
+        &self,
+        _: Request<pb::FindProvidersRequest>,
+    ) -> Result<Response<pb::FindProvidersResponse>, Status> {
+        Err(Status::unimplemented("not faked"))
+    }
+
+    async fn report_peer(
+        &self,
+        _: Request<pb::ReportPeerRequest>,
+    ) -> Result<Response<pb::ReportPeerResponse>, Status> {
+        Err(Status::unimplemented("not faked"))
+    }
+
+    async fn resolve_url(
+        &self,
+        _: Request<pb::ResolveUrlRequest>,
+    ) -> Result<Response<pb::ResolveUrlResponse>, Status> {
+        Err(Status::unimplemented("not faked"))
+    }
+
+    async fn record_url(
+        &self,
+        _: Request<pb::RecordUrlRequest>,
+    ) -> Result<Response<pb::RecordUrlResponse>, Status> {
+        Err(Status::unimplemented("not faked"))
+    }
+}
+
+/// A fake control plane being served; stop it after the peer.
+struct Served {
+    stop: CancellationToken,
+    tasks: crate::tasks::Tasks,
+}
+
+impl Served {
+    async fn stop(self) {
+        self.stop.cancel();
+        assert_eq!(self.tasks.wait(Duration::from_secs(5)).await, 0);
+    }
+}
+
+/// `fake` served on a Unix socket in `dir`, and a peer's membership calling
+/// it, configured by `tune`. The fake runs under its own token: the peer
+/// deregisters on the way out, and the fake must still answer.
+async fn member_of(
+    dir: &tempfile::TempDir,
+    fake: &Fake,
+    tune: impl FnOnce(&mut Config),
+) -> (Member, Served) {
+    let mut config = Config::new(
+        dir.path().join("store"),
+        Some("http://127.0.0.1:1".to_owned()),
+    );
+    config.register_backoff = Duration::from_secs(1);
+    config.max_register_backoff = Duration::from_secs(8);
+    tune(&mut config);
+    let path = dir.path().join("control.sock");
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let served = Served {
+        stop: CancellationToken::new(),
+        tasks: crate::tasks::Tasks::new(),
+    };
+    let service = ControlPlaneServer::new(fake.clone());
+    let stopping = served.stop.clone();
+    served.tasks.spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::UnixListenerStream::new(listener),
+                stopping.cancelled_owned(),
+            )
+            .await
+            .unwrap();
+    });
+    let timeout = config.control_timeout;
+    let channel =
+        nebula_proto::unix::connect(nebula_proto::unix::endpoint().timeout(timeout), path)
+            .await
+            .unwrap();
+    let (shutdown, tasks) = (CancellationToken::new(), crate::tasks::Tasks::new());
+    let member = member_with(config, shutdown, tasks, |identity| {
+        ControlClient::over(channel, identity, timeout)
+    });
+    (member, served)
+}
+
+/// Whole seconds, to the nearest.
+fn secs(d: Duration) -> u64 {
+    (d.as_millis() as u64 + 500) / 1000
+}
+
+#[tokio::test(start_paused = true)]
+async fn registers_announces_everything_and_deregisters_on_the_way_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake::default();
+    let (peer, served) = member_of(&dir, &fake, |_| {}).await;
+    assert!(eventually(|| peer.status.is_registered()).await);
+    assert_eq!(fake.calls()[..2], [Call::Register, Call::Announce]);
+    assert!(peer.status.error().is_empty());
+    stop(&peer).await;
+    assert_eq!(fake.calls().last(), Some(&Call::Deregister));
+    served.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn heartbeats_come_at_the_interval_the_control_plane_sets() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake::default();
+    let (peer, served) = member_of(&dir, &fake, |_| {}).await;
+    assert!(eventually(|| peer.status.is_registered()).await);
+    let before = fake.count(Call::Heartbeat);
+    tokio::time::sleep(HEARTBEAT * 10).await;
+    let beats = fake.count(Call::Heartbeat) - before;
+    assert!(
+        (9..=11).contains(&beats),
+        "{beats} heartbeats in 10 intervals"
+    );
+    let times = fake.times(Call::Heartbeat);
+    for pair in times.windows(2) {
+        assert_eq!(secs(pair[1] - pair[0]), 1, "heartbeats at {times:?}");
+    }
+    stop(&peer).await;
+    served.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn registers_again_when_a_heartbeat_hears_unknown_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake::default();
+    let (peer, served) = member_of(&dir, &fake, |_| {}).await;
+    assert!(eventually(|| peer.status.is_registered()).await);
+    assert_eq!(fake.count(Call::Register), 1);
+    fake.script().unknown_peer = 1;
+    tokio::time::sleep(HEARTBEAT * 3).await;
+    assert_eq!(fake.count(Call::Register), 2);
+    // With the whole inventory again: the control plane had forgotten it.
+    assert_eq!(fake.count(Call::Announce), 2);
+    assert!(peer.status.is_registered());
+    stop(&peer).await;
+    served.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_registrations_back_off_doubling_up_to_the_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake::default();
+    fake.script().refuse_register = Some(tonic::Code::NotFound);
+    let (peer, served) = member_of(&dir, &fake, |c| {
+        c.register_backoff = Duration::from_secs(1);
+        c.max_register_backoff = Duration::from_secs(8);
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    let gaps: Vec<u64> = fake
+        .times(Call::Register)
+        .windows(2)
+        .map(|pair| secs(pair[1] - pair[0]))
+        .collect();
+    assert!(gaps.len() >= 6, "registrations {gaps:?}");
+    assert_eq!(gaps[..6], [1, 2, 4, 8, 8, 8]);
+    assert!(!peer.status.is_registered());
+    assert!(
+        !peer.status.error().is_empty(),
+        "the failure is kept for `nebula status`"
+    );
+    // Accepted at the next attempt, within the cap; the back-off starts over.
+    fake.script().refuse_register = None;
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    assert!(peer.status.is_registered());
+    assert!(peer.status.error().is_empty());
+    stop(&peer).await;
+    served.stop().await;
+}
