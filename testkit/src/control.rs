@@ -4,9 +4,12 @@
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Command, Output},
+    process::{Command, Output, Stdio},
     time::Duration,
 };
+
+use nebula_proto::v1::admin_client::AdminClient;
+use tonic::transport::Channel;
 
 use crate::process::{Proc, run_bounded};
 
@@ -39,6 +42,10 @@ pub struct Control {
     /// Its `--admin-socket` (every test control plane has one).
     pub admin_socket: PathBuf,
     extra: Vec<String>,
+    /// Started with the fast timings and an HTTP endpoint (not [`Control::standalone`]).
+    fast: bool,
+    /// The temporary directory of a [`Control::standalone`] one, removed after the process.
+    owned_dir: Option<tempfile::TempDir>,
 }
 
 impl Control {
@@ -79,26 +86,51 @@ impl Control {
         listen: SocketAddr,
         extra: &[&str],
     ) -> Self {
-        let bin = bin.as_ref();
+        Self::launch(bin.as_ref(), dir, listen, extra, true)
+    }
+
+    /// `nebula control ARGS…` as shipped (default timings, no HTTP endpoint,
+    /// the control plane's debug logs) in a temporary directory of its own:
+    /// what the control-plane tests measure.
+    pub fn standalone(bin: impl AsRef<Path>, args: &[&str]) -> Self {
+        Self::standalone_on(bin, "127.0.0.1:0".parse().unwrap(), args)
+    }
+
+    /// Like [`Control::standalone`], listening on `listen`.
+    pub fn standalone_on(bin: impl AsRef<Path>, listen: SocketAddr, args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut control = Self::launch(bin.as_ref(), dir.path(), listen, args, false);
+        control.owned_dir = Some(dir);
+        control
+    }
+
+    fn launch(bin: &Path, dir: &Path, listen: SocketAddr, extra: &[&str], fast: bool) -> Self {
         let name = format!("control-{}", rand::random::<u32>());
         let admin_socket = match extra.iter().position(|a| *a == "--admin-socket") {
             Some(i) => PathBuf::from(extra[i + 1]),
             None => dir.join(format!("{name}.admin.sock")),
         };
         let mut cmd = Command::new(bin);
-        cmd.arg("control")
-            .arg("--listen")
-            .arg(listen.to_string())
-            .args(["--http-listen", "127.0.0.1:0"])
-            .args(FAST_CONTROL)
-            .args(extra);
+        cmd.arg("control").arg("--listen").arg(listen.to_string());
+        if fast {
+            cmd.args(["--http-listen", "127.0.0.1:0"])
+                .args(FAST_CONTROL);
+        }
+        cmd.args(extra);
         if extra.contains(&"--state") && !extra.contains(&"--signing-key") {
             cmd.arg("--signing-key").arg(dir.join("signing.key"));
         }
         if !extra.contains(&"--admin-socket") {
             cmd.arg("--admin-socket").arg(&admin_socket);
         }
-        cmd.env("RUST_LOG", "info");
+        let log_filter = if fast {
+            "info"
+        } else {
+            "nebula_control=debug,info"
+        };
+        cmd.env("RUST_LOG", log_filter)
+            .env_remove("NEBULA_JOIN_TOKEN")
+            .env_remove("NEBULA_ADMIN_TOKEN");
         let log = dir.join(format!("{name}.log"));
         let (proc, addr) = Proc::spawn(cmd, log);
         Self {
@@ -109,6 +141,8 @@ impl Control {
             tls: extra.contains(&"--tls-cert"),
             admin_socket,
             extra: extra.iter().map(|a| a.to_string()).collect(),
+            fast,
+            owned_dir: None,
         }
     }
 
@@ -149,8 +183,35 @@ impl Control {
         if !extra.contains(&"--admin-socket") {
             extra.extend(["--admin-socket", &socket]);
         }
-        let again = Self::start_with(&self.bin, &self.dir, self.addr, &extra);
+        let mut again = Self::launch(&self.bin, &self.dir, self.addr, &extra, self.fast);
+        again.owned_dir = self.owned_dir.take();
         *self = again;
+    }
+
+    /// SIGKILL by pid, then reap.
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    /// Its log so far.
+    pub fn logs(&self) -> String {
+        self.proc.log_text()
+    }
+
+    /// Runs `nebula admin --admin-socket <its socket> ARGS…` (bounded);
+    /// returns (exit code, stdout, stderr).
+    pub async fn admin_cli(&self, args: &[&str]) -> (i32, String, String) {
+        let socket = self.admin_socket.to_str().unwrap();
+        admin_run(&self.bin, &[&["--admin-socket", socket][..], args].concat()).await
+    }
+
+    /// A raw Admin client on its admin socket.
+    pub async fn admin_client(&self) -> AdminClient<Channel> {
+        let channel =
+            nebula_proto::unix::connect(nebula_proto::unix::endpoint(), self.admin_socket.clone())
+                .await
+                .unwrap();
+        AdminClient::new(channel)
     }
 }
 
@@ -162,6 +223,34 @@ pub fn swarm_members(bin: impl AsRef<Path>, control: &str, id: &str) -> usize {
     cmd.args(["--admin-token", ADMIN_TOKEN]);
     let out = run_bounded(cmd, Duration::from_secs(10));
     members(&out)
+}
+
+/// Runs `bin admin --control URL ARGS…` (bounded); returns (exit code,
+/// stdout, stderr).
+pub async fn admin_cli(bin: impl AsRef<Path>, url: &str, args: &[&str]) -> (i32, String, String) {
+    admin_run(bin.as_ref(), &[&["--control", url][..], args].concat()).await
+}
+
+/// Runs `bin admin ARGS…` without the caller's admin token or JSON
+/// preference, panicking after 30 s; returns (exit code, stdout, stderr).
+async fn admin_run(bin: &Path, args: &[&str]) -> (i32, String, String) {
+    let child = tokio::process::Command::new(bin)
+        .arg("admin")
+        .args(args)
+        .env_remove("NEBULA_ADMIN_TOKEN")
+        .env_remove("NEBULA_JSON")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(30), child)
+        .await
+        .expect("nebula admin took over 30 s")
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// The length of `members` in `nebula admin swarm --json` output (0 when unreadable).

@@ -1,28 +1,87 @@
-//! Raw gRPC clients of a control plane, for tests that play a peer by hand
-//! (an attacker or a bystander) instead of running a daemon.
+//! Raw gRPC clients of a control plane, for tests that play a peer or an
+//! operator by hand instead of running a daemon: an interceptor adding a
+//! bearer token and a peer credential, and [`RawPeer`], a registered peer.
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
-/// Adds a peer credential (`nebula-credential`) to every call, as a daemon does.
+use nebula_proto::{
+    client::BearerToken,
+    v1::{admin_client::AdminClient, control_plane_client::ControlPlaneClient},
+};
+use tonic::{
+    Request, Status,
+    metadata::AsciiMetadataValue,
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::Channel,
+};
+
+/// The credential a peer got at registration, shared with its client.
+pub type Slot = Arc<Mutex<Option<AsciiMetadataValue>>>;
+
+/// Adds `authorization: Bearer <token>` when a token is given, and the
+/// peer's credential (`nebula-credential`) once it has one, as a daemon does.
 #[derive(Debug, Clone)]
-pub struct Credential(
-    /// The credential, if any.
-    pub Option<tonic::metadata::AsciiMetadataValue>,
-);
+pub struct Bearer(Option<BearerToken>, Slot);
 
-impl tonic::service::Interceptor for Credential {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(c) = &self.0 {
-            req.metadata_mut().insert("nebula-credential", c.clone());
+impl Bearer {
+    /// With `token` (none when `None`) and an empty credential slot.
+    pub fn new(token: Option<&str>) -> Self {
+        Self(BearerToken::optional(token).unwrap(), Slot::default())
+    }
+
+    /// The slot its credential is read from.
+    pub fn slot(&self) -> Slot {
+        Arc::clone(&self.1)
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(token) = &self.0 {
+            token.authorize(&mut req);
+        }
+        if let Some(c) = self.1.lock().unwrap().clone() {
+            req.metadata_mut().insert("nebula-credential", c);
         }
         Ok(req)
     }
 }
 
-/// A control-plane client whose calls carry `credential`.
-pub type SignedClient = nebula_proto::v1::control_plane_client::ControlPlaneClient<
-    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Credential>,
->;
+/// A control-plane client whose calls go through [`Bearer`].
+pub type ControlClient = ControlPlaneClient<InterceptedService<Channel, Bearer>>;
+/// An admin client whose calls go through [`Bearer`].
+pub type AdminApi = AdminClient<InterceptedService<Channel, Bearer>>;
+
+/// A channel to `url`, connected on first use; connects in 2 s, calls in 10 s.
+pub fn lazy_channel(url: &str) -> Channel {
+    Channel::from_shared(url.to_owned())
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(10))
+        .connect_lazy()
+}
+
+/// A control-plane client of `url` with `token`.
+pub fn cp_client(url: &str, token: Option<&str>) -> ControlClient {
+    cp_client_with_slot(url, token).0
+}
+
+/// A control-plane client of `url` with `token`, and the slot its credential goes in.
+pub fn cp_client_with_slot(url: &str, token: Option<&str>) -> (ControlClient, Slot) {
+    let bearer = Bearer::new(token);
+    let slot = bearer.slot();
+    let client = ControlPlaneClient::with_interceptor(lazy_channel(url), bearer)
+        .max_decoding_message_size(64 << 20);
+    (client, slot)
+}
+
+/// An admin client of `url` with `token`.
+pub fn admin_client(url: &str, token: Option<&str>) -> AdminApi {
+    AdminClient::with_interceptor(lazy_channel(url), Bearer::new(token))
+}
 
 /// A made-up peer playing the attacker (or a bystander) with a raw gRPC
 /// client: registered with the control plane like any join-token holder,
@@ -34,12 +93,12 @@ pub struct RawPeer {
     /// The credential Register returned.
     pub credential: String,
     /// A client presenting `credential`.
-    pub client: SignedClient,
+    pub client: ControlClient,
 }
 
 impl RawPeer {
     /// Registers `id` at `address` with the control plane at `url`.
-    pub async fn register(url: &str, id: &str, address: &str) -> Result<Self, tonic::Status> {
+    pub async fn register(url: &str, id: &str, address: &str) -> Result<Self, Status> {
         let answer = Self::client(url, None)
             .register(nebula_proto::v1::RegisterRequest {
                 peer_id: id.into(),
@@ -56,16 +115,10 @@ impl RawPeer {
     }
 
     /// A client of `url` presenting `credential`.
-    pub fn client(url: &str, credential: Option<&str>) -> SignedClient {
-        let channel = tonic::transport::Channel::from_shared(url.to_owned())
-            .unwrap()
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(10))
-            .connect_lazy();
-        nebula_proto::v1::control_plane_client::ControlPlaneClient::with_interceptor(
-            channel,
-            Credential(credential.map(|c| c.parse().unwrap())),
-        )
+    pub fn client(url: &str, credential: Option<&str>) -> ControlClient {
+        let bearer = Bearer::new(None);
+        *bearer.1.lock().unwrap() = credential.map(|c| c.parse().unwrap());
+        ControlPlaneClient::with_interceptor(lazy_channel(url), bearer)
     }
 
     /// The Hello that must open its exchange streams.

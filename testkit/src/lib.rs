@@ -13,7 +13,8 @@
 //! - `daemon`: [`Daemon`], a `nebula daemon` process and its client commands
 //! - `cluster`: [`TestCluster`], a control plane and N daemons
 //! - `redis`: [`RedisServer`] and [`Sentinel`] for shared control-plane state
-//! - `grpc`: [`RawPeer`], a peer played by hand with a raw gRPC client
+//! - `grpc`: raw gRPC clients with tokens and credentials; [`RawPeer`]
+//! - `fake_peer`: [`FakePeer`], a health server that heartbeats like a daemon
 //! - `http`: HTTP and HTTPS requests, [`Metrics`] scrapes
 //! - `tls`: [`TestCa`], certificates made at test time
 //! - `files`: random files and their blob ids
@@ -21,6 +22,7 @@
 mod cluster;
 mod control;
 mod daemon;
+mod fake_peer;
 mod files;
 mod grpc;
 mod http;
@@ -29,11 +31,15 @@ mod redis;
 mod tls;
 
 pub use cluster::{DaemonFlags, TestCluster};
-pub use control::{ADMIN_TOKEN, Control, FAST_CONTROL, swarm_members};
+pub use control::{ADMIN_TOKEN, Control, FAST_CONTROL, admin_cli, swarm_members};
 pub use daemon::Daemon;
+pub use fake_peer::{FakePeer, join, serve_health, start_peers};
 pub use files::{file_id, random_file};
-pub use grpc::{Credential, RawPeer, SignedClient};
+pub use grpc::{
+    AdminApi, Bearer, ControlClient, RawPeer, Slot, admin_client, cp_client, cp_client_with_slot,
+    lazy_channel,
+};
 pub use http::{Metrics, TlsFiles, http_request, https_request};
-pub use process::{Proc, free_port, run_bounded, wait_output, wait_until};
+pub use process::{Proc, free_port, run_bounded, wait_for, wait_output, wait_until};
 pub use redis::{RedisServer, Sentinel};
 pub use tls::TestCa;

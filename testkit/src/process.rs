@@ -27,6 +27,26 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// Polls `check` every 100 ms until it holds, panicking once `limit`
+/// passes; returns the time it took.
+pub async fn wait_for<F, Fut>(limit: Duration, what: &str, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if check().await {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A free loopback port: taken from the kernel and released, for programs
 /// that cannot be given port 0 (Redis, Sentinel).
 pub fn free_port() -> u16 {

@@ -11,11 +11,8 @@ use std::{
 use nebula_common::credential::SigningKey;
 use nebula_control::{
     Config, ControlPlane, RedisConfig, RedisStore,
-    tonic_health::{
-        self,
-        pb::{
-            HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-        },
+    tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
     },
 };
 use nebula_proto::v1::{
@@ -23,11 +20,11 @@ use nebula_proto::v1::{
     control_plane_client::ControlPlaneClient,
 };
 use tokio::{net::TcpListener, task::JoinHandle};
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Code, transport::Channel};
 
 use crate::support::{
-    BIN, Control, Daemon, RedisServer, file_id, random_file, swarm_members, wait_output, wait_until,
+    BIN, Control, Daemon, RedisServer, file_id, random_file, serve_health, swarm_members,
+    wait_output, wait_until,
 };
 
 /// Every replica of a test signs with this one key.
@@ -68,23 +65,7 @@ fn channel(addr: SocketAddr) -> Channel {
 
 /// A peer's health server on its own port; aborting the task kills it.
 async fn health_server(id: &str) -> (SocketAddr, JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (reporter, service) = tonic_health::server::health_reporter();
-    // The control plane's probe asks for the peer by its id.
-    reporter
-        .set_service_status(
-            format!("nebula.peer.{id}"),
-            tonic_health::ServingStatus::Serving,
-        )
-        .await;
-    let task = tokio::spawn(async move {
-        let _ = tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(TcpListenerStream::new(listener))
-            .await;
-    });
-    (addr, task)
+    serve_health(id, std::future::pending()).await
 }
 
 fn blob_hex(n: u8) -> String {
