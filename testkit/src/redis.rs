@@ -87,6 +87,17 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
+    /// Whether `redis-server` can be run here (for callers that report its
+    /// absence rather than fail).
+    pub fn is_installed() -> bool {
+        Command::new("redis-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
     /// Starts one; panics (the test fails, never skips) when `redis-server` is missing.
     pub fn start() -> Self {
         let port = free_port();
@@ -152,6 +163,11 @@ impl RedisServer {
         let proc = spawn_redis(&args, self.dir.path().join("redis.log"));
         wait_listening(self.port, "redis-server", &proc);
         self.proc = Some(proc);
+    }
+
+    /// Its process id; panics while it is killed.
+    pub fn pid(&self) -> u32 {
+        self.proc.as_ref().expect("redis-server is running").pid() as u32
     }
 
     /// `redis://127.0.0.1:PORT`, or `rediss://` when it speaks TLS.
