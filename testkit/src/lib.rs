@@ -4,10 +4,11 @@
 //! handle drops; every wait is bounded.
 //!
 //! The binary is a parameter: the system tests pass
-//! `env!("CARGO_BIN_EXE_nebula")`.
+//! `env!("CARGO_BIN_EXE_nebula")`, the examples [`nebula_binary`].
 //!
 //! # Layout
 //!
+//! - `binary`: [`nebula_binary`], the binary the examples run
 //! - `process`: [`Proc`], bounded command runs and polling, free ports
 //! - `control`: [`Control`], a `nebula control` process
 //! - `daemon`: [`Daemon`], a `nebula daemon` process and its client commands
@@ -19,6 +20,7 @@
 //! - `tls`: [`TestCa`], certificates made at test time
 //! - `files`: random files and their blob ids
 
+mod binary;
 mod cluster;
 mod control;
 mod daemon;
@@ -30,11 +32,12 @@ mod process;
 mod redis;
 mod tls;
 
+pub use binary::nebula_binary;
 pub use cluster::{DaemonFlags, TestCluster};
 pub use control::{ADMIN_TOKEN, Control, FAST_CONTROL, admin_cli, swarm_members};
 pub use daemon::Daemon;
 pub use fake_peer::{FakePeer, join, serve_health, start_peers};
-pub use files::{file_id, random_file};
+pub use files::{file_id, hash_file, random_file, write_random_file};
 pub use grpc::{
     AdminApi, Bearer, ControlClient, RawPeer, Slot, admin_client, cp_client, cp_client_with_slot,
     lazy_channel,
