@@ -5,7 +5,7 @@
 //! cargo run --release --example swarm [-- --peers 8 --size 256MiB --upload-limit 50MiB/s --keep]
 //! ```
 //!
-//! It builds the `nebula` binary first if needed (see `cluster::nebula_binary`), runs every node
+//! It builds the `nebula` binary first if needed (see `nebula_testkit::nebula_binary`), runs every node
 //! as a separate process of it, fetches into every daemon's store at once (`nebula fetch ID`),
 //! prints per peer the time, rate and where the bytes came from, checks the BLAKE3 of every
 //! copy as its daemon exports it (`nebula fetch ID -o -`) against the blob id, and removes its
@@ -83,7 +83,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: &Args) -> anyhow::Result<()> {
-    let bin = tokio::task::spawn_blocking(cluster::nebula_binary).await??;
+    let bin = tokio::task::spawn_blocking(nebula_testkit::nebula_binary).await??;
     let size = args.size;
     let fetchers: Vec<usize> = (1..args.peers).collect();
 

@@ -38,6 +38,13 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::round;
 
+mod procfs;
+
+use nebula_testkit::RedisServer;
+use procfs::{
+    pid_cpu_seconds, process_cpu_seconds, rss_bytes, stat_cpu_seconds, threads_cpu_seconds,
+};
+
 const PROVIDERS: usize = 5;
 const AIM_PER_SEC: u64 = 50_000;
 const AIM_BYTES_PER_ENTRY: u64 = 200;
@@ -80,74 +87,6 @@ pub(crate) async fn run(quick: bool) -> Value {
         Ok(v) => v,
         Err(err) => json!({"case": "control_plane", "error": format!("{err:#}")}),
     }
-}
-
-/// Resident memory, after handing freed heap pages back to the kernel so the
-/// figure counts live data rather than what malloc keeps for later.
-fn rss_bytes() -> anyhow::Result<u64> {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases free memory; it is safe to call at any time.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no VmRSS in /proc/self/status"))?;
-    Ok(kib * 1024)
-}
-
-/// User plus system CPU time of this process, in seconds.
-fn process_cpu_seconds() -> f64 {
-    // SAFETY: getrusage only writes into the zeroed struct it is given.
-    let usage = unsafe {
-        let mut usage: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
-        usage
-    };
-    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    secs(usage.ru_utime) + secs(usage.ru_stime)
-}
-
-/// User plus system CPU time of the server's runtime threads, in seconds.
-fn server_cpu_seconds() -> anyhow::Result<f64> {
-    let mut total = 0.0;
-    for task in std::fs::read_dir("/proc/self/task")? {
-        if let Some((comm, cpu)) = stat_cpu_seconds(&task?.path().join("stat"))
-            && comm.starts_with(SERVER_THREAD_NAME)
-        {
-            total += cpu;
-        }
-    }
-    Ok(total)
-}
-
-/// User plus system CPU time of another process (Redis), in seconds.
-fn pid_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    stat_cpu_seconds(std::path::Path::new(&format!("/proc/{pid}/stat")))
-        .map(|(_, cpu)| cpu)
-        .ok_or_else(|| anyhow::anyhow!("no CPU times for process {pid}"))
-}
-
-/// The command name and user plus system CPU seconds in a `/proc/…/stat` file.
-fn stat_cpu_seconds(path: &std::path::Path) -> Option<(String, f64)> {
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let stat = std::fs::read_to_string(path).ok()?;
-    // `pid (comm) state ...`: comm may hold spaces, so split after the last ')'.
-    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
-    let fields: Vec<&str> = stat.get(close + 2..)?.split(' ').collect();
-    // After the comm: state is field 3, utime 14 and stime 15 (1-based).
-    let field = |n: usize| {
-        fields
-            .get(n - 3)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    let comm = stat[open + 1..close].to_owned();
-    Some((comm, (field(14) + field(15)) as f64 / ticks))
 }
 
 fn peer_id(i: usize) -> String {
@@ -462,12 +401,15 @@ async fn measure_on(
 
     // Throughput, with the clients on a thread of their own: one core for
     // them, one for the server.
-    let (cpu_before, server_before) = (process_cpu_seconds(), server_cpu_seconds()?);
+    let (cpu_before, server_before) = (
+        process_cpu_seconds(),
+        threads_cpu_seconds(SERVER_THREAD_NAME)?,
+    );
     let started = Instant::now();
     let (answered, mut latencies, _) = hammer_on_thread(vec![url.clone()], plan).await?;
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = process_cpu_seconds() - cpu_before;
-    let server_cpu = server_cpu_seconds()? - server_before;
+    let server_cpu = threads_cpu_seconds(SERVER_THREAD_NAME)? - server_before;
     anyhow::ensure!(
         answered == plan.requests as u64,
         "only {answered} of {} answers had providers",
@@ -515,57 +457,6 @@ async fn measure_on(
     }))
 }
 
-/// A `redis-server` for the benchmark: a free loopback port, a directory of
-/// its own, no persistence; SIGKILLed and reaped when dropped.
-struct RedisChild {
-    child: std::process::Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for RedisChild {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_redis() -> anyhow::Result<RedisChild> {
-    // Redis has no `--port 0`: take a free port and release it for Redis.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let dir = tempfile::tempdir()?;
-    let child = std::process::Command::new("redis-server")
-        .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-        .args(["--save", "", "--appendonly", "no"])
-        .arg("--dir")
-        .arg(dir.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot start redis-server ({e}); install it: apt-get install -y redis-server"
-            )
-        })?;
-    let redis = RedisChild {
-        child,
-        port,
-        _dir: dir,
-    };
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "redis-server did not listen on {addr}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(redis)
-}
-
 /// The Redis store's figures, or an error object.
 async fn measure_redis(plan: &Plan) -> Value {
     match measure_redis_inner(plan).await {
@@ -575,10 +466,13 @@ async fn measure_redis(plan: &Plan) -> Value {
 }
 
 async fn measure_redis_inner(plan: &Plan) -> anyhow::Result<Value> {
-    let redis = start_redis()?;
-    let url = format!("redis://127.0.0.1:{}", redis.port);
+    anyhow::ensure!(
+        RedisServer::is_installed(),
+        "cannot start redis-server; install it: apt-get install -y redis-server"
+    );
+    let redis = tokio::task::spawn_blocking(RedisServer::start).await?;
     let runtimes = [runtime()?, runtime()?];
-    let result = redis_on(plan, &url, redis.child.id(), &runtimes).await;
+    let result = redis_on(plan, &redis.url(), redis.pid(), &runtimes).await;
     for rt in runtimes {
         rt.shutdown_background();
     }
@@ -659,12 +553,12 @@ async fn redis_on(
             urls.push(format!("http://{}", second.local_addr()));
             replicas.push(second);
         }
-        let server_before = server_cpu_seconds()?;
+        let server_before = threads_cpu_seconds(SERVER_THREAD_NAME)?;
         let redis_before = pid_cpu_seconds(redis_pid)?;
         let started = Instant::now();
         let (answered, mut latencies, client_cpu) = hammer_on_thread(urls.clone(), plan).await?;
         let elapsed = started.elapsed().as_secs_f64();
-        let server_cpu = server_cpu_seconds()? - server_before;
+        let server_cpu = threads_cpu_seconds(SERVER_THREAD_NAME)? - server_before;
         let redis_cpu = pid_cpu_seconds(redis_pid)? - redis_before;
         anyhow::ensure!(
             answered == plan.requests as u64,

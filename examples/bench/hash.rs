@@ -33,7 +33,8 @@ pub(crate) async fn run(bench: &Bench) -> anyhow::Result<Value> {
     let file = dir.path().join("blob.bin");
     let id = {
         let file = file.clone();
-        tokio::task::spawn_blocking(move || cluster::write_random_file(&file, size)).await??
+        tokio::task::spawn_blocking(move || nebula_testkit::write_random_file(&file, size))
+            .await??
     }
     .to_hex()
     .to_string();

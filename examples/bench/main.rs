@@ -139,7 +139,7 @@ fn main() -> ExitCode {
 /// Runs the cases and prints their lines; returns how many reported an error.
 async fn run(cases: &[&str], quick: bool) -> anyhow::Result<usize> {
     let bin = if cases.iter().any(|c| *c != "control_plane") {
-        tokio::task::spawn_blocking(cluster::nebula_binary).await??
+        tokio::task::spawn_blocking(nebula_testkit::nebula_binary).await??
     } else {
         PathBuf::new()
     };

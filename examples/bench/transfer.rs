@@ -56,7 +56,7 @@ pub(crate) async fn single_stream(bench: &Bench) -> anyhow::Result<Value> {
     let raw = raw_tcp_copy(&file, &copy, transfer_limit(size, 64 * MIB)).await?;
     let copied = tokio::task::spawn_blocking({
         let copy = copy.clone();
-        move || cluster::hash_file(&copy)
+        move || nebula_testkit::hash_file(&copy)
     })
     .await??;
     ensure!(

@@ -19,13 +19,14 @@
 use std::{
     ffi::{OsStr, OsString},
     fs::File,
-    io::{Read as _, Write as _},
+    io::Read as _,
     path::{Path, PathBuf},
     process::{Output, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, anyhow, bail, ensure};
+use nebula_testkit::{TestCa, write_random_file};
 use serde_json::Value;
 use tokio::process::{Child, Command};
 
@@ -41,80 +42,6 @@ const VERIFY_TIMEOUT: Duration = Duration::from_secs(300);
 const STOP_GRACE: Duration = Duration::from_secs(5);
 /// How long `Drop` waits after SIGTERM: shorter, since it blocks a thread.
 const DROP_GRACE: Duration = Duration::from_secs(2);
-
-/// Finds the `nebula` binary, building it first if needed.
-///
-/// `NEBULA_BIN` names a binary to use as is. Otherwise the binary sits next to this example's
-/// own profile directory (`target/release/examples/swarm` → `target/release/nebula`), and
-/// `cargo build --bin nebula` with the same profile runs first: `cargo run --example` builds
-/// only the example, and cargo itself is the only reliable judge of whether the binary is older
-/// than its sources and dependencies (a no-op build takes well under a second).
-pub(crate) fn nebula_binary() -> anyhow::Result<PathBuf> {
-    if let Some(bin) = std::env::var_os("NEBULA_BIN") {
-        let bin = PathBuf::from(bin);
-        ensure!(bin.is_file(), "NEBULA_BIN={} is not a file", bin.display());
-        return Ok(bin);
-    }
-    let exe = std::env::current_exe().context("cannot find this example's executable")?;
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("this example does not sit in a cargo target directory")?;
-    let bin = profile_dir.join(format!("nebula{}", std::env::consts::EXE_SUFFIX));
-    let profile = profile_dir
-        .file_name()
-        .and_then(OsStr::to_str)
-        .unwrap_or("release");
-
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| OsString::from(env!("CARGO")));
-    let mut cmd = std::process::Command::new(&cargo);
-    cmd.args(["build", "--bin", "nebula"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        // Cargo reports on stderr; keep stdout for the example's own output.
-        .stdout(Stdio::null());
-    match profile {
-        "debug" => {}
-        "release" => {
-            cmd.arg("--release");
-        }
-        other => {
-            cmd.args(["--profile", other]);
-        }
-    }
-    // A target directory chosen with `--target-dir` is not passed down to us: name it.
-    if let Some(target_dir) = profile_dir.parent()
-        && target_dir.join("CACHEDIR.TAG").is_file()
-    {
-        cmd.arg("--target-dir").arg(target_dir);
-    }
-    let shown = if profile == "release" {
-        "cargo build --release --bin nebula".to_owned()
-    } else {
-        format!("cargo build --profile {profile} --bin nebula")
-    };
-    eprintln!("building the nebula binary: {shown}");
-    match cmd.status() {
-        Ok(status) if status.success() => {}
-        Ok(status) => bail!("`{shown}` failed ({status})"),
-        Err(err) if bin.is_file() => {
-            eprintln!(
-                "warning: cannot run cargo ({err}); using {} as it is",
-                bin.display()
-            );
-        }
-        Err(err) => bail!(
-            "cannot run cargo ({err}) and {} is missing: run `cargo build --release` first \
-             or set NEBULA_BIN",
-            bin.display()
-        ),
-    }
-    ensure!(
-        bin.is_file(),
-        "{} is missing after `{shown}`",
-        bin.display()
-    );
-    Ok(bin)
-}
 
 /// A child process that is stopped when dropped, unless detached.
 #[derive(Debug)]
@@ -369,7 +296,7 @@ pub(crate) struct Cluster {
     /// The control plane's `--http-listen` address, when it serves HTTP.
     control_http: Option<String>,
     /// The certificate every process serves and the CA they trust, when TLS is on.
-    tls: Option<TlsFiles>,
+    tls: Option<TestCa>,
 }
 
 /// What every process of a [`Cluster`] runs with.
@@ -381,58 +308,17 @@ pub(crate) struct ClusterOptions {
     pub(crate) tls: bool,
 }
 
-/// A fleet CA made for one cluster and one certificate for 127.0.0.1 that every process
-/// serves and shows (they all run on loopback), as PEM files in the cluster's directory.
-#[derive(Debug, Clone)]
-struct TlsFiles {
-    cert: PathBuf,
-    key: PathBuf,
-    ca: PathBuf,
-}
-
-impl TlsFiles {
-    fn make(dir: &Path) -> anyhow::Result<Self> {
-        use rcgen::{
-            BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa,
-            KeyPair, KeyUsagePurpose,
-        };
-        let mut ca = CertificateParams::new(Vec::<String>::new())?;
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign];
-        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate()?)?;
-        let key = KeyPair::generate()?;
-        let mut leaf = CertificateParams::new(vec!["127.0.0.1".to_owned()])?;
-        leaf.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let cert = leaf.signed_by(&key, &ca)?;
-        let files = Self {
-            cert: dir.join("tls-cert.pem"),
-            key: dir.join("tls-key.pem"),
-            ca: dir.join("tls-ca.pem"),
-        };
-        for (path, pem) in [
-            (&files.cert, cert.pem()),
-            (&files.key, key.serialize_pem()),
-            (&files.ca, ca.pem()),
-        ] {
-            std::fs::write(path, pem).with_context(|| format!("writing {}", path.display()))?;
-        }
-        Ok(files)
-    }
-
-    /// `--tls-cert`, `--tls-key` and `--tls-ca`.
-    fn flags(&self) -> [OsString; 6] {
-        [
-            "--tls-cert".into(),
-            self.cert.clone().into(),
-            "--tls-key".into(),
-            self.key.clone().into(),
-            "--tls-ca".into(),
-            self.ca.clone().into(),
-        ]
-    }
+/// `--tls-cert`, `--tls-key` and `--tls-ca` of the fleet CA's certificate for 127.0.0.1, which
+/// every process serves and shows (they all run on loopback).
+fn tls_flags(ca: &TestCa) -> [OsString; 6] {
+    [
+        "--tls-cert".into(),
+        ca.cert.clone().into(),
+        "--tls-key".into(),
+        ca.key.clone().into(),
+        "--tls-ca".into(),
+        ca.ca.clone().into(),
+    ]
 }
 
 impl Cluster {
@@ -456,7 +342,7 @@ impl Cluster {
             .context("cannot create a temporary directory")?;
         let root = dir.path().to_path_buf();
         let tls = if tls {
-            Some(TlsFiles::make(&root)?)
+            Some(TestCa::new(&root, "tls"))
         } else {
             None
         };
@@ -472,7 +358,7 @@ impl Cluster {
         if http {
             control_args.extend(["--http-listen".into(), "127.0.0.1:0".into()]);
         }
-        control_args.extend(tls.iter().flat_map(TlsFiles::flags));
+        control_args.extend(tls.iter().flat_map(tls_flags));
         let control_args: Vec<&OsStr> = control_args.iter().map(OsString::as_os_str).collect();
         let (control, address) =
             spawn_listening(bin, &root, "control", &control_args, survive_us).await?;
@@ -536,7 +422,7 @@ impl Cluster {
         if self.http {
             args.extend(["--http-listen".into(), "127.0.0.1:0".into()]);
         }
-        args.extend(self.tls.iter().flat_map(TlsFiles::flags));
+        args.extend(self.tls.iter().flat_map(tls_flags));
         if let Some(rate) = opts.upload_limit {
             args.extend(["--upload-limit".into(), rate.to_string().into()]);
         }
@@ -1067,40 +953,6 @@ fn show_args(args: &[&OsStr]) -> String {
         .map(|a| a.to_string_lossy())
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-/// Writes `size` random bytes to `path` and returns their BLAKE3 hash (the blob id), hashing
-/// as it writes. Blocking: call it from `spawn_blocking`.
-pub(crate) fn write_random_file(path: &Path, size: u64) -> anyhow::Result<blake3::Hash> {
-    use rand::RngCore as _;
-    let mut file = std::io::BufWriter::with_capacity(
-        1 << 20,
-        File::create(path).with_context(|| format!("creating {}", path.display()))?,
-    );
-    let mut rng = rand::rng();
-    let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut left = size;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        rng.fill_bytes(&mut buf[..n]);
-        hasher.update(&buf[..n]);
-        file.write_all(&buf[..n])
-            .with_context(|| format!("writing {}", path.display()))?;
-        left -= n as u64;
-    }
-    file.flush()
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(hasher.finalize())
-}
-
-/// BLAKE3 of a file, on every core. Blocking: call it from `spawn_blocking`.
-pub(crate) fn hash_file(path: &Path) -> anyhow::Result<blake3::Hash> {
-    let mut hasher = blake3::Hasher::new();
-    hasher
-        .update_mmap_rayon(path)
-        .with_context(|| format!("hashing {}", path.display()))?;
-    Ok(hasher.finalize())
 }
 
 /// Mebibytes per second.

@@ -10,12 +10,18 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::support::{Cluster, Control, nebula, random_file, run_bounded, wait_output, wait_until};
+use crate::support::{
+    BIN, Control, TestCluster, nebula, random_file, run_bounded, wait_output, wait_until,
+};
 
 /// Two daemons: daemon 0 holds a random blob of `size` bytes and uploads at
 /// `upload_limit`; returns the cluster and the blob's id once it is announced.
-pub(crate) fn seeded_pair(upload_limit: &'static str, size: usize, seed: u64) -> (Cluster, String) {
-    let c = Cluster::start_with(2, |i| {
+pub(crate) fn seeded_pair(
+    upload_limit: &'static str,
+    size: usize,
+    seed: u64,
+) -> (TestCluster, String) {
+    let c = TestCluster::start_with(BIN, 2, |i| {
         if i == 0 {
             (vec!["--upload-limit", upload_limit], Vec::new())
         } else {
@@ -67,7 +73,7 @@ fn assert_quiet_end(what: &str, out: &Output) {
 
 #[test]
 fn issue11_closed_stdout_ends_quietly() {
-    let c = Cluster::start(1);
+    let c = TestCluster::start(BIN, 1);
     let d = &c.daemons[0];
     let file = c.path("blob");
     random_file(&file, 3 << 20, 11);
@@ -204,7 +210,7 @@ fn issue11_malformed_control_url_exits_2_at_once() {
 #[test]
 fn issue11_admin_swarm_of_unknown_blob_is_not_found() {
     let dir = tempfile::tempdir().unwrap();
-    let control = Control::start(dir.path());
+    let control = Control::start(BIN, dir.path());
     for json in [false, true] {
         let mut cmd = control.admin();
         cmd.args(["swarm", &"ab".repeat(32)]);
@@ -251,7 +257,7 @@ fn issue11_boolean_env_spellings_and_host_names_are_accepted() {
     }
 
     // Host names in --listen and --advertise, resolved at start.
-    let control = Control::start(dir.path());
+    let control = Control::start(BIN, dir.path());
     let store = dir.path().join("store");
     let mut cmd = nebula();
     cmd.arg("daemon")
@@ -324,7 +330,7 @@ fn private_null(dir: &Path) -> std::path::PathBuf {
 
 #[test]
 fn issue11_add_refuses_non_regular_files_before_opening_them() {
-    let mut c = Cluster::start(1);
+    let mut c = TestCluster::start(BIN, 1);
     let fifo = c.path("fifo");
     mkfifo(&fifo);
     let null = private_null(c.dir.path());
@@ -360,7 +366,7 @@ fn issue11_add_refuses_non_regular_files_before_opening_them() {
 
 #[test]
 fn issue11_fetch_json_to_stdout_output_goes_to_stderr_and_timeout_zero_fails_at_once() {
-    let c = Cluster::start(2);
+    let c = TestCluster::start(BIN, 2);
     let file = c.path("blob");
     let id = random_file(&file, (2 << 20) + 17, 8).to_string();
     assert_eq!(c.daemons[0].add(&file), id);
@@ -393,7 +399,7 @@ fn issue11_fetch_json_to_stdout_output_goes_to_stderr_and_timeout_zero_fails_at_
 
 #[test]
 fn issue11_fetch_output_devices_fifos_symlinks_read_only_and_umask() {
-    let c = Cluster::start(2);
+    let c = TestCluster::start(BIN, 2);
     let file = c.path("blob");
     let id = random_file(&file, (3 << 20) + 5, 9).to_string();
     let bytes = fs::read(&file).unwrap();
@@ -516,7 +522,7 @@ fn issue11_fetch_says_the_daemon_went_away_and_permission_denied() {
 #[test]
 fn issue11_fetch_fails_after_timeout_when_no_reachable_peer_holds_missing_chunks() {
     // d0 seeds slowly; d1 gets part of the blob; then d0 dies for good.
-    let mut c = Cluster::start_with(3, |i| {
+    let mut c = TestCluster::start_with(BIN, 3, |i| {
         if i == 0 {
             (vec!["--upload-limit", "2MiB/s"], Vec::new())
         } else {
@@ -584,7 +590,7 @@ fn issue11_fetch_fails_after_timeout_when_no_reachable_peer_holds_missing_chunks
 
 #[test]
 fn issue11_admin_against_a_peer_port_says_what_was_reached() {
-    let c = Cluster::start(1);
+    let c = TestCluster::start(BIN, 1);
     let url = format!("http://{}", c.daemons[0].addr);
     let mut cmd = nebula();
     cmd.args(["admin", "peers", "--control", &url]);
@@ -599,7 +605,7 @@ fn issue11_admin_against_a_peer_port_says_what_was_reached() {
 
 #[test]
 fn issue11_daemon_listen_variable_does_not_bind_a_one_shot_fetch() {
-    let c = Cluster::start(1);
+    let c = TestCluster::start(BIN, 1);
     let file = c.path("blob");
     let id = random_file(&file, 1 << 20, 13).to_string();
     assert_eq!(c.daemons[0].add(&file), id);
@@ -748,10 +754,10 @@ fn issue11_rm_of_a_blob_being_fetched_cancels_the_fetch() {
 
 #[test]
 fn issue11_status_says_why_the_daemon_is_not_registered() {
-    let c = Cluster::start(1);
+    let c = TestCluster::start(BIN, 1);
     // A second daemon whose --control is the first daemon's peer port.
     let wrong = format!("http://{}", c.daemons[0].addr);
-    let d = crate::support::Daemon::start(c.dir.path(), "lost", &wrong, &[], &[]);
+    let d = crate::support::Daemon::start(BIN, c.dir.path(), "lost", &wrong, &[], &[]);
     let mut last = String::new();
     let said = wait_until(Duration::from_secs(20), || {
         let out = d.cli(&["status"]);
@@ -772,7 +778,7 @@ fn issue11_status_says_why_the_daemon_is_not_registered() {
 #[test]
 fn issue11_fetch_onto_a_full_disk_names_the_output_and_leaves_it_alone() {
     use std::os::unix::process::CommandExt as _;
-    let c = Cluster::start(2);
+    let c = TestCluster::start(BIN, 2);
     let file = c.path("blob");
     let id = random_file(&file, 3 << 20, 16).to_string();
     assert_eq!(c.daemons[0].add(&file), id);
@@ -826,7 +832,7 @@ fn sources_sum(summary: &serde_json::Value) -> u64 {
 
 #[test]
 fn issue11_second_client_and_rerun_after_ctrl_c_join_the_running_fetch() {
-    let c = Cluster::start_with(2, |i| {
+    let c = TestCluster::start_with(BIN, 2, |i| {
         if i == 1 {
             (vec!["--download-limit", "4MiB/s"], Vec::new())
         } else {
@@ -872,7 +878,7 @@ fn issue11_second_client_and_rerun_after_ctrl_c_join_the_running_fetch() {
 
 #[test]
 fn issue11_a_silent_provider_is_dropped_within_seconds() {
-    let mut c = Cluster::start_with(3, |i| {
+    let mut c = TestCluster::start_with(BIN, 3, |i| {
         if i == 2 {
             (vec!["--download-limit", "2MiB/s"], Vec::new())
         } else {
@@ -917,7 +923,7 @@ fn issue11_a_silent_provider_is_dropped_within_seconds() {
 
 #[test]
 fn issue11_fetch_killed_while_writing_leaves_nothing_beside_the_output() {
-    let mut c = Cluster::start(1);
+    let mut c = TestCluster::start(BIN, 1);
     let file = c.path("blob");
     let id = random_file(&file, 64 << 20, 19).to_string();
     assert_eq!(c.daemons[0].add(&file), id);

@@ -3,39 +3,27 @@
 //! `grpc.health.v1` on its own loopback port and talks to the control plane
 //! through the generated `ControlPlaneClient`, as a daemon would.
 //!
-//! Every wait is a poll with a deadline; every process is SIGKILLed by pid
-//! when its guard drops.
+//! The control plane, the fake peers and the clients come from the test kit
+//! (`Control::standalone`, `FakePeer`). Every wait is a poll with a
+//! deadline; every process is SIGKILLed by pid when its guard drops.
 
 use std::{
-    future::Future,
-    net::SocketAddr,
-    process::Stdio,
-    sync::{
-        Arc,
-        atomic::{AtomicU32, Ordering},
-    },
-    time::{Duration, Instant},
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
 };
 
-use nebula_control::tonic_health::{
-    self,
-    pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient},
+use nebula_control::tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
-use nebula_proto::client::BearerToken;
 use nebula_proto::v1::{
     AnnounceRequest, BlobAnnouncement, FindProvidersRequest, FindProvidersResponse,
-    HeartbeatRequest, ListPeersRequest, Load, PeerRequest, RegisterRequest, ReportPeerRequest,
-    admin_client::AdminClient, control_plane_client::ControlPlaneClient,
+    ListPeersRequest, PeerRequest, RegisterRequest, ReportPeerRequest,
 };
-use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tonic::{Code, Status};
 
-use crate::support::{Proc, nebula};
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::{
-    Code, Request, Status,
-    metadata::AsciiMetadataValue,
-    service::{Interceptor, interceptor::InterceptedService},
-    transport::{Channel, Server},
+use crate::support::{
+    BIN, Control, ControlClient, FakePeer, admin_cli, admin_client, cp_client, join, lazy_channel,
+    start_peers, wait_for,
 };
 
 /// Timings short enough for tests: leases and probes in hundreds of ms.
@@ -54,175 +42,7 @@ const FAST: &[&str] = &[
 const CONTRACT: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------------------
-// The control-plane process.
-
-/// `nebula control` as a child process, SIGKILLed by pid when dropped.
-struct ControlProc {
-    proc: Proc,
-    addr: SocketAddr,
-    /// Its `--admin-socket`: tests without an admin token reach Admin there.
-    admin_socket: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl ControlProc {
-    fn start(args: &[&str]) -> Self {
-        Self::start_on("127.0.0.1:0", args)
-    }
-
-    /// Starts `nebula control --listen LISTEN ARGS…` and reads its port from
-    /// the first stdout line.
-    fn start_on(listen: &str, args: &[&str]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let admin_socket = dir.path().join("admin.sock");
-        let mut cmd = nebula();
-        cmd.args(["control", "--listen", listen])
-            .arg("--admin-socket")
-            .arg(&admin_socket)
-            .args(args)
-            .env("RUST_LOG", "nebula_control=debug,info")
-            .env_remove("NEBULA_JOIN_TOKEN")
-            .env_remove("NEBULA_ADMIN_TOKEN");
-        let (proc, addr) = Proc::spawn(cmd, dir.path().join("control.log"));
-        assert!(addr.ip().is_loopback());
-        Self {
-            proc,
-            addr,
-            admin_socket,
-            _dir: dir,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// Runs `nebula admin --admin-socket <its socket> ARGS…`.
-    async fn admin_cli(&self, args: &[&str]) -> (i32, String, String) {
-        let socket = self.admin_socket.to_str().unwrap();
-        admin_run(&[&["--admin-socket", socket][..], args].concat()).await
-    }
-
-    /// A raw Admin client on its admin socket.
-    async fn admin_client(&self) -> AdminClient<Channel> {
-        let channel =
-            nebula_proto::unix::connect(nebula_proto::unix::endpoint(), self.admin_socket.clone())
-                .await
-                .unwrap();
-        AdminClient::new(channel)
-    }
-
-    fn logs(&self) -> String {
-        self.proc.log_text()
-    }
-
-    /// SIGKILL by pid, then reap.
-    fn kill(&mut self) {
-        self.proc.kill();
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Clients.
-
-/// The credential a fake peer got at registration, shared with its client.
-type Slot = Arc<std::sync::Mutex<Option<AsciiMetadataValue>>>;
-
-/// Adds `authorization: Bearer <token>` when a token is given, and the
-/// peer's credential once it has one.
-#[derive(Clone)]
-struct Bearer(Option<BearerToken>, Slot);
-
-impl Bearer {
-    fn new(token: Option<&str>) -> Self {
-        Self(BearerToken::optional(token).unwrap(), Slot::default())
-    }
-}
-
-impl Interceptor for Bearer {
-    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(token) = &self.0 {
-            token.authorize(&mut req);
-        }
-        if let Some(c) = self.1.lock().unwrap().clone() {
-            req.metadata_mut().insert("nebula-credential", c);
-        }
-        Ok(req)
-    }
-}
-
-type Cp = ControlPlaneClient<InterceptedService<Channel, Bearer>>;
-type Adm = AdminClient<InterceptedService<Channel, Bearer>>;
-
-fn channel(url: &str) -> Channel {
-    Channel::from_shared(url.to_owned())
-        .unwrap()
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(10))
-        .connect_lazy()
-}
-
-fn cp_client(url: &str, token: Option<&str>) -> Cp {
-    cp_client_with_slot(url, token).0
-}
-
-/// A client and the slot its credential goes in.
-fn cp_client_with_slot(url: &str, token: Option<&str>) -> (Cp, Slot) {
-    let bearer = Bearer::new(token);
-    let slot = Arc::clone(&bearer.1);
-    let client = ControlPlaneClient::with_interceptor(channel(url), bearer)
-        .max_decoding_message_size(64 << 20);
-    (client, slot)
-}
-
-fn admin_client(url: &str, token: Option<&str>) -> Adm {
-    AdminClient::with_interceptor(channel(url), Bearer::new(token))
-}
-
-/// Runs `nebula admin --control URL ARGS…` (bounded) and returns (exit code, stdout, stderr).
-async fn admin_cli(url: &str, args: &[&str]) -> (i32, String, String) {
-    admin_run(&[&["--control", url][..], args].concat()).await
-}
-
-/// Runs `nebula admin ARGS…` (bounded) and returns (exit code, stdout, stderr).
-async fn admin_run(args: &[&str]) -> (i32, String, String) {
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_nebula"))
-        .arg("admin")
-        .args(args)
-        .env_remove("NEBULA_ADMIN_TOKEN")
-        .env_remove("NEBULA_JSON")
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(30), child)
-        .await
-        .expect("nebula admin took over 30 s")
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// Polls `check` every 100 ms until it holds or `limit` passes; returns the time it took.
-async fn wait_for<F, Fut>(limit: Duration, what: &str, mut check: F) -> Duration
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    loop {
-        if check().await {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+// Announcements and discovery.
 
 fn blob_id(n: u8) -> String {
     blake3::hash(&[n]).to_hex().to_string()
@@ -251,7 +71,11 @@ fn partial(n: u8, bitmap: &'static [u8]) -> BlobAnnouncement {
     }
 }
 
-async fn find(client: &mut Cp, asker: &str, blob: &str) -> Result<FindProvidersResponse, Status> {
+async fn find(
+    client: &mut ControlClient,
+    asker: &str,
+    blob: &str,
+) -> Result<FindProvidersResponse, Status> {
     let req = FindProvidersRequest {
         peer_id: asker.into(),
         blob: blob.into(),
@@ -262,203 +86,11 @@ async fn find(client: &mut Cp, asker: &str, blob: &str) -> Result<FindProvidersR
 }
 
 /// Provider ids of `blob`, best first (empty on error, e.g. while restarting).
-async fn providers(client: &mut Cp, blob: &str) -> Vec<String> {
+async fn providers(client: &mut ControlClient, blob: &str) -> Vec<String> {
     match find(client, "", blob).await {
         Ok(resp) => resp.providers.into_iter().map(|p| p.peer_id).collect(),
         Err(_) => Vec::new(),
     }
-}
-
-// ---------------------------------------------------------------------------
-// Fake peers.
-
-/// A peer that serves only `grpc.health.v1` and registers, announces and
-/// heartbeats like a daemon: on `unknown_peer` it registers again and
-/// re-announces its whole inventory.
-struct FakePeer {
-    id: String,
-    addr: SocketAddr,
-    client: Cp,
-    slot: Slot,
-    inventory: Vec<BlobAnnouncement>,
-    health_stop: Option<oneshot::Sender<()>>,
-    health_task: Option<JoinHandle<()>>,
-    beats: Option<JoinHandle<()>>,
-    /// Times the heartbeat loop had to register again.
-    reregistered: Arc<AtomicU32>,
-}
-
-impl FakePeer {
-    async fn start(
-        url: &str,
-        token: Option<&str>,
-        id: &str,
-        zone: &str,
-        inventory: Vec<BlobAnnouncement>,
-    ) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (reporter, health) = tonic_health::server::health_reporter();
-        // What the control plane's probe asks: this peer, by its id.
-        reporter
-            .set_service_status(
-                format!("nebula.peer.{id}"),
-                tonic_health::ServingStatus::Serving,
-            )
-            .await;
-        let (tx, rx) = oneshot::channel::<()>();
-        let health_task = tokio::spawn(async move {
-            let _ = Server::builder()
-                .add_service(health)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                    let _ = rx.await;
-                })
-                .await;
-        });
-        let (client, slot) = cp_client_with_slot(url, token);
-        let mut peer = Self {
-            id: id.into(),
-            addr,
-            client,
-            slot,
-            inventory,
-            health_stop: Some(tx),
-            health_task: Some(health_task),
-            beats: None,
-            reregistered: Arc::default(),
-        };
-        join(
-            &mut peer.client,
-            &peer.slot,
-            &peer.id,
-            addr,
-            zone,
-            &peer.inventory,
-        )
-        .await
-        .unwrap();
-        peer
-    }
-
-    /// Heartbeats every `every` until stopped.
-    fn start_heartbeats(&mut self, every: Duration, zone: &str) {
-        let (mut client, slot, id, addr, zone) = (
-            self.client.clone(),
-            Arc::clone(&self.slot),
-            self.id.clone(),
-            self.addr,
-            zone.to_owned(),
-        );
-        let inventory = self.inventory.clone();
-        let reregistered = self.reregistered.clone();
-        self.beats = Some(tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(every);
-            loop {
-                ticker.tick().await;
-                let beat = HeartbeatRequest {
-                    peer_id: id.clone(),
-                    load: Some(Load::default()),
-                };
-                // The control plane may be down for a while: try again next
-                // tick. One that forgot this peer, or restarted with another
-                // signing key, is joined again.
-                let forgotten = match client.heartbeat(beat).await {
-                    Ok(resp) => resp.get_ref().unknown_peer,
-                    Err(status) => status.code() == Code::Unauthenticated,
-                };
-                if forgotten
-                    && join(&mut client, &slot, &id, addr, &zone, &inventory)
-                        .await
-                        .is_ok()
-                {
-                    reregistered.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }));
-    }
-
-    fn stop_heartbeats(&mut self) {
-        if let Some(task) = self.beats.take() {
-            task.abort();
-        }
-    }
-
-    /// Shuts the health server down (the peer's "process" stops answering).
-    async fn stop_health(&mut self) {
-        if let Some(tx) = self.health_stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(task) = self.health_task.take() {
-            tokio::time::timeout(Duration::from_secs(10), task)
-                .await
-                .unwrap()
-                .unwrap();
-        }
-    }
-
-    async fn heartbeat(&mut self) -> bool {
-        let beat = HeartbeatRequest {
-            peer_id: self.id.clone(),
-            load: None,
-        };
-        self.client
-            .heartbeat(beat)
-            .await
-            .unwrap()
-            .into_inner()
-            .unknown_peer
-    }
-}
-
-impl Drop for FakePeer {
-    fn drop(&mut self) {
-        self.stop_heartbeats();
-        if let Some(task) = self.health_task.take() {
-            task.abort();
-        }
-    }
-}
-
-/// Registers and announces the whole inventory, as a daemon does on start and
-/// after `unknown_peer`.
-async fn join(
-    client: &mut Cp,
-    slot: &Slot,
-    id: &str,
-    addr: SocketAddr,
-    zone: &str,
-    inventory: &[BlobAnnouncement],
-) -> Result<(), Status> {
-    let reg = RegisterRequest {
-        peer_id: id.into(),
-        address: addr.to_string(),
-        zone: zone.into(),
-        labels: [("role".to_owned(), "test".to_owned())].into(),
-    };
-    let registered = client.register(reg).await?.into_inner();
-    *slot.lock().unwrap() = Some(registered.credential.parse().unwrap());
-    let ann = AnnounceRequest {
-        peer_id: id.into(),
-        blobs: inventory.to_vec(),
-        removed: Vec::new(),
-        full_inventory: true,
-    };
-    let resp = client.announce(ann).await?;
-    assert!(!resp.get_ref().unknown_peer);
-    Ok(())
-}
-
-async fn start_peers(
-    url: &str,
-    token: Option<&str>,
-    ids: &[&str],
-    inventory: Vec<BlobAnnouncement>,
-) -> Vec<FakePeer> {
-    let mut peers = Vec::new();
-    for id in ids {
-        peers.push(FakePeer::start(url, token, id, "z1", inventory.clone()).await);
-    }
-    peers
 }
 
 fn sorted(mut v: Vec<String>) -> Vec<String> {
@@ -471,14 +103,14 @@ fn sorted(mut v: Vec<String>) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_peers_register_and_are_discovered() {
-    let control = ControlProc::start(FAST);
+    let control = Control::standalone(BIN, FAST);
     let url = control.url();
     let mut a = FakePeer::start(&url, None, "peer-a", "z1", vec![complete(1)]).await;
     let _b = FakePeer::start(&url, None, "peer-b", "z2", vec![complete(1)]).await;
     let _c = FakePeer::start(&url, None, "peer-c", "z1", vec![partial(1, &[0b0000_0101])]).await;
 
     // The control plane itself answers the standard health check.
-    let mut health = HealthClient::new(channel(&url));
+    let mut health = HealthClient::new(lazy_channel(&url));
     let h = health
         .check(HealthCheckRequest {
             service: String::new(),
@@ -569,7 +201,7 @@ async fn control_peers_register_and_are_discovered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_peer_that_stops_heartbeating_leaves_discovery_in_time() {
     // Default timings: the contract is measured as shipped.
-    let control = ControlProc::start(&[]);
+    let control = Control::standalone(BIN, &[]);
     let url = control.url();
     let mut peers = start_peers(&url, None, &["quiet", "steady"], vec![complete(2)]).await;
     for p in &mut peers {
@@ -608,7 +240,7 @@ async fn control_peer_that_stops_heartbeating_leaves_discovery_in_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_peer_whose_server_dies_leaves_discovery_in_time() {
-    let control = ControlProc::start(&[]);
+    let control = Control::standalone(BIN, &[]);
     let url = control.url();
     let mut peers = start_peers(&url, None, &["dying", "fine"], vec![complete(3)]).await;
     for p in &mut peers {
@@ -653,7 +285,7 @@ async fn control_peer_whose_server_dies_leaves_discovery_in_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_restarted_control_plane_is_repopulated() {
-    let mut control = ControlProc::start(FAST);
+    let mut control = Control::standalone(BIN, FAST);
     let url = control.url();
     let inventory = vec![complete(4), partial(5, &[0b11])];
     let mut peers = start_peers(&url, None, &["r1", "r2", "r3"], inventory).await;
@@ -668,7 +300,7 @@ async fn control_restarted_control_plane_is_repopulated() {
 
     control.kill();
     let port = control.addr.port();
-    let again = ControlProc::start_on(&format!("127.0.0.1:{port}"), FAST);
+    let again = Control::standalone_on(BIN, format!("127.0.0.1:{port}").parse().unwrap(), FAST);
     assert_eq!(again.addr.port(), port);
     control = again;
     // Fresh memory: nothing known until the peers' next heartbeats.
@@ -706,7 +338,7 @@ async fn control_restarted_control_plane_is_repopulated() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_wrong_join_token_is_refused() {
-    let control = ControlProc::start(&["--join-token", "let-me-in"]);
+    let control = Control::standalone(BIN, &["--join-token", "let-me-in"]);
     let url = control.url();
     let reg = || RegisterRequest {
         peer_id: "intruder".into(),
@@ -734,14 +366,14 @@ async fn control_wrong_join_token_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_wrong_admin_token_is_refused() {
-    let control = ControlProc::start(&["--admin-token", "ops-secret"]);
+    let control = Control::standalone(BIN, &["--admin-token", "ops-secret"]);
     let url = control.url();
     for args in [
         &["--admin-token", "wrong", "peers"][..],
         &["peers"],
         &["stats", "--admin-token", "nope"],
     ] {
-        let (code, out, err) = admin_cli(&url, args).await;
+        let (code, out, err) = admin_cli(BIN, &url, args).await;
         assert_eq!(code, 1, "{args:?}: {err}");
         assert!(err.starts_with("error:"), "{err}");
         assert!(err.contains("admin token"), "{err}");
@@ -753,7 +385,7 @@ async fn control_wrong_admin_token_is_refused() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
-    let (code, _, err) = admin_cli(&url, &["--admin-token", "ops-secret", "peers"]).await;
+    let (code, _, err) = admin_cli(BIN, &url, &["--admin-token", "ops-secret", "peers"]).await;
     assert_eq!(code, 0, "{err}");
     // The token also comes from the environment.
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_nebula"))
@@ -775,7 +407,7 @@ async fn control_wrong_admin_token_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_drain_and_ban_change_discovery() {
-    let control = ControlProc::start(&["--admin-token", "adm"]);
+    let control = Control::standalone(BIN, &["--admin-token", "adm"]);
     let url = control.url();
     let mut peers = start_peers(&url, None, &["d1", "d2", "d3"], vec![complete(6)]).await;
     let mut client = cp_client(&url, None);
@@ -786,6 +418,7 @@ async fn control_drain_and_ban_change_discovery() {
     );
 
     let (code, out, err) = admin_cli(
+        BIN,
         &url,
         &[
             "--admin-token",
@@ -804,6 +437,7 @@ async fn control_drain_and_ban_change_discovery() {
     assert!(!peers[0].heartbeat().await);
 
     let (code, _, err) = admin_cli(
+        BIN,
         &url,
         &[
             "--admin-token",
@@ -818,7 +452,7 @@ async fn control_drain_and_ban_change_discovery() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(providers(&mut client, &blob).await, ["d3"]);
 
-    let (_, out, _) = admin_cli(&url, &["--admin-token", "adm", "peers", "--json"]).await;
+    let (_, out, _) = admin_cli(BIN, &url, &["--admin-token", "adm", "peers", "--json"]).await;
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let state = |id: &str| {
         let p = v["peers"]
@@ -852,7 +486,7 @@ async fn control_drain_and_ban_change_discovery() {
     assert_eq!(providers(&mut client, &blob).await, ["d3"]);
 
     for id in ["d1", "d2"] {
-        let (code, _, err) = admin_cli(&url, &["--admin-token", "adm", "unban", id]).await;
+        let (code, _, err) = admin_cli(BIN, &url, &["--admin-token", "adm", "unban", id]).await;
         assert_eq!(code, 0, "{err}");
     }
     assert_eq!(
@@ -863,7 +497,7 @@ async fn control_drain_and_ban_change_discovery() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_two_reports_quarantine_one_does_not() {
-    let control = ControlProc::start(&[]);
+    let control = Control::standalone(BIN, &[]);
     let url = control.url();
     let peers = start_peers(
         &url,
@@ -945,7 +579,7 @@ async fn control_two_reports_quarantine_one_does_not() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_bad_input_is_refused_without_harm() {
-    let control = ControlProc::start(&[]);
+    let control = Control::standalone(BIN, &[]);
     let url = control.url();
     let peer = FakePeer::start(&url, None, "good", "z1", vec![complete(8)]).await;
     let mut client = peer.client.clone();
@@ -1036,10 +670,10 @@ async fn control_bad_input_is_refused_without_harm() {
         "{err}"
     );
     // Malformed ids are refused by the CLI before any network call: exit 2.
-    let (code, _, err) = admin_cli("127.0.0.1:1", &["swarm", "not-a-blob"]).await;
+    let (code, _, err) = admin_cli(BIN, "127.0.0.1:1", &["swarm", "not-a-blob"]).await;
     assert_eq!(code, 2, "{err}");
     assert!(err.starts_with("error:"), "{err}");
-    let (code, _, err) = admin_cli("127.0.0.1:1", &["drain", "bad id"]).await;
+    let (code, _, err) = admin_cli(BIN, "127.0.0.1:1", &["drain", "bad id"]).await;
     assert_eq!(code, 2, "{err}");
 
     // Still serving, and nothing changed.
@@ -1049,7 +683,7 @@ async fn control_bad_input_is_refused_without_harm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_sigterm_stops_cleanly() {
-    let mut control = ControlProc::start(FAST);
+    let mut control = Control::standalone(BIN, FAST);
     let _peer = FakePeer::start(&control.url(), None, "p", "z1", vec![complete(1)]).await;
     let status = tokio::task::block_in_place(|| control.proc.terminate())
         .expect("no exit 15 s after SIGTERM");

@@ -5,11 +5,11 @@ use std::time::Duration;
 
 use nebula_proto::v1 as pb;
 
-use crate::support::{Cluster, file_id, nebula, random_file, run_bounded, wait_output};
+use crate::support::{BIN, TestCluster, file_id, nebula, random_file, run_bounded, wait_output};
 
 #[test]
 fn add_on_one_fetch_on_another() {
-    let c = Cluster::start(2);
+    let c = TestCluster::start(BIN, 2);
     let src = c.path("src.bin");
     let id = random_file(&src, 5 * (1 << 20) + 123, 1);
     assert_eq!(c.daemons[0].add(&src), id.to_string());
@@ -75,7 +75,7 @@ fn add_on_one_fetch_on_another() {
 
 #[test]
 fn progress_feed_is_monotonic_to_completion() {
-    let c = Cluster::start_with(2, |i| {
+    let c = TestCluster::start_with(BIN, 2, |i| {
         if i == 0 {
             (vec!["--upload-limit", "40MiB/s"], vec![])
         } else {
@@ -137,7 +137,7 @@ fn assert_error_line(out: &std::process::Output, code: i32, needle: &str) {
 
 #[test]
 fn bad_input_through_the_cli() {
-    let c = Cluster::start(1);
+    let c = TestCluster::start(BIN, 1);
     let d = &c.daemons[0];
     // A malformed id is refused before any network call: even with no daemon.
     let mut cmd = nebula();
@@ -211,7 +211,7 @@ fn bad_input_through_the_cli() {
 
 #[test]
 fn one_shot_fetch_without_a_daemon() {
-    let c = Cluster::start(1);
+    let c = TestCluster::start(BIN, 1);
     let src = c.path("src.bin");
     let id = random_file(&src, 3 << 20, 4);
     c.daemons[0].add(&src);
@@ -240,7 +240,7 @@ fn one_shot_fetch_without_a_daemon() {
 /// stays bounded and its other streams keep flowing.
 #[test]
 fn a_stalled_receiver_does_not_block_others() {
-    let c = Cluster::start(2);
+    let c = TestCluster::start(BIN, 2);
     let src = c.path("src.bin");
     let size = 128usize << 20;
     let id = random_file(&src, size, 5);
@@ -341,14 +341,14 @@ pub(crate) fn fetch_report(out: &std::process::Output) -> serde_json::Value {
 #[test]
 fn sigterm_stops_the_daemon_cleanly() {
     use std::os::unix::fs::PermissionsExt;
-    let mut c = Cluster::start(2);
+    let mut c = TestCluster::start(BIN, 2);
     let mode = std::fs::metadata(&c.daemons[1].socket)
         .unwrap()
         .permissions()
         .mode()
         & 0o777;
     assert_eq!(mode, 0o600, "socket mode {mode:o}");
-    let peers = |c: &Cluster| -> usize {
+    let peers = |c: &TestCluster| -> usize {
         let mut cmd = c.control.admin();
         cmd.args(["peers", "--json"]);
         let out = run_bounded(cmd, Duration::from_secs(10));

@@ -8,7 +8,7 @@ use std::{
 
 use crate::{
     daemon::{fetch_report, sum_sources},
-    support::{Cluster, file_id, random_file, wait_output, wait_until},
+    support::{BIN, TestCluster, file_id, random_file, wait_output, wait_until},
 };
 
 const MIB: usize = 1 << 20;
@@ -29,7 +29,7 @@ fn verified_chunks(d: &crate::support::Daemon, id: &str) -> u64 {
 
 #[test]
 fn one_seed_five_fetchers_share_the_load() {
-    let c = Cluster::start_with(6, |_| (vec!["--upload-limit", "16MiB/s"], vec![]));
+    let c = TestCluster::start_with(BIN, 6, |_| (vec!["--upload-limit", "16MiB/s"], vec![]));
     let size = 48 * MIB;
     let src = c.path("src.bin");
     let id = random_file(&src, size, 10).to_string();
@@ -81,7 +81,7 @@ fn one_seed_five_fetchers_share_the_load() {
 #[test]
 fn churn_killed_and_hanging_providers() {
     // Four complete providers, each limited so the download takes a few seconds.
-    let c = Cluster::start_with(5, |i| {
+    let c = TestCluster::start_with(BIN, 5, |i| {
         if i < 4 {
             (vec!["--upload-limit", "12MiB/s"], vec![])
         } else {
@@ -132,7 +132,7 @@ fn churn_killed_and_hanging_providers() {
 #[test]
 fn lying_provider_is_banned_reported_and_quarantined() {
     // Daemon 0 flips bits in everything it serves; 1 and 2 are honest.
-    let c = Cluster::start_with(5, |i| {
+    let c = TestCluster::start_with(BIN, 5, |i| {
         let env = if i == 0 {
             vec![("NEBULA_FAULT_CORRUPT", "1")]
         } else {
@@ -220,7 +220,7 @@ fn lying_provider_is_banned_reported_and_quarantined() {
 
 #[test]
 fn control_plane_killed_mid_download() {
-    let c = Cluster::start_with(3, |i| {
+    let c = TestCluster::start_with(BIN, 3, |i| {
         if i < 2 {
             (vec!["--upload-limit", "12MiB/s"], vec![])
         } else {
@@ -256,7 +256,7 @@ fn control_plane_killed_mid_download() {
 
 #[test]
 fn killed_daemon_resumes_its_download() {
-    let c = Cluster::start_with(2, |i| {
+    let c = TestCluster::start_with(BIN, 2, |i| {
         if i == 0 {
             (vec!["--upload-limit", "16MiB/s"], vec![])
         } else {

@@ -14,7 +14,7 @@ use std::{
 
 use sha2::Digest as _;
 
-use crate::support::{Cluster, Daemon, nebula, run_bounded, wait_until};
+use crate::support::{BIN, Daemon, TestCluster, nebula, run_bounded, wait_until};
 
 #[path = "../../examples/common/registry.rs"]
 mod registry;
@@ -177,7 +177,7 @@ fn mirror_pulls_an_image_by_tag_then_a_second_daemon_pulls_it_from_the_first() {
     let dir = tempfile::tempdir().unwrap();
     let up = Upstream::start(dir.path(), &[3 * MIB, 5 * MIB + 123, 1000], None);
     let flags = up.mirror_flags();
-    let fleet = Cluster::start_with(2, |_| (flags.clone(), Vec::new()));
+    let fleet = TestCluster::start_with(BIN, 2, |_| (flags.clone(), Vec::new()));
     let (d0, d1) = (&fleet.daemons[0], &fleet.daemons[1]);
     let one_copy = up.image.blob_bytes() as f64;
 
@@ -275,7 +275,7 @@ fn mirror_head_starts_no_download_and_ranges_of_a_fresh_blob_stream() {
     let up = Upstream::start(dir.path(), &[6 * MIB + 77], None);
     let mut flags = up.mirror_flags();
     flags.extend(["--mirror-tag-ttl", "10m"]);
-    let fleet = Cluster::start_with(1, |_| (flags.clone(), Vec::new()));
+    let fleet = TestCluster::start_with(BIN, 1, |_| (flags.clone(), Vec::new()));
     let d0 = &fleet.daemons[0];
     let mirror = mirror_of(d0);
     let layer = layer_bytes(&up.image, 0);
@@ -379,7 +379,7 @@ fn mirror_aborts_when_the_registry_dies_mid_layer_and_serves_whole_layers_from_p
     let dir = tempfile::tempdir().unwrap();
     let mut up = Upstream::start(dir.path(), &[4 * MIB, 24 * MIB], None);
     let flags = up.mirror_flags();
-    let fleet = Cluster::start_with(2, |_| (flags.clone(), Vec::new()));
+    let fleet = TestCluster::start_with(BIN, 2, |_| (flags.clone(), Vec::new()));
     let (d0, d1) = (&fleet.daemons[0], &fleet.daemons[1]);
     let small = format!("/v2/{NAME}/blobs/{}", up.image.layers[0].digest);
     let big = format!("/v2/{NAME}/blobs/{}", up.image.layers[1].digest);
@@ -469,7 +469,7 @@ fn token_flow(credentials: bool) {
         flags.push(Box::leak(config.display().to_string().into_boxed_str()));
     }
     // The second daemon has no credentials.
-    let fleet = Cluster::start_with(2, |i| {
+    let fleet = TestCluster::start_with(BIN, 2, |i| {
         (
             if i == 0 { flags.clone() } else { plain.clone() },
             Vec::new(),
@@ -516,7 +516,7 @@ fn containerd_pulls_through_the_hosts_toml_nebula_mirror_wrote() {
     let dir = tempfile::tempdir().unwrap();
     let up = Upstream::start(dir.path(), &[2 * MIB, MIB + 1], None);
     let flags = up.mirror_flags();
-    let fleet = Cluster::start_with(1, |_| (flags.clone(), Vec::new()));
+    let fleet = TestCluster::start_with(BIN, 1, |_| (flags.clone(), Vec::new()));
     let d0 = &fleet.daemons[0];
     let registry = up.proxy.addr.to_string();
     let certs = dir.path().join("certs.d");

@@ -12,8 +12,8 @@ use std::{
 use crate::{
     daemon::{fetch_report, sum_sources},
     support::{
-        Cluster, Control, Metrics, Proc, file_id, http_request, nebula, random_file, wait_output,
-        wait_until,
+        BIN, Control, Metrics, Proc, TestCluster, file_id, http_request, nebula, random_file,
+        wait_output, wait_until,
     },
 };
 
@@ -27,7 +27,7 @@ fn peer_id(d: &crate::support::Daemon) -> String {
 /// killed daemon moves from healthy to unhealthy or expired.
 #[test]
 fn metrics_match_a_real_swarm_fetch_and_a_kill() {
-    let mut c = Cluster::start(4);
+    let mut c = TestCluster::start(BIN, 4);
     let size = 24 * MIB;
     let src = c.path("src.bin");
     let id = random_file(&src, size, 31).to_string();
@@ -156,7 +156,7 @@ fn every_dashboard_metric_exists_in_a_scrape() {
     names.dedup();
     assert!(names.len() >= 8, "dashboard queries few metrics: {names:?}");
 
-    let c = Cluster::start(2);
+    let c = TestCluster::start(BIN, 2);
     let src = c.path("src.bin");
     let id = random_file(&src, 3 * MIB, 32).to_string();
     c.daemons[0].add(&src);
@@ -270,7 +270,7 @@ fn live_page_data_needs_the_admin_token() {
 
     // Without an admin token, the data is off on TCP for every caller (any
     // local user can reach a loopback port); the page still loads.
-    let open = Control::start(dir.path());
+    let open = Control::start(BIN, dir.path());
     let open_http = open.proc.http();
     assert_eq!(http_request(open_http, "GET", "/", None, &[]).0, 200);
     for path in [
@@ -302,7 +302,7 @@ fn live_page_data_needs_the_admin_token() {
 /// stream's carry the `exchange` span with the peer.
 #[test]
 fn json_logs_carry_fetch_and_exchange_spans() {
-    let c = Cluster::start_with(2, |_| {
+    let c = TestCluster::start_with(BIN, 2, |_| {
         (
             vec!["--log-format", "json"],
             vec![("RUST_LOG", "info,nebula_peer=debug")],
@@ -491,7 +491,7 @@ fn page_state(browser: &Browser) -> (Vec<String>, Vec<String>, u64) {
 #[test]
 fn live_page_shows_a_swarm_filling_in_a_real_browser() {
     // The page's data needs the admin token (without one it is off on TCP).
-    let c = Cluster::start_flagged(4, &["--admin-token", "browsertoken"], |_| {
+    let c = TestCluster::start_flagged(BIN, 4, &["--admin-token", "browsertoken"], |_| {
         (vec!["--upload-limit", "4MiB/s"], vec![])
     });
     let size = 64 * MIB;

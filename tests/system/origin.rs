@@ -10,7 +10,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::support::{Cluster, Daemon, nebula, random_file, run_bounded, wait_output, wait_until};
+use crate::support::{
+    BIN, Daemon, TestCluster, nebula, random_file, run_bounded, wait_output, wait_until,
+};
 
 #[path = "../../examples/common/origin.rs"]
 mod origin_server;
@@ -92,8 +94,10 @@ impl std::ops::Deref for TestOrigin {
 }
 
 /// A control plane with `control_flags` and `n` daemons with `daemon_flags`.
-fn fleet(n: usize, control_flags: &[&str], daemon_flags: &'static [&'static str]) -> Cluster {
-    Cluster::start_flagged(n, control_flags, |_| (daemon_flags.to_vec(), Vec::new()))
+fn fleet(n: usize, control_flags: &[&str], daemon_flags: &'static [&'static str]) -> TestCluster {
+    TestCluster::start_flagged(BIN, n, control_flags, |_| {
+        (daemon_flags.to_vec(), Vec::new())
+    })
 }
 
 fn random_bytes(size: usize, seed: u64) -> Vec<u8> {
@@ -490,7 +494,7 @@ fn a_leaseholder_that_lies_is_caught_reported_and_the_bytes_are_right() {
     let origin = TestOrigin::start(data);
     origin.set_rate(8 << 20);
     // d0 flips a bit in every chunk it serves (the fault-injection feature).
-    let fleet = Cluster::start_flagged(3, &[], |i| {
+    let fleet = TestCluster::start_flagged(BIN, 3, &[], |i| {
         let env = if i == 0 {
             vec![("NEBULA_FAULT_CORRUPT", "1")]
         } else {
@@ -555,7 +559,7 @@ fn an_https_origin_is_trusted_through_origin_ca_and_refused_without() {
     let (cert, key) = pki.issue("origin");
     let base = origin.https_front(&cert, &key);
     let ca: &'static str = Box::leak(pki.ca().into_boxed_str());
-    let fleet = Cluster::start_flagged(2, &[], move |i| {
+    let fleet = TestCluster::start_flagged(BIN, 2, &[], move |i| {
         let flags = if i == 0 {
             vec!["--origin-ca", ca]
         } else {

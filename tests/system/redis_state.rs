@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    Control, Daemon, RedisServer, Sentinel, TestCa, file_id, nebula, random_file, run_bounded,
+    BIN, Control, Daemon, RedisServer, Sentinel, TestCa, file_id, nebula, random_file, run_bounded,
     wait_output, wait_until,
 };
 
@@ -28,7 +28,7 @@ fn refused(args: &[&str]) -> (Option<i32>, String) {
 /// the blob's id and the two daemons (alive until dropped).
 fn add_and_fetch(dir: &std::path::Path, control: &Control, seed: u64) -> (String, Vec<Daemon>) {
     let daemons: Vec<Daemon> = (0..2)
-        .map(|i| Daemon::start(dir, &format!("d{seed}-{i}"), &control.url(), &[], &[]))
+        .map(|i| Daemon::start(BIN, dir, &format!("d{seed}-{i}"), &control.url(), &[], &[]))
         .collect();
     for d in &daemons {
         d.wait_registered();
@@ -129,8 +129,8 @@ fn rediss_with_state_ca_serves_and_a_wrong_ca_exits_1() {
         "500ms",
     ];
     let listen = "127.0.0.1:0".parse().unwrap();
-    let first = Control::start_with(dir.path(), listen, &tls_args);
-    let second = Control::start_with(dir.path(), listen, &tls_args);
+    let first = Control::start_with(BIN, dir.path(), listen, &tls_args);
+    let second = Control::start_with(BIN, dir.path(), listen, &tls_args);
     let (id, _daemons) = add_and_fetch(dir.path(), &first, 1);
     assert_eq!(second.swarm_members(&id), 2);
     // Nothing reaches Redis in the clear: its only port speaks TLS.
@@ -198,7 +198,7 @@ fn sentinel_failover(tls: Option<&TestCa>) {
     if let Some(ca_file) = &ca_file {
         args.extend(["--state-ca", ca_file]);
     }
-    let control = Control::start_with(dir.path(), "127.0.0.1:0".parse().unwrap(), &args);
+    let control = Control::start_with(BIN, dir.path(), "127.0.0.1:0".parse().unwrap(), &args);
     let (before, _first_daemons) = add_and_fetch(dir.path(), &control, 2);
     assert_eq!(primary.cli(&["ROLE"]).lines().next(), Some("master"));
 
@@ -268,6 +268,7 @@ fn rediss_client_certificate_for_a_redis_that_asks_for_one() {
     );
     // With one (the test CA signed it for client use too), it serves.
     let control = Control::start_with(
+        BIN,
         dir.path(),
         "127.0.0.1:0".parse().unwrap(),
         &[

@@ -11,11 +11,8 @@ use std::{
 use nebula_common::credential::SigningKey;
 use nebula_control::{
     Config, ControlPlane, RedisConfig, RedisStore,
-    tonic_health::{
-        self,
-        pb::{
-            HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-        },
+    tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
     },
 };
 use nebula_proto::v1::{
@@ -23,11 +20,11 @@ use nebula_proto::v1::{
     control_plane_client::ControlPlaneClient,
 };
 use tokio::{net::TcpListener, task::JoinHandle};
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Code, transport::Channel};
 
 use crate::support::{
-    Control, Daemon, RedisServer, file_id, random_file, swarm_members, wait_output, wait_until,
+    BIN, Control, Daemon, RedisServer, file_id, random_file, serve_health, swarm_members,
+    wait_output, wait_until,
 };
 
 /// Every replica of a test signs with this one key.
@@ -68,23 +65,7 @@ fn channel(addr: SocketAddr) -> Channel {
 
 /// A peer's health server on its own port; aborting the task kills it.
 async fn health_server(id: &str) -> (SocketAddr, JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (reporter, service) = tonic_health::server::health_reporter();
-    // The control plane's probe asks for the peer by its id.
-    reporter
-        .set_service_status(
-            format!("nebula.peer.{id}"),
-            tonic_health::ServingStatus::Serving,
-        )
-        .await;
-    let task = tokio::spawn(async move {
-        let _ = tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(TcpListenerStream::new(listener))
-            .await;
-    });
-    (addr, task)
+    serve_health(id, std::future::pending()).await
 }
 
 fn blob_hex(n: u8) -> String {
@@ -355,13 +336,13 @@ fn redis_replica_killed_mid_swarm_fetch_every_fetch_completes() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
     let mut replicas: Vec<Control> = (0..3)
-        .map(|_| Control::start_redis(dir.path(), &redis.url()))
+        .map(|_| Control::start_redis(BIN, dir.path(), &redis.url()))
         .collect();
     let urls = all_urls(&replicas);
     // Every daemon lists replica 0 first: that is the one they all talk to.
     let limit = ["--upload-limit", "16MiB/s"];
     let daemons: Vec<Daemon> = (0..4)
-        .map(|i| Daemon::start(dir.path(), &format!("d{i}"), &urls, &limit, &[]))
+        .map(|i| Daemon::start(BIN, dir.path(), &format!("d{i}"), &urls, &limit, &[]))
         .collect();
     for d in &daemons {
         d.wait_registered();
@@ -371,6 +352,7 @@ fn redis_replica_killed_mid_swarm_fetch_every_fetch_completes() {
     assert_eq!(daemons[0].add(&file), id);
     assert!(
         wait_until(Duration::from_secs(10), || swarm_members(
+            BIN,
             &replicas[1].url(),
             &id
         ) == 1),
@@ -404,17 +386,20 @@ fn redis_replica_killed_mid_swarm_fetch_every_fetch_completes() {
     // Discovery through the survivors knows every copy.
     for r in &replicas[1..] {
         assert!(
-            wait_until(Duration::from_secs(10), || swarm_members(&r.url(), &id)
-                == 4),
+            wait_until(Duration::from_secs(10), || swarm_members(
+                BIN,
+                &r.url(),
+                &id
+            ) == 4),
             "every holder listed by {}",
             r.url()
         );
     }
     // `nebula admin` given every URL, the dead one first, uses the next.
-    assert_eq!(swarm_members(&urls, &id), 4);
+    assert_eq!(swarm_members(BIN, &urls, &id), 4);
     // A replica started afresh answers from Redis at once.
-    replicas[0] = Control::start_redis(dir.path(), &redis.url());
-    assert_eq!(swarm_members(&replicas[0].url(), &id), 4);
+    replicas[0] = Control::start_redis(BIN, dir.path(), &redis.url());
+    assert_eq!(swarm_members(BIN, &replicas[0].url(), &id), 4);
     for d in &daemons {
         assert!(d.status()["registered"].as_bool().unwrap_or(false));
     }
@@ -425,12 +410,12 @@ fn redis_restarted_empty_mid_fetch_the_fetch_completes_and_discovery_is_repopula
     let mut redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
     let replicas: Vec<Control> = (0..3)
-        .map(|_| Control::start_redis(dir.path(), &redis.url()))
+        .map(|_| Control::start_redis(BIN, dir.path(), &redis.url()))
         .collect();
     let urls = all_urls(&replicas);
     let limit = ["--upload-limit", "16MiB/s"];
     let daemons: Vec<Daemon> = (0..3)
-        .map(|i| Daemon::start(dir.path(), &format!("d{i}"), &urls, &limit, &[]))
+        .map(|i| Daemon::start(BIN, dir.path(), &format!("d{i}"), &urls, &limit, &[]))
         .collect();
     for d in &daemons {
         d.wait_registered();
@@ -439,7 +424,7 @@ fn redis_restarted_empty_mid_fetch_the_fetch_completes_and_discovery_is_repopula
     let id = random_file(&file, 48 << 20, 15).to_string();
     assert_eq!(daemons[0].add(&file), id);
     assert!(wait_until(Duration::from_secs(10), || {
-        swarm_members(&replicas[0].url(), &id) == 1
+        swarm_members(BIN, &replicas[0].url(), &id) == 1
     }));
     let mut fetches: Vec<_> = (1..3)
         .map(|i| {
@@ -459,7 +444,7 @@ fn redis_restarted_empty_mid_fetch_the_fetch_completes_and_discovery_is_repopula
     // again and re-announce their whole inventory.
     assert!(
         wait_until(Duration::from_secs(10), || {
-            swarm_members(&replicas[1].url(), &id) >= 1
+            swarm_members(BIN, &replicas[1].url(), &id) >= 1
         }),
         "discovery not repopulated"
     );
@@ -472,6 +457,7 @@ fn redis_restarted_empty_mid_fetch_the_fetch_completes_and_discovery_is_repopula
     }
     assert!(
         wait_until(Duration::from_secs(10), || swarm_members(
+            BIN,
             &replicas[2].url(),
             &id
         ) == 3),
@@ -486,14 +472,14 @@ fn control_urls_may_name_hosts_daemon_and_admin_resolve_them() {
     // unit tests, which hand such names to the resolver seam).
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let control = Control::start_redis(dir.path(), &redis.url());
+    let control = Control::start_redis(BIN, dir.path(), &redis.url());
     let by_name = format!("http://localhost:{}", control.addr.port());
-    let daemon = Daemon::start(dir.path(), "d0", &by_name, &[], &[]);
+    let daemon = Daemon::start(BIN, dir.path(), "d0", &by_name, &[], &[]);
     daemon.wait_registered();
     let file = dir.path().join("blob.bin");
     let id = random_file(&file, 1 << 20, 16).to_string();
     assert_eq!(daemon.add(&file), id);
     assert!(wait_until(Duration::from_secs(10), || swarm_members(
-        &by_name, &id
+        BIN, &by_name, &id
     ) == 1));
 }

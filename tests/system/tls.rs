@@ -22,7 +22,7 @@ use rcgen::{
 use crate::{
     daemon::fetch_report,
     support::{
-        Control, Daemon, TlsFiles, file_id, https_request, nebula, random_file, run_bounded,
+        BIN, Control, Daemon, TlsFiles, file_id, https_request, nebula, random_file, run_bounded,
         wait_output, wait_until,
     },
 };
@@ -118,7 +118,7 @@ fn control(dir: &Path, pki: &Pki, extra: &[&str]) -> Control {
     args.extend(["--join-token", JOIN, "--admin-token", ADMIN].map(str::to_owned));
     let mut args = strs(&args);
     args.extend(extra);
-    let control = Control::start_with(dir, "127.0.0.1:0".parse().unwrap(), &args);
+    let control = Control::start_with(BIN, dir, "127.0.0.1:0".parse().unwrap(), &args);
     assert!(control.url().starts_with("https://"), "{}", control.url());
     control
 }
@@ -128,7 +128,7 @@ fn daemon(dir: &Path, name: &str, control: &str, tls: &[String], extra: &[&str])
     let mut args = strs(tls);
     args.extend(["--join-token", JOIN]);
     args.extend(extra);
-    Daemon::start(dir, name, control, &args, &[])
+    Daemon::start(BIN, dir, name, control, &args, &[])
 }
 
 /// `nebula admin ARGS --control URL --admin-token … TLS`.

@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status, transport::Channel};
 
 use crate::{
     daemon::fetch_report,
-    support::{Cluster, Daemon, RawPeer, file_id, random_file, wait_output},
+    support::{BIN, Daemon, RawPeer, TestCluster, file_id, random_file, wait_output},
 };
 
 const MIB: usize = 1 << 20;
@@ -74,7 +74,7 @@ async fn claim_alias(url: &str, id: &str, size: u64, sha256: &str) {
 #[test]
 fn trust_a_false_sha256_alias_never_yields_other_bytes() {
     let rt = runtime();
-    let c = Cluster::start(3);
+    let c = TestCluster::start(BIN, 3);
     let (real, other) = (c.path("real.bin"), c.path("other.bin"));
     let real_id = random_file(&real, 3 * MIB, 41).to_string();
     let other_id = random_file(&other, 2 * MIB, 42).to_string();
@@ -217,7 +217,7 @@ impl ControlPlane for SwappingRelay {
 #[test]
 fn trust_a_discovery_answer_about_another_blob_is_refused() {
     let rt = runtime();
-    let c = Cluster::start(2);
+    let c = TestCluster::start(BIN, 2);
     let (wanted, decoy) = (c.path("wanted.bin"), c.path("decoy.bin"));
     let wanted_id = random_file(&wanted, 2 * MIB, 44).to_string();
     let decoy_id = random_file(&decoy, 2 * MIB, 45).to_string();
@@ -239,6 +239,7 @@ fn trust_a_discovery_answer_about_another_blob_is_refused() {
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
     let victim = Daemon::start(
+        BIN,
         c.dir.path(),
         "victim",
         &format!("http://{relay_addr}"),
@@ -363,7 +364,7 @@ async fn raw_exchange(
 fn trust_unreadable_exchange_input_gets_an_error_status() {
     use prost::Message as _;
     let rt = runtime();
-    let c = Cluster::start(2);
+    let c = TestCluster::start(BIN, 2);
     let id = seed(&c, 2 * MIB, 46);
     let target = c.daemons[0].addr;
     let m = rt.block_on(mallory(&c.control.url()));
@@ -436,7 +437,7 @@ fn get_chunks(request_id: u64, blob: &str, chunks: Vec<u32>) -> pb::ExchangeRequ
 #[test]
 fn trust_a_receiver_that_never_reads_cannot_hold_every_upload_slot() {
     let rt = runtime();
-    let c = Cluster::start(2);
+    let c = TestCluster::start(BIN, 2);
     let id = seed(&c, 8 * MIB, 47);
     let target = c.daemons[0].addr;
 
@@ -545,7 +546,7 @@ fn trust_store_plants_and_swaps_are_refused() {
     assert!(err.contains("symbolic link"), "{err}");
 
     // A healthy daemon: its store is private, its socket 0600.
-    let c = Cluster::start(1);
+    let c = TestCluster::start(BIN, 1);
     let d = &c.daemons[0];
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&d.socket), 0o600);
@@ -603,7 +604,7 @@ fn rss_kib(pid: i32) -> u64 {
 #[test]
 fn trust_an_inventory_flood_is_capped() {
     let rt = runtime();
-    let c = Cluster::start(2);
+    let c = TestCluster::start(BIN, 2);
     let url = c.control.url();
     let pid = c.control.proc.pid();
     let before = rss_kib(pid);
@@ -699,7 +700,7 @@ fn cpu_ticks(pid: i32) -> u64 {
 #[test]
 fn trust_silent_connections_are_closed_and_accept_backs_off() {
     use std::io::Read;
-    let c = Cluster::start_with(2, |i| {
+    let c = TestCluster::start_with(BIN, 2, |i| {
         let flags = if i == 0 {
             vec!["--handshake-timeout", "2s"]
         } else {
@@ -768,7 +769,7 @@ fn trust_silent_connections_are_closed_and_accept_backs_off() {
 #[test]
 fn trust_idle_and_excess_connections_are_closed() {
     let rt = runtime();
-    let c = Cluster::start_with(2, |i| {
+    let c = TestCluster::start_with(BIN, 2, |i| {
         let flags = if i == 0 {
             vec!["--idle-timeout", "2s", "--connections-per-address", "8"]
         } else {
@@ -916,7 +917,7 @@ async fn dial(addr: SocketAddr) -> Channel {
 
 /// Adds a random blob of `size` bytes to `c`'s first daemon and waits until
 /// the control plane offers it; its id.
-fn seed(c: &Cluster, size: usize, seed: u64) -> String {
+fn seed(c: &TestCluster, size: usize, seed: u64) -> String {
     let src = c.path("src.bin");
     let id = random_file(&src, size, seed).to_string();
     c.daemons[0].add(&src);
@@ -939,7 +940,7 @@ fn offered(rt: &tokio::runtime::Runtime, url: &str, id: &str) -> Vec<pb::Provide
 }
 
 /// Daemon `i` of `c` still fetches `id`, byte for byte.
-fn honest_fetch_works(c: &Cluster, i: usize, id: &str) {
+fn honest_fetch_works(c: &TestCluster, i: usize, id: &str) {
     let out = c.path(&format!("honest-{i}.bin"));
     fetch_report(&wait_output(
         c.daemons[i].spawn_fetch(id, &out),
@@ -1005,7 +1006,7 @@ fn hello_as(peer_id: &str) -> pb::ExchangeRequest {
 #[test]
 fn trust_only_fleet_members_get_chunks() {
     let rt = runtime();
-    let c = Cluster::start(2);
+    let c = TestCluster::start(BIN, 2);
     let id = seed(&c, 2 * MIB, 48);
     let target = c.daemons[0].addr;
     let m = rt.block_on(mallory(&c.control.url()));
@@ -1078,7 +1079,7 @@ fn trust_only_fleet_members_get_chunks() {
 #[test]
 fn trust_a_peer_id_is_bound_to_its_credential() {
     let rt = runtime();
-    let c = Cluster::start(2);
+    let c = TestCluster::start(BIN, 2);
     let url = c.control.url();
     let victim = c.daemons[0].status()["peer_id"]
         .as_str()
@@ -1169,7 +1170,7 @@ fn trust_a_peer_id_is_bound_to_its_credential() {
 #[test]
 fn trust_a_restarted_daemon_moves_its_own_id_with_its_credential() {
     let rt = runtime();
-    let mut c = Cluster::start(2);
+    let mut c = TestCluster::start(BIN, 2);
     let id = seed(&c, 2 * MIB, 52);
     let peer = c.daemons[0].status()["peer_id"]
         .as_str()
@@ -1198,7 +1199,8 @@ fn trust_a_restarted_daemon_moves_its_own_id_with_its_credential() {
 #[test]
 fn trust_made_up_reports_neither_count_nor_last() {
     let rt = runtime();
-    let c = Cluster::start_flagged(
+    let c = TestCluster::start_flagged(
+        BIN,
         2,
         &["--quarantine-ttl", "3s", "--reports-per-minute", "5"],
         |_| (Vec::new(), Vec::new()),
@@ -1276,7 +1278,7 @@ fn trust_made_up_reports_neither_count_nor_last() {
 #[test]
 fn trust_probes_check_the_peer_and_registrations_their_source() {
     let rt = runtime();
-    let c = Cluster::start_flagged(2, &["--registrations-per-minute", "30"], |_| {
+    let c = TestCluster::start_flagged(BIN, 2, &["--registrations-per-minute", "30"], |_| {
         (Vec::new(), Vec::new())
     });
     let url = c.control.url();
@@ -1409,7 +1411,7 @@ fn bearer<T>(message: T, token: Option<&str>) -> Request<T> {
 fn trust_admin_without_a_token_answers_only_on_its_socket() {
     use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
 
-    let mut c = Cluster::start(1);
+    let mut c = TestCluster::start(BIN, 1);
     let victim = c.daemons[0].status()["peer_id"]
         .as_str()
         .unwrap()
@@ -1505,6 +1507,7 @@ fn trust_admin_without_a_token_answers_only_on_its_socket() {
     // With a token, TCP admin answers from anywhere with it, and only with it.
     let dir = tempfile::tempdir().unwrap();
     let guarded = crate::support::Control::start_with(
+        BIN,
         dir.path(),
         "127.0.0.1:0".parse().unwrap(),
         &["--admin-token", "ops-token"],
