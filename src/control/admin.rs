@@ -9,7 +9,7 @@ use nebula_control::{
     PeerId,
     client::{self, AdminClient, BearerToken},
 };
-use nebula_peer::replicas;
+use nebula_proto::client::{SystemResolver, expand};
 use nebula_proto::tls::TlsConfig;
 use nebula_proto::v1::{
     GetSwarmRequest, ListPeersRequest, PeerInfo, PeerRequest, PeerState, StatsRequest,
@@ -156,7 +156,7 @@ async fn connect(args: &AdminArgs, tls: Option<&TlsConfig>) -> anyhow::Result<Ad
     }
     // `--control` was checked and normalized by `parse_control_urls`, and
     // agrees with the TLS flags (`check_control_tls`).
-    let replicas = replicas::expand(&args.control, &replicas::SystemResolver).await;
+    let replicas = expand(&args.control, &SystemResolver).await;
     let endpoints = replicas
         .iter()
         .map(|replica| {
