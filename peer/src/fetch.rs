@@ -201,7 +201,7 @@ pub struct Progress {
     pub notice: Option<String>,
     /// An origin download under way, readable as it grows (the registry
     /// mirror streams from it); its bytes are checked only at the end.
-    pub(crate) scratch: Option<Arc<crate::origin::Session>>,
+    pub(crate) scratch: Option<Arc<crate::sessions::Session>>,
 }
 
 /// A finished fetch.

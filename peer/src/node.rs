@@ -34,7 +34,8 @@ use crate::{
     local::LocalService,
     membership::{self, Membership},
     metrics::Metrics,
-    origin::{OriginClient, Origins, Sessions},
+    origin::{OriginClient, Origins},
+    sessions::Sessions,
     tasks::Tasks,
     uploads::Uploads,
 };
@@ -219,7 +220,7 @@ impl Node {
         let origins = Arc::new(Origins::new(
             Arc::clone(&downloads),
             origin,
-            Arc::clone(&sessions),
+            sessions.clone(),
             address.clone(),
         ));
         let serving = Serving {

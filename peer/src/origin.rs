@@ -21,7 +21,6 @@ mod follow;
 pub(crate) mod http;
 mod lease;
 mod request;
-pub(crate) mod session;
 
 use std::{
     sync::{Arc, atomic::Ordering},
@@ -33,12 +32,12 @@ use nebula_proto::v1 as pb;
 use tokio::{sync::watch, time::Instant};
 
 use crate::fetch::{Downloads, FetchError, FetchOutcome, Progress, SourceBytes};
+use crate::sessions::{Session, Sessions};
 use follow::{Followed, follow};
 pub(crate) use http::{Counters, OriginClient, Target, Validators};
 pub use http::{OriginClientError, OriginError};
 use lease::{record, renew_lease, report};
 pub use request::{UrlFetch, UrlFetchError};
-pub(crate) use session::{Session, Sessions};
 
 /// How often a peer waiting for another's origin download asks again.
 const WAIT_POLL: Duration = Duration::from_millis(250);
@@ -299,9 +298,7 @@ pub(super) struct Serving {
 impl Serving {
     pub(super) fn start(origins: &Arc<Origins>, session: &Arc<Session>) -> Self {
         session.serving.fetch_add(1, Ordering::AcqRel);
-        origins
-            .sessions
-            .insert(session.key.clone(), Arc::clone(session));
+        origins.sessions.offer(session);
         Self {
             origins: Arc::clone(origins),
             session: Arc::clone(session),
@@ -319,9 +316,7 @@ impl Drop for Serving {
             }
             // Unless it is offered again meanwhile (a follower taking the lease over).
             if session.serving.fetch_sub(1, Ordering::AcqRel) == 1 {
-                origins.sessions.remove_if(&session.key, |_, s| {
-                    Arc::ptr_eq(s, &session) && s.serving.load(Ordering::Acquire) == 0
-                });
+                origins.sessions.withdraw(&session);
             }
         });
     }

@@ -18,16 +18,13 @@ use tokio::{
     time::Instant,
 };
 
-use super::{
-    Serving,
-    lease::report,
-    session::{self, Offer, Session},
-};
+use super::{Serving, lease::report};
 use crate::{
     exchange::dial::{Connection, Reply},
     fetch::{Progress, SourceBytes},
     metrics::Source,
     origin::Origins,
+    sessions::{self, Offer, Session},
 };
 
 /// A follower asks its holder again this often when it has nothing new.
@@ -293,7 +290,7 @@ async fn fetch_batch(
                 let s = Arc::clone(session);
                 let accepted = tokio::task::spawn_blocking(move || s.accept(index, &data, cv))
                     .await
-                    .unwrap_or(Err(session::Refused::Malformed));
+                    .unwrap_or(Err(sessions::Refused::Malformed));
                 if let Err(why) = accepted {
                     origins.downloads.metrics().chunk_rejected();
                     break BatchEnd::Lied(format!("chunk {index}: {why:?}"));
