@@ -149,13 +149,20 @@ impl Service for Fake {
 /// A fake control plane being served; stop it after the peer.
 struct Served {
     stop: CancellationToken,
-    tasks: crate::tasks::Tasks,
+    /// The fake server's end: an error (or a panic, which drops the sender)
+    /// fails the test in [`Served::stop`] instead of showing up as a timeout.
+    ended: tokio::sync::oneshot::Receiver<Result<(), tonic::transport::Error>>,
 }
 
 impl Served {
     async fn stop(self) {
         self.stop.cancel();
-        assert_eq!(self.tasks.wait(Duration::from_secs(5)).await, 0);
+        let ended = tokio::time::timeout(Duration::from_secs(5), self.ended)
+            .await
+            .expect("the fake control plane stops");
+        ended
+            .expect("the fake control plane's task ended without panicking")
+            .expect("the fake control plane served without failing");
     }
 }
 
@@ -176,21 +183,22 @@ async fn member_of(
     tune(&mut config);
     let path = dir.path().join("control.sock");
     let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let (ended_tx, ended) = tokio::sync::oneshot::channel();
     let served = Served {
         stop: CancellationToken::new(),
-        tasks: crate::tasks::Tasks::new(),
+        ended,
     };
     let service = ControlPlaneServer::new(fake.clone());
     let stopping = served.stop.clone();
-    served.tasks.spawn(async move {
-        tonic::transport::Server::builder()
+    tokio::spawn(async move {
+        let result = tonic::transport::Server::builder()
             .add_service(service)
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::UnixListenerStream::new(listener),
                 stopping.cancelled_owned(),
             )
-            .await
-            .unwrap();
+            .await;
+        let _ = ended_tx.send(result);
     });
     let timeout = config.control_timeout;
     let channel =
