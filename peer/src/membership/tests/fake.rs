@@ -43,6 +43,8 @@ struct Script {
 #[derive(Debug, Clone, Default)]
 struct Fake {
     calls: Arc<Mutex<Vec<(Instant, Call)>>>,
+    /// Every announcement, as sent.
+    announced: Arc<Mutex<Vec<pb::AnnounceRequest>>>,
     script: Arc<Mutex<Script>>,
 }
 
@@ -103,9 +105,10 @@ impl Service for Fake {
 
     async fn announce(
         &self,
-        _: Request<pb::AnnounceRequest>,
+        request: Request<pb::AnnounceRequest>,
     ) -> Result<Response<pb::AnnounceResponse>, Status> {
         self.record(Call::Announce);
+        self.announced.lock().unwrap().push(request.into_inner());
         Ok(Response::new(pb::AnnounceResponse::default()))
     }
 
@@ -220,11 +223,24 @@ fn secs(d: Duration) -> u64 {
 #[tokio::test(start_paused = true)]
 async fn registers_announces_everything_and_deregisters_on_the_way_out() {
     let dir = tempfile::tempdir().unwrap();
+    // A blob already in the store when the node starts.
+    let held = {
+        let store = nebula_common::Store::open(dir.path().join("store")).unwrap();
+        let file = dir.path().join("held");
+        std::fs::write(&file, b"held before the start").unwrap();
+        store.add_file(&file).unwrap().id()
+    };
     let fake = Fake::default();
     let (peer, served) = member_of(&dir, &fake, |_| {}).await;
     assert!(eventually(|| peer.status.is_registered()).await);
     assert_eq!(fake.calls()[..2], [Call::Register, Call::Announce]);
-    assert!(peer.status.error().is_empty());
+    let first = fake.announced.lock().unwrap()[0].clone();
+    assert!(
+        first.full_inventory,
+        "the first announcement is the whole inventory"
+    );
+    let ids: Vec<&str> = first.blobs.iter().map(|b| b.id.as_str()).collect();
+    assert_eq!(ids, [held.to_string()]);
     stop(&peer).await;
     assert_eq!(fake.calls().last(), Some(&Call::Deregister));
     served.stop().await;
