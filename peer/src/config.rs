@@ -422,4 +422,46 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
     }
+
+    /// A `Config` holds URLs as they are dialed: the CLI's `host:port`
+    /// shorthand and an upper-case scheme are refused as before the check
+    /// went through `parse_control_urls` (which the CLI normalizes
+    /// `--control` with, so `HTTP://cp:7700` on the command line still works).
+    #[test]
+    fn control_urls_are_refused_unless_spelled_as_dialed() {
+        for url in ["HTTP://cp:7700", "Https://cp:7700", "cp:7700", "notaurl"] {
+            let c = Config::new("/tmp/store", Some(url.into()));
+            match c.validate() {
+                Err(e @ ConfigError::ControlScheme { .. }) => assert_eq!(
+                    e.to_string(),
+                    format!("control plane URL {url:?} must start with http:// or https://")
+                ),
+                other => panic!("{url}: unexpected {other:?}"),
+            }
+        }
+        let c = Config::new("/tmp/store", Some("http://cp:7700".into()));
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn control_urls_without_a_host_or_unparsable_are_refused_with_why() {
+        // With no host at all the URI parser already refuses it.
+        let cases = [
+            ("http://", "is not a URL: empty string"),
+            ("http://[::1", "is not a URL"),
+        ];
+        for (url, why) in cases {
+            let c = Config::new("/tmp/store", Some(url.into()));
+            let e = c.validate().unwrap_err();
+            assert!(
+                matches!(&e, ConfigError::ControlUrl { url: u, .. } if u == url),
+                "{url}: unexpected {e:?}"
+            );
+            assert_eq!(e.to_string(), format!("control plane URL {url:?}"));
+            let source = std::error::Error::source(&e)
+                .expect("the reason")
+                .to_string();
+            assert!(source.contains(why), "{url}: {source}");
+        }
+    }
 }

@@ -30,7 +30,10 @@ pub(crate) use discovery::discover;
 
 use std::{
     future::Future,
-    sync::{Arc, atomic::AtomicU64},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -49,7 +52,7 @@ use crate::{
     exchange::dial::{ConnectError, Connection, Dialer},
     limit::RateLimiter,
     metrics::{FetchResult, Metrics},
-    origin::{OriginClient, Sessions},
+    origin::Origins,
     tasks::Tasks,
 };
 
@@ -198,7 +201,7 @@ pub struct Progress {
     pub notice: Option<String>,
     /// An origin download under way, readable as it grows (the registry
     /// mirror streams from it); its bytes are checked only at the end.
-    pub(crate) scratch: Option<Arc<crate::origin::Session>>,
+    pub(crate) scratch: Option<Arc<crate::sessions::Session>>,
 }
 
 /// A finished fetch.
@@ -240,49 +243,133 @@ impl Wanted {
     }
 }
 
-/// The downloading side of a node: what every download (by blob, by URL,
-/// for the registry mirror) works with.
+/// The downloading side of a node: the swarm downloads of blobs, which the
+/// origin fetches (see [`crate::origin::Origins`]) build on. It owns the
+/// dialer, the download rate limit and buffer, and the count of bytes
+/// received; the rest it is handed by [`Downloads::new`].
 #[derive(Debug)]
 pub(crate) struct Downloads {
-    pub(crate) config: Arc<Config>,
-    pub(crate) store: Arc<Store>,
-    pub(crate) peer_id: String,
-    /// The address other peers dial.
-    pub(crate) address: String,
-    pub(crate) control: Option<ControlClient>,
+    config: Arc<Config>,
+    store: Arc<Store>,
+    /// This peer's id: never a provider of its own downloads.
+    peer_id: String,
+    /// Where providers are discovered; `None` without a control plane.
+    control: Option<ControlClient>,
     /// The exchange streams to other peers.
-    pub(crate) dialer: Dialer,
-    /// The HTTP client of fetches by URL.
-    pub(crate) origin: OriginClient,
-    /// Origin downloads under way, offered to other peers.
-    pub(crate) sessions: Sessions,
-    pub(crate) download_limiter: Option<RateLimiter>,
+    dialer: Dialer,
+    limiter: Option<RateLimiter>,
     /// Bytes of [`Config::download_buffer`] not held by a chunk request in
     /// flight.
-    pub(crate) download_buffer: Arc<Semaphore>,
+    buffer: Arc<Semaphore>,
     /// Verified bytes received from other peers.
-    pub(crate) downloaded_bytes: AtomicU64,
-    pub(crate) events: Arc<Events>,
-    pub(crate) metrics: Arc<Metrics>,
+    downloaded: AtomicU64,
+    events: Arc<Events>,
+    metrics: Arc<Metrics>,
     /// Cancelled when the node stops: every download ends.
-    pub(crate) shutdown: CancellationToken,
-    pub(crate) tasks: Tasks,
+    shutdown: CancellationToken,
+    tasks: Tasks,
 }
 
 impl Downloads {
-    /// The semaphore behind [`Config::download_buffer`].
-    pub(crate) fn buffer(config: &Config) -> Arc<Semaphore> {
+    /// The downloading side, from the handles it works with. Each argument is
+    /// a separate part of the node, named here rather than bundled.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "each argument is a part the composition root hands over"
+    )]
+    pub(crate) fn new(
+        config: Arc<Config>,
+        store: Arc<Store>,
+        control: Option<ControlClient>,
+        dialer: Dialer,
+        events: Arc<Events>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+        tasks: Tasks,
+    ) -> Self {
         // Validated: at least 1 MiB; capped at what a semaphore can count.
-        Arc::new(Semaphore::new(
+        let buffer = Arc::new(Semaphore::new(
             usize::try_from(config.download_buffer)
                 .unwrap_or(usize::MAX)
                 .min(Semaphore::MAX_PERMITS),
-        ))
+        ));
+        Self {
+            peer_id: store.peer_id().to_owned(),
+            limiter: RateLimiter::optional(config.download_limit),
+            buffer,
+            downloaded: AtomicU64::new(0),
+            config,
+            store,
+            control,
+            dialer,
+            events,
+            metrics,
+            shutdown,
+            tasks,
+        }
     }
 
     /// The exchange stream to a peer, dialed if needed.
     pub(crate) async fn connect(&self, addr: &str) -> Result<Arc<Connection>, ConnectError> {
         self.dialer.connect(addr).await
+    }
+
+    /// Verified bytes received from other peers so far.
+    pub(crate) fn downloaded(&self) -> u64 {
+        self.downloaded.load(Ordering::Relaxed)
+    }
+
+    /// Counts `bytes` more verified bytes received from another peer.
+    pub(crate) fn count_downloaded(&self, bytes: u64) {
+        self.downloaded.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub(crate) fn config(&self) -> &Arc<Config> {
+        &self.config
+    }
+
+    pub(crate) fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    pub(crate) fn peer_id(&self) -> &str {
+        &self.peer_id
+    }
+
+    pub(crate) fn control(&self) -> &Option<ControlClient> {
+        &self.control
+    }
+
+    pub(crate) fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub(crate) fn shutdown(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    pub(crate) fn tasks(&self) -> &Tasks {
+        &self.tasks
+    }
+
+    /// After a blob completes: tell membership, and compute its SHA-256 (for
+    /// the `sha256:` alias) in the background, then tell it again.
+    pub(crate) fn completed(&self, blob: &Arc<Blob>) {
+        self.events.inventory_changed();
+        if blob.sha256().is_some() {
+            return;
+        }
+        let blob = Arc::clone(blob);
+        let events = Arc::clone(&self.events);
+        self.tasks.spawn(async move {
+            match tokio::task::spawn_blocking(move || blob.compute_sha256()).await {
+                Ok(Ok(_)) => events.inventory_changed(),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot compute the SHA-256 of a fetched blob")
+                }
+                Err(_) => {}
+            }
+        });
     }
 }
 
@@ -292,16 +379,23 @@ impl Downloads {
 #[derive(Debug, Clone)]
 pub struct Fetcher {
     downloads: Arc<Downloads>,
+    origins: Arc<Origins>,
 }
 
 impl Fetcher {
-    pub(crate) fn new(downloads: Arc<Downloads>) -> Self {
-        Self { downloads }
+    /// Fetches blobs through `downloads` and URLs through `origins`.
+    pub(crate) fn new(downloads: Arc<Downloads>, origins: Arc<Origins>) -> Self {
+        Self { downloads, origins }
     }
 
-    /// What the downloads work with (the local API reads its store and counts).
-    pub(crate) fn downloads(&self) -> &Arc<Downloads> {
-        &self.downloads
+    /// Verified bytes received from other peers so far.
+    pub(crate) fn downloaded(&self) -> u64 {
+        self.downloads.downloaded()
+    }
+
+    /// Tells the node a blob completed outside a fetch (an import).
+    pub(crate) fn completed(&self, blob: &Arc<Blob>) {
+        self.downloads.completed(blob);
     }
 
     /// Starts fetching `what` in the background, among the node's tasks; it
@@ -311,7 +405,7 @@ impl Fetcher {
         let (progress_tx, progress) = watch::channel(Progress::default());
         let (result_tx, result) = oneshot::channel();
         let fetcher = self.clone();
-        self.downloads.tasks.spawn(async move {
+        self.downloads.tasks().spawn(async move {
             let outcome = fetcher.run(what, progress_tx, no_provider_timeout).await;
             // A handle dropped meanwhile no longer wants the outcome.
             let _ = result_tx.send(outcome);
@@ -329,12 +423,16 @@ impl Fetcher {
         let downloads = Arc::clone(&self.downloads);
         let outcome = match what {
             Wanted::Blob(blob) => {
-                let timeout = no_provider_timeout.unwrap_or(downloads.config.no_provider_timeout);
+                let timeout = no_provider_timeout.unwrap_or(downloads.config().no_provider_timeout);
                 fetch(downloads, blob, progress, timeout).await
             }
-            Wanted::Url(request) => crate::origin::fetch_url(downloads, *request, progress).await,
+            Wanted::Url(request) => {
+                Arc::clone(&self.origins)
+                    .fetch_url(*request, progress)
+                    .await
+            }
         }?;
-        completed(&self.downloads, &outcome.blob);
+        self.downloads.completed(&outcome.blob);
         Ok(outcome)
     }
 }
@@ -359,27 +457,6 @@ impl FetchHandle {
     }
 }
 
-/// After a blob completes: compute its SHA-256 (for the `sha256:` alias) in
-/// the background, then tell membership.
-pub(crate) fn completed(downloads: &Arc<Downloads>, blob: &Arc<Blob>) {
-    downloads.events.inventory_changed();
-    if blob.sha256().is_some() {
-        return;
-    }
-    let blob = Arc::clone(blob);
-    let task = Arc::clone(downloads);
-    downloads.tasks.spawn(async move {
-        let downloads = task;
-        match tokio::task::spawn_blocking(move || blob.compute_sha256()).await {
-            Ok(Ok(_)) => downloads.events.inventory_changed(),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "cannot compute the SHA-256 of a fetched blob")
-            }
-            Err(_) => {}
-        }
-    });
-}
-
 /// Fetches `blob` into the store, reporting progress as it goes, in a
 /// `fetch` span naming the blob; counted in the daemon's metrics.
 pub(crate) async fn fetch(
@@ -389,7 +466,7 @@ pub(crate) async fn fetch(
     no_provider_timeout: Duration,
 ) -> Result<FetchOutcome, FetchError> {
     let span = tracing::info_span!("fetch", blob = %blob_ref);
-    let metrics = Arc::clone(&downloads.metrics);
+    let metrics = Arc::clone(downloads.metrics());
     observed(
         &metrics,
         span,

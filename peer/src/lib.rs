@@ -12,6 +12,8 @@
 //! - `events`: a blob gained chunks; the inventory changed.
 //! - [`fetch`]: the multi-source downloader and its scheduler.
 //! - [`origin`]: fetches by URL, one origin download for the fleet.
+//! - `sessions`: origin downloads under way, offered to other peers; filled
+//!   by `origin`, read by `exchange::serve`.
 //! - [`mirror`]: the registry mirror (OCI distribution, pull side).
 //! - `membership`: registration, heartbeats, announcements.
 //! - `control`: the control-plane client, failing over between replicas.
@@ -43,6 +45,7 @@ mod metrics;
 pub mod mirror;
 pub mod node;
 pub mod origin;
+mod sessions;
 mod tasks;
 mod uploads;
 

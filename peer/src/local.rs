@@ -4,13 +4,13 @@ use std::{
     collections::HashMap,
     path::PathBuf,
     pin::Pin,
-    sync::{Arc, Mutex, atomic::Ordering},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use bytes::Bytes;
 use futures::Stream;
-use nebula_common::{BlobId, BlobRef, StoreError};
+use nebula_common::{BlobId, BlobRef, Store, StoreError};
 use nebula_proto::v1::{
     self as pb,
     local_api_client::LocalApiClient,
@@ -23,17 +23,27 @@ use tokio::{
 use tonic::{Request, Response, Status, transport::Channel};
 
 use crate::{
-    FetchError, Fetcher, Progress, SourceBytes, UrlFetch, Wanted,
+    Config, FetchError, Fetcher, Progress, SourceBytes, UrlFetch, Wanted,
+    events::Events,
     exchange::{MAX_MESSAGE, MAX_PIECE},
-    fetch::Downloads,
     membership,
+    tasks::Tasks,
     uploads::Uploads,
 };
 
 /// The service behind the daemon's socket.
 #[derive(Debug, Clone)]
 pub(crate) struct LocalService {
+    /// Fetches by blob and by URL.
     fetcher: Fetcher,
+    store: Arc<Store>,
+    /// Imports and removals change the inventory membership announces.
+    events: Arc<Events>,
+    /// Where fetches and streams run, joined at shutdown.
+    tasks: Tasks,
+    config: Arc<Config>,
+    /// The address other peers dial, as `nebula status` shows it.
+    address: String,
     /// Membership's status (never registered without a control plane).
     membership: membership::Status,
     /// The upload counts `nebula status` shows.
@@ -55,25 +65,34 @@ struct Running {
 }
 
 impl LocalService {
+    /// The API of the node whose parts these are.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "each argument is a part the composition root hands over"
+    )]
     pub(crate) fn new(
         fetcher: Fetcher,
+        store: Arc<Store>,
+        events: Arc<Events>,
+        tasks: Tasks,
+        config: Arc<Config>,
+        address: String,
         membership: membership::Status,
         uploads: Arc<Uploads>,
         started: Instant,
     ) -> Self {
         Self {
             fetcher,
+            store,
+            events,
+            tasks,
+            config,
+            address,
             membership,
             uploads,
             started,
             running: Arc::default(),
         }
-    }
-
-    /// The store, configuration and tasks this API works with: the
-    /// downloader's.
-    fn downloads(&self) -> &Arc<Downloads> {
-        self.fetcher.downloads()
     }
 
     /// Joins the fetch of `what` under way, or starts it. The fetch runs on
@@ -91,7 +110,7 @@ impl LocalService {
         running.insert(key.clone(), joined.clone());
         let fetcher = self.fetcher.clone();
         let table = Arc::clone(&self.running);
-        self.downloads().tasks.spawn(async move {
+        self.tasks.spawn(async move {
             let result = fetcher
                 .run(what, progress_tx, Some(timeout))
                 .await
@@ -258,7 +277,7 @@ impl LocalApi for LocalService {
                 return Err(LocalError::Unreadable { path, source: e }.into());
             }
         }
-        let store = Arc::clone(&self.downloads().store);
+        let store = Arc::clone(&self.store);
         let blob = tokio::task::spawn_blocking(move || store.add_file(&path))
             .await
             .map_err(|_| LocalError::Task("add"))?
@@ -270,7 +289,7 @@ impl LocalApi for LocalService {
                 }
                 e => LocalError::Store(e),
             })?;
-        crate::fetch::completed(self.downloads(), &blob);
+        self.fetcher.completed(&blob);
         let g = blob.geometry();
         Ok(Response::new(pb::AddResponse {
             id: blob.id().to_string(),
@@ -300,7 +319,7 @@ impl LocalApi for LocalService {
             return Err(LocalError::OutputPathRelative.into());
         }
         let timeout = match req.no_provider_timeout_ms {
-            0 => self.downloads().config.no_provider_timeout,
+            0 => self.config.no_provider_timeout,
             ms => Duration::from_millis(ms),
         };
         let Running {
@@ -308,8 +327,8 @@ impl LocalApi for LocalService {
             result: mut result_rx,
         } = self.join_or_start(what, timeout);
         let (out_tx, out_rx) = mpsc::channel(16);
-        let store = Arc::clone(&self.downloads().store);
-        self.downloads().tasks.spawn(async move {
+        let store = Arc::clone(&self.store);
+        self.tasks.spawn(async move {
             let mut progress_open = true;
             loop {
                 tokio::select! {
@@ -371,8 +390,8 @@ impl LocalApi for LocalService {
         let req = request.into_inner();
         let wanted = parse_ref(&req.blob)?;
         let blob = match wanted {
-            BlobRef::Blake3(id) => self.downloads().store.get(&id),
-            BlobRef::Sha256(d) => self.downloads().store.find_sha256(&d),
+            BlobRef::Blake3(id) => self.store.get(&id),
+            BlobRef::Sha256(d) => self.store.find_sha256(&d),
         }
         // The parsed form, not the request's text: that may hold white space
         // and line breaks around the id.
@@ -381,7 +400,7 @@ impl LocalApi for LocalService {
             return Err(LocalError::Incomplete(blob.id()).into());
         }
         let (tx, rx) = mpsc::channel(4);
-        self.downloads().tasks.spawn(async move {
+        self.tasks.spawn(async move {
             for i in 0..blob.geometry().chunk_count() {
                 let b = Arc::clone(&blob);
                 // Nothing unverified reaches the user's output.
@@ -415,7 +434,6 @@ impl LocalApi for LocalService {
         _: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
         let blobs = self
-            .downloads()
             .store
             .list()
             .into_iter()
@@ -436,12 +454,12 @@ impl LocalApi for LocalService {
         request: Request<pb::RemoveRequest>,
     ) -> Result<Response<pb::RemoveResponse>, Status> {
         let id = parse_id(&request.into_inner().blob)?;
-        let store = Arc::clone(&self.downloads().store);
+        let store = Arc::clone(&self.store);
         tokio::task::spawn_blocking(move || store.remove(&id))
             .await
             .map_err(|_| LocalError::Task("remove"))?
             .map_err(LocalError::from)?;
-        self.downloads().events.inventory_changed();
+        self.events.inventory_changed();
         Ok(Response::new(pb::RemoveResponse {}))
     }
 
@@ -449,18 +467,17 @@ impl LocalApi for LocalService {
         &self,
         _: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        let d = self.downloads();
         Ok(Response::new(pb::StatusResponse {
-            peer_id: d.peer_id.clone(),
-            address: d.address.clone(),
-            control: d.config.control.clone().unwrap_or_default(),
+            peer_id: self.store.peer_id().to_owned(),
+            address: self.address.clone(),
+            control: self.config.control.clone().unwrap_or_default(),
             registered: self.membership.is_registered(),
-            blobs: d.store.list().len() as u64,
+            blobs: self.store.list().len() as u64,
             active_uploads: self.uploads.active(),
             uploaded_bytes: self.uploads.uploaded(),
-            downloaded_bytes: d.downloaded_bytes.load(Ordering::Relaxed),
+            downloaded_bytes: self.fetcher.downloaded(),
             uptime_ms: self.started.elapsed().as_millis() as u64,
-            store: d.store.root().display().to_string(),
+            store: self.store.root().display().to_string(),
             registration_error: self.membership.error(),
         }))
     }

@@ -39,15 +39,16 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use nebula_common::Sha256Digest;
+use nebula_common::{Sha256Digest, Store};
 use sha2::Digest as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
 use crate::{
-    fetch::Downloads,
-    metrics::{MirrorKind, MirrorResult},
+    Config, Fetcher,
+    metrics::{Metrics, MirrorKind, MirrorResult},
+    tasks::Tasks,
 };
 pub use upstream::Credentials;
 
@@ -116,7 +117,13 @@ struct Manifest {
 /// The mirror's state, shared by its handlers.
 #[derive(Debug)]
 pub(crate) struct Mirror {
-    downloads: Arc<Downloads>,
+    /// Blob downloads go through the node's fetcher, like any other fetch.
+    fetcher: Fetcher,
+    store: Arc<Store>,
+    /// The node's configuration: its origin and fetch timeouts, its TLS.
+    node: Arc<Config>,
+    metrics: Arc<Metrics>,
+    tasks: Tasks,
     config: MirrorConfig,
     upstream: upstream::Upstream,
     /// Manifests by tag, when cached: by registry, name, tag and `Accept`.
@@ -133,30 +140,47 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Serves the mirror on `listener` until `stop` fires.
+impl Mirror {
+    /// The mirror of the node whose `fetcher`, `store`, configuration
+    /// (`node`), `metrics` and `tasks` it works with.
+    pub(crate) fn new(
+        fetcher: Fetcher,
+        store: Arc<Store>,
+        node: Arc<Config>,
+        metrics: Arc<Metrics>,
+        tasks: Tasks,
+        config: MirrorConfig,
+    ) -> std::io::Result<Self> {
+        let upstream = upstream::Upstream::new(
+            node.origin_timeout,
+            node.origin_ca.as_deref(),
+            config.credentials.clone(),
+        )
+        .map_err(std::io::Error::other)?;
+        Ok(Self {
+            fetcher,
+            store,
+            node,
+            metrics,
+            tasks,
+            config,
+            upstream,
+            tags: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashMap::new()),
+        })
+    }
+}
+
+/// Serves `mirror` on `listener` until `stop` fires.
 pub(crate) async fn serve(
     listener: TcpListener,
-    downloads: Arc<Downloads>,
-    config: MirrorConfig,
+    mirror: Mirror,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
-    let upstream = upstream::Upstream::new(
-        downloads.config.origin_timeout,
-        downloads.config.origin_ca.as_deref(),
-        config.credentials.clone(),
-    )
-    .map_err(std::io::Error::other)?;
-    let mirror = Arc::new(Mirror {
-        downloads,
-        config,
-        upstream,
-        tags: Mutex::new(HashMap::new()),
-        inflight: Mutex::new(HashMap::new()),
-    });
-    let tls = mirror.downloads.config.tls.clone();
+    let tls = mirror.node.tls.clone();
     nebula_proto::https::serve(
         listener,
-        router(mirror),
+        router(Arc::new(mirror)),
         tls.as_ref(),
         stop.cancelled_owned(),
     )
@@ -183,9 +207,7 @@ async fn api_version(mut resp: Response) -> Response {
 }
 
 async fn ping(State(m): State<Arc<Mirror>>) -> Response {
-    m.downloads
-        .metrics
-        .mirror_request(MirrorKind::Ping, MirrorResult::Ok);
+    m.metrics.mirror_request(MirrorKind::Ping, MirrorResult::Ok);
     Json(serde_json::json!({})).into_response()
 }
 
@@ -282,9 +304,7 @@ async fn resource(
     let base = match upstream::base_for(ns_of(&uri).as_deref(), &m.config.upstream) {
         Ok(b) => b,
         Err(why) => {
-            m.downloads
-                .metrics
-                .mirror_request(kind, MirrorResult::BadRequest);
+            m.metrics.mirror_request(kind, MirrorResult::BadRequest);
             return error(StatusCode::BAD_REQUEST, "NAME_INVALID", &why);
         }
     };
@@ -306,7 +326,7 @@ async fn resource(
             ),
         },
     };
-    m.downloads.metrics.mirror_request(kind, result);
+    m.metrics.mirror_request(kind, result);
     resp
 }
 

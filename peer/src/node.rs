@@ -5,10 +5,7 @@
 //! cancellation token and stops them in order. No other module imports this
 //! one.
 
-use std::{
-    net::SocketAddr,
-    sync::{Arc, atomic::AtomicU64},
-};
+use std::{net::SocketAddr, sync::Arc};
 
 use futures::FutureExt as _;
 use nebula_common::{Store, StoreError};
@@ -34,11 +31,11 @@ use crate::{
     },
     fetch::Downloads,
     identity::{ExchangeAuth, Identity},
-    limit::RateLimiter,
     local::LocalService,
     membership::{self, Membership},
     metrics::Metrics,
-    origin::{OriginClient, Sessions},
+    origin::{OriginClient, Origins},
+    sessions::Sessions,
     tasks::Tasks,
     uploads::Uploads,
 };
@@ -137,10 +134,21 @@ type PeerRouter = tonic::transport::server::Router<Stack<CallsLayer, tower::laye
 #[derive(Debug)]
 #[must_use = "a node stops when shut down; dropping the handle leaves it running until the runtime ends"]
 pub struct Node {
-    /// The downloading side, which also holds what every part reads: the
-    /// configuration, the store, this peer's id and address, the shutdown
-    /// token and the tasks.
-    downloads: Arc<Downloads>,
+    config: Arc<Config>,
+    store: Arc<Store>,
+    peer_id: String,
+    /// The address announced to other peers.
+    address: String,
+    /// Cancelled when the node stops, told to or because a part failed.
+    shutdown: CancellationToken,
+    /// Every part's background work, joined at shutdown.
+    tasks: Tasks,
+    /// The exchange streams to other peers, closed first at shutdown.
+    dialer: Dialer,
+    metrics: Arc<Metrics>,
+    events: Arc<Events>,
+    /// The one way to fetch a blob or a URL.
+    fetcher: Fetcher,
     uploads: Arc<Uploads>,
     membership: membership::Status,
     started: Instant,
@@ -199,35 +207,43 @@ impl Node {
             Arc::clone(&config),
             tasks.clone(),
         );
-        let downloads = Arc::new(Downloads {
-            config: Arc::clone(&config),
-            store: Arc::clone(&store),
-            peer_id: peer_id.clone(),
-            address: address.clone(),
-            control: control.clone(),
-            dialer,
+        let downloads = Arc::new(Downloads::new(
+            Arc::clone(&config),
+            Arc::clone(&store),
+            control.clone(),
+            dialer.clone(),
+            Arc::clone(&events),
+            Arc::clone(&metrics),
+            shutdown.clone(),
+            tasks.clone(),
+        ));
+        let origins = Arc::new(Origins::new(
+            Arc::clone(&downloads),
             origin,
-            sessions: Arc::clone(&sessions),
-            download_limiter: RateLimiter::optional(config.download_limit),
-            download_buffer: Downloads::buffer(&config),
-            downloaded_bytes: AtomicU64::new(0),
-            events: Arc::clone(&events),
-            metrics: Arc::clone(&metrics),
-            shutdown: shutdown.clone(),
-            tasks: tasks.clone(),
-        });
+            sessions.clone(),
+            address.clone(),
+        ));
         let serving = Serving {
             config: Arc::clone(&config),
             store: Arc::clone(&store),
             uploads: Arc::clone(&uploads),
             events: Arc::clone(&events),
             sessions,
-            metrics,
+            metrics: Arc::clone(&metrics),
             shutdown: shutdown.clone(),
-            tasks,
+            tasks: tasks.clone(),
         };
         let mut node = Self {
-            downloads,
+            config: Arc::clone(&config),
+            store: Arc::clone(&store),
+            peer_id: peer_id.clone(),
+            address: address.clone(),
+            shutdown: shutdown.clone(),
+            tasks,
+            dialer,
+            metrics,
+            events: Arc::clone(&events),
+            fetcher: Fetcher::new(downloads, origins),
             uploads: Arc::clone(&uploads),
             membership: membership::Status::default(),
             started: Instant::now(),
@@ -286,7 +302,7 @@ impl Node {
     where
         F: std::future::Future<Output = Result<(), Failure>> + Send + 'static,
     {
-        let stop = self.downloads.shutdown.clone();
+        let stop = self.shutdown.clone();
         let serves = part != Part::Membership;
         self.parts.spawn(async move {
             let ended = std::panic::AssertUnwindSafe(run).catch_unwind().await;
@@ -309,12 +325,17 @@ impl Node {
     pub fn serve_local(&mut self, listener: UnixListener) {
         let service = LocalService::new(
             self.fetcher(),
+            Arc::clone(&self.store),
+            Arc::clone(&self.events),
+            self.tasks.clone(),
+            Arc::clone(&self.config),
+            self.address.clone(),
             self.membership.clone(),
             Arc::clone(&self.uploads),
             self.started,
         )
         .into_server();
-        let stop = self.downloads.shutdown.clone();
+        let stop = self.shutdown.clone();
         self.spawn_part(Part::LocalApi, async move {
             let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
             Server::builder()
@@ -328,16 +349,19 @@ impl Node {
     /// Serves `/metrics`, `/healthz` and `/readyz` over HTTP on `listener`
     /// (the daemon's `--http-listen`).
     pub fn serve_http(&mut self, listener: TcpListener) {
-        let d = &self.downloads;
         let endpoint = Endpoint {
-            metrics: Arc::clone(&d.metrics),
-            store: Arc::clone(&d.store),
+            metrics: Arc::clone(&self.metrics),
+            store: Arc::clone(&self.store),
             uploads: Arc::clone(&self.uploads),
-            dialer: d.dialer.clone(),
-            membership: d.control.is_some().then(|| self.membership.clone()),
-            tls: d.config.tls.clone(),
+            dialer: self.dialer.clone(),
+            membership: self
+                .config
+                .control
+                .is_some()
+                .then(|| self.membership.clone()),
+            tls: self.config.tls.clone(),
         };
-        let stop = d.shutdown.clone();
+        let stop = self.shutdown.clone();
         self.spawn_part(Part::Http, async move {
             endpoint::serve(listener, endpoint, stop)
                 .await
@@ -347,10 +371,17 @@ impl Node {
 
     /// Serves the registry mirror (`--registry-mirror`) on `listener`.
     pub fn serve_mirror(&mut self, listener: TcpListener, config: crate::MirrorConfig) {
-        let downloads = Arc::clone(&self.downloads);
-        let stop = self.downloads.shutdown.clone();
+        let mirror = crate::mirror::Mirror::new(
+            self.fetcher(),
+            Arc::clone(&self.store),
+            Arc::clone(&self.config),
+            Arc::clone(&self.metrics),
+            self.tasks.clone(),
+            config,
+        );
+        let stop = self.shutdown.clone();
         self.spawn_part(Part::Mirror, async move {
-            crate::mirror::serve(listener, downloads, config, stop)
+            crate::mirror::serve(listener, mirror?, stop)
                 .await
                 .map_err(Failure::from)
         });
@@ -363,17 +394,17 @@ impl Node {
 
     /// The address announced to other peers.
     pub fn advertised(&self) -> &str {
-        &self.downloads.address
+        &self.address
     }
 
     /// The stable peer id.
     pub fn peer_id(&self) -> &str {
-        &self.downloads.peer_id
+        &self.peer_id
     }
 
     /// The node's store.
     pub fn store(&self) -> &Arc<Store> {
-        &self.downloads.store
+        &self.store
     }
 
     /// Whether the control plane has accepted the node's registration.
@@ -383,13 +414,13 @@ impl Node {
 
     /// The node's downloader: the one way to fetch a blob or a URL.
     pub fn fetcher(&self) -> Fetcher {
-        Fetcher::new(Arc::clone(&self.downloads))
+        self.fetcher.clone()
     }
 
     /// A future that resolves when the node starts shutting down, told to
     /// or because a part failed.
     pub fn stopping(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
-        self.downloads.shutdown.clone().cancelled_owned()
+        self.shutdown.clone().cancelled_owned()
     }
 
     /// Stops in order: stop accepting and cancel fetches, deregister, let
@@ -397,9 +428,9 @@ impl Node {
     /// then release the store. Returns the failure of the part that stopped
     /// the node, if one did.
     pub async fn shutdown(mut self) -> Result<(), NodeError> {
-        self.downloads.shutdown.cancel();
-        self.downloads.dialer.close_all().await;
-        let grace = self.downloads.config.shutdown_grace;
+        self.shutdown.cancel();
+        self.dialer.close_all().await;
+        let grace = self.config.shutdown_grace;
         let deadline = Instant::now() + grace;
         let mut failed: Option<NodeError> = None;
         let mut aborted = false;
@@ -424,14 +455,14 @@ impl Node {
             }
         }
         let left = deadline.saturating_duration_since(Instant::now());
-        let dropped = self.downloads.tasks.wait(left).await;
+        let dropped = self.tasks.wait(left).await;
         if dropped > 0 {
             tracing::warn!(
                 tasks = dropped,
                 "tasks still running after the grace period were dropped"
             );
         }
-        tracing::info!(peer = %self.downloads.peer_id, "node stopped");
+        tracing::info!(peer = %self.peer_id, "node stopped");
         match failed {
             Some(e) => Err(e),
             None => Ok(()),
@@ -497,8 +528,7 @@ impl Node {
     /// Trusts credentials signed by `key`, as if a control plane had handed
     /// it out (for tests of a node without one).
     pub(crate) fn trust(&self, key: &nebula_common::credential::PublicKey) {
-        self.downloads
-            .dialer
+        self.dialer
             .identity()
             .update("", &[bytes::Bytes::copy_from_slice(key.as_bytes())]);
     }

@@ -21,7 +21,6 @@ mod follow;
 pub(crate) mod http;
 mod lease;
 mod request;
-pub(crate) mod session;
 
 use std::{
     sync::{Arc, atomic::Ordering},
@@ -33,12 +32,12 @@ use nebula_proto::v1 as pb;
 use tokio::{sync::watch, time::Instant};
 
 use crate::fetch::{Downloads, FetchError, FetchOutcome, Progress, SourceBytes};
+use crate::sessions::{Session, Sessions};
 use follow::{Followed, follow};
 pub(crate) use http::{Counters, OriginClient, Target, Validators};
 pub use http::{OriginClientError, OriginError};
 use lease::{record, renew_lease, report};
 pub use request::{UrlFetch, UrlFetchError};
-pub(crate) use session::{Session, Sessions};
 
 /// How often a peer waiting for another's origin download asks again.
 const WAIT_POLL: Duration = Duration::from_millis(250);
@@ -50,18 +49,57 @@ const PROGRESS_TICK: Duration = Duration::from_millis(100);
 /// A finished download stays available to followers this long.
 const SESSION_GRACE: Duration = Duration::from_secs(30);
 
-/// Fetches `req` into the store: from the swarm when the fleet already has
-/// the URL's content, else from the origin once for the whole fleet. In a
-/// `fetch` span naming the URL (without credentials or query values).
-pub(crate) async fn fetch_url(
+/// Fetches by URL: the origin's HTTP client and the origin downloads this
+/// peer offers to others, on top of the swarm downloads.
+#[derive(Debug)]
+pub(crate) struct Origins {
+    /// Swarm downloads of recorded blobs, the store, the control plane.
     downloads: Arc<Downloads>,
+    /// The HTTP client of origin downloads.
+    client: OriginClient,
+    /// Origin downloads under way, offered to other peers.
+    sessions: Sessions,
+    /// The address other peers dial: a follower never follows itself.
+    address: String,
+}
+
+impl Origins {
+    pub(crate) fn new(
+        downloads: Arc<Downloads>,
+        client: OriginClient,
+        sessions: Sessions,
+        address: String,
+    ) -> Self {
+        Self {
+            downloads,
+            client,
+            sessions,
+            address,
+        }
+    }
+
+    /// Fetches `req` into the store: from the swarm when the fleet already
+    /// has the URL's content, else from the origin once for the whole fleet.
+    /// In a `fetch` span naming the URL (without credentials or query values).
+    pub(crate) async fn fetch_url(
+        self: Arc<Self>,
+        req: UrlFetch,
+        progress: watch::Sender<Progress>,
+    ) -> Result<FetchOutcome, FetchError> {
+        fetch_url(self, req, progress).await
+    }
+}
+
+/// See [`Origins::fetch_url`].
+async fn fetch_url(
+    origins: Arc<Origins>,
     req: UrlFetch,
     progress: watch::Sender<Progress>,
 ) -> Result<FetchOutcome, FetchError> {
     let span = tracing::info_span!("fetch", url = %http::redacted(&req.url));
-    let metrics = Arc::clone(&downloads.metrics);
+    let metrics = Arc::clone(origins.downloads.metrics());
     let outcome =
-        crate::fetch::observed(&metrics, span, by_url(downloads, req, progress.clone())).await?;
+        crate::fetch::observed(&metrics, span, by_url(origins, req, progress.clone())).await?;
     let size = outcome.blob.outboard().size();
     progress.send_replace(Progress {
         id: Some(outcome.blob.id()),
@@ -78,7 +116,7 @@ pub(crate) async fn fetch_url(
 }
 
 async fn by_url(
-    downloads: Arc<Downloads>,
+    origins: Arc<Origins>,
     req: UrlFetch,
     progress: watch::Sender<Progress>,
 ) -> Result<FetchOutcome, FetchError> {
@@ -86,21 +124,21 @@ async fn by_url(
     // A digest names the content: the store or the swarm may have it already.
     if let Some(digest) = req.digest {
         let local = match digest {
-            BlobRef::Blake3(id) => downloads.store.get(&id),
-            BlobRef::Sha256(d) => downloads.store.find_sha256(&d),
+            BlobRef::Blake3(id) => origins.downloads.store().get(&id),
+            BlobRef::Sha256(d) => origins.downloads.store().find_sha256(&d),
         };
         let held = local.is_some_and(|b| b.is_complete());
         // Nobody in the fleet holds it: straight on to the URL (whose origin
         // download another peer may have started), without waiting for
         // providers that are not there.
         let in_fleet = !held
-            && downloads.control.is_some()
-            && crate::fetch::discover(&downloads, &digest)
+            && origins.downloads.control().is_some()
+            && crate::fetch::discover(&origins.downloads, &digest)
                 .await
                 .map_or(true, |r| !r.providers.is_empty());
         if held || in_fleet {
             match crate::fetch::download(
-                Arc::clone(&downloads),
+                Arc::clone(&origins.downloads),
                 digest,
                 progress.clone(),
                 RECORDED_BLOB_WAIT,
@@ -124,8 +162,8 @@ async fn by_url(
             }
         }
     }
-    let Some(control) = downloads.control.clone() else {
-        return from_origin(&downloads, &req, &progress).await;
+    let Some(control) = origins.downloads.control().clone() else {
+        return from_origin(&origins, &req, &progress).await;
     };
     let key = req.key();
     let mut refresh = false;
@@ -134,11 +172,11 @@ async fn by_url(
     // the holder changes, and carried on from if the lease comes here.
     let mut mine: Option<Arc<Session>> = None;
     loop {
-        if downloads.shutdown.is_cancelled() {
+        if origins.downloads.shutdown().is_cancelled() {
             return Err(FetchError::Cancelled);
         }
         let ask = pb::ResolveUrlRequest {
-            peer_id: downloads.peer_id.clone(),
+            peer_id: origins.downloads.peer_id().to_owned(),
             url: key.clone(),
             refresh,
         };
@@ -154,7 +192,7 @@ async fn by_url(
                     _ => "timed out".to_owned(),
                 };
                 tracing::warn!(url = %shown, error = %why, "control plane unreachable; fetching from the origin directly");
-                let mut outcome = from_origin(&downloads, &req, &progress).await?;
+                let mut outcome = from_origin(&origins, &req, &progress).await?;
                 outcome.notice = Some(format!(
                     "the control plane did not answer ({why}); fetched straight from the origin"
                 ));
@@ -170,7 +208,7 @@ async fn by_url(
         if answer.fresh
             && let Some(id) = recorded
         {
-            match from_swarm(&downloads, &req, id, &progress).await {
+            match from_swarm(&origins, &req, id, &progress).await {
                 Ok(outcome) => return Ok(outcome),
                 Err(FetchError::NoProviders { .. }) => {
                     tracing::info!(url = %shown, blob = %id.short(), "nobody holds the URL's recorded blob; asking the origin");
@@ -185,18 +223,18 @@ async fn by_url(
             let known = recorded.map(|id| (id, validators_from(answer.validators.clone())));
             let session = match mine.take() {
                 Some(s) => s,
-                None => new_session(&downloads, &answer.session).await?,
+                None => new_session(&origins, &answer.session).await?,
             };
             let counters = Arc::new(Counters {
                 session: Some(Arc::clone(&session)),
                 ..Counters::default()
             });
-            let _serving = Serving::start(&downloads, &session);
-            let renewing = renew_lease(&downloads, &key, answer.lease_ttl_ms, &counters);
+            let _serving = Serving::start(&origins, &session);
+            let renewing = renew_lease(&origins, &key, answer.lease_ttl_ms, &counters);
             let (outcome, validators) =
-                lease_holder(&downloads, &req, known, &session, &counters, &progress).await?;
+                lease_holder(&origins, &req, known, &session, &counters, &progress).await?;
             drop(renewing);
-            record(&downloads, &key, outcome.blob.id(), &validators).await;
+            record(&origins, &key, outcome.blob.id(), &validators).await;
             return Ok(outcome);
         }
         // Another peer is at the origin: fetch what it has as it arrives.
@@ -208,27 +246,27 @@ async fn by_url(
             let session = match &mine {
                 Some(s) => Arc::clone(s),
                 None => {
-                    let s = new_session(&downloads, &answer.session).await?;
+                    let s = new_session(&origins, &answer.session).await?;
                     mine = Some(Arc::clone(&s));
                     s
                 }
             };
             let holder = (answer.holder.as_str(), answer.holder_address.as_str());
-            match follow(&downloads, &session, holder, &progress).await {
+            match follow(&origins, &session, holder, &progress).await {
                 Followed::Complete(sources) => {
-                    return finish(&downloads, &req, &session, 0, sources, &progress).await;
+                    return finish(&origins, &req, &session, 0, sources, &progress).await;
                 }
                 Followed::Wait | Followed::Stalled => {}
                 Followed::Lied(why) => {
                     tracing::warn!(peer = %answer.holder, %why, "the peer fetching from the origin sent bad data; reporting it and asking the origin directly");
-                    report(&downloads, &answer.holder, &why).await;
-                    return from_origin(&downloads, &req, &progress).await;
+                    report(&origins, &answer.holder, &why).await;
+                    return from_origin(&origins, &req, &progress).await;
                 }
             }
         }
         tokio::select! {
             () = tokio::time::sleep(WAIT_POLL) => {}
-            () = downloads.shutdown.cancelled() => return Err(FetchError::Cancelled),
+            () = origins.downloads.shutdown().cancelled() => return Err(FetchError::Cancelled),
         }
     }
 }
@@ -242,8 +280,8 @@ fn validators_from(v: Option<pb::UrlValidators>) -> Validators {
     }
 }
 
-async fn new_session(downloads: &Arc<Downloads>, key: &str) -> Result<Arc<Session>, FetchError> {
-    let store = Arc::clone(&downloads.store);
+async fn new_session(origins: &Arc<Origins>, key: &str) -> Result<Arc<Session>, FetchError> {
+    let store = Arc::clone(origins.downloads.store());
     let scratch = tokio::task::spawn_blocking(move || store.scratch())
         .await
         .map_err(|_| FetchError::Cancelled)??;
@@ -253,18 +291,16 @@ async fn new_session(downloads: &Arc<Downloads>, key: &str) -> Result<Arc<Sessio
 /// Offers a session to other peers while it lives, and for a while after
 /// (followers finishing their last chunks).
 pub(super) struct Serving {
-    downloads: Arc<Downloads>,
+    origins: Arc<Origins>,
     session: Arc<Session>,
 }
 
 impl Serving {
-    pub(super) fn start(downloads: &Arc<Downloads>, session: &Arc<Session>) -> Self {
+    pub(super) fn start(origins: &Arc<Origins>, session: &Arc<Session>) -> Self {
         session.serving.fetch_add(1, Ordering::AcqRel);
-        downloads
-            .sessions
-            .insert(session.key.clone(), Arc::clone(session));
+        origins.sessions.offer(session);
         Self {
-            downloads: Arc::clone(downloads),
+            origins: Arc::clone(origins),
             session: Arc::clone(session),
         }
     }
@@ -272,17 +308,15 @@ impl Serving {
 
 impl Drop for Serving {
     fn drop(&mut self) {
-        let (downloads, session) = (Arc::clone(&self.downloads), Arc::clone(&self.session));
-        self.downloads.tasks.spawn(async move {
+        let (origins, session) = (Arc::clone(&self.origins), Arc::clone(&self.session));
+        self.origins.downloads.tasks().spawn(async move {
             tokio::select! {
                 () = tokio::time::sleep(SESSION_GRACE) => {}
-                () = downloads.shutdown.cancelled() => {}
+                () = origins.downloads.shutdown().cancelled() => {}
             }
             // Unless it is offered again meanwhile (a follower taking the lease over).
             if session.serving.fetch_sub(1, Ordering::AcqRel) == 1 {
-                downloads.sessions.remove_if(&session.key, |_, s| {
-                    Arc::ptr_eq(s, &session) && s.serving.load(Ordering::Acquire) == 0
-                });
+                origins.sessions.withdraw(&session);
             }
         });
     }
@@ -291,7 +325,7 @@ impl Drop for Serving {
 /// The lease holder's work: revalidate a known blob, carry on from the
 /// chunks already here, or download anew.
 async fn lease_holder(
-    downloads: &Arc<Downloads>,
+    origins: &Arc<Origins>,
     req: &UrlFetch,
     known: Option<(BlobId, Validators)>,
     session: &Arc<Session>,
@@ -308,8 +342,8 @@ async fn lease_holder(
             held = session.bytes_held(),
             "taking over the origin download; fetching only what the fleet lacks"
         );
-        match downloads
-            .origin
+        match origins
+            .client
             .resume(&target, &v, &session.missing(), session.file(), counters)
             .await
         {
@@ -318,12 +352,12 @@ async fn lease_holder(
             Err(e) => return Err(e.into()),
         }
     } else if let Some((id, v)) = known {
-        match downloads
-            .origin
+        match origins
+            .client
             .download(&target, Some(&v), session.file(), counters)
             .await?
         {
-            http::Downloaded::NotModified => match from_swarm(downloads, req, id, progress).await {
+            http::Downloaded::NotModified => match from_swarm(origins, req, id, progress).await {
                 Ok(outcome) => return Ok((outcome, v)),
                 Err(FetchError::NoProviders { .. }) => {}
                 Err(e) => return Err(e),
@@ -333,8 +367,8 @@ async fn lease_holder(
     }
     let validators = match validators {
         Some(v) => v,
-        None => match downloads
-            .origin
+        None => match origins
+            .client
             .download(&target, None, session.file(), counters)
             .await?
         {
@@ -343,8 +377,8 @@ async fn lease_holder(
         },
     };
     let origin_bytes = counters.received.load(Ordering::Relaxed);
-    downloads.metrics.origin_received(origin_bytes);
-    let outcome = finish(downloads, req, session, origin_bytes, Vec::new(), progress).await?;
+    origins.downloads.metrics().origin_received(origin_bytes);
+    let outcome = finish(origins, req, session, origin_bytes, Vec::new(), progress).await?;
     Ok((outcome, validators))
 }
 
@@ -358,14 +392,14 @@ fn not_modified(req: &UrlFetch) -> FetchError {
 /// Adds a whole download to the store and checks `--digest`; a mismatch
 /// keeps nothing.
 async fn finish(
-    downloads: &Arc<Downloads>,
+    origins: &Arc<Origins>,
     req: &UrlFetch,
     session: &Arc<Session>,
     origin_bytes: u64,
     sources: Vec<SourceBytes>,
     progress: &watch::Sender<Progress>,
 ) -> Result<FetchOutcome, FetchError> {
-    let (store, s) = (Arc::clone(&downloads.store), Arc::clone(session));
+    let (store, s) = (Arc::clone(origins.downloads.store()), Arc::clone(session));
     // Every chunk was hashed as it arrived: the store takes the file as it
     // is. A blob of one chunk is hashed whole (its id is that hash).
     let blob = tokio::task::spawn_blocking(move || match s.outboard() {
@@ -376,7 +410,7 @@ async fn finish(
     .map_err(|_| FetchError::Cancelled)??;
     if let Err(e) = check_digest(req, &blob).await {
         // Nothing is kept from content the user did not ask for.
-        let _ = downloads.store.remove(&blob.id());
+        let _ = origins.downloads.store().remove(&blob.id());
         session.reset();
         return Err(e);
     }
@@ -398,13 +432,13 @@ async fn finish(
 
 /// A recorded blob, from the store or the swarm; checked against `--digest`.
 async fn from_swarm(
-    downloads: &Arc<Downloads>,
+    origins: &Arc<Origins>,
     req: &UrlFetch,
     id: BlobId,
     progress: &watch::Sender<Progress>,
 ) -> Result<FetchOutcome, FetchError> {
     let outcome = crate::fetch::download(
-        Arc::clone(downloads),
+        Arc::clone(&origins.downloads),
         BlobRef::Blake3(id),
         progress.clone(),
         RECORDED_BLOB_WAIT,
@@ -416,11 +450,11 @@ async fn from_swarm(
 
 /// A fetch from the origin straight away (no lease, no record, no sharing).
 async fn from_origin(
-    downloads: &Arc<Downloads>,
+    origins: &Arc<Origins>,
     req: &UrlFetch,
     progress: &watch::Sender<Progress>,
 ) -> Result<FetchOutcome, FetchError> {
-    let session = new_session(downloads, "").await?;
+    let session = new_session(origins, "").await?;
     // The session tracks whole chunks, for the registry mirror's stream.
     let counters = Arc::new(Counters {
         session: Some(Arc::clone(&session)),
@@ -433,8 +467,8 @@ async fn from_origin(
     );
     let _ticker = AbortOnDrop(ticker);
     let target = req.target();
-    match downloads
-        .origin
+    match origins
+        .client
         .download(&target, None, session.file(), &counters)
         .await?
     {
@@ -442,8 +476,8 @@ async fn from_origin(
         http::Downloaded::NotModified => return Err(not_modified(req)),
     }
     let origin_bytes = counters.received.load(Ordering::Relaxed);
-    downloads.metrics.origin_received(origin_bytes);
-    finish(downloads, req, &session, origin_bytes, Vec::new(), progress).await
+    origins.downloads.metrics().origin_received(origin_bytes);
+    finish(origins, req, &session, origin_bytes, Vec::new(), progress).await
 }
 
 /// Checks a blob against the `--digest` the user gave, if any.

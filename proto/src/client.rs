@@ -68,7 +68,9 @@ pub enum ControlUrlError {
 /// `host:port` (made `http://host:port`). Anything else (no host, another
 /// scheme, a bare word, an unparsable URI) is refused at once, before any
 /// network call, rather than retried as a host name. The answer is the list
-/// normalized: parsing it again gives it back.
+/// normalized (the shorthand spelled out, schemes in lower case, as a
+/// [`crate::tls`] endpoint and a peer's `Config` expect them): parsing it
+/// again gives it back.
 pub fn parse_control_urls(list: &str) -> Result<String, ControlUrlError> {
     let urls = list
         .split(',')
@@ -108,7 +110,12 @@ fn parse_control_url(entry: &str) -> Result<String, ControlUrlError> {
             given: given.to_owned(),
         });
     }
-    Ok(url)
+    // The URI parser reads `HTTP://` as `http://`; what is handed on is
+    // spelled the way the rest of the workspace compares it.
+    Ok(match url.split_once("://") {
+        Some((scheme, rest)) => format!("{}://{rest}", scheme.to_ascii_lowercase()),
+        None => url,
+    })
 }
 
 /// A token that cannot be sent as gRPC metadata.
@@ -410,6 +417,12 @@ mod tests {
     fn control_url_lists_are_normalized_or_refused() {
         assert_eq!(parse_control_urls("h:7700").unwrap(), "http://h:7700");
         assert_eq!(parse_control_urls(" https://h ").unwrap(), "https://h");
+        assert_eq!(
+            parse_control_urls("HTTP://cp:7700,Https://h").unwrap(),
+            "http://cp:7700,https://h"
+        );
+        let again = parse_control_urls("HTTP://cp:7700").unwrap();
+        assert_eq!(parse_control_urls(&again).unwrap(), again);
         assert_eq!(
             parse_control_urls("a:1, http://b:2").unwrap(),
             "http://a:1,http://b:2"

@@ -25,7 +25,7 @@ use crate::{
     Config,
     events::Events,
     metrics::{Metrics, Refusal},
-    origin::Sessions,
+    sessions::Sessions,
     tasks::Tasks,
     uploads::{Slot, Uploads},
 };
@@ -480,7 +480,7 @@ where
     F: Fn(ExchangeResponse) -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let session = serving.sessions.get(key).map(|s| Arc::clone(s.value()));
+    let session = serving.sessions.get(key);
     let data = match session {
         Some(s) => tokio::task::spawn_blocking(move || s.read_chunk(chunk))
             .await

@@ -159,7 +159,7 @@ impl Worker {
                 while self.inflight.len() < window {
                     // What a request brings back waits in memory until it is
                     // stored: each holds a share of the download buffer.
-                    let buffer = &dl.downloads.download_buffer;
+                    let buffer = &dl.downloads.buffer;
                     let share = match self.share.take() {
                         Some(share) => share,
                         None => match Arc::clone(buffer).try_acquire_many_owned(dl.chunk_share()) {
@@ -263,7 +263,7 @@ impl Worker {
                             }
                             Resp::Piece(piece) => {
                                 last_data = Instant::now();
-                                if let Some(limiter) = &dl.downloads.download_limiter {
+                                if let Some(limiter) = &dl.downloads.limiter {
                                     limiter.acquire(piece.data.len() as u64).await;
                                 }
                                 let Some(f) = self.inflight.get_mut(&rid) else { continue };
@@ -383,9 +383,7 @@ impl Worker {
                         now.duration_since(f.sent),
                     );
                     dl.bytes_done.fetch_add(len, Ordering::Relaxed);
-                    dl.downloads
-                        .downloaded_bytes
-                        .fetch_add(len, Ordering::Relaxed);
+                    dl.downloads.count_downloaded(len);
                     self.entry.bytes.fetch_add(len, Ordering::Relaxed);
                     dl.downloads.events.chunk_added(dl.id());
                 }

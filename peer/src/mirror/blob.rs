@@ -27,7 +27,7 @@ use url::Url;
 use super::{
     DIGEST_HEADER, Mirror, MirrorResult, ask_upstream, bad_gateway, error, lock, upstream_failure,
 };
-use crate::{FetchError, Fetcher, Progress, UrlFetch, Wanted, origin::OriginError};
+use crate::{FetchError, Progress, UrlFetch, Wanted, origin::OriginError};
 
 /// How often a stream waiting for its next chunk looks again (besides
 /// being woken by progress).
@@ -144,8 +144,7 @@ pub(super) async fn get(
     let wanted = range.clone().unwrap_or(0..=size.saturating_sub(1));
     let (tx, rx) = mpsc::channel(READ_AHEAD);
     if size > 0 {
-        m.downloads
-            .tasks
+        m.tasks
             .spawn(feed(Arc::clone(m), inflight, size, wanted.clone(), tx));
     }
     let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
@@ -186,7 +185,7 @@ fn blob_url(base: &Url, name: &str, digest: Sha256Digest) -> Url {
 
 /// A complete blob of that digest in the store.
 async fn local(m: &Mirror, digest: Sha256Digest) -> Option<Arc<Blob>> {
-    let store = Arc::clone(&m.downloads.store);
+    let store = Arc::clone(&m.store);
     tokio::task::spawn_blocking(move || store.find_sha256(&digest))
         .await
         .ok()
@@ -206,17 +205,17 @@ fn start(m: &Arc<Mirror>, digest: Sha256Digest, req: UrlFetch) -> Arc<Inflight> 
     let (result_tx, result) = watch::channel(None);
     let inflight = Arc::new(Inflight { progress, result });
     map.insert(key.clone(), Arc::clone(&inflight));
-    let tasks = m.downloads.tasks.clone();
+    let tasks = m.tasks.clone();
     let m = Arc::clone(m);
     tasks.spawn(async move {
-        let downloads = Arc::clone(&m.downloads);
-        let outcome = Fetcher::new(Arc::clone(&downloads))
+        let outcome = m
+            .fetcher
             .run(Wanted::Url(Box::new(req)), progress_tx, None)
             .await;
         let result = match outcome {
             Ok(o) => {
                 let peers: u64 = o.sources.iter().map(|s| s.bytes).sum();
-                downloads.metrics.mirror_fetched(peers, o.origin_bytes);
+                m.metrics.mirror_fetched(peers, o.origin_bytes);
                 Ok(o.blob)
             }
             Err(e) => {
@@ -309,7 +308,7 @@ async fn feed(
         Some(f) => (Some(f.progress.clone()), Some(f.result.clone())),
         None => (None, None),
     };
-    let stall = (m.downloads.config.origin_timeout + m.downloads.config.no_provider_timeout) * 2;
+    let stall = (m.node.origin_timeout + m.node.no_provider_timeout) * 2;
     // The chaining value of each chunk sent from a download under way:
     // checked against the verified blob before the last chunk goes.
     let mut unchecked: Vec<(u32, [u8; 32])> = Vec::new();
@@ -368,7 +367,7 @@ async fn feed(
             break;
         }
     }
-    m.downloads.metrics.mirror_served(sent);
+    m.metrics.mirror_served(sent);
 }
 
 /// Whether `blob` is the blob whose chunks were sent: its size, and the
@@ -413,7 +412,6 @@ async fn read_partial(m: &Mirror, f: &Inflight, size: u64, i: u32) -> Option<([u
     }
     // A complete blob here is being checked against the digest: wait for it.
     let b = m
-        .downloads
         .store
         .get(&id?)
         .filter(|b| !b.is_complete() && b.outboard().size() == size && b.has_chunk(i))?;
@@ -429,7 +427,7 @@ async fn read_partial(m: &Mirror, f: &Inflight, size: u64, i: u32) -> Option<([u
 /// Ends the body with an error: the server aborts the connection.
 async fn abort(m: &Mirror, tx: &mpsc::Sender<io::Result<Bytes>>, why: &str) {
     tracing::warn!(%why, "mirror: aborting a blob answer");
-    m.downloads.metrics.mirror_aborted();
+    m.metrics.mirror_aborted();
     let _ = tx.send(Err(io::Error::other(why.to_owned()))).await;
 }
 

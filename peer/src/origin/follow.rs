@@ -3,7 +3,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::{Arc, atomic::Ordering},
+    sync::Arc,
     time::Duration,
 };
 
@@ -18,16 +18,13 @@ use tokio::{
     time::Instant,
 };
 
-use super::{
-    Serving,
-    lease::report,
-    session::{self, Offer, Session},
-};
+use super::{Serving, lease::report};
 use crate::{
     exchange::dial::{Connection, Reply},
-    fetch::Downloads,
     fetch::{Progress, SourceBytes},
     metrics::Source,
+    origin::Origins,
+    sessions::{self, Offer, Session},
 };
 
 /// A follower asks its holder again this often when it has nothing new.
@@ -73,15 +70,15 @@ struct Feed {
 /// from the holder and from the other peers following it (sparing the
 /// holder's upload), each chunk checked against the holder's chaining value.
 pub(super) async fn follow(
-    downloads: &Arc<Downloads>,
+    origins: &Arc<Origins>,
     session: &Arc<Session>,
     holder: (&str, &str),
     progress: &watch::Sender<Progress>,
 ) -> Followed {
-    let Ok(conn) = downloads.connect(holder.1).await else {
+    let Ok(conn) = origins.downloads.connect(holder.1).await else {
         return Followed::Stalled;
     };
-    let _serving = Serving::start(downloads, session);
+    let _serving = Serving::start(origins, session);
     progress.send_modify(|p| p.scratch = Some(Arc::clone(session)));
     let mut last_progress = Instant::now();
     // Every peer that sent something, by address; the holder first.
@@ -89,7 +86,7 @@ pub(super) async fn follow(
     let mut banned: HashSet<String> = HashSet::new();
     let mut round = 0usize;
     loop {
-        if downloads.shutdown.is_cancelled() {
+        if origins.downloads.shutdown().is_cancelled() {
             return Followed::Stalled;
         }
         round += 1;
@@ -145,11 +142,11 @@ pub(super) async fn follow(
         for (peer_id, address) in offer
             .peers
             .iter()
-            .filter(|(_, a)| !banned.contains(a) && *a != downloads.address)
+            .filter(|(_, a)| !banned.contains(a) && *a != origins.address)
             .take(FOLLOW_PEERS)
         {
             let Ok(Ok(c)) =
-                tokio::time::timeout(FOLLOW_POLL * 20, downloads.connect(address)).await
+                tokio::time::timeout(FOLLOW_POLL * 20, origins.downloads.connect(address)).await
             else {
                 continue;
             };
@@ -204,7 +201,7 @@ pub(super) async fn follow(
             .map(|(source, batch)| async move {
                 (
                     source.address.clone(),
-                    fetch_batch(downloads, &source.conn, session, batch, size, progress).await,
+                    fetch_batch(origins, &source.conn, session, batch, size, progress).await,
                 )
             });
         for (address, (bytes, end)) in futures::future::join_all(jobs).await {
@@ -227,7 +224,7 @@ pub(super) async fn follow(
                 BatchEnd::Lied(why) if address == holder.1 => return Followed::Lied(why),
                 BatchEnd::Lied(why) => {
                     tracing::warn!(peer = %peer_id, %why, "a peer following the same origin download sent bad data; reporting it");
-                    report(downloads, &peer_id, &why).await;
+                    report(origins, &peer_id, &why).await;
                     banned.insert(address);
                 }
             }
@@ -250,7 +247,7 @@ enum BatchEnd {
 /// Fetches `batch` from one peer into `session`, each chunk checked against
 /// its chaining value; answers the bytes stored and how it ended.
 async fn fetch_batch(
-    downloads: &Arc<Downloads>,
+    origins: &Arc<Origins>,
     conn: &Connection,
     session: &Arc<Session>,
     batch: &[(u32, [u8; 32])],
@@ -293,15 +290,16 @@ async fn fetch_batch(
                 let s = Arc::clone(session);
                 let accepted = tokio::task::spawn_blocking(move || s.accept(index, &data, cv))
                     .await
-                    .unwrap_or(Err(session::Refused::Malformed));
+                    .unwrap_or(Err(sessions::Refused::Malformed));
                 if let Err(why) = accepted {
-                    downloads.metrics.chunk_rejected();
+                    origins.downloads.metrics().chunk_rejected();
                     break BatchEnd::Lied(format!("chunk {index}: {why:?}"));
                 }
-                downloads
-                    .metrics
+                origins
+                    .downloads
+                    .metrics()
                     .chunk_received(Source::Peer, len, started.elapsed());
-                downloads.downloaded_bytes.fetch_add(len, Ordering::Relaxed);
+                origins.downloads.count_downloaded(len);
                 stored += len;
                 next += 1;
                 progress.send_modify(|p| {

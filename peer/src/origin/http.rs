@@ -27,7 +27,8 @@ use reqwest::{
 };
 use url::Url;
 
-use super::session::Session;
+use crate::sessions::Session;
+pub(crate) use crate::sessions::{MAX_SIZE, Validators};
 use body::{Piece, stream_into};
 
 mod body;
@@ -36,9 +37,6 @@ mod tests;
 
 /// Redirects followed before giving up.
 pub(crate) const MAX_REDIRECTS: usize = 10;
-/// The largest object fetched from an origin (4 TiB): a bigger size announced
-/// by an origin or a peer is refused before anything is sized by it.
-pub(crate) const MAX_SIZE: u64 = 1 << 42;
 /// Attempts at one piece (the first plus resumes) before the download fails.
 const PIECE_ATTEMPTS: u32 = 5;
 /// Buffered before one positioned write.
@@ -82,17 +80,6 @@ pub enum OriginError {
     /// The scratch file could not be written.
     #[error("writing the download: {0}")]
     Io(String),
-}
-
-/// What identifies one version of the origin's content.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct Validators {
-    /// Total size in bytes.
-    pub(crate) size: u64,
-    /// `ETag`, verbatim.
-    pub(crate) etag: String,
-    /// `Last-Modified`, verbatim.
-    pub(crate) last_modified: String,
 }
 
 /// How a download ended.

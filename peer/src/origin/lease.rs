@@ -10,16 +10,16 @@ use nebula_common::BlobId;
 use nebula_proto::v1 as pb;
 use tokio::time::Instant;
 
+use super::Origins;
 use super::{Counters, Validators};
-use crate::fetch::Downloads;
 
 /// Tells the control plane a peer sent bad data.
-pub(super) async fn report(downloads: &Downloads, peer_id: &str, why: &str) {
-    let Some(control) = downloads.control.clone() else {
+pub(super) async fn report(origins: &Origins, peer_id: &str, why: &str) {
+    let Some(control) = origins.downloads.control().clone() else {
         return;
     };
     let request = pb::ReportPeerRequest {
-        reporter_id: downloads.peer_id.clone(),
+        reporter_id: origins.downloads.peer_id().to_owned(),
         peer_id: peer_id.to_owned(),
         blob: String::new(),
         reason: format!("origin download: {why}"),
@@ -33,20 +33,20 @@ pub(super) async fn report(downloads: &Downloads, peer_id: &str, why: &str) {
 /// again; a holder whose origin has sent nothing for the origin timeout
 /// stops renewing, so a waiting peer takes over.
 pub(super) fn renew_lease(
-    downloads: &Arc<Downloads>,
+    origins: &Arc<Origins>,
     key: &str,
     ttl_ms: u64,
     counters: &Arc<Counters>,
 ) -> tokio_util::sync::DropGuard {
     let stop = tokio_util::sync::CancellationToken::new();
     let guard = stop.clone().drop_guard();
-    let tasks = downloads.tasks.clone();
-    let downloads = Arc::clone(downloads);
+    let tasks = origins.downloads.tasks().clone();
+    let origins = Arc::clone(origins);
     let counters = Arc::clone(counters);
     let key = key.to_owned();
     let every = Duration::from_millis((ttl_ms / 3).max(100));
     tasks.spawn(async move {
-        let Some(control) = downloads.control.clone() else {
+        let Some(control) = origins.downloads.control().clone() else {
             return;
         };
         let mut last = (0, Instant::now());
@@ -58,12 +58,12 @@ pub(super) fn renew_lease(
             let received = counters.received.load(Ordering::Relaxed);
             if received != last.0 {
                 last = (received, Instant::now());
-            } else if last.1.elapsed() > downloads.config.origin_timeout {
+            } else if last.1.elapsed() > origins.downloads.config().origin_timeout {
                 tracing::warn!("the origin has sent nothing for a while; letting the lease go");
                 continue;
             }
             let ask = pb::ResolveUrlRequest {
-                peer_id: downloads.peer_id.clone(),
+                peer_id: origins.downloads.peer_id().to_owned(),
                 url: key.clone(),
                 refresh: true,
             };
@@ -77,12 +77,12 @@ pub(super) fn renew_lease(
 
 /// Tells the control plane what the URL resolved to; a failure only costs
 /// the next fetch of the URL an origin request.
-pub(super) async fn record(downloads: &Downloads, key: &str, blob: BlobId, v: &Validators) {
-    let Some(control) = downloads.control.clone() else {
+pub(super) async fn record(origins: &Origins, key: &str, blob: BlobId, v: &Validators) {
+    let Some(control) = origins.downloads.control().clone() else {
         return;
     };
     let request = pb::RecordUrlRequest {
-        peer_id: downloads.peer_id.clone(),
+        peer_id: origins.downloads.peer_id().to_owned(),
         url: key.to_owned(),
         blob: blob.to_string(),
         validators: Some(pb::UrlValidators {

@@ -43,6 +43,8 @@ struct Script {
 #[derive(Debug, Clone, Default)]
 struct Fake {
     calls: Arc<Mutex<Vec<(Instant, Call)>>>,
+    /// Every announcement, as sent.
+    announced: Arc<Mutex<Vec<pb::AnnounceRequest>>>,
     script: Arc<Mutex<Script>>,
 }
 
@@ -103,9 +105,10 @@ impl Service for Fake {
 
     async fn announce(
         &self,
-        _: Request<pb::AnnounceRequest>,
+        request: Request<pb::AnnounceRequest>,
     ) -> Result<Response<pb::AnnounceResponse>, Status> {
         self.record(Call::Announce);
+        self.announced.lock().unwrap().push(request.into_inner());
         Ok(Response::new(pb::AnnounceResponse::default()))
     }
 
@@ -149,13 +152,20 @@ impl Service for Fake {
 /// A fake control plane being served; stop it after the peer.
 struct Served {
     stop: CancellationToken,
-    tasks: crate::tasks::Tasks,
+    /// The fake server's end: an error (or a panic, which drops the sender)
+    /// fails the test in [`Served::stop`] instead of showing up as a timeout.
+    ended: tokio::sync::oneshot::Receiver<Result<(), tonic::transport::Error>>,
 }
 
 impl Served {
     async fn stop(self) {
         self.stop.cancel();
-        assert_eq!(self.tasks.wait(Duration::from_secs(5)).await, 0);
+        let ended = tokio::time::timeout(Duration::from_secs(5), self.ended)
+            .await
+            .expect("the fake control plane stops");
+        ended
+            .expect("the fake control plane's task ended without panicking")
+            .expect("the fake control plane served without failing");
     }
 }
 
@@ -176,21 +186,22 @@ async fn member_of(
     tune(&mut config);
     let path = dir.path().join("control.sock");
     let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let (ended_tx, ended) = tokio::sync::oneshot::channel();
     let served = Served {
         stop: CancellationToken::new(),
-        tasks: crate::tasks::Tasks::new(),
+        ended,
     };
     let service = ControlPlaneServer::new(fake.clone());
     let stopping = served.stop.clone();
-    served.tasks.spawn(async move {
-        tonic::transport::Server::builder()
+    tokio::spawn(async move {
+        let result = tonic::transport::Server::builder()
             .add_service(service)
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::UnixListenerStream::new(listener),
                 stopping.cancelled_owned(),
             )
-            .await
-            .unwrap();
+            .await;
+        let _ = ended_tx.send(result);
     });
     let timeout = config.control_timeout;
     let channel =
@@ -212,11 +223,24 @@ fn secs(d: Duration) -> u64 {
 #[tokio::test(start_paused = true)]
 async fn registers_announces_everything_and_deregisters_on_the_way_out() {
     let dir = tempfile::tempdir().unwrap();
+    // A blob already in the store when the node starts.
+    let held = {
+        let store = nebula_common::Store::open(dir.path().join("store")).unwrap();
+        let file = dir.path().join("held");
+        std::fs::write(&file, b"held before the start").unwrap();
+        store.add_file(&file).unwrap().id()
+    };
     let fake = Fake::default();
     let (peer, served) = member_of(&dir, &fake, |_| {}).await;
     assert!(eventually(|| peer.status.is_registered()).await);
     assert_eq!(fake.calls()[..2], [Call::Register, Call::Announce]);
-    assert!(peer.status.error().is_empty());
+    let first = fake.announced.lock().unwrap()[0].clone();
+    assert!(
+        first.full_inventory,
+        "the first announcement is the whole inventory"
+    );
+    let ids: Vec<&str> = first.blobs.iter().map(|b| b.id.as_str()).collect();
+    assert_eq!(ids, [held.to_string()]);
     stop(&peer).await;
     assert_eq!(fake.calls().last(), Some(&Call::Deregister));
     served.stop().await;

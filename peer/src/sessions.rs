@@ -1,5 +1,8 @@
 //! [`Session`]: an origin download under way, shared with other peers before
-//! its blob id exists.
+//! its blob id exists; [`Sessions`]: those this peer offers.
+//!
+//! A leaf: fetches by URL (`origin`) fill the table, the serving side
+//! (`exchange::serve`) reads it, and neither imports the other for it.
 //!
 //! The leaseholder writes the origin's bytes into a scratch file; each chunk,
 //! once whole, gets its chaining value (which depends only on the chunk's
@@ -23,11 +26,45 @@ use bytes::Bytes;
 use nebula_common::{ChunkSet, Geometry, Outboard, Scratch};
 use nebula_proto::v1 as pb;
 
-use super::http::Validators;
+/// The largest object fetched from an origin (4 TiB): a bigger size announced
+/// by an origin or a peer is refused before anything is sized by it.
+pub(crate) const MAX_SIZE: u64 = 1 << 42;
+
+/// What identifies one version of the origin's content.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Validators {
+    /// Total size in bytes.
+    pub(crate) size: u64,
+    /// `ETag`, verbatim.
+    pub(crate) etag: String,
+    /// `Last-Modified`, verbatim.
+    pub(crate) last_modified: String,
+}
 
 /// Origin downloads under way that other peers may fetch from, by key:
-/// filled by fetches by URL, read by the serving side.
-pub(crate) type Sessions = std::sync::Arc<dashmap::DashMap<String, std::sync::Arc<Session>>>;
+/// filled by fetches by URL, read by the serving side. Clones share the table.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Sessions(Arc<dashmap::DashMap<String, Arc<Session>>>);
+
+impl Sessions {
+    /// The session offered under `key`, if any.
+    pub(crate) fn get(&self, key: &str) -> Option<Arc<Session>> {
+        self.0.get(key).map(|s| Arc::clone(s.value()))
+    }
+
+    /// Offers `session` under its key, in place of any other.
+    pub(crate) fn offer(&self, session: &Arc<Session>) {
+        self.0.insert(session.key.clone(), Arc::clone(session));
+    }
+
+    /// Stops offering `session`, unless another session took its key or it
+    /// is offered again (its `serving` count is above zero).
+    pub(crate) fn withdraw(&self, session: &Arc<Session>) {
+        self.0.remove_if(&session.key, |_, s| {
+            Arc::ptr_eq(s, session) && s.serving.load(std::sync::atomic::Ordering::Acquire) == 0
+        });
+    }
+}
 
 /// One origin download, as a holder or a follower of it.
 #[derive(Debug)]
@@ -387,7 +424,7 @@ pub(crate) struct Offer {
 impl Offer {
     /// `None` when the answer is malformed (a chaining value per chunk held).
     pub(crate) fn read(s: &pb::Session) -> Option<Self> {
-        if s.size > super::http::MAX_SIZE {
+        if s.size > MAX_SIZE {
             return None;
         }
         let validators = Validators {
