@@ -23,8 +23,9 @@ use std::{
 
 use anyhow::bail;
 use clap::Parser;
-use cluster::{Cluster, Fetch, PeerOptions, mib_per_s};
+use cluster::mib_per_s;
 use nebula_common::rate::format_bytes;
+use nebula_testkit::{DaemonOptions, Fetch, Lifetime, TestCluster};
 
 /// Runs a local Nebula Stream swarm: one seed, every other peer fetching at once.
 #[derive(Debug, Parser)]
@@ -94,16 +95,19 @@ async fn run(args: &Args) -> anyhow::Result<()> {
             .map(|u| format!(", each uploading at most {}/s", format_bytes(u)))
             .unwrap_or_default()
     );
-    let mut cluster = Cluster::start(&bin, "swarm", args.keep).await?;
-    let options = vec![
-        PeerOptions {
-            upload_limit: args.upload_limit,
-            download_limit: None,
-            mirror_upstream: None,
-        };
-        args.peers
-    ];
-    cluster.add_peers(&options).await?;
+    // Started from this thread, which lives as long as the example: the death signal of
+    // `Lifetime::Owned` follows the thread that forks.
+    // Kept processes must survive us: no death signal for them.
+    let mut options = cluster::owned(false, false);
+    if args.keep {
+        options.lifetime = Lifetime::Detachable;
+    }
+    let mut cluster = TestCluster::launch(&bin, "swarm", options)?;
+    let options = DaemonOptions {
+        upload_limit: args.upload_limit,
+        ..DaemonOptions::default()
+    };
+    cluster.add_daemons(&vec![options; args.peers])?;
 
     eprintln!("writing {} of random bytes", format_bytes(size));
     let (source, id) = cluster.random_blob("blob.bin", size).await?;
@@ -148,7 +152,8 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         checks.push(check);
     }
     let uploaded = cluster.uploaded_bytes(0).await?;
-    print_table(&cluster, &fetches, &checks, size);
+    let seed_id = cluster.daemons[0].peer_id()?;
+    print_table(&cluster, &seed_id, &fetches, &checks, size);
 
     let failed: Vec<&Fetch> = fetches.iter().filter(|f| !f.ok).collect();
     let good = checks.iter().filter(|c| **c).count();
@@ -170,7 +175,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     if args.keep {
         print_kept(cluster, &id);
     } else {
-        let forced = cluster.shutdown().await;
+        let forced = cluster.shutdown();
         if !forced.is_empty() {
             eprintln!(
                 "warning: {} did not stop within 5 s of SIGTERM and were killed",
@@ -191,7 +196,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
 /// Prints one progress line on stderr while the fetches run (redrawn in place on a terminal,
 /// every 5 s otherwise); resolves only once `limit` has passed (the fetches end before).
 async fn show_progress(
-    cluster: &Cluster,
+    cluster: &TestCluster,
     fetchers: &[usize],
     id: &str,
     size: u64,
@@ -239,8 +244,14 @@ fn clear_progress() {
     }
 }
 
-fn print_table(cluster: &Cluster, fetches: &[Fetch], checks: &[bool], size: u64) {
-    let seed = &cluster.peers()[0];
+fn print_table(
+    cluster: &TestCluster,
+    seed_id: &str,
+    fetches: &[Fetch],
+    checks: &[bool],
+    size: u64,
+) {
+    let seed_address = cluster.daemons[0].addr.to_string();
     let mut rows = vec![[
         "peer".to_owned(),
         "time".to_owned(),
@@ -273,7 +284,7 @@ fn print_table(cluster: &Cluster, fetches: &[Fetch], checks: &[bool], size: u64)
         let elapsed = fetch.report["elapsed_ms"]
             .as_u64()
             .map_or(fetch.wall, Duration::from_millis);
-        let from_seed = fetch.bytes_from(&seed.peer_id, &seed.address);
+        let from_seed = fetch.bytes_from(seed_id, &seed_address);
         let from_peers = fetch.bytes_total().saturating_sub(from_seed);
         rows.push([
             name,
@@ -307,14 +318,14 @@ fn print_table(cluster: &Cluster, fetches: &[Fetch], checks: &[bool], size: u64)
     }
 }
 
-fn print_kept(cluster: Cluster, id: &str) {
-    let bin = std::fs::canonicalize(cluster.bin()).unwrap_or_else(|_| cluster.bin().to_path_buf());
-    let control = cluster.control_url().to_owned();
-    let admin_socket = cluster.admin_socket().to_path_buf();
-    let mut pids = vec![cluster.control_pid().to_string()];
-    let sockets: Vec<PathBuf> = cluster.peers().iter().map(|p| p.socket.clone()).collect();
-    for peer in cluster.peers() {
-        pids.push(peer.pid().to_string());
+fn print_kept(cluster: TestCluster, id: &str) {
+    let bin = std::fs::canonicalize(&cluster.bin).unwrap_or_else(|_| cluster.bin.clone());
+    let control = cluster.control.url();
+    let admin_socket = cluster.control.admin_socket.clone();
+    let mut pids = vec![cluster.control.proc.pid().to_string()];
+    let sockets: Vec<PathBuf> = cluster.daemons.iter().map(|d| d.socket.clone()).collect();
+    for daemon in &cluster.daemons {
+        pids.push(daemon.proc.pid().to_string());
     }
     let dir = cluster.keep();
     let bin = bin.display();

@@ -42,7 +42,7 @@ pub(crate) async fn run(bench: &Bench) -> anyhow::Result<Value> {
     let mut nebula_best = Duration::MAX;
     let mut b3sum_best = Duration::MAX;
     for _ in 0..rounds {
-        let mut cmd = cluster::nebula_command(&bench.bin, &["hash".as_ref(), file.as_ref()], false);
+        let mut cmd = cluster::nebula_command(&bench.bin, &["hash".as_ref(), file.as_ref()]);
         let (elapsed, out) = timed(&mut cmd).await?;
         ensure!(
             out.trim() == id,

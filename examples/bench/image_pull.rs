@@ -17,10 +17,10 @@ use anyhow::{Context as _, bail, ensure};
 use serde_json::{Value, json};
 use sha2::Digest as _;
 
+use nebula_testkit::{DaemonOptions, TestCluster};
+
 use crate::{
-    Bench, MIB,
-    cluster::{Cluster, PeerOptions},
-    ratio,
+    Bench, MIB, cluster, ratio,
     registry::{OciImage, Proxy, Registry},
     round, transfer_limit,
 };
@@ -33,8 +33,8 @@ pub(crate) async fn image_pull(bench: &Bench) -> anyhow::Result<Value> {
     } else {
         (8, 104 * MIB as usize, 32 * MIB)
     };
-    let mut cluster = Cluster::start(&bench.bin, "bench", false).await?;
-    let root = cluster.root().to_owned();
+    let mut cluster = TestCluster::launch(&bench.bin, "bench", cluster::owned(false, false))?;
+    let root = cluster.dir.path().to_owned();
     let (registry, image) = tokio::task::spawn_blocking(move || {
         let registry = Registry::start(&root.join("registry"));
         let image = OciImage::build(&root.join("image"), "v1", &[layer; 5], 13);
@@ -44,26 +44,20 @@ pub(crate) async fn image_pull(bench: &Bench) -> anyhow::Result<Value> {
     .await?;
     let proxy = Proxy::start(registry.addr, None);
     proxy.set_rate(rate);
-    let options = PeerOptions {
+    let options = DaemonOptions {
         mirror_upstream: Some(proxy.addr),
-        ..PeerOptions::default()
+        ..DaemonOptions::default()
     };
-    cluster.add_peers(&vec![options; n]).await?;
+    cluster.add_daemons(&vec![options; n])?;
     let size = image.blob_bytes();
     let ideal = size as f64 / rate as f64;
     let limit = transfer_limit(size * 3, rate);
 
     // Through the swarm: each daemon's own mirror, all at once.
     let mirrors: Vec<SocketAddr> = cluster
-        .peers()
+        .daemons
         .iter()
-        .map(|p| {
-            p.mirror
-                .as_deref()
-                .context("a peer without its mirror")?
-                .parse()
-                .context("mirror address")
-        })
+        .map(|d| d.proc.mirror.context("a peer without its mirror"))
         .collect::<anyhow::Result<_>>()?;
     let before = proxy.registry_sent();
     let time = pull_all(&mirrors, &image, limit).await?;
@@ -73,7 +67,7 @@ pub(crate) async fn image_pull(bench: &Bench) -> anyhow::Result<Value> {
     let before = proxy.registry_sent();
     let direct_time = pull_all(&vec![proxy.addr; n], &image, limit * n as u32).await?;
     let direct_sent = proxy.registry_sent() - before;
-    cluster.shutdown().await;
+    cluster.shutdown();
     drop(registry);
     Ok(json!({
         "case": "image_pull",

@@ -14,9 +14,10 @@ use futures::StreamExt as _;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+use nebula_testkit::{DaemonOptions, TestCluster};
+
 use crate::{
-    Bench, MIB,
-    cluster::{Cluster, PeerOptions},
+    Bench, MIB, cluster,
     flood::{self, Attacker, FloodReport, Target},
     ratio, round, transfer_limit,
 };
@@ -61,15 +62,13 @@ pub(crate) async fn run(bench: &Bench) -> anyhow::Result<Value> {
 }
 
 async fn measure(bench: &Bench, size: u64) -> anyhow::Result<Peaks> {
-    let mut cluster = Cluster::start(&bench.bin, "bench", false).await?;
-    cluster
-        .add_peers(&[PeerOptions::default(); FETCHERS + 1])
-        .await?;
+    let mut cluster = TestCluster::launch(&bench.bin, "bench", cluster::owned(false, false))?;
+    cluster.add_daemons(&[DaemonOptions::default(); FETCHERS + 1])?;
     let (file, id) = cluster.random_blob("blob.bin", size).await?;
     cluster.add(0, &file, &id).await?;
     std::fs::remove_file(&file).ok();
-    let after_add = cluster.peak_rss(0)?;
-    let reset = cluster.reset_peak_rss(0);
+    let after_add = cluster.daemons[0].proc.proc_status()?.peak_rss;
+    let reset = cluster.daemons[0].proc.reset_peak_rss();
     if let Err(err) = &reset {
         eprintln!("bench: {err:#}; reporting the overall peak only");
     }
@@ -78,7 +77,7 @@ async fn measure(bench: &Bench, size: u64) -> anyhow::Result<Peaks> {
     let fetches = cluster
         .fetch_all(&fetchers, &id, transfer_limit(size * 2, 32 * MIB))
         .await?;
-    let peak = cluster.peak_rss(0)?;
+    let peak = cluster.daemons[0].proc.proc_status()?.peak_rss;
     for fetch in &fetches {
         ensure!(
             fetch.ok,
@@ -90,7 +89,7 @@ async fn measure(bench: &Bench, size: u64) -> anyhow::Result<Peaks> {
         ensure!(good, "peer{}: the copy does not hash to the id", fetch.peer);
     }
     let uploaded = cluster.uploaded_bytes(0).await?;
-    cluster.shutdown().await;
+    cluster.shutdown();
     Ok(Peaks {
         overall: after_add.max(peak),
         serving: reset.is_ok().then_some(peak),
@@ -129,11 +128,9 @@ struct Round {
 /// round again with daemon 0 flooded (see `flood`): its peak against the budget.
 pub(crate) async fn fleet(bench: &Bench) -> anyhow::Result<Value> {
     let size = if bench.quick { 16 * MIB } else { 100 * MIB };
-    let mut cluster = Cluster::start(&bench.bin, "bench", false).await?;
+    let mut cluster = TestCluster::launch(&bench.bin, "bench", cluster::owned(false, false))?;
     // The fleet and one daemon that stays idle: the reference.
-    cluster
-        .add_peers(&[PeerOptions::default(); FLEET + 1])
-        .await?;
+    cluster.add_daemons(&[DaemonOptions::default(); FLEET + 1])?;
     let idle = FLEET;
     let mut ids = Vec::new();
     for peer in 0..FLEET {
@@ -160,8 +157,8 @@ pub(crate) async fn fleet(bench: &Bench) -> anyhow::Result<Value> {
     }
     let target = 0;
     let flooded = fleet_round(&cluster, &ids, size, Some(target)).await?;
-    let idle_status = cluster.proc_status(idle)?;
-    cluster.shutdown().await;
+    let idle_status = cluster.daemons[idle].proc.proc_status()?;
+    cluster.shutdown();
 
     let mib = |bytes: u64| round(bytes as f64 / MIB as f64, 1);
     let max = honest.peaks.iter().copied().max().unwrap_or(0);
@@ -209,7 +206,7 @@ pub(crate) async fn fleet(bench: &Bench) -> anyhow::Result<Value> {
 /// Every daemon of the fleet fetches every blob but its own, all at once, with `flood` (a
 /// daemon's index) flooded meanwhile; then every copy is checked against its id.
 async fn fleet_round(
-    cluster: &Cluster,
+    cluster: &TestCluster,
     ids: &[String],
     size: u64,
     flood: Option<usize>,
@@ -217,14 +214,14 @@ async fn fleet_round(
     let fleet: Vec<usize> = (0..ids.len()).collect();
     let mut reset = true;
     for &peer in &fleet {
-        if let Err(err) = cluster.reset_peak_rss(peer) {
+        if let Err(err) = cluster.daemons[peer].proc.reset_peak_rss() {
             eprintln!("bench: {err:#}; reporting peaks over the daemons' lives");
             reset = false;
             break;
         }
     }
     let attacker = match flood {
-        Some(_) => Some(Attacker::register(cluster.control_url(), "flood").await?),
+        Some(_) => Some(Attacker::register(&cluster.control.url(), "flood").await?),
         None => None,
     };
     let limit = transfer_limit(size * (ids.len() * ids.len()) as u64, 128 * MIB);
@@ -242,7 +239,7 @@ async fn fleet_round(
         match (flood, &attacker) {
             (Some(target), Some(attacker)) => {
                 let target = Target {
-                    address: cluster.peers()[target].address.clone(),
+                    address: cluster.daemons[target].addr.to_string(),
                     blob: ids[target].clone(),
                     chunks: nebula_common::Geometry::new(size).chunk_count(),
                 };
@@ -256,7 +253,7 @@ async fn fleet_round(
     let threads = threads?;
     let peaks = fleet
         .iter()
-        .map(|&peer| cluster.peak_rss(peer))
+        .map(|&peer| cluster.daemons[peer].proc.proc_status().map(|s| s.peak_rss))
         .collect::<anyhow::Result<Vec<u64>>>()?;
 
     let mut failures = Vec::new();
@@ -297,7 +294,7 @@ async fn fleet_round(
 
 /// Counts each daemon's threads every [`SAMPLE_EVERY`] until `done`; returns the most seen.
 async fn sample_threads(
-    cluster: &Cluster,
+    cluster: &TestCluster,
     peers: &[usize],
     done: &CancellationToken,
 ) -> anyhow::Result<Vec<u64>> {
@@ -306,7 +303,7 @@ async fn sample_threads(
     // Bounded: the fetches end within their own limits; this is the backstop (an hour).
     for _ in 0..72_000 {
         for (most, &peer) in most.iter_mut().zip(peers) {
-            *most = (*most).max(cluster.proc_status(peer)?.threads);
+            *most = (*most).max(cluster.daemons[peer].proc.proc_status()?.threads);
         }
         tokio::select! {
             () = done.cancelled() => break,

@@ -9,12 +9,9 @@ use std::{ffi::OsStr, process::Stdio, time::Instant};
 use anyhow::{Context as _, ensure};
 use serde_json::{Value, json};
 
-use crate::{
-    Bench, MIB,
-    cluster::{self, Cluster, PeerOptions},
-    origin_server::Origin,
-    ratio, round, transfer_limit,
-};
+use nebula_testkit::{DaemonOptions, TestCluster};
+
+use crate::{Bench, MIB, cluster, origin_server::Origin, ratio, round, transfer_limit};
 
 pub(crate) async fn origin_fanout(bench: &Bench) -> anyhow::Result<Value> {
     let (n, size, rate) = if bench.quick {
@@ -22,8 +19,8 @@ pub(crate) async fn origin_fanout(bench: &Bench) -> anyhow::Result<Value> {
     } else {
         (8, 256 * MIB, 32 * MIB)
     };
-    let mut cluster = Cluster::start(&bench.bin, "bench", false).await?;
-    cluster.add_peers(&vec![PeerOptions::default(); n]).await?;
+    let mut cluster = TestCluster::launch(&bench.bin, "bench", cluster::owned(false, false))?;
+    cluster.add_daemons(&vec![DaemonOptions::default(); n])?;
     let (file, id) = cluster.random_blob("origin.bin", size).await?;
     let data = std::fs::read(&file).context("reading the origin's file")?;
     std::fs::remove_file(&file).ok();
@@ -61,7 +58,7 @@ pub(crate) async fn origin_fanout(bench: &Bench) -> anyhow::Result<Value> {
     let started = Instant::now();
     let mut running = Vec::new();
     for i in 0..n {
-        let store = cluster.root().join(format!("direct-{i}"));
+        let store = cluster.dir.path().join(format!("direct-{i}"));
         std::fs::create_dir_all(&store)?;
         let args = [
             OsStr::new("fetch"),
@@ -72,7 +69,7 @@ pub(crate) async fn origin_fanout(bench: &Bench) -> anyhow::Result<Value> {
             "--progress".as_ref(),
             "none".as_ref(),
         ];
-        let mut cmd = cluster::nebula_command(&bench.bin, &args, false);
+        let mut cmd = cluster::nebula_command(&bench.bin, &args);
         cmd.stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
@@ -95,7 +92,7 @@ pub(crate) async fn origin_fanout(bench: &Bench) -> anyhow::Result<Value> {
         direct_time = direct_time.max(wall.as_secs_f64());
     }
     let direct_sent = origin.sent() - before;
-    cluster.shutdown().await;
+    cluster.shutdown();
     Ok(json!({
         "case": "origin_fanout",
         "fetchers": n,

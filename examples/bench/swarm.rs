@@ -12,18 +12,14 @@
 //! - `swarm_tls`: the `swarm` run with TLS on every gRPC connection (a fleet CA made for the
 //!   run), against the same run in plaintext, back to back.
 
-use std::time::Duration;
+use std::{net::SocketAddr, time::Duration};
 
 use anyhow::ensure;
 use serde_json::{Value, json};
 
-use crate::{
-    Bench, MIB,
-    cluster::{self, Cluster, ClusterOptions, PeerOptions},
-    ratio, round,
-    transfer::RawCopy,
-    transfer_limit,
-};
+use nebula_testkit::{DaemonOptions, TestCluster};
+
+use crate::{Bench, MIB, cluster, ratio, round, transfer::RawCopy, transfer_limit};
 
 /// One swarm run to measure.
 #[derive(Debug, Clone, Copy)]
@@ -85,24 +81,21 @@ impl Spec {
 }
 
 async fn run(bench: &Bench, spec: Spec) -> anyhow::Result<Run> {
-    let options = ClusterOptions {
-        http: spec.scraped,
-        tls: spec.tls,
-    };
-    let mut cluster = Cluster::start_with(&bench.bin, "bench", false, options).await?;
+    let options = cluster::owned(spec.scraped, spec.tls);
+    let mut cluster = TestCluster::launch(&bench.bin, "bench", options)?;
     let options = vec![
-        PeerOptions {
+        DaemonOptions {
             upload_limit: spec.upload_limit,
             download_limit: None,
             mirror_upstream: None,
         };
         spec.fetchers + 1
     ];
-    cluster.add_peers(&options).await?;
+    cluster.add_daemons(&options)?;
     let (file, id) = cluster.random_blob("blob.bin", spec.size).await?;
     cluster.add(0, &file, &id).await?;
     let raw = if spec.raw_reference {
-        let copy = cluster.root().join("raw-copy.bin");
+        let copy = cluster.dir.path().join("raw-copy.bin");
         let limit = transfer_limit(spec.size, 64 * MIB);
         let raw = crate::transfer::raw_tcp_copy(&file, &copy, limit).await?;
         std::fs::remove_file(&copy).ok();
@@ -121,7 +114,7 @@ async fn run(bench: &Bench, spec: Spec) -> anyhow::Result<Run> {
         if !victims.is_empty() {
             tokio::time::sleep(spec.kill_after).await;
             for &victim in victims {
-                cluster.kill_peer(victim);
+                cluster.daemons[victim].proc.kill_now();
             }
         }
     };
@@ -153,7 +146,7 @@ async fn run(bench: &Bench, spec: Spec) -> anyhow::Result<Run> {
         }
     }
     let seed_uploaded = cluster.uploaded_bytes(0).await?;
-    cluster.shutdown().await;
+    cluster.shutdown();
     walls.sort();
     Ok(Run {
         time,
@@ -168,7 +161,7 @@ async fn run(bench: &Bench, spec: Spec) -> anyhow::Result<Run> {
 /// Scrapes every endpoint's `/metrics` once a second, as Prometheus would,
 /// until `stop`; returns how many scrapes got a page.
 async fn scrape_every_second(
-    endpoints: &[String],
+    endpoints: &[SocketAddr],
     stop: &tokio_util::sync::CancellationToken,
 ) -> u64 {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};

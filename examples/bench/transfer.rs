@@ -15,11 +15,9 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use crate::{
-    Bench, MIB,
-    cluster::{self, Cluster, ClusterOptions, Fetch, PeerOptions},
-    ratio, round, transfer_limit,
-};
+use nebula_testkit::{DaemonOptions, Fetch, TestCluster};
+
+use crate::{Bench, MIB, cluster, ratio, round, transfer_limit};
 
 /// Buffer of the raw copy: large, so neither side is held back by system calls.
 const RAW_BUF: usize = 1 << 20;
@@ -39,10 +37,9 @@ async fn provider_and_fetcher(
     bench: &Bench,
     size: u64,
     tls: bool,
-) -> anyhow::Result<(Cluster, PathBuf, String)> {
-    let options = ClusterOptions { http: false, tls };
-    let mut cluster = Cluster::start_with(&bench.bin, "bench", false, options).await?;
-    cluster.add_peers(&[PeerOptions::default(); 2]).await?;
+) -> anyhow::Result<(TestCluster, PathBuf, String)> {
+    let mut cluster = TestCluster::launch(&bench.bin, "bench", cluster::owned(false, tls))?;
+    cluster.add_daemons(&[DaemonOptions::default(); 2])?;
     let (file, id) = cluster.random_blob("blob.bin", size).await?;
     cluster.add(0, &file, &id).await?;
     Ok((cluster, file, id))
@@ -52,7 +49,7 @@ pub(crate) async fn single_stream(bench: &Bench) -> anyhow::Result<Value> {
     let size = single_stream_size(bench);
     let (cluster, file, id) = provider_and_fetcher(bench, size, false).await?;
 
-    let copy = cluster.root().join("raw-copy.bin");
+    let copy = cluster.dir.path().join("raw-copy.bin");
     let raw = raw_tcp_copy(&file, &copy, transfer_limit(size, 64 * MIB)).await?;
     let copied = tokio::task::spawn_blocking({
         let copy = copy.clone();
@@ -82,7 +79,7 @@ pub(crate) async fn single_stream(bench: &Bench) -> anyhow::Result<Value> {
         "reference_with_fsync_mib_s": round(synced_mib_s, 1),
         "ratio_with_fsync": ratio(mib_s, Some(synced_mib_s)),
     });
-    cluster.shutdown().await;
+    cluster.shutdown();
     Ok(line)
 }
 
@@ -108,7 +105,7 @@ pub(crate) async fn single_stream_tls(bench: &Bench) -> anyhow::Result<Value> {
     }
     let mut walls = Vec::new();
     for (cluster, _, w) in settings {
-        cluster.shutdown().await;
+        cluster.shutdown();
         walls.push(w);
     }
     let best = |w: &[Duration]| w.iter().copied().min().unwrap_or_default();
@@ -141,17 +138,17 @@ pub(crate) async fn multi_source(bench: &Bench) -> anyhow::Result<Value> {
     const PROVIDERS: usize = 4;
     let limit = 16 * MIB;
     let size = if bench.quick { 64 * MIB } else { 256 * MIB };
-    let mut cluster = Cluster::start(&bench.bin, "bench", false).await?;
+    let mut cluster = TestCluster::launch(&bench.bin, "bench", cluster::owned(false, false))?;
     let mut options = vec![
-        PeerOptions {
+        DaemonOptions {
             upload_limit: Some(limit),
             download_limit: None,
             mirror_upstream: None,
         };
         PROVIDERS
     ];
-    options.push(PeerOptions::default());
-    cluster.add_peers(&options).await?;
+    options.push(DaemonOptions::default());
+    cluster.add_daemons(&options)?;
     let (file, id) = cluster.random_blob("blob.bin", size).await?;
     // Content addressing: the same file added on every provider is the same blob.
     let adds = (0..PROVIDERS).map(|p| cluster.add(p, &file, &id));
@@ -170,10 +167,10 @@ pub(crate) async fn multi_source(bench: &Bench) -> anyhow::Result<Value> {
     .await?;
     let mib_s = cluster::mib_per_s(size, fetch.wall);
     let reference = (limit * PROVIDERS as u64) as f64 / MIB as f64;
-    let per_provider: Vec<u64> = cluster.peers()[..PROVIDERS]
+    let per_provider: Vec<u64> = cluster.daemons[..PROVIDERS]
         .iter()
-        .map(|p| fetch.bytes_from(&p.peer_id, &p.address))
-        .collect();
+        .map(|d| Ok(fetch.bytes_from(&d.peer_id()?, &d.addr.to_string())))
+        .collect::<anyhow::Result<_>>()?;
     let line = json!({
         "case": "multi_source",
         "providers": PROVIDERS,
@@ -186,13 +183,13 @@ pub(crate) async fn multi_source(bench: &Bench) -> anyhow::Result<Value> {
         "reference_mib_s": reference,
         "ratio": ratio(mib_s, Some(reference)),
     });
-    cluster.shutdown().await;
+    cluster.shutdown();
     Ok(line)
 }
 
 /// One `nebula fetch` on `peer`, which must succeed with a copy that hashes to `id`.
 async fn one_fetch(
-    cluster: &Cluster,
+    cluster: &TestCluster,
     peer: usize,
     id: &str,
     limit: Duration,

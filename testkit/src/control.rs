@@ -11,7 +11,20 @@ use std::{
 use nebula_proto::v1::admin_client::AdminClient;
 use tonic::transport::Channel;
 
-use crate::process::{Proc, run_bounded};
+use anyhow::Context as _;
+
+use crate::process::{Lifetime, Proc, nebula_command, run_bounded};
+
+/// How a control plane runs: timings, HTTP endpoint, logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// [`FAST_CONTROL`] timings, an HTTP endpoint, info logs: the system tests.
+    Fast,
+    /// As shipped, with the control plane's debug logs: [`Control::standalone`].
+    Standalone,
+    /// As shipped, with the caller's `RUST_LOG`: the demo and the benchmark.
+    Shipped,
+}
 
 /// Timings short enough for tests: leases and probes in hundreds of ms.
 pub const FAST_CONTROL: &[&str] = &[
@@ -42,8 +55,8 @@ pub struct Control {
     /// Its `--admin-socket` (every test control plane has one).
     pub admin_socket: PathBuf,
     extra: Vec<String>,
-    /// Started with the fast timings and an HTTP endpoint (not [`Control::standalone`]).
-    fast: bool,
+    /// Its timings, HTTP endpoint and logs, kept for `restart`.
+    mode: Mode,
     /// The temporary directory of a [`Control::standalone`] one, removed after the process.
     owned_dir: Option<tempfile::TempDir>,
 }
@@ -86,7 +99,28 @@ impl Control {
         listen: SocketAddr,
         extra: &[&str],
     ) -> Self {
-        Self::launch(bin.as_ref(), dir, listen, extra, true)
+        Self::launch(
+            bin.as_ref(),
+            dir,
+            listen,
+            extra,
+            Mode::Fast,
+            Lifetime::Handle,
+        )
+        .unwrap_or_else(|err| panic!("{err:#}"))
+    }
+
+    /// `nebula control ARGS…` as shipped (default timings, no HTTP endpoint
+    /// unless `extra` asks, the caller's `RUST_LOG`) in `dir`, with an admin
+    /// socket there, set up for `lifetime`: the demo's and the benchmark's.
+    pub fn try_start_shipped(
+        bin: impl AsRef<Path>,
+        dir: &Path,
+        extra: &[&str],
+        lifetime: Lifetime,
+    ) -> anyhow::Result<Self> {
+        let listen = ([127, 0, 0, 1], 0).into();
+        Self::launch(bin.as_ref(), dir, listen, extra, Mode::Shipped, lifetime)
     }
 
     /// `nebula control ARGS…` as shipped (default timings, no HTTP endpoint,
@@ -99,18 +133,34 @@ impl Control {
     /// Like [`Control::standalone`], listening on `listen`.
     pub fn standalone_on(bin: impl AsRef<Path>, listen: SocketAddr, args: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut control = Self::launch(bin.as_ref(), dir.path(), listen, args, false);
+        let mut control = Self::launch(
+            bin.as_ref(),
+            dir.path(),
+            listen,
+            args,
+            Mode::Standalone,
+            Lifetime::Handle,
+        )
+        .unwrap_or_else(|err| panic!("{err:#}"));
         control.owned_dir = Some(dir);
         control
     }
 
-    fn launch(bin: &Path, dir: &Path, listen: SocketAddr, extra: &[&str], fast: bool) -> Self {
+    fn launch(
+        bin: &Path,
+        dir: &Path,
+        listen: SocketAddr,
+        extra: &[&str],
+        mode: Mode,
+        lifetime: Lifetime,
+    ) -> anyhow::Result<Self> {
+        let fast = mode == Mode::Fast;
         let name = format!("control-{}", rand::random::<u32>());
         let admin_socket = match extra.iter().position(|a| *a == "--admin-socket") {
             Some(i) => PathBuf::from(extra[i + 1]),
             None => dir.join(format!("{name}.admin.sock")),
         };
-        let mut cmd = Command::new(bin);
+        let mut cmd = nebula_command(bin, Lifetime::Handle);
         cmd.arg("control").arg("--listen").arg(listen.to_string());
         if fast {
             cmd.args(["--http-listen", "127.0.0.1:0"])
@@ -123,17 +173,18 @@ impl Control {
         if !extra.contains(&"--admin-socket") {
             cmd.arg("--admin-socket").arg(&admin_socket);
         }
-        let log_filter = if fast {
-            "info"
-        } else {
-            "nebula_control=debug,info"
-        };
-        cmd.env("RUST_LOG", log_filter)
-            .env_remove("NEBULA_JOIN_TOKEN")
-            .env_remove("NEBULA_ADMIN_TOKEN");
+        match mode {
+            Mode::Fast => {
+                cmd.env("RUST_LOG", "info");
+            }
+            Mode::Standalone => {
+                cmd.env("RUST_LOG", "nebula_control=debug,info");
+            }
+            Mode::Shipped => {}
+        }
         let log = dir.join(format!("{name}.log"));
-        let (proc, addr) = Proc::spawn(cmd, log);
-        Self {
+        let (proc, addr) = Proc::try_spawn(cmd, log, lifetime).context("control plane")?;
+        Ok(Self {
             proc,
             addr,
             bin: bin.to_owned(),
@@ -141,9 +192,9 @@ impl Control {
             tls: extra.contains(&"--tls-cert"),
             admin_socket,
             extra: extra.iter().map(|a| a.to_string()).collect(),
-            fast,
+            mode,
             owned_dir: None,
-        }
+        })
     }
 
     /// `nebula admin --admin-socket <its socket>`; add the command and flags.
@@ -183,7 +234,15 @@ impl Control {
         if !extra.contains(&"--admin-socket") {
             extra.extend(["--admin-socket", &socket]);
         }
-        let mut again = Self::launch(&self.bin, &self.dir, self.addr, &extra, self.fast);
+        let mut again = Self::launch(
+            &self.bin,
+            &self.dir,
+            self.addr,
+            &extra,
+            self.mode,
+            Lifetime::Handle,
+        )
+        .unwrap_or_else(|err| panic!("{err:#}"));
         again.owned_dir = self.owned_dir.take();
         *self = again;
     }

@@ -8,7 +8,31 @@ use std::{
     time::Duration,
 };
 
-use crate::process::{Proc, run_bounded, wait_until};
+use anyhow::{Context as _, ensure};
+
+use crate::process::{Lifetime, Proc, nebula_command, run_bounded, wait_until};
+
+/// How a daemon is started, beyond its flags.
+#[derive(Debug, Clone)]
+pub struct DaemonSetup {
+    /// Serve `/metrics` on a loopback port of its own (`--http-listen`).
+    pub http: bool,
+    /// Its `RUST_LOG`; `None` leaves the caller's.
+    pub log_filter: Option<&'static str>,
+    /// How it relates to this process.
+    pub lifetime: Lifetime,
+}
+
+impl Default for DaemonSetup {
+    /// What the system tests run: HTTP, the peer's debug logs, killed with its handle.
+    fn default() -> Self {
+        Self {
+            http: true,
+            log_filter: Some("info,nebula_peer=debug"),
+            lifetime: Lifetime::Handle,
+        }
+    }
+}
 
 /// A daemon process with its own store.
 #[derive(Debug)]
@@ -31,11 +55,12 @@ struct Launch {
     control: String,
     args: Vec<String>,
     envs: Vec<(String, String)>,
+    setup: DaemonSetup,
 }
 
 impl Daemon {
     /// Starts `bin daemon` in `dir/<name>` against `control`, with extra
-    /// flags and environment.
+    /// flags and environment. Panics if it cannot; see [`Daemon::try_start`].
     pub fn start(
         bin: impl AsRef<Path>,
         dir: &Path,
@@ -44,8 +69,22 @@ impl Daemon {
         args: &[&str],
         envs: &[(&str, &str)],
     ) -> Self {
+        Self::try_start(bin, dir, name, control, args, envs, DaemonSetup::default())
+            .unwrap_or_else(|err| panic!("{err:#}"))
+    }
+
+    /// Like [`Daemon::start`], set up as `setup` says, returning what went wrong.
+    pub fn try_start(
+        bin: impl AsRef<Path>,
+        dir: &Path,
+        name: &str,
+        control: &str,
+        args: &[&str],
+        envs: &[(&str, &str)],
+        setup: DaemonSetup,
+    ) -> anyhow::Result<Self> {
         let store = dir.join(name);
-        std::fs::create_dir_all(&store).unwrap();
+        std::fs::create_dir_all(&store).with_context(|| format!("creating {}", store.display()))?;
         let launch = Launch {
             bin: bin.as_ref().to_owned(),
             control: control.to_owned(),
@@ -54,15 +93,18 @@ impl Daemon {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            setup,
         };
-        let (proc, addr) = launch.spawn(&store, "127.0.0.1:0".parse().unwrap());
-        Self {
+        let (proc, addr) = launch
+            .spawn(&store, ([127, 0, 0, 1], 0).into())
+            .with_context(|| format!("daemon {name}"))?;
+        Ok(Self {
             proc,
             addr,
             socket: store.join("nebula.sock"),
             store,
             launch,
-        }
+        })
     }
 
     /// Kills it (SIGKILL) and starts it again on the same store and port.
@@ -73,7 +115,10 @@ impl Daemon {
     /// Kills it (SIGKILL) and starts it again on the same store, listening on `listen`.
     pub fn restart_on(&mut self, listen: SocketAddr) {
         self.proc.kill();
-        let (proc, addr) = self.launch.spawn(&self.store, listen);
+        let (proc, addr) = self
+            .launch
+            .spawn(&self.store, listen)
+            .unwrap_or_else(|err| panic!("{err:#}"));
         self.proc = proc;
         self.addr = addr;
     }
@@ -100,6 +145,37 @@ impl Daemon {
             "daemon did not register; log:\n{}",
             self.proc.log_text()
         );
+    }
+
+    /// Like [`Daemon::wait_registered`] (30 s), returning what went wrong.
+    pub fn try_wait_registered(&mut self) -> anyhow::Result<()> {
+        let mut last = String::new();
+        let mut exited = false;
+        let ok = wait_until(Duration::from_secs(30), || {
+            if !self.proc.is_running() {
+                exited = true;
+                return true;
+            }
+            let out = self.cli(&["status"]);
+            last = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+            out.status.success()
+        });
+        ensure!(
+            ok && !exited,
+            "daemon {} did not register (last `nebula status`: {last}); its log:\n{}",
+            self.store.display(),
+            self.proc.log_tail()
+        );
+        Ok(())
+    }
+
+    /// Its peer id, from `nebula status --json`.
+    pub fn peer_id(&self) -> anyhow::Result<String> {
+        let status = self.status();
+        status["peer_id"]
+            .as_str()
+            .map(str::to_owned)
+            .with_context(|| format!("no peer_id in `nebula status --json`: {status}"))
     }
 
     /// `nebula status --json`.
@@ -139,22 +215,26 @@ impl Daemon {
 }
 
 impl Launch {
-    fn spawn(&self, store: &Path, listen: SocketAddr) -> (Proc, SocketAddr) {
-        let mut cmd = Command::new(&self.bin);
+    fn spawn(&self, store: &Path, listen: SocketAddr) -> anyhow::Result<(Proc, SocketAddr)> {
+        let mut cmd = nebula_command(&self.bin, Lifetime::Handle);
         cmd.arg("daemon")
             .arg("--store")
             .arg(store)
             .arg("--control")
             .arg(&self.control)
             .arg("--listen")
-            .arg(listen.to_string())
-            .args(["--http-listen", "127.0.0.1:0"])
-            .args(&self.args)
-            .env("RUST_LOG", "info,nebula_peer=debug");
+            .arg(listen.to_string());
+        if self.setup.http {
+            cmd.args(["--http-listen", "127.0.0.1:0"]);
+        }
+        cmd.args(&self.args);
+        if let Some(filter) = self.setup.log_filter {
+            cmd.env("RUST_LOG", filter);
+        }
         for (k, v) in &self.envs {
             cmd.env(k, v);
         }
         let log = store.with_extension(format!("{}.log", rand::random::<u32>()));
-        Proc::spawn(cmd, log)
+        Proc::try_spawn(cmd, log, self.setup.lifetime)
     }
 }

@@ -1,15 +1,21 @@
-//! Child processes for tests: [`Proc`] (SIGKILLed and reaped by pid when
-//! dropped), bounded runs of short commands and bounded polling.
+//! Child processes: [`Proc`] (SIGKILLed and reaped by pid when dropped,
+//! unless detached), how a child relates to us ([`Lifetime`]), bounded runs
+//! of short commands and bounded polling.
 
 use std::{
     fs::File,
-    io::{BufRead, BufReader},
     net::SocketAddr,
-    path::PathBuf,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
-    sync::mpsc,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
     time::{Duration, Instant},
 };
+
+use anyhow::{Context as _, bail};
 
 use crate::http::{Metrics, TlsFiles, http_request, https_request};
 
@@ -70,10 +76,77 @@ pub(crate) fn wait_listening(port: u16, what: &str, proc: &Proc) {
     );
 }
 
-/// A child process, SIGKILLed and reaped when dropped.
+/// How long a process may take to print its addresses.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How a child relates to this process.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Lifetime {
+    /// Killed when its handle drops (the system tests).
+    #[default]
+    Handle,
+    /// Also in a process group of its own (a Ctrl-C at the terminal reaches
+    /// only this process, which then stops its children in order) and
+    /// SIGKILLed by the kernel when the thread that started it dies
+    /// (`PR_SET_PDEATHSIG`), so even a SIGKILLed example leaves nothing behind.
+    /// Start such children only from threads that live as long as they should.
+    Owned,
+    /// A process group of its own and no death signal: [`Proc::detach`] can
+    /// leave it running after this process exits (`swarm --keep`).
+    Detachable,
+}
+
+/// A `bin` command with stdin closed and no `NEBULA_*` variable inherited
+/// from the caller's shell (an exported `NEBULA_ADVERTISE` or `NEBULA_JSON`
+/// would change what the children do), set up for `lifetime`. Variables the
+/// caller sets on the command afterwards still apply.
+pub fn nebula_command(bin: &Path, lifetime: Lifetime) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.stdin(Stdio::null());
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("NEBULA_") {
+            cmd.env_remove(key);
+        }
+    }
+    set_lifetime(&mut cmd, lifetime);
+    cmd
+}
+
+/// Process group and death signal of a command about to be spawned.
+fn set_lifetime(cmd: &mut Command, lifetime: Lifetime) {
+    if lifetime == Lifetime::Handle {
+        return;
+    }
+    cmd.process_group(0);
+    if lifetime == Lifetime::Owned {
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: the closure runs between fork and exec and calls only
+        // async-signal-safe functions (prctl, getppid), allocating nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() != parent {
+                    return Err(std::io::Error::other("the parent exited during spawn"));
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
+/// A child process, SIGKILLed and reaped when dropped unless detached.
 #[derive(Debug)]
 pub struct Proc {
     child: Child,
+    /// Captured at spawn: `Child::id` of a reaped child may name another process.
+    pid: i32,
+    /// Set once the child is reaped: from then on its pid may name another
+    /// process, so [`Proc::kill_now`] must not signal it.
+    reaped: AtomicBool,
+    /// Set by [`Proc::detach`]: dropping leaves the process running.
+    detached: bool,
     /// The file its stderr goes to.
     pub log: PathBuf,
     /// Its `--http-listen` endpoint, when it was started with one.
@@ -90,7 +163,10 @@ impl Proc {
     /// Takes charge of a child already started with its output going to `log`.
     pub(crate) fn adopt(child: Child, log: PathBuf) -> Self {
         Self {
+            pid: child.id() as i32,
             child,
+            reaped: AtomicBool::new(false),
+            detached: false,
             log,
             http: None,
             mirror: None,
@@ -101,7 +177,19 @@ impl Proc {
     /// Starts `cmd` with stderr to `log`, waits for its `listening on ADDR`
     /// line (and its `http on ADDR` line when given `--http-listen`, and
     /// its `registry mirror on ADDR` line when given `--registry-mirror`).
-    pub fn spawn(mut cmd: Command, log: PathBuf) -> (Self, SocketAddr) {
+    /// Panics if it cannot; see [`Proc::try_spawn`].
+    pub fn spawn(cmd: Command, log: PathBuf) -> (Self, SocketAddr) {
+        Self::try_spawn(cmd, log, Lifetime::Handle).unwrap_or_else(|err| panic!("{err:#}"))
+    }
+
+    /// Like [`Proc::spawn`], set up for `lifetime`, returning what went wrong.
+    /// Stdout goes to a file beside `log` (`.out`), not a pipe: nothing has to
+    /// drain it, and a detached process keeps writing after we exit.
+    pub fn try_spawn(
+        mut cmd: Command,
+        log: PathBuf,
+        lifetime: Lifetime,
+    ) -> anyhow::Result<(Self, SocketAddr)> {
         let with_http = cmd.get_args().any(|a| a == "--http-listen");
         let with_mirror = cmd.get_args().any(|a| a == "--registry-mirror");
         let tls = {
@@ -116,45 +204,57 @@ impl Proc {
                 identity: flag("--tls-cert").zip(flag("--tls-key")),
             })
         };
-        let err = File::create(&log).unwrap();
-        let mut child = cmd
-            .stdout(Stdio::piped())
+        let out_path = log.with_extension("out");
+        let out =
+            File::create(&out_path).with_context(|| format!("creating {}", out_path.display()))?;
+        let err = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        set_lifetime(&mut cmd, lifetime);
+        let child = cmd
+            .stdout(out)
             .stderr(err)
             .stdin(Stdio::null())
             .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            for _ in 0..3 {
-                if let Some(Ok(line)) = lines.next() {
-                    let _ = tx.send(line);
-                }
-            }
-            // Keep draining so the child never blocks on a full pipe.
-            for _ in lines {}
-        });
+            .with_context(|| format!("cannot start {}", cmd.get_program().to_string_lossy()))?;
         let mut proc = Self::adopt(child, log);
-        let next = |prefix: &str| {
-            let line = match rx.recv_timeout(Duration::from_secs(30)) {
-                Ok(line) => line,
-                Err(_) => panic!(
-                    "process did not report its address; log:\n{}",
-                    proc.log_text()
-                ),
-            };
+        let wanted = 1 + usize::from(with_http) + usize::from(with_mirror);
+        let deadline = Instant::now() + START_TIMEOUT;
+        let lines = loop {
+            let text = std::fs::read_to_string(&out_path).unwrap_or_default();
+            let lines: Vec<String> = text.split_inclusive('\n').map(str::to_owned).collect();
+            if lines.iter().filter(|l| l.ends_with('\n')).count() >= wanted {
+                break lines;
+            }
+            if !proc.is_running() {
+                bail!("process exited while starting; log:\n{}", proc.log_tail());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "process did not report its address within {START_TIMEOUT:?}; log:\n{}",
+                    proc.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut lines = lines.iter();
+        let mut next = |prefix: &str| -> anyhow::Result<SocketAddr> {
+            let line = lines.next().map(|l| l.trim()).unwrap_or_default();
             line.strip_prefix(prefix)
                 .and_then(|a| a.trim().parse::<SocketAddr>().ok())
-                .unwrap_or_else(|| panic!("unexpected line {line:?}, expected {prefix:?}"))
+                .with_context(|| format!("unexpected line {line:?}, expected {prefix:?}"))
         };
-        let addr = next("listening on ");
-        let http = with_http.then(|| next("http on "));
-        let mirror = with_mirror.then(|| next("registry mirror on "));
-        proc.http = http;
-        proc.mirror = mirror;
+        let addr = next("listening on ")?;
+        proc.http = if with_http {
+            Some(next("http on ")?)
+        } else {
+            None
+        };
+        proc.mirror = if with_mirror {
+            Some(next("registry mirror on ")?)
+        } else {
+            None
+        };
         proc.tls = tls;
-        (proc, addr)
+        Ok((proc, addr))
     }
 
     /// Its HTTP endpoint; panics if it was started without `--http-listen`.
@@ -179,14 +279,34 @@ impl Proc {
 
     /// Its process id.
     pub fn pid(&self) -> i32 {
-        self.child.id() as i32
+        self.pid
+    }
+
+    /// Whether it has not exited yet.
+    pub fn is_running(&mut self) -> bool {
+        let running = matches!(self.child.try_wait(), Ok(None));
+        if !running {
+            self.reaped.store(true, Ordering::Relaxed);
+        }
+        running
+    }
+
+    /// SIGKILLs it without waiting or reaping, from a shared handle (a crash,
+    /// as far as the rest of the cluster can tell, in the middle of a run).
+    pub fn kill_now(&self) {
+        // Only `&mut self` methods reap, so while we hold `&self` a child not
+        // yet reaped keeps its pid (a zombie's, at worst).
+        if !self.reaped.load(Ordering::Relaxed) {
+            // SAFETY: signalling our own unreaped child by pid.
+            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        }
     }
 
     /// Signals the child, unless it was already reaped (its pid may be reused).
     pub fn signal(&mut self, sig: i32) {
-        if matches!(self.child.try_wait(), Ok(None)) {
+        if self.is_running() {
             // SAFETY: sending a signal to our own, still unreaped child by pid.
-            unsafe { libc::kill(self.pid(), sig) };
+            unsafe { libc::kill(self.pid, sig) };
         }
     }
 
@@ -194,30 +314,61 @@ impl Proc {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.reaped.store(true, Ordering::Relaxed);
     }
 
     /// SIGTERM, then wait (bounded) for a clean exit; returns the exit status.
     pub fn terminate(&mut self) -> Option<ExitStatus> {
         self.signal(libc::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
+        let status = self.wait_exit(Instant::now() + Duration::from_secs(15));
+        if status.is_none() {
+            self.kill();
+        }
+        status
+    }
+
+    /// Waits until it has exited, at most until `deadline`; its exit status if it has.
+    pub fn wait_exit(&mut self, deadline: Instant) -> Option<ExitStatus> {
+        loop {
             if let Ok(Some(status)) = self.child.try_wait() {
+                self.reaped.store(true, Ordering::Relaxed);
                 return Some(status);
             }
-            std::thread::sleep(Duration::from_millis(50));
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
-        self.kill();
-        None
+    }
+
+    /// Leaves it running when the handle drops.
+    pub fn detach(&mut self) {
+        self.detached = true;
+    }
+
+    /// Whether [`Proc::detach`] was called.
+    pub fn is_detached(&self) -> bool {
+        self.detached
     }
 
     /// Its log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// The last 15 lines of its log, for error messages.
+    pub fn log_tail(&self) -> String {
+        let text = self.log_text();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
 }
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        if self.detached {
+            return;
+        }
         // A stopped process must be continued to die promptly.
         self.signal(libc::SIGCONT);
         self.kill();
