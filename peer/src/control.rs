@@ -21,9 +21,7 @@ use std::{
 };
 
 use nebula_proto::{
-    client::{
-        BearerToken, Replica as Address, Resolver, SystemResolver, control_endpoint, split_urls,
-    },
+    client::{BearerToken, Replica, Resolver, SystemResolver, control_endpoint, split_urls},
     tls::{self, EndpointError, TlsConfig},
     v1::{self as pb, control_plane_client::ControlPlaneClient},
 };
@@ -51,9 +49,10 @@ impl tonic::service::Interceptor for BearerAuth {
 
 type Client = ControlPlaneClient<InterceptedService<Channel, BearerAuth>>;
 
+/// A replica of the list, with its client.
 #[derive(Debug)]
-struct Replica {
-    address: Address,
+struct Dialed {
+    address: Replica,
     client: Client,
 }
 
@@ -74,7 +73,7 @@ struct Inner {
     tls: Option<TlsConfig>,
     resolver: Resolver,
     /// The replicas of the last resolution; `None` before the first call.
-    replicas: RwLock<Option<Arc<[Replica]>>>,
+    replicas: RwLock<Option<Arc<[Dialed]>>>,
     current: AtomicUsize,
 }
 
@@ -89,7 +88,7 @@ impl std::fmt::Debug for Inner {
 
 /// Why a control-plane URL list cannot be used.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum ControlUrlError {
+pub(crate) enum ControlListError {
     /// The list is empty.
     #[error("no control plane URL given")]
     Empty,
@@ -166,7 +165,7 @@ impl ControlClient {
         identity: Arc<Identity>,
         timeout: Duration,
         tls: Option<&TlsConfig>,
-    ) -> Result<Self, ControlUrlError> {
+    ) -> Result<Self, ControlListError> {
         Self::with_resolver(
             list,
             token,
@@ -185,14 +184,14 @@ impl ControlClient {
         timeout: Duration,
         tls: Option<&TlsConfig>,
         resolver: Resolver,
-    ) -> Result<Self, ControlUrlError> {
+    ) -> Result<Self, ControlListError> {
         let mut any = false;
         for url in split_urls(list) {
             tls::endpoint(url, tls)?;
             any = true;
         }
         if !any {
-            return Err(ControlUrlError::Empty);
+            return Err(ControlListError::Empty);
         }
         Ok(Self {
             inner: Arc::new(Inner {
@@ -222,8 +221,8 @@ impl ControlClient {
             Arc::new(SystemResolver),
         )
         .expect("an address URL");
-        let replica = Replica {
-            address: Address {
+        let replica = Dialed {
+            address: Replica {
                 url: given.clone(),
                 given,
             },
@@ -263,7 +262,7 @@ impl ControlClient {
         self.inner.timeout * n * 2
     }
 
-    fn known(&self) -> Option<Arc<[Replica]>> {
+    fn known(&self) -> Option<Arc<[Dialed]>> {
         // Whole values only are stored under the lock: a poisoned one is usable.
         let replicas = self
             .inner
@@ -274,7 +273,7 @@ impl ControlClient {
     }
 
     /// The replicas, resolving the list on the first call.
-    async fn replicas(&self) -> Arc<[Replica]> {
+    async fn replicas(&self) -> Arc<[Dialed]> {
         match self.known() {
             Some(replicas) => replicas,
             None => self.resolve().await,
@@ -283,7 +282,7 @@ impl ControlClient {
 
     /// Resolves the list again after every replica in `tried` failed; the
     /// new replicas when they differ from those.
-    async fn resolve_again(&self, tried: &[Replica]) -> Option<Arc<[Replica]>> {
+    async fn resolve_again(&self, tried: &[Dialed]) -> Option<Arc<[Dialed]>> {
         if !tried.iter().any(|r| r.address.resolved()) {
             return None;
         }
@@ -294,13 +293,13 @@ impl ControlClient {
     }
 
     /// Resolves the list and makes lazily connecting clients of its replicas.
-    async fn resolve(&self) -> Arc<[Replica]> {
+    async fn resolve(&self) -> Arc<[Dialed]> {
         let addresses = nebula_proto::client::expand(&self.inner.list, &*self.inner.resolver).await;
-        let replicas: Arc<[Replica]> = addresses
+        let replicas: Arc<[Dialed]> = addresses
             .into_iter()
             .filter_map(|address| {
                 let client = self.client(&address)?;
-                Some(Replica { address, client })
+                Some(Dialed { address, client })
             })
             .collect();
         *self
@@ -311,7 +310,7 @@ impl ControlClient {
         replicas
     }
 
-    fn client(&self, address: &Address) -> Option<Client> {
+    fn client(&self, address: &Replica) -> Option<Client> {
         // Every URL of the list was checked by `with_resolver`, and one with
         // its host replaced by an address parses as well.
         let endpoint = address.endpoint(self.inner.tls.as_ref()).ok()?;
@@ -351,7 +350,7 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
-    use nebula_proto::client::FixedResolver as Table;
+    use nebula_proto::client::FixedResolver;
 
     /// Listeners on one port, free on every address of `ips`.
     async fn same_port(ips: &[&str]) -> Vec<TcpListener> {
@@ -417,7 +416,7 @@ mod tests {
         for l in listeners {
             running.push(ControlPlane::spawn(l, Config::default()).await.unwrap());
         }
-        let table = Arc::new(Table::default());
+        let table = Arc::new(FixedResolver::default());
         table.set("cp.nebula.test", &["127.0.0.2", "127.0.0.3"]);
         let url = format!("http://cp.nebula.test:{}", addrs[0].port());
         let identity = Arc::new(Identity::default());

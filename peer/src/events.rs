@@ -8,8 +8,8 @@ use tokio::sync::{Notify, broadcast};
 /// Chunk events a lagging listener can miss before it is told it lagged.
 const CHUNK_EVENTS: usize = 1024;
 
-/// The node's store events. Downloads raise them; the serving side and
-/// membership listen.
+/// The node's store events. Downloads and the local API (adds, removals)
+/// raise them; the serving side and membership listen.
 #[derive(Debug)]
 pub(crate) struct Events {
     chunks: broadcast::Sender<BlobId>,

@@ -225,8 +225,8 @@ pub async fn connect_first<N: fmt::Display>(
 
 // The replicas a `--control` list names: each URL, and, when its host is a
 // DNS name with several addresses, each address, so one name in front of
-// several replicas fails over as a list would. [`expand`] resolves through a
-// [`Resolve`] ([`SystemResolver`] outside tests and simulators).
+// several replicas fails over as a list would. `expand` resolves through a
+// `Resolve` (`SystemResolver` outside tests and simulators).
 
 /// Turns a host name into addresses.
 pub trait Resolve: Send + Sync + 'static {
