@@ -10,8 +10,11 @@
 //!   (`exchange::dial`, one stream per peer).
 //! - `uploads`: the upload slots, the upload limit and the bytes sent.
 //! - `events`: a blob gained chunks; the inventory changed.
+//! - `fetcher`: [`Fetcher`], the one way in to a fetch, above `fetch` and
+//!   `origin`: blobs go to the swarm, URLs to their origin.
 //! - [`fetch`]: the multi-source downloader and its scheduler.
-//! - [`origin`]: fetches by URL, one origin download for the fleet.
+//! - [`origin`]: fetches by URL, one origin download for the fleet; built on
+//!   `fetch`.
 //! - `sessions`: origin downloads under way, offered to other peers; filled
 //!   by `origin`, read by `exchange::serve`.
 //! - [`mirror`]: the registry mirror (OCI distribution, pull side).
@@ -35,6 +38,7 @@ mod events;
 mod exchange;
 mod fault;
 pub mod fetch;
+mod fetcher;
 #[cfg(test)]
 mod fuzz_services;
 mod identity;
@@ -50,9 +54,8 @@ mod tasks;
 mod uploads;
 
 pub use config::{Config, ConfigError, DialConfig, DiscoveryConfig};
-pub use fetch::{
-    FetchError, FetchHandle, FetchOutcome, Fetcher, Progress, Shortfall, SourceBytes, Wanted,
-};
+pub use fetch::{FetchError, FetchOutcome, Progress, Shortfall, SourceBytes};
+pub use fetcher::{FetchHandle, Fetcher, Wanted};
 pub use local::connect_local;
 pub use mirror::{Credentials, MirrorConfig};
 pub use node::{Failure, Node, NodeError, Part, StartError};

@@ -229,7 +229,7 @@ async fn by_url(
                 session: Some(Arc::clone(&session)),
                 ..Counters::default()
             });
-            let _serving = Serving::start(&origins, &session);
+            let _offered = Offered::start(&origins, &session);
             let renewing = renew_lease(&origins, &key, answer.lease_ttl_ms, &counters);
             let (outcome, validators) =
                 lease_holder(&origins, &req, known, &session, &counters, &progress).await?;
@@ -290,12 +290,12 @@ async fn new_session(origins: &Arc<Origins>, key: &str) -> Result<Arc<Session>, 
 
 /// Offers a session to other peers while it lives, and for a while after
 /// (followers finishing their last chunks).
-pub(super) struct Serving {
+pub(super) struct Offered {
     origins: Arc<Origins>,
     session: Arc<Session>,
 }
 
-impl Serving {
+impl Offered {
     pub(super) fn start(origins: &Arc<Origins>, session: &Arc<Session>) -> Self {
         session.serving.fetch_add(1, Ordering::AcqRel);
         origins.sessions.offer(session);
@@ -306,7 +306,7 @@ impl Serving {
     }
 }
 
-impl Drop for Serving {
+impl Drop for Offered {
     fn drop(&mut self) {
         let (origins, session) = (Arc::clone(&self.origins), Arc::clone(&self.session));
         self.origins.downloads.tasks().spawn(async move {

@@ -18,7 +18,7 @@ use tokio::{
     time::Instant,
 };
 
-use super::{Serving, lease::report};
+use super::{Offered, lease::report};
 use crate::{
     exchange::dial::{Connection, Reply},
     fetch::{Progress, SourceBytes},
@@ -78,7 +78,7 @@ pub(super) async fn follow(
     let Ok(conn) = origins.downloads.connect(holder.1).await else {
         return Followed::Stalled;
     };
-    let _serving = Serving::start(origins, session);
+    let _offered = Offered::start(origins, session);
     progress.send_modify(|p| p.scratch = Some(Arc::clone(session)));
     let mut last_progress = Instant::now();
     // Every peer that sent something, by address; the holder first.

@@ -35,8 +35,12 @@ enum Call {
 struct Script {
     /// Registrations fail with this code while set.
     refuse_register: Option<tonic::Code>,
+    /// This many registrations, from now on, fail with `NotFound`.
+    refused_registers: u32,
     /// This many heartbeats, from now on, hear "unknown peer".
     unknown_peer: u32,
+    /// Heartbeats fail with this code while set.
+    fail_heartbeat: Option<tonic::Code>,
 }
 
 /// A fake control plane: records calls, answers as scripted.
@@ -79,8 +83,15 @@ impl Service for Fake {
         _: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         self.record(Call::Register);
-        if let Some(code) = self.script().refuse_register {
-            return Err(Status::new(code, "refused by the test"));
+        {
+            let mut script = self.script();
+            if let Some(code) = script.refuse_register {
+                return Err(Status::new(code, "refused by the test"));
+            }
+            if script.refused_registers > 0 {
+                script.refused_registers -= 1;
+                return Err(Status::not_found("refused once by the test"));
+            }
         }
         Ok(Response::new(pb::RegisterResponse {
             lease_ttl_ms: 30_000,
@@ -95,6 +106,9 @@ impl Service for Fake {
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         self.record(Call::Heartbeat);
         let mut script = self.script();
+        if let Some(code) = script.fail_heartbeat {
+            return Err(Status::new(code, "failed by the test"));
+        }
         let unknown_peer = script.unknown_peer > 0;
         script.unknown_peer = script.unknown_peer.saturating_sub(1);
         Ok(Response::new(pb::HeartbeatResponse {
@@ -312,6 +326,69 @@ async fn failed_registrations_back_off_doubling_up_to_the_cap() {
     tokio::time::sleep(Duration::from_secs(9)).await;
     assert!(peer.status.is_registered());
     assert!(peer.status.error().is_empty());
+    stop(&peer).await;
+    served.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_back_off_starts_over_after_a_successful_registration() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake::default();
+    // Three refusals first, so that a back-off carried over would be 8 s.
+    fake.script().refused_registers = 3;
+    let (peer, served) = member_of(&dir, &fake, |c| {
+        c.register_backoff = Duration::from_secs(1);
+        c.max_register_backoff = Duration::from_secs(8);
+    })
+    .await;
+    assert!(eventually(|| peer.status.is_registered()).await);
+    assert_eq!(fake.count(Call::Register), 4);
+    // Forgotten by the control plane, and refused once on the way back.
+    {
+        let mut script = fake.script();
+        script.unknown_peer = 1;
+        script.refused_registers = 1;
+    }
+    tokio::time::sleep(HEARTBEAT * 12).await;
+    let times = fake.times(Call::Register);
+    assert_eq!(times.len(), 6, "registrations at {times:?}");
+    assert_eq!(
+        secs(times[5] - times[4]),
+        1,
+        "the first back-off again, not the 8 s the earlier refusals reached"
+    );
+    assert!(peer.status.is_registered());
+    stop(&peer).await;
+    served.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn registered_drops_after_three_failed_heartbeat_intervals_and_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake::default();
+    let (peer, served) = member_of(&dir, &fake, |_| {}).await;
+    assert!(eventually(|| peer.status.is_registered()).await);
+    // Right after a heartbeat that succeeded: the last good one.
+    let before = fake.count(Call::Heartbeat);
+    assert!(eventually(|| fake.count(Call::Heartbeat) > before).await);
+    let last_ok = *fake.times(Call::Heartbeat).last().unwrap();
+    fake.script().fail_heartbeat = Some(tonic::Code::Internal);
+    // Three failed heartbeats, three intervals since the last good one:
+    // still registered.
+    tokio::time::sleep_until(last_ok + HEARTBEAT * 3 + HEARTBEAT / 2).await;
+    assert_eq!(fake.count(Call::Heartbeat), before + 4);
+    assert!(peer.status.is_registered(), "after three failed heartbeats");
+    // The fourth comes more than three intervals after the last good one.
+    tokio::time::sleep_until(last_ok + HEARTBEAT * 4 + HEARTBEAT / 2).await;
+    assert_eq!(fake.count(Call::Heartbeat), before + 5);
+    assert!(!peer.status.is_registered(), "after four failed heartbeats");
+    // No registration meanwhile: the peer kept heartbeating.
+    assert_eq!(fake.count(Call::Register), 1);
+    // The next heartbeat that succeeds makes it registered again.
+    fake.script().fail_heartbeat = None;
+    tokio::time::sleep(HEARTBEAT).await;
+    assert!(peer.status.is_registered(), "after a good heartbeat");
+    assert_eq!(fake.count(Call::Register), 1);
     stop(&peer).await;
     served.stop().await;
 }
