@@ -109,7 +109,7 @@ pub enum FetchError {
     Store(#[from] StoreError),
     /// The origin of a fetch by URL failed.
     #[error(transparent)]
-    Origin(#[from] crate::origin::OriginError),
+    Origin(#[from] crate::origin_error::OriginError),
     /// The content at a URL is not what `--digest` names; nothing was kept.
     #[error(
         "the content at {url} is blob {got}, which does not match --digest {expected}; nothing was kept"

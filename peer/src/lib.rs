@@ -15,12 +15,13 @@
 //! - [`fetch`]: the multi-source downloader and its scheduler.
 //! - [`origin`]: fetches by URL, one origin download for the fleet; built on
 //!   `fetch`.
+//! - `origin_error`: why an origin download failed, carried by the fetch's
+//!   errors.
 //! - `sessions`: origin downloads under way, offered to other peers; filled
 //!   by `origin`, read by `exchange::serve`.
 //! - [`mirror`]: the registry mirror (OCI distribution, pull side).
 //! - `membership`: registration, heartbeats, announcements.
 //! - `control`: the control-plane client, failing over between replicas.
-//! - [`replicas`]: the old path of [`nebula_proto::client`]'s replica list.
 //! - `metrics`: Prometheus metrics; `endpoint`: the daemon's HTTP endpoint.
 //! - [`local`]: `LocalApi`, the CLI's Unix-socket API.
 //! - [`limit`]: the token bucket behind upload and download limits.
@@ -49,6 +50,7 @@ mod metrics;
 pub mod mirror;
 pub mod node;
 pub mod origin;
+mod origin_error;
 mod sessions;
 mod tasks;
 mod uploads;
@@ -60,12 +62,3 @@ pub use local::connect_local;
 pub use mirror::{Credentials, MirrorConfig};
 pub use node::{Failure, Node, NodeError, Part, StartError};
 pub use origin::{UrlFetch, UrlFetchError};
-
-/// The replicas a `--control` list names (now in [`nebula_proto::client`],
-/// which every control-plane client shares; kept here for callers of the
-/// old path).
-pub mod replicas {
-    pub use nebula_proto::client::{
-        FixedResolver, Replica, Resolve, Resolver, SystemResolver, expand, split_urls,
-    };
-}

@@ -75,7 +75,7 @@ pub(crate) struct Session {
     layout: Mutex<Option<Layout>>,
     /// Layouts made so far.
     generations: std::sync::atomic::AtomicU64,
-    /// `Serving` guards alive: the session is offered while any is.
+    /// `Offered` guards alive: the session is offered while any is.
     pub(crate) serving: std::sync::atomic::AtomicUsize,
     /// Peers that asked for this session lately, by the address they serve
     /// on, so that followers find each other.

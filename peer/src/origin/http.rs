@@ -27,6 +27,7 @@ use reqwest::{
 };
 use url::Url;
 
+pub use crate::origin_error::OriginError;
 use crate::sessions::Session;
 pub(crate) use crate::sessions::{MAX_SIZE, Validators};
 use body::{Piece, stream_into};
@@ -41,46 +42,6 @@ pub(crate) const MAX_REDIRECTS: usize = 10;
 const PIECE_ATTEMPTS: u32 = 5;
 /// Buffered before one positioned write.
 const WRITE_BUFFER: usize = 1 << 20;
-
-/// Why an origin download failed.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum OriginError {
-    /// The origin answered with an error status.
-    #[error("origin answered {status} for {url}")]
-    Status {
-        /// Code and reason, e.g. `404 Not Found`.
-        status: String,
-        /// The URL, without credentials or query values.
-        url: String,
-    },
-    /// The origin could not be reached, or stopped answering.
-    #[error("origin {url}: {reason}")]
-    Transport {
-        /// The URL, without credentials or query values.
-        url: String,
-        /// What went wrong, e.g. `timed out`.
-        reason: String,
-    },
-    /// More than [`MAX_REDIRECTS`] redirects, or one without a usable `Location`.
-    #[error("origin {url}: {reason}")]
-    Redirect {
-        /// The URL, without credentials or query values.
-        url: String,
-        /// What went wrong.
-        reason: String,
-    },
-    /// The content changed during the download, and again after starting over.
-    #[error(
-        "the content at {url} changed during the download (its ETag or Last-Modified differs between ranges); try again"
-    )]
-    Changed {
-        /// The URL, without credentials or query values.
-        url: String,
-    },
-    /// The scratch file could not be written.
-    #[error("writing the download: {0}")]
-    Io(String),
-}
 
 /// How a download ended.
 #[derive(Debug)]
